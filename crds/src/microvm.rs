@@ -1,0 +1,541 @@
+//! The `MicroVM` kind: one KVM microVM, placed on a node and run by that
+//! node's agent.
+//!
+//! The spec says what the user wants (machine shape, boot, disks, network,
+//! run policy, power state, placement, isolation); the status says what the
+//! agent observed. Controllers never write the spec. Cross-field rules are
+//! CEL `x-kubernetes-validations` so a bad manifest is refused at apply time
+//! with the field named; every string and list is bounded so the API server's
+//! CEL cost estimator accepts them.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Toleration;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Desired state of a microVM.
+// `#[kube(printcolumn(..))]` repeats keys by design, one group per column.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "runv.dev",
+    version = "v1alpha1",
+    kind = "MicroVM",
+    plural = "microvms",
+    singular = "microvm",
+    shortname = "mvm",
+    category = "runv",
+    namespaced,
+    status = "MicroVMStatus",
+    derive = "PartialEq",
+    doc = "A MicroVM is one KVM microVM: a guest kernel with its disks, network interfaces and vsock, placed on a node and run there by the runv node agent.",
+    selectable = ".status.nodeName",
+    selectable = ".status.phase",
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Lifecycle phase"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Reconciled to spec"
+    ),
+    printcolumn(
+        name = "Node",
+        type_ = "string",
+        json_path = ".status.nodeName",
+        description = "Node running the VM"
+    ),
+    printcolumn(
+        name = "IP",
+        type_ = "string",
+        json_path = ".status.interfaces[0].ip",
+        description = "Guest IP of the first interface"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "vCPUs",
+        type_ = "integer",
+        json_path = ".spec.resources.vcpus",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Memory",
+        type_ = "string",
+        json_path = ".spec.resources.memory",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Boot ms",
+        type_ = "integer",
+        json_path = ".status.bootDurationMillis",
+        priority = "1",
+        description = "VMM start to guest booted, last boot"
+    )
+)]
+#[x_kube(
+    validation = Rule::new("!has(oldSelf.nodeName) || (has(self.nodeName) && self.nodeName == oldSelf.nodeName)")
+        .message("spec.nodeName is immutable once set: delete and re-create the MicroVM to move it")
+        .field_path(".nodeName")
+        .reason(Reason::FieldValueInvalid),
+    validation = Rule::new("!has(self.isolation) || !has(self.isolation.limits) || !has(self.isolation.limits.memory) || !isQuantity(self.isolation.limits.memory) || !isQuantity(self.resources.memory) || quantity(self.isolation.limits.memory).compareTo(quantity(self.resources.memory)) >= 0")
+        .message("spec.isolation.limits.memory must be at least spec.resources.memory: the VMM process holds all of the guest's memory")
+        .field_path(".isolation.limits.memory")
+        .reason(Reason::FieldValueInvalid),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MicroVMSpec {
+    /// Machine shape: vCPUs and memory.
+    #[serde(default)]
+    pub resources: Resources,
+
+    /// What the VM boots: kernel, optional initrd and kernel command line.
+    pub boot: Boot,
+
+    /// Block devices, attached as virtio-blk in list order (`/dev/vda`, `/dev/vdb`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(
+        merge_strategy = ListMerge::Map(vec!["name".into()]),
+        validation = Rule::new("self.all(d, self.exists_one(e, e.name == d.name))")
+            .message("spec.disks[].name must be unique within the MicroVM")
+            .reason(Reason::FieldValueDuplicate),
+    )]
+    pub disks: Vec<Disk>,
+
+    /// Network interfaces, attached as virtio-net in list order. Empty means no network.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4))]
+    #[x_kube(
+        merge_strategy = ListMerge::Map(vec!["name".into()]),
+        validation = Rule::new("self.all(i, self.exists_one(j, j.name == i.name))")
+            .message("spec.interfaces[].name must be unique within the MicroVM")
+            .reason(Reason::FieldValueDuplicate),
+    )]
+    pub interfaces: Vec<Interface>,
+
+    /// A virtio-vsock device for host-guest sockets without a network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<Vsock>,
+
+    /// What the agent does when the VM exits on its own. See docs/api.md for the full semantics.
+    #[serde(default)]
+    pub run_policy: RunPolicy,
+
+    /// The power state the user wants: Running, Stopped or Paused.
+    #[serde(default)]
+    pub power_state: PowerState,
+
+    /// Seconds the guest gets to shut down after being asked (power state Stopped, deletion)
+    /// before the VMM is killed.
+    #[serde(default = "default_grace_period")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub termination_grace_period_seconds: i64,
+
+    /// Only nodes carrying all these labels can run the VM.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Taints of nodes that the VM tolerates, as for Pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Vec<Toleration>,
+
+    /// Pins the VM to this node, bypassing placement. Immutable once set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub node_name: Option<String>,
+
+    /// How the VMM process is confined on the node.
+    #[serde(default)]
+    pub isolation: Isolation,
+}
+
+fn default_grace_period() -> i64 {
+    30
+}
+
+/// vCPUs and memory of the guest.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Resources {
+    /// Number of virtual CPUs, 1 to 32.
+    #[serde(default = "default_vcpus")]
+    #[schemars(range(min = 1, max = 32))]
+    pub vcpus: u32,
+
+    /// Guest memory as a Kubernetes quantity (`256Mi`, `1Gi`), from 16Mi to 64Gi.
+    #[serde(default = "default_memory")]
+    #[schemars(length(max = 32))]
+    #[x_kube(
+        validation = Rule::new("isQuantity(self)")
+            .message("spec.resources.memory must be a quantity such as 256Mi or 1Gi")
+            .reason(Reason::FieldValueInvalid),
+        validation = Rule::new("!isQuantity(self) || (quantity(self).compareTo(quantity('16Mi')) >= 0 && quantity(self).compareTo(quantity('64Gi')) <= 0)")
+            .message("spec.resources.memory must be between 16Mi and 64Gi")
+            .reason(Reason::FieldValueInvalid),
+    )]
+    pub memory: String,
+}
+
+fn default_vcpus() -> u32 {
+    1
+}
+
+fn default_memory() -> String {
+    "128Mi".into()
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Self {
+            vcpus: default_vcpus(),
+            memory: default_memory(),
+        }
+    }
+}
+
+/// What the guest boots.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Boot {
+    /// Absolute path on the node of the guest kernel: an ELF `vmlinux` (booted through its
+    /// PVH entry when it has one) or a `bzImage`.
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')")
+        .message("spec.boot.kernel must be an absolute path on the node")
+        .reason(Reason::FieldValueInvalid))]
+    pub kernel: String,
+
+    /// Absolute path on the node of an initrd or initramfs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')")
+        .message("spec.boot.initrd must be an absolute path on the node")
+        .reason(Reason::FieldValueInvalid))]
+    pub initrd: Option<String>,
+
+    /// Kernel command line. The agent appends what the VMM needs to describe devices.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 2048))]
+    pub cmdline: String,
+}
+
+/// One block device. Exactly one source (`file` or `empty`) is set; an OCI image source
+/// will be a third.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("[has(self.file), has(self.empty)].filter(x, x).size() == 1")
+        .message("spec.disks[]: exactly one of file or empty must be set")
+        .reason(Reason::FieldValueInvalid),
+    validation = Rule::new("!has(self.empty) || !self.readOnly")
+        .message("spec.disks[].readOnly cannot be true for an empty disk: nothing could ever be written to it")
+        .field_path(".readOnly")
+        .reason(Reason::FieldValueInvalid),
+)]
+pub struct Disk {
+    /// Name of the disk, a DNS label unique within the MicroVM.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+
+    /// Attach the disk read-only.
+    #[serde(default)]
+    pub read_only: bool,
+
+    /// A raw disk image file on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileDisk>,
+
+    /// A new, zero-filled (sparse) disk of the given size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty: Option<EmptyDisk>,
+}
+
+/// A raw disk image on the node. A writable disk gets a private sparse copy, made once
+/// when the MicroVM first starts and kept until it is deleted; a read-only one is
+/// attached directly.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FileDisk {
+    /// Absolute path of the image file on the node.
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')")
+        .message("spec.disks[].file.path must be an absolute path on the node")
+        .reason(Reason::FieldValueInvalid))]
+    pub path: String,
+}
+
+/// A new empty disk.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EmptyDisk {
+    /// Size as a quantity (`1Gi`), from 1Mi to 2Ti.
+    #[schemars(length(max = 32))]
+    #[x_kube(
+        validation = Rule::new("isQuantity(self) && quantity(self).compareTo(quantity('1Mi')) >= 0 && quantity(self).compareTo(quantity('2Ti')) <= 0")
+            .message("spec.disks[].empty.size must be a quantity between 1Mi and 2Ti")
+            .reason(Reason::FieldValueInvalid),
+    )]
+    pub size: String,
+}
+
+/// One network interface.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.type != 'Tap' || has(self.tapDevice)")
+        .message("spec.interfaces[].tapDevice must name an existing tap device when type is Tap")
+        .field_path(".tapDevice")
+        .reason(Reason::FieldValueRequired),
+    validation = Rule::new("self.type == 'Tap' || !has(self.tapDevice)")
+        .message("spec.interfaces[].tapDevice is only allowed when type is Tap")
+        .field_path(".tapDevice")
+        .reason(Reason::FieldValueForbidden),
+)]
+pub struct Interface {
+    /// Name of the interface, a DNS label unique within the MicroVM.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+
+    /// How the interface reaches the outside.
+    #[serde(rename = "type")]
+    pub kind: InterfaceType,
+
+    /// The existing tap device on the node, for type Tap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 15))]
+    pub tap_device: Option<String>,
+
+    /// Guest MAC address (unicast, `02:00:00:00:00:01`). The agent picks a stable
+    /// locally administered one when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 17),
+        regex(pattern = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+    )]
+    #[x_kube(validation = Rule::new("self.substring(1, 2).lowerAscii() in ['0', '2', '4', '6', '8', 'a', 'c', 'e']")
+        .message("spec.interfaces[].mac must be a unicast address: the first octet must be even")
+        .reason(Reason::FieldValueInvalid))]
+    pub mac: Option<String>,
+}
+
+/// How an interface is connected on the node.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterfaceType {
+    /// A tap on the node's runv bridge, NAT to the node's uplink, the address from the
+    /// agent's node-local IPAM.
+    Nat,
+    /// An existing tap device, named by `tapDevice`, that the user manages.
+    Tap,
+}
+
+/// The virtio-vsock device.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Vsock {
+    /// Attach a vsock device. The agent assigns the guest CID and reports it in
+    /// `status.vsockCid`.
+    #[serde(default)]
+    pub enabled: bool,
+}
+
+/// What happens when the VM exits on its own. Semantics follow KubeVirt's `runStrategy`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RunPolicy {
+    /// Keep the VM running: restart it, with backoff, after every exit.
+    Always,
+    /// Restart it after a failure; a clean guest power-off ends it (`Succeeded`).
+    RerunOnFailure,
+    /// Run it once; never restart it (`Succeeded` or `Failed`).
+    #[default]
+    Once,
+    /// Start and stop it only when `powerState` changes; never restart it on its own.
+    Manual,
+    /// Never run it, whatever `powerState` says.
+    Halted,
+}
+
+/// The power state the user wants.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PowerState {
+    /// The VM runs (subject to `runPolicy`).
+    #[default]
+    Running,
+    /// The VM is shut down: the guest is asked to power off, then the VMM is killed after
+    /// `terminationGracePeriodSeconds`.
+    Stopped,
+    /// The vCPUs are paused; memory and devices are kept.
+    Paused,
+}
+
+/// How the VMM process is confined. The agent enforces these.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Isolation {
+    /// Seccomp filters on every VMM thread.
+    #[serde(default)]
+    pub seccomp: Toggle,
+
+    /// Run the VMM in a jail: its own mount and PID namespaces, chroot into the VM's
+    /// state directory, an unprivileged user.
+    #[serde(default)]
+    pub jail: Toggle,
+
+    /// Limits for the VMM process's cgroup. Unset means no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<VmmLimits>,
+}
+
+/// On or off.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Toggle {
+    /// On.
+    #[default]
+    Enabled,
+    /// Off.
+    Disabled,
+}
+
+/// cgroup limits for the whole VMM process, guest memory included.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct VmmLimits {
+    /// CPU limit as a quantity (`500m`, `2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))")
+        .message("spec.isolation.limits.cpu must be a positive quantity such as 500m or 2")
+        .reason(Reason::FieldValueInvalid))]
+    pub cpu: Option<String>,
+
+    /// Memory limit as a quantity; at least `spec.resources.memory`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("isQuantity(self)")
+        .message("spec.isolation.limits.memory must be a quantity such as 512Mi")
+        .reason(Reason::FieldValueInvalid))]
+    pub memory: Option<String>,
+}
+
+/// What the node agent observed.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MicroVMStatus {
+    /// A one-word summary of the lifecycle, for people and printer columns. Tools should
+    /// read `conditions`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+
+    /// The node the VM is placed on (written by the operator, or copied from
+    /// `spec.nodeName`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+
+    /// Scheduled, VMMStarted, GuestBooted, Ready, Paused, Reconciling and Stalled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// How many times the agent restarted the VM after it exited.
+    #[serde(default)]
+    pub restart_count: i32,
+
+    /// How the VM last exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<ExitStatus>,
+
+    /// When the VMM was last started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_start_time: Option<Time>,
+
+    /// Milliseconds from VMM start to the guest-booted signal, for the last boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_duration_millis: Option<i64>,
+
+    /// Addresses of the network interfaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub interfaces: Vec<InterfaceStatus>,
+
+    /// The guest's vsock context ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_cid: Option<i64>,
+}
+
+/// Lifecycle phase of a MicroVM.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Accepted, not yet placed on a node.
+    Pending,
+    /// Placed on a node; the agent has not started it yet.
+    Scheduled,
+    /// The VMM is starting and the guest booting.
+    Starting,
+    /// The guest is running.
+    Running,
+    /// The vCPUs are paused.
+    Paused,
+    /// Not running, by `powerState` or `runPolicy`, and may run again.
+    Stopped,
+    /// Exited cleanly and will not be restarted.
+    Succeeded,
+    /// Exited with a failure and will not be restarted.
+    Failed,
+    /// The node's agent stopped reporting; the VM's state is not known.
+    Unknown,
+}
+
+/// How the VM last exited.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExitStatus {
+    /// The VMM's exit code, when it exited rather than being killed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// A CamelCase reason such as `GuestPowerOff`, `GuestReset`, `TripleFault`, `Killed`.
+    pub reason: String,
+    /// The VMM's one-line explanation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the exit was observed.
+    pub time: Time,
+}
+
+/// Observed state of one network interface.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct InterfaceStatus {
+    /// Interface name from the spec.
+    pub name: String,
+    /// Guest IPv4 address, when the agent assigned one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// Guest MAC address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// The host-side device (tap) of the interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_interface: Option<String>,
+}

@@ -1,0 +1,350 @@
+//! Offline validation of runv manifests, as the API server would do it at
+//! apply time: the structural OpenAPI schema of the generated CRD (types,
+//! bounds, patterns, unknown fields refused as by `kubectl`'s strict field
+//! validation), then every CEL `x-kubernetes-validations` rule with schema
+//! defaults applied first.
+//!
+//! Standalone mode uses this so a bad manifest fails with the same message it
+//! would get from a cluster; tests use it to pin each rule's message. It does
+//! not admit or store anything.
+
+use std::fmt;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::core::cel::{Validator as CelValidator, compile_schema};
+use serde_json::Value;
+
+use crate::generate;
+
+/// One rejected field, worded like the API server's `Invalid` status causes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted path of the field (`spec.resources.memory`), empty for the object itself.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
+
+/// Why a manifest was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ValidateError {
+    /// The text is not YAML or JSON.
+    #[error("manifest is not valid YAML: {0}")]
+    Yaml(#[from] serde_yaml_ng::Error),
+    /// A document is not an object with `apiVersion` and `kind`.
+    #[error("document {index} is not a Kubernetes object: it needs apiVersion and kind")]
+    NotAnObject {
+        /// Zero-based document index in the stream.
+        index: usize,
+    },
+    /// The kind is not one of runv's.
+    #[error(
+        "{api_version} {kind} is not a runv kind (expected runv.dev/v1alpha1 MicroVM or SecureWorkload)"
+    )]
+    UnknownKind {
+        /// The object's apiVersion.
+        api_version: String,
+        /// The object's kind.
+        kind: String,
+    },
+    /// The object breaks its schema or a CEL rule.
+    #[error("{kind} {name:?} is invalid: {}", join(.errors))]
+    Invalid {
+        /// The object's kind.
+        kind: String,
+        /// The object's name.
+        name: String,
+        /// Every rejected field.
+        errors: Vec<FieldError>,
+    },
+}
+
+fn join(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+struct Kind {
+    api_version: String,
+    kind: String,
+    structural: jsonschema::Validator,
+    cel: kube::core::cel::CompiledSchema,
+}
+
+/// Validates runv objects against the generated CRDs.
+pub struct Validator {
+    kinds: Vec<Kind>,
+    cel: CelValidator,
+}
+
+impl fmt::Debug for Validator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kinds: Vec<_> = self.kinds.iter().map(|k| k.kind.as_str()).collect();
+        f.debug_struct("Validator").field("kinds", &kinds).finish()
+    }
+}
+
+impl Default for Validator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Validator {
+    /// A validator for every runv kind.
+    pub fn new() -> Self {
+        let kinds = generate::crds().iter().flat_map(kinds_of).collect();
+        Self {
+            kinds,
+            cel: CelValidator::new(),
+        }
+    }
+
+    /// Validates one object as a create (`old` is `None`) or an update of `old`.
+    pub fn validate(&self, obj: &Value, old: Option<&Value>) -> Result<(), ValidateError> {
+        let api_version = str_at(obj, "apiVersion");
+        let kind_name = str_at(obj, "kind");
+        let kind = self
+            .kinds
+            .iter()
+            .find(|k| k.api_version == api_version && k.kind == kind_name)
+            .ok_or_else(|| ValidateError::UnknownKind {
+                api_version: api_version.to_owned(),
+                kind: kind_name.to_owned(),
+            })?;
+
+        let mut errors = metadata_errors(obj);
+        errors.extend(kind.structural.iter_errors(obj).map(|e| FieldError {
+            field: dotted(&e.instance_path().to_string()),
+            message: e.to_string(),
+        }));
+        // CEL rules assume a structurally valid object, as the API server's do.
+        if errors.is_empty()
+            && let Err(cel_errors) = self.cel.validate_compiled(&kind.cel, obj, old)
+        {
+            errors.extend(cel_errors.iter().map(|e| FieldError {
+                field: e.field_path.clone(),
+                message: e.message.clone(),
+            }));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidateError::Invalid {
+                kind: kind_name.to_owned(),
+                name: str_at(&obj["metadata"], "name").to_owned(),
+                errors,
+            })
+        }
+    }
+
+    /// Parses a multi-document YAML stream and validates every object in it as a create.
+    pub fn validate_yaml(&self, text: &str) -> Result<Vec<Value>, ValidateError> {
+        let docs = parse_documents(text)?;
+        for doc in &docs {
+            self.validate(doc, None)?;
+        }
+        Ok(docs)
+    }
+}
+
+/// Splits a YAML stream into its non-empty documents, each an object with apiVersion and kind.
+pub fn parse_documents(text: &str) -> Result<Vec<Value>, ValidateError> {
+    let mut docs = Vec::new();
+    for (index, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let value: Value = serde::Deserialize::deserialize(de)?;
+        if value.is_null() {
+            continue;
+        }
+        if !value.is_object() || value.get("apiVersion").is_none() || value.get("kind").is_none() {
+            return Err(ValidateError::NotAnObject { index });
+        }
+        docs.push(value);
+    }
+    Ok(docs)
+}
+
+fn kinds_of(crd: &CustomResourceDefinition) -> Vec<Kind> {
+    crd.spec
+        .versions
+        .iter()
+        .filter_map(|v| {
+            let schema = v.schema.as_ref()?.open_api_v3_schema.as_ref()?;
+            let schema = serde_json::to_value(schema).ok()?;
+            let structural = jsonschema::validator_for(&to_json_schema(&schema)).ok()?;
+            Some(Kind {
+                api_version: format!("{}/{}", crd.spec.group, v.name),
+                kind: crd.spec.names.kind.clone(),
+                structural,
+                cel: compile_schema(&schema),
+            })
+        })
+        .collect()
+}
+
+/// Rewrites a Kubernetes structural schema into plain JSON Schema: `nullable`
+/// becomes a `null` type, int-or-string an `anyOf`, and objects with declared
+/// properties refuse unknown fields (kubectl's default strict field validation)
+/// unless they preserve them. `metadata` is left to [`metadata_errors`].
+pub fn to_json_schema(schema: &Value) -> Value {
+    let mut out = schema.clone();
+    rewrite(&mut out);
+    // The API server supplies these for every kind; CRD schemas leave them out.
+    if let Some(props) = out.get_mut("properties").and_then(Value::as_object_mut) {
+        props.insert("apiVersion".into(), serde_json::json!({ "type": "string" }));
+        props.insert("kind".into(), serde_json::json!({ "type": "string" }));
+        props.insert("metadata".into(), serde_json::json!({ "type": "object" }));
+    }
+    out
+}
+
+fn rewrite(v: &mut Value) {
+    let Some(map) = v.as_object_mut() else { return };
+    if map.remove("nullable") == Some(Value::Bool(true))
+        && let Some(Value::String(t)) = map.get("type").cloned()
+    {
+        map.insert("type".into(), serde_json::json!([t, "null"]));
+    }
+    if map.remove("x-kubernetes-int-or-string") == Some(Value::Bool(true)) {
+        map.insert(
+            "anyOf".into(),
+            serde_json::json!([{ "type": "integer" }, { "type": "string" }]),
+        );
+    }
+    let preserve = map.remove("x-kubernetes-preserve-unknown-fields") == Some(Value::Bool(true));
+    if map.contains_key("properties") && !preserve && !map.contains_key("additionalProperties") {
+        map.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for (key, child) in map.iter_mut() {
+        match key.as_str() {
+            "properties" => {
+                if let Some(props) = child.as_object_mut() {
+                    props.values_mut().for_each(rewrite);
+                }
+            }
+            "items" | "additionalProperties" => rewrite(child),
+            "anyOf" | "allOf" | "oneOf" => {
+                if let Some(list) = child.as_array_mut() {
+                    list.iter_mut().for_each(rewrite);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The checks the API server makes on `metadata` of a namespaced object.
+fn metadata_errors(obj: &Value) -> Vec<FieldError> {
+    let name = str_at(&obj["metadata"], "name");
+    let generate_name = str_at(&obj["metadata"], "generateName");
+    let mut errors = Vec::new();
+    if name.is_empty() && generate_name.is_empty() {
+        errors.push(FieldError {
+            field: "metadata.name".into(),
+            message: "Required value: name or generateName is required".into(),
+        });
+    } else if !name.is_empty() && !is_dns_subdomain(name) {
+        errors.push(FieldError {
+            field: "metadata.name".into(),
+            message: format!(
+                "Invalid value: {name:?}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
+            ),
+        });
+    }
+    errors
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    s.len() <= 253
+        && s.starts_with(alnum)
+        && s.ends_with(alnum)
+        && s.chars().all(|c| alnum(c) || c == '-' || c == '.')
+}
+
+fn str_at<'v>(v: &'v Value, key: &str) -> &'v str {
+    v.get(key).and_then(Value::as_str).unwrap_or_default()
+}
+
+/// `/spec/disks/0/name` → `spec.disks[0].name`.
+fn dotted(pointer: &str) -> String {
+    let mut out = String::new();
+    for part in pointer.split('/').filter(|p| !p.is_empty()) {
+        if part.chars().all(|c| c.is_ascii_digit()) {
+            out.push_str(&format!("[{part}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(&part.replace("~1", "/").replace("~0", "~"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pointer_becomes_dotted_path() {
+        assert_eq!(dotted("/spec/disks/0/name"), "spec.disks[0].name");
+        assert_eq!(dotted(""), "");
+        assert_eq!(dotted("/metadata/labels/a~1b"), "metadata.labels.a/b");
+    }
+
+    #[test]
+    fn dns_subdomain() {
+        assert!(is_dns_subdomain("web-1.example"));
+        assert!(!is_dns_subdomain("Web"));
+        assert!(!is_dns_subdomain("-web"));
+        assert!(!is_dns_subdomain(&"a".repeat(254)));
+    }
+
+    #[test]
+    fn nullable_and_int_or_string_are_rewritten() {
+        let s = serde_json::json!({
+            "type": "object",
+            "properties": {
+                "a": { "type": "string", "nullable": true },
+                "b": { "x-kubernetes-int-or-string": true },
+                "c": { "type": "object", "x-kubernetes-preserve-unknown-fields": true,
+                       "properties": { "d": { "type": "integer" } } }
+            }
+        });
+        let out = to_json_schema(&s);
+        assert_eq!(out["additionalProperties"], false);
+        assert_eq!(
+            out["properties"]["a"]["type"],
+            serde_json::json!(["string", "null"])
+        );
+        assert!(out["properties"]["b"]["anyOf"].is_array());
+        assert!(out["properties"]["c"].get("additionalProperties").is_none());
+    }
+
+    #[test]
+    fn non_objects_are_refused() {
+        assert!(matches!(
+            parse_documents("- a\n- b\n"),
+            Err(ValidateError::NotAnObject { index: 0 })
+        ));
+        assert!(matches!(
+            parse_documents("a: [\n"),
+            Err(ValidateError::Yaml(_))
+        ));
+        assert_eq!(parse_documents("---\n---\n").unwrap().len(), 0);
+    }
+}
