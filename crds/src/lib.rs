@@ -11,6 +11,7 @@
 pub mod conditions;
 pub mod generate;
 pub mod microvm;
+pub mod quantity;
 pub mod secureworkload;
 pub mod validate;
 

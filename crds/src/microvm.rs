@@ -88,6 +88,10 @@ use serde::{Deserialize, Serialize};
         .message("spec.nodeName is immutable once set: delete and re-create the MicroVM to move it")
         .field_path(".nodeName")
         .reason(Reason::FieldValueInvalid),
+    validation = Rule::new("has(self.tenant) == has(oldSelf.tenant) && (!has(self.tenant) || self.tenant == oldSelf.tenant)")
+        .message("spec.tenant is immutable: delete and re-create the MicroVM to change it")
+        .field_path(".tenant")
+        .reason(Reason::FieldValueInvalid),
     validation = Rule::new("!has(self.isolation) || !has(self.isolation.limits) || !has(self.isolation.limits.memory) || !isQuantity(self.isolation.limits.memory) || !isQuantity(self.resources.memory) || quantity(self.isolation.limits.memory).compareTo(quantity(self.resources.memory)) >= 0")
         .message("spec.isolation.limits.memory must be at least spec.resources.memory: the VMM process holds all of the guest's memory")
         .field_path(".isolation.limits.memory")
@@ -160,6 +164,39 @@ pub struct MicroVMSpec {
     /// How the VMM process is confined on the node.
     #[serde(default)]
     pub isolation: Isolation,
+
+    /// The tenant the VM belongs to, and whether it shares nodes with other tenants.
+    /// Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<Tenant>,
+}
+
+/// The tenant a VM belongs to.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Tenant {
+    /// Tenant name, a DNS label.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+
+    /// Whether the tenant's VMs share nodes with other tenants' VMs.
+    #[serde(default)]
+    pub node_isolation: NodeIsolation,
+}
+
+/// Node sharing between tenants.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum NodeIsolation {
+    /// The VMs may run on nodes that also run other tenants' VMs (unless those tenants
+    /// are Exclusive).
+    #[default]
+    Shared,
+    /// The VMs run only on nodes that run no other tenant's VMs, and no VM of another
+    /// tenant (or of no tenant) is placed beside them.
+    Exclusive,
 }
 
 fn default_grace_period() -> i64 {

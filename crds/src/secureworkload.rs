@@ -12,7 +12,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::microvm::MicroVMSpec;
+use crate::microvm::{MicroVMSpec, Tenant};
 
 /// Desired state of a set of identical microVM replicas.
 // `#[kube(printcolumn(..))]` repeats keys by design, one group per column.
@@ -64,7 +64,7 @@ use crate::microvm::MicroVMSpec;
     printcolumn(
         name = "Tenant",
         type_ = "string",
-        json_path = ".spec.tenant",
+        json_path = ".spec.tenant.name",
         priority = "1"
     )
 )]
@@ -73,6 +73,10 @@ use crate::microvm::MicroVMSpec;
         .message("spec.selector.matchLabels must match spec.template.metadata.labels")
         .field_path(".selector")
         .reason(Reason::FieldValueInvalid),
+    validation = Rule::new("!has(self.template.spec.tenant)")
+        .message("spec.template.spec.tenant cannot be set: set spec.tenant, which the operator copies to each replica")
+        .field_path(".template.spec.tenant")
+        .reason(Reason::FieldValueForbidden),
     validation = Rule::new("!has(self.template.spec.nodeName)")
         .message("spec.template.spec.nodeName cannot be set: the operator places each replica")
         .field_path(".template.spec.nodeName")
@@ -107,14 +111,10 @@ pub struct SecureWorkloadSpec {
     #[serde(default)]
     pub strategy: UpdateStrategy,
 
-    /// The tenant the workload belongs to, a DNS label. Placement uses it to keep
-    /// tenants apart.
+    /// The tenant the workload belongs to, copied to each replica's `spec.tenant`.
+    /// Placement uses it to keep tenants apart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
-    pub tenant: Option<String>,
+    pub tenant: Option<Tenant>,
 }
 
 fn default_replicas() -> i32 {

@@ -528,3 +528,24 @@ fn container_rules() {
         "shorter than 1 character",
     );
 }
+
+#[test]
+fn tenant_is_immutable_and_set_on_the_workload() {
+    let old = microvm(json!({ "boot": boot(), "tenant": { "name": "blue" } }));
+    let new = microvm(json!({ "boot": boot(), "tenant": { "name": "green" } }));
+    assert_valid(&old, None);
+    assert_rejected(&new, Some(&old), "spec.tenant", "spec.tenant is immutable");
+    let none = microvm(json!({ "boot": boot() }));
+    assert_rejected(&none, Some(&old), "spec.tenant", "spec.tenant is immutable");
+    assert_valid(&old, Some(&old));
+
+    let swl = workload(json!({ "template": { "spec": { "tenant": { "name": "blue" } } } }));
+    assert_rejected(
+        &swl,
+        None,
+        "spec.template.spec.tenant",
+        "set spec.tenant, which the operator copies to each replica",
+    );
+    let swl = workload(json!({ "tenant": { "name": "blue", "nodeIsolation": "Exclusive" } }));
+    assert_valid(&swl, None);
+}
