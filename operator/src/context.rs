@@ -1,0 +1,81 @@
+//! What every reconcile shares: the client, the caches, the placement lock,
+//! the event recorder, metrics and settings.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use kube::Client;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::Store;
+use runv_crds::MicroVM;
+use tokio::sync::Mutex;
+
+use crate::metrics::Metrics;
+use crate::placement::Bound;
+
+/// Field manager of every write the operator makes.
+pub const MANAGER: &str = "runv-operator";
+
+/// Operator settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Namespace of the agents' Leases (and of the operator's own).
+    pub lease_namespace: String,
+    /// How long after an agent's Lease expired its node is fenced.
+    pub fence_after: Duration,
+    /// Whether the operator fences nodes itself (otherwise an administrator or
+    /// a fencing system adds the taint).
+    pub auto_fence: bool,
+    /// How often an unschedulable MicroVM is retried without any trigger.
+    pub retry_unschedulable: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            lease_namespace: "runv-system".into(),
+            fence_after: Duration::from_secs(300),
+            auto_fence: true,
+            retry_unschedulable: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Placements written but maybe not yet seen in the cache, keyed by MicroVM uid.
+/// Held under a lock for the whole decide-and-write step, so two reconciles can
+/// never place against the same free capacity.
+#[derive(Debug, Default)]
+pub struct Assumed {
+    /// uid → what was bound.
+    pub bindings: HashMap<String, Bound>,
+}
+
+/// Shared state of the controllers.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Nodes cache.
+    pub nodes: Store<Node>,
+    /// Agent Leases cache.
+    pub leases: Store<Lease>,
+    /// MicroVMs cache.
+    pub microvms: Store<MicroVM>,
+    /// The placement lock and its assumed bindings.
+    pub placer: Mutex<Assumed>,
+    /// Publishes events.k8s.io/v1 Events.
+    pub recorder: Recorder,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// Settings.
+    pub config: Config,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("config", &self.config)
+            .finish()
+    }
+}

@@ -1,0 +1,139 @@
+//! `runv-operator`: places MicroVMs on nodes and runs SecureWorkloads.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use kube::Client;
+use kube_lease_manager::LeaseManagerBuilder;
+use runv_operator::context::Config;
+use runv_operator::metrics::Metrics;
+use runv_operator::{http, run};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The runv operator.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Namespace of the node agents' Leases and of the leader-election Lease.
+    #[arg(long, env = "RUNV_NAMESPACE", default_value = "runv-system")]
+    namespace: String,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+    /// Elect a leader through a Lease, so that only one replica acts.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Seconds an agent's Lease may be expired before its node is fenced.
+    #[arg(long, default_value_t = 300)]
+    fence_after_seconds: u64,
+    /// Fence nodes automatically; when false an administrator or a fencing system
+    /// adds the taint runv.dev/fenced.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    auto_fence: bool,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_env_filter(filter)
+            .init(),
+    }
+
+    let client = Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API (kubeconfig or in-cluster config)")?;
+    let metrics = Metrics::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let server = tokio::spawn(http::serve(
+        args.http_addr,
+        http::router(metrics.clone(), ready.clone()),
+    ));
+
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut _lease_task = None;
+    if args.leader_elect {
+        let identity = std::env::var("POD_NAME")
+            .unwrap_or_else(|_| format!("runv-operator-{}", std::process::id()));
+        let manager = LeaseManagerBuilder::new(client.clone(), "runv-operator")
+            .with_namespace(&args.namespace)
+            .with_identity(&identity)
+            .with_duration(15)
+            .with_grace(5)
+            .build()
+            .await
+            .context("cannot set up leader election")?;
+        let (mut leader, task) = manager.watch().await;
+        tracing::info!(%identity, "waiting to become the leader");
+        while !*leader.borrow_and_update() {
+            leader.changed().await.context("leader election stopped")?;
+        }
+        tracing::info!("leading");
+        _lease_task = Some(task);
+        tokio::spawn(async move {
+            while leader.changed().await.is_ok() {
+                if !*leader.borrow_and_update() {
+                    break;
+                }
+            }
+            let _ = lost_tx.send(());
+        });
+    } else {
+        drop(lost_tx);
+    }
+
+    let config = Config {
+        lease_namespace: args.namespace,
+        fence_after: Duration::from_secs(args.fence_after_seconds),
+        auto_fence: args.auto_fence,
+        ..Config::default()
+    };
+    let lost = Arc::new(AtomicBool::new(false));
+    let lost_flag = lost.clone();
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, shutting down"),
+            _ = terminate() => tracing::info!("terminated, shutting down"),
+            Ok(()) = lost_rx => {
+                tracing::error!("lost leadership, shutting down");
+                lost_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    };
+    tokio::select! {
+        () = run::run(client, config, metrics, ready, shutdown) => {}
+        r = server => anyhow::bail!("HTTP server stopped: {r:?}"),
+    }
+    if lost.load(std::sync::atomic::Ordering::Relaxed) {
+        anyhow::bail!("lost leadership");
+    }
+    Ok(())
+}
+
+async fn terminate() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}

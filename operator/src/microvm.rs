@@ -1,0 +1,515 @@
+//! The MicroVM controller: binds each MicroVM that wants to run to a node,
+//! reports when no node can take it, marks the VMs of a lost node Unknown and
+//! moves `Always` VMs off a fenced node.
+//!
+//! It writes only the status fields the operator owns (phase, nodeName and the
+//! condition set of [`OperatorStatus`]) with server-side apply, and only at
+//! transitions; once a node's agent runs the VM, the agent reports it.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use runv_crds::conditions::{self as cond, Status, Update};
+use runv_crds::microvm::{Phase, PowerState, RunPolicy};
+use runv_crds::quantity::QuantityError;
+use runv_crds::{MicroVM, MicroVMStatus};
+use serde_json::json;
+
+use crate::context::{Context, MANAGER};
+use crate::nodes;
+use crate::placement::{self, Bound, Request, TenantRef};
+
+/// Controller name in metrics and logs.
+pub const CONTROLLER: &str = "microvm";
+
+/// Why a MicroVM reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// An API request failed.
+    #[error("API request failed: {0}")]
+    Api(#[from] kube::Error),
+    /// The spec holds a quantity the operator cannot use.
+    #[error(transparent)]
+    Quantity(#[from] QuantityError),
+    /// The object has no namespace or uid (never true for a stored MicroVM).
+    #[error("MicroVM has no {0}")]
+    Incomplete(&'static str),
+}
+
+impl ReconcileError {
+    /// A bounded reason for metrics.
+    pub fn metric_reason(&self) -> &'static str {
+        match self {
+            ReconcileError::Api(kube::Error::Api(_)) => "ApiStatus",
+            ReconcileError::Api(_) => "ApiTransport",
+            ReconcileError::Quantity(_) => "InvalidQuantity",
+            ReconcileError::Incomplete(_) => "Incomplete",
+        }
+    }
+}
+
+/// Whether the VM wants a node now.
+pub fn wants_to_run(vm: &MicroVM) -> bool {
+    vm.spec.run_policy != RunPolicy::Halted && vm.spec.power_state != PowerState::Stopped
+}
+
+/// Whether a bound VM still holds its node's capacity.
+pub fn holds_capacity(vm: &MicroVM) -> bool {
+    !matches!(
+        vm.status.as_ref().and_then(|s| s.phase),
+        Some(Phase::Succeeded | Phase::Failed)
+    )
+}
+
+/// The node a VM is bound to.
+pub fn bound_node(vm: &MicroVM) -> Option<&str> {
+    vm.status.as_ref().and_then(|s| s.node_name.as_deref())
+}
+
+fn tenant_of(vm: &MicroVM) -> Option<TenantRef> {
+    vm.spec.tenant.as_ref().map(|t| TenantRef {
+        name: t.name.clone(),
+        isolation: t.node_isolation,
+    })
+}
+
+/// The uid of the VM's controlling owner (its SecureWorkload), for spreading.
+fn group_of(vm: &MicroVM) -> Option<String> {
+    vm.owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.uid.clone())
+}
+
+/// What the VM asks of a node.
+pub fn request(vm: &MicroVM) -> Result<Request, QuantityError> {
+    Ok(Request {
+        vcpus: u64::from(vm.spec.resources.vcpus),
+        memory: vm.spec.resources.memory_bytes()?,
+        node_selector: vm.spec.node_selector.clone(),
+        tolerations: vm.spec.tolerations.clone(),
+        tenant: tenant_of(vm),
+        group: group_of(vm),
+    })
+}
+
+/// The VM as the placer accounts it on `node`. A quantity the API should have
+/// refused counts as zero memory rather than stopping all placement.
+pub fn bound(vm: &MicroVM, node: &str) -> Bound {
+    Bound {
+        node: node.to_owned(),
+        vcpus: u64::from(vm.spec.resources.vcpus),
+        memory: vm.spec.resources.memory_bytes().unwrap_or(0),
+        tenant: tenant_of(vm),
+        group: group_of(vm),
+    }
+}
+
+/// The status the operator writes at one of its transitions.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OperatorStatus {
+    /// Bound to a node, waiting for its agent.
+    Scheduled {
+        /// The node.
+        node: String,
+        /// Bound by `spec.nodeName` rather than chosen.
+        pinned: bool,
+    },
+    /// Wants to run, no node can take it.
+    Unschedulable {
+        /// Why, per node.
+        message: String,
+    },
+    /// Does not want to run and has no node.
+    NotRequested,
+    /// Bound to a node whose agent stopped reporting.
+    NodeLost {
+        /// The node.
+        node: String,
+        /// What is known of the agent.
+        message: String,
+    },
+}
+
+impl OperatorStatus {
+    fn phase(&self) -> Phase {
+        match self {
+            OperatorStatus::Scheduled { .. } => Phase::Scheduled,
+            OperatorStatus::Unschedulable { .. } => Phase::Pending,
+            OperatorStatus::NotRequested => Phase::Stopped,
+            OperatorStatus::NodeLost { .. } => Phase::Unknown,
+        }
+    }
+
+    fn node(&self) -> Option<&str> {
+        match self {
+            OperatorStatus::Scheduled { node, .. } | OperatorStatus::NodeLost { node, .. } => {
+                Some(node)
+            }
+            _ => None,
+        }
+    }
+
+    /// The seven MicroVM conditions: (type, status, reason, message).
+    fn conditions(&self, vm: &MicroVM) -> [(&'static str, Status, &'static str, String); 7] {
+        use Status::{False, True, Unknown};
+        let not_paused = (cond::PAUSED, False, "NotPaused", String::new());
+        let no_stall = (cond::STALLED, False, "Progressing", String::new());
+        match self {
+            OperatorStatus::Scheduled { node, pinned } => {
+                let (reason, msg) = if *pinned {
+                    ("Pinned", format!("pinned to node {node} by spec.nodeName"))
+                } else {
+                    ("Placed", format!("placed on node {node}"))
+                };
+                let waiting = format!("waiting for the runv agent on node {node}");
+                [
+                    (cond::SCHEDULED, True, reason, msg),
+                    (cond::VMM_STARTED, False, "Pending", waiting.clone()),
+                    (cond::GUEST_BOOTED, False, "Pending", String::new()),
+                    (cond::READY, False, "Starting", waiting),
+                    not_paused,
+                    (cond::RECONCILING, True, "Starting", String::new()),
+                    no_stall,
+                ]
+            }
+            OperatorStatus::Unschedulable { message } => [
+                (cond::SCHEDULED, False, "Unschedulable", message.clone()),
+                (cond::VMM_STARTED, False, "NotScheduled", String::new()),
+                (cond::GUEST_BOOTED, False, "NotScheduled", String::new()),
+                (cond::READY, False, "Unschedulable", message.clone()),
+                not_paused,
+                (cond::RECONCILING, True, "WaitingForNode", String::new()),
+                no_stall,
+            ],
+            OperatorStatus::NotRequested => {
+                let why = if vm.spec.run_policy == RunPolicy::Halted {
+                    "runPolicy is Halted"
+                } else {
+                    "powerState is Stopped"
+                };
+                let msg = format!("{why}: the VM gets a node when it is asked to run");
+                [
+                    (cond::SCHEDULED, False, "NotRequested", msg.clone()),
+                    (cond::VMM_STARTED, False, "NotRequested", String::new()),
+                    (cond::GUEST_BOOTED, False, "NotRequested", String::new()),
+                    (cond::READY, True, "Stopped", msg),
+                    not_paused,
+                    (cond::RECONCILING, False, "Reconciled", String::new()),
+                    no_stall,
+                ]
+            }
+            OperatorStatus::NodeLost { node, message } => [
+                (
+                    cond::SCHEDULED,
+                    True,
+                    "Placed",
+                    format!("placed on node {node}"),
+                ),
+                (cond::VMM_STARTED, Unknown, "NodeLost", message.clone()),
+                (cond::GUEST_BOOTED, Unknown, "NodeLost", message.clone()),
+                (cond::READY, Unknown, "NodeLost", message.clone()),
+                (cond::PAUSED, Unknown, "NodeLost", message.clone()),
+                (cond::RECONCILING, True, "NodeLost", message.clone()),
+                no_stall,
+            ],
+        }
+    }
+
+    /// The status to apply, keeping transition times of unchanged conditions;
+    /// `None` when the VM already shows exactly this.
+    pub fn to_apply(&self, vm: &MicroVM, now: Timestamp) -> Option<MicroVMStatus> {
+        let current = vm.status.clone().unwrap_or_default();
+        let generation = vm.metadata.generation;
+        let mut conditions: Vec<Condition> = current.conditions.clone();
+        let mut changed = current.phase != Some(self.phase())
+            || current.node_name.as_deref() != self.node()
+            || current.observed_generation != generation;
+        for (type_, status, reason, message) in self.conditions(vm) {
+            changed |= cond::set_condition(
+                &mut conditions,
+                Update {
+                    type_,
+                    status,
+                    reason,
+                    message: &message,
+                    observed_generation: generation,
+                },
+                Time(now),
+            );
+        }
+        changed.then(|| {
+            // Only the operator's fields: server-side apply keeps the agent's.
+            let ours: HashSet<&str> = cond::MICROVM_CONDITIONS.into_iter().collect();
+            MicroVMStatus {
+                phase: Some(self.phase()),
+                node_name: self.node().map(str::to_owned),
+                observed_generation: generation,
+                conditions: conditions
+                    .into_iter()
+                    .filter(|c| ours.contains(c.type_.as_str()))
+                    .collect(),
+                ..MicroVMStatus::default()
+            }
+        })
+    }
+}
+
+fn api(vm: &MicroVM, ctx: &Context) -> Result<Api<MicroVM>, ReconcileError> {
+    let ns = vm
+        .namespace()
+        .ok_or(ReconcileError::Incomplete("namespace"))?;
+    Ok(Api::namespaced(ctx.client.clone(), &ns))
+}
+
+/// Applies the operator's status fields with its field manager.
+async fn apply_status(
+    vm: &MicroVM,
+    status: MicroVMStatus,
+    ctx: &Context,
+) -> Result<(), ReconcileError> {
+    let body = json!({
+        "apiVersion": MicroVM::api_version(&()),
+        "kind": MicroVM::kind(&()),
+        "status": status,
+    });
+    api(vm, ctx)?
+        .patch_status(
+            &vm.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await?;
+    Ok(())
+}
+
+async fn publish(
+    ctx: &Context,
+    vm: &MicroVM,
+    type_: EventType,
+    reason: &str,
+    note: String,
+    action: &str,
+) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &vm.object_ref(&())).await {
+        tracing::warn!(error = %e, "cannot publish event");
+    }
+}
+
+/// Reconciles one MicroVM.
+pub async fn reconcile(vm: Arc<MicroVM>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let timer = ctx.metrics.reconcile(CONTROLLER);
+    let result = reconcile_inner(&vm, &ctx).await;
+    if result.is_ok() {
+        timer.success();
+    }
+    result
+}
+
+async fn reconcile_inner(vm: &MicroVM, ctx: &Context) -> Result<Action, ReconcileError> {
+    if vm.metadata.deletion_timestamp.is_some() {
+        // The node agent's finalizer cleans up; nothing for the operator.
+        return Ok(Action::await_change());
+    }
+    let now = Timestamp::now();
+    match bound_node(vm) {
+        Some(node) => watch_bound(vm, node.to_owned(), ctx, now).await,
+        None if !wants_to_run(vm) => {
+            if let Some(status) = OperatorStatus::NotRequested.to_apply(vm, now) {
+                apply_status(vm, status, ctx).await?;
+            }
+            Ok(Action::await_change())
+        }
+        None => place(vm, ctx, now).await,
+    }
+}
+
+/// Binds an unbound VM: to its pinned node, or to the placer's choice.
+async fn place(vm: &MicroVM, ctx: &Context, now: Timestamp) -> Result<Action, ReconcileError> {
+    let uid = vm.uid().ok_or(ReconcileError::Incomplete("uid"))?;
+    let req = request(vm)?;
+    let mut assumed = ctx.placer.lock().await;
+    if assumed.bindings.contains_key(&uid) {
+        // Bound a moment ago; the cache has not caught up yet.
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+
+    let outcome = match &vm.spec.node_name {
+        Some(pinned) => Ok((pinned.clone(), true)),
+        None => {
+            let infos: Vec<_> = ctx
+                .nodes
+                .state()
+                .iter()
+                .filter(|n| nodes::is_runv_node(n))
+                .map(|n| {
+                    let lease = ctx.leases.get(
+                        &ObjectRef::new(&nodes::lease_name(&n.name_any()))
+                            .within(&ctx.config.lease_namespace),
+                    );
+                    nodes::node_info(n, lease.as_deref(), now)
+                })
+                .collect();
+            let mut seen = HashSet::new();
+            let mut used = Vec::new();
+            for other in ctx.microvms.state() {
+                let Some(other_uid) = other.uid() else {
+                    continue;
+                };
+                match bound_node(&other) {
+                    Some(node) => {
+                        assumed.bindings.remove(&other_uid);
+                        if holds_capacity(&other) {
+                            used.push(bound(&other, node));
+                        }
+                    }
+                    None => {
+                        if let Some(b) = assumed.bindings.get(&other_uid) {
+                            used.push(b.clone());
+                        }
+                    }
+                }
+                seen.insert(other_uid);
+            }
+            assumed.bindings.retain(|uid, _| seen.contains(uid));
+            placement::place(&req, &infos, &used).map(|n| (n, false))
+        }
+    };
+
+    match outcome {
+        Ok((node, pinned)) => {
+            let status = OperatorStatus::Scheduled {
+                node: node.clone(),
+                pinned,
+            };
+            if let Some(s) = status.to_apply(vm, now) {
+                apply_status(vm, s, ctx).await?;
+            }
+            assumed.bindings.insert(uid, bound(vm, &node));
+            drop(assumed);
+            ctx.metrics.placement(true);
+            let note = if pinned {
+                format!("Bound to node {node} (spec.nodeName)")
+            } else {
+                format!("Placed on node {node}")
+            };
+            publish(ctx, vm, EventType::Normal, "Scheduled", note, "Place").await;
+            Ok(Action::await_change())
+        }
+        Err(unschedulable) => {
+            drop(assumed);
+            ctx.metrics.placement(false);
+            let message = unschedulable.to_string();
+            let before = vm
+                .status
+                .as_ref()
+                .and_then(|s| cond::find(&s.conditions, cond::SCHEDULED))
+                .map(|c| c.message.clone());
+            if let Some(s) = (OperatorStatus::Unschedulable {
+                message: message.clone(),
+            })
+            .to_apply(vm, now)
+            {
+                apply_status(vm, s, ctx).await?;
+            }
+            if before.as_deref() != Some(message.as_str()) {
+                publish(
+                    ctx,
+                    vm,
+                    EventType::Warning,
+                    "FailedScheduling",
+                    message,
+                    "Place",
+                )
+                .await;
+            }
+            Ok(Action::requeue(ctx.config.retry_unschedulable))
+        }
+    }
+}
+
+/// Watches a bound VM's node: marks the VM Unknown when its agent is lost, and
+/// moves an `Always` VM off a fenced (or deleted) node.
+async fn watch_bound(
+    vm: &MicroVM,
+    node: String,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<Action, ReconcileError> {
+    let node_obj = ctx.nodes.get(&ObjectRef::new(&node));
+    let lease = ctx
+        .leases
+        .get(&ObjectRef::new(&nodes::lease_name(&node)).within(&ctx.config.lease_namespace));
+    let expired = nodes::expired_for(lease.as_deref(), now);
+    let fenced = node_obj.as_deref().is_none_or(nodes::is_fenced);
+    let Some(expired) = expired else {
+        return Ok(Action::await_change());
+    };
+    if fenced && vm.spec.run_policy == RunPolicy::Always {
+        let why = if node_obj.is_none() {
+            "was deleted"
+        } else {
+            "is fenced"
+        };
+        let merge = json!({ "status": { "nodeName": null, "phase": "Pending" } });
+        api(vm, ctx)?
+            .patch_status(
+                &vm.name_any(),
+                &PatchParams {
+                    field_manager: Some(MANAGER.into()),
+                    ..PatchParams::default()
+                },
+                &Patch::Merge(merge),
+            )
+            .await?;
+        publish(
+            ctx,
+            vm,
+            EventType::Normal,
+            "Rescheduling",
+            format!("Node {node} {why}; placing the VM on another node"),
+            "Place",
+        )
+        .await;
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    let message = if expired == Duration::MAX {
+        format!("node {node} has no runv agent Lease")
+    } else {
+        format!(
+            "the runv agent on node {node} has not renewed its Lease for {}s",
+            expired.as_secs()
+        )
+    };
+    let lost_before = vm.status.as_ref().and_then(|s| s.phase) == Some(Phase::Unknown);
+    if !lost_before
+        && let Some(s) = (OperatorStatus::NodeLost {
+            node: node.clone(),
+            message: message.clone(),
+        })
+        .to_apply(vm, now)
+    {
+        apply_status(vm, s, ctx).await?;
+        publish(ctx, vm, EventType::Warning, "NodeLost", message, "Watch").await;
+    }
+    // Look again when fencing may have happened.
+    Ok(Action::requeue(Duration::from_secs(10)))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,323 @@
+//! The MicroVM reconcile against a mocked API: every branch, and concurrent
+//! placements that must not over-commit a node.
+
+use std::sync::Arc;
+
+use runv_crds::microvm::{Phase, RunPolicy};
+
+use super::*;
+use crate::testing::{MockApi, context, context_on, fenced, lease, node, vm};
+
+fn status_patches(api: &MockApi) -> Vec<crate::testing::Recorded> {
+    api.calls()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.path.ends_with("/status"))
+        .collect()
+}
+
+fn condition<'v>(body: &'v serde_json::Value, type_: &str) -> &'v serde_json::Value {
+    body["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .unwrap_or(&serde_json::Value::Null)
+}
+
+#[tokio::test]
+async fn places_on_a_node_with_room() {
+    let a = vm("a").size(2, "1Gi").build();
+    let (api, ctx) = context(
+        vec![node("n1", 4, "2Gi")],
+        vec![lease("n1", 1)],
+        vec![a.clone()],
+    );
+    reconcile(Arc::new(a), ctx).await.unwrap();
+    let patches = status_patches(&api);
+    assert_eq!(patches.len(), 1);
+    let p = &patches[0];
+    assert_eq!(
+        p.path,
+        "/apis/runv.dev/v1alpha1/namespaces/default/microvms/a/status"
+    );
+    assert!(
+        p.query.contains("fieldManager=runv-operator") && p.query.contains("force=true"),
+        "{}",
+        p.query
+    );
+    assert_eq!(p.body["status"]["nodeName"], "n1");
+    assert_eq!(p.body["status"]["phase"], "Scheduled");
+    assert_eq!(p.body["status"]["observedGeneration"], 1);
+    assert_eq!(condition(&p.body, "Scheduled")["status"], "True");
+    assert_eq!(condition(&p.body, "Ready")["reason"], "Starting");
+    assert_eq!(p.body["status"]["conditions"].as_array().unwrap().len(), 7);
+    assert_eq!(api.event_reasons(), ["Scheduled"]);
+}
+
+#[tokio::test]
+async fn no_room_is_reported_with_the_reason_and_retried() {
+    let a = vm("a").size(1, "4Gi").build();
+    let (api, ctx) = context(
+        vec![node("n1", 4, "2Gi")],
+        vec![lease("n1", 1)],
+        vec![a.clone()],
+    );
+    let action = reconcile(Arc::new(a), ctx.clone()).await.unwrap();
+    assert_eq!(action, Action::requeue(ctx.config.retry_unschedulable));
+    let p = &status_patches(&api)[0];
+    assert_eq!(p.body["status"]["phase"], "Pending");
+    assert!(p.body["status"].get("nodeName").is_none());
+    let sched = condition(&p.body, "Scheduled");
+    assert_eq!(sched["status"], "False");
+    assert_eq!(sched["reason"], "Unschedulable");
+    assert_eq!(
+        sched["message"],
+        "0/1 nodes can run it (1 vCPUs, 4096 MiB): 1 have too little free memory"
+    );
+    assert_eq!(condition(&p.body, "Reconciling")["status"], "True");
+    assert_eq!(api.event_reasons(), ["FailedScheduling"]);
+}
+
+#[tokio::test]
+async fn unchanged_unschedulable_status_is_not_rewritten() {
+    let mut a = vm("a").size(1, "4Gi").build();
+    let now = Timestamp::now();
+    let status = OperatorStatus::Unschedulable {
+        message: "0/1 nodes can run it (1 vCPUs, 4096 MiB): 1 have too little free memory".into(),
+    }
+    .to_apply(&a, now)
+    .unwrap();
+    a.status = Some(status);
+    let (api, ctx) = context(
+        vec![node("n1", 4, "2Gi")],
+        vec![lease("n1", 1)],
+        vec![a.clone()],
+    );
+    reconcile(Arc::new(a), ctx).await.unwrap();
+    assert!(status_patches(&api).is_empty(), "{:?}", api.calls());
+    assert!(api.event_reasons().is_empty());
+}
+
+#[tokio::test]
+async fn capacity_of_bound_vms_is_accounted() {
+    let existing = vm("old").size(3, "1Gi").bound("n1", Phase::Running).build();
+    let finished = vm("done")
+        .size(4, "2Gi")
+        .bound("n2", Phase::Succeeded)
+        .build();
+    let a = vm("a").size(2, "512Mi").build();
+    let (api, ctx) = context(
+        vec![node("n1", 4, "8Gi"), node("n2", 4, "2Gi")],
+        vec![lease("n1", 1), lease("n2", 1)],
+        vec![existing, finished, a.clone()],
+    );
+    reconcile(Arc::new(a), ctx).await.unwrap();
+    // n1 has one vCPU left; n2's only VM has finished, so its capacity is free.
+    assert_eq!(status_patches(&api)[0].body["status"]["nodeName"], "n2");
+}
+
+#[tokio::test]
+async fn concurrent_reconciles_never_overcommit() {
+    let vms: Vec<_> = (0..6)
+        .map(|i| vm(&format!("v{i}")).size(1, "1Gi").build())
+        .collect();
+    // Room for exactly four 1Gi VMs in all.
+    let (api, ctx) = context(
+        vec![node("n1", 8, "2Gi"), node("n2", 8, "2Gi")],
+        vec![lease("n1", 1), lease("n2", 1)],
+        vms.clone(),
+    );
+    let runs = vms.into_iter().map(|v| reconcile(Arc::new(v), ctx.clone()));
+    for r in futures::future::join_all(runs).await {
+        r.unwrap();
+    }
+    let patches = status_patches(&api);
+    let mut per_node = std::collections::BTreeMap::new();
+    let mut pending = 0;
+    for p in &patches {
+        match p.body["status"]["nodeName"].as_str() {
+            Some(n) => *per_node.entry(n.to_owned()).or_insert(0) += 1,
+            None => pending += 1,
+        }
+    }
+    assert_eq!(per_node.values().copied().collect::<Vec<_>>(), [2, 2]);
+    assert_eq!(pending, 2);
+}
+
+#[tokio::test]
+async fn a_vm_bound_a_moment_ago_is_not_placed_twice() {
+    let a = vm("a").build();
+    let (api, ctx) = context(
+        vec![node("n1", 4, "2Gi")],
+        vec![lease("n1", 1)],
+        vec![a.clone()],
+    );
+    reconcile(Arc::new(a.clone()), ctx.clone()).await.unwrap();
+    // The cache still shows it unbound.
+    let action = reconcile(Arc::new(a), ctx).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(1)));
+    assert_eq!(status_patches(&api).len(), 1);
+}
+
+#[tokio::test]
+async fn pinned_vm_is_bound_to_its_node() {
+    let a = vm("a").pinned("edge-1").build();
+    let (api, ctx) = context(vec![], vec![], vec![a.clone()]);
+    reconcile(Arc::new(a), ctx).await.unwrap();
+    let p = &status_patches(&api)[0];
+    assert_eq!(p.body["status"]["nodeName"], "edge-1");
+    assert_eq!(condition(&p.body, "Scheduled")["reason"], "Pinned");
+}
+
+#[tokio::test]
+async fn halted_vm_is_not_placed_and_is_ready() {
+    let a = vm("a").policy(RunPolicy::Halted).build();
+    let (api, ctx) = context(
+        vec![node("n1", 4, "2Gi")],
+        vec![lease("n1", 1)],
+        vec![a.clone()],
+    );
+    reconcile(Arc::new(a), ctx).await.unwrap();
+    let p = &status_patches(&api)[0];
+    assert_eq!(p.body["status"]["phase"], "Stopped");
+    assert!(p.body["status"].get("nodeName").is_none());
+    assert_eq!(condition(&p.body, "Ready")["status"], "True");
+    assert_eq!(condition(&p.body, "Scheduled")["reason"], "NotRequested");
+    assert_eq!(condition(&p.body, "Reconciling")["status"], "False");
+}
+
+#[tokio::test]
+async fn bound_vm_on_a_live_node_is_left_to_its_agent() {
+    let a = vm("a").bound("n1", Phase::Running).build();
+    let (api, ctx) = context(
+        vec![node("n1", 4, "2Gi")],
+        vec![lease("n1", 1)],
+        vec![a.clone()],
+    );
+    assert_eq!(
+        reconcile(Arc::new(a), ctx).await.unwrap(),
+        Action::await_change()
+    );
+    assert!(api.calls().is_empty());
+}
+
+#[tokio::test]
+async fn deleting_vm_is_left_alone() {
+    let a = vm("a").deleting().build();
+    let (api, ctx) = context(
+        vec![node("n1", 4, "2Gi")],
+        vec![lease("n1", 1)],
+        vec![a.clone()],
+    );
+    reconcile(Arc::new(a), ctx).await.unwrap();
+    assert!(api.requests.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn vm_on_a_lost_node_becomes_unknown() {
+    let a = vm("a")
+        .bound("n1", Phase::Running)
+        .policy(RunPolicy::Always)
+        .build();
+    let (api, ctx) = context(
+        vec![node("n1", 4, "2Gi")],
+        vec![lease("n1", 100)],
+        vec![a.clone()],
+    );
+    reconcile(Arc::new(a), ctx).await.unwrap();
+    let p = &status_patches(&api)[0];
+    assert_eq!(p.body["status"]["phase"], "Unknown");
+    assert_eq!(p.body["status"]["nodeName"], "n1");
+    let ready = condition(&p.body, "Ready");
+    assert_eq!(ready["status"], "Unknown");
+    assert_eq!(ready["reason"], "NodeLost");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("the runv agent on node n1 has not renewed its Lease for"),
+        "{ready}"
+    );
+    assert_eq!(api.event_reasons(), ["NodeLost"]);
+}
+
+#[tokio::test]
+async fn always_vm_leaves_a_fenced_node() {
+    let a = vm("a")
+        .bound("n1", Phase::Unknown)
+        .policy(RunPolicy::Always)
+        .build();
+    let (api, ctx) = context(
+        vec![fenced(node("n1", 4, "2Gi"))],
+        vec![lease("n1", 900)],
+        vec![a.clone()],
+    );
+    reconcile(Arc::new(a), ctx).await.unwrap();
+    let p = &status_patches(&api)[0];
+    assert!(p.query.contains("fieldManager=runv-operator"));
+    assert!(!p.query.contains("force"));
+    assert_eq!(
+        p.body,
+        serde_json::json!({ "status": { "nodeName": null, "phase": "Pending" } })
+    );
+    assert_eq!(api.event_reasons(), ["Rescheduling"]);
+}
+
+#[tokio::test]
+async fn always_vm_leaves_a_deleted_node() {
+    let a = vm("a")
+        .bound("gone", Phase::Running)
+        .policy(RunPolicy::Always)
+        .build();
+    let (api, ctx) = context(vec![], vec![], vec![a.clone()]);
+    reconcile(Arc::new(a), ctx).await.unwrap();
+    assert_eq!(
+        status_patches(&api)[0].body["status"]["nodeName"],
+        serde_json::Value::Null
+    );
+}
+
+#[tokio::test]
+async fn once_vm_stays_on_a_fenced_node_as_unknown() {
+    let a = vm("a")
+        .bound("n1", Phase::Running)
+        .policy(RunPolicy::Once)
+        .build();
+    let (api, ctx) = context(
+        vec![fenced(node("n1", 4, "2Gi"))],
+        vec![lease("n1", 900)],
+        vec![a.clone()],
+    );
+    reconcile(Arc::new(a), ctx).await.unwrap();
+    let p = &status_patches(&api)[0];
+    assert_eq!(p.body["status"]["phase"], "Unknown");
+    assert_eq!(p.body["status"]["nodeName"], "n1");
+}
+
+#[tokio::test]
+async fn api_errors_surface_with_a_metric_reason() {
+    let api = MockApi::with(Arc::new(|r: &crate::testing::Recorded| {
+        if r.is_event() {
+            (http::StatusCode::OK, serde_json::json!({}))
+        } else {
+            (
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({
+                    "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": "etcd is down", "reason": "InternalError", "code": 500
+                }),
+            )
+        }
+    }));
+    let a = vm("a").build();
+    let ctx = context_on(
+        &api,
+        vec![node("n1", 4, "2Gi")],
+        vec![lease("n1", 1)],
+        vec![a.clone()],
+    );
+    let err = reconcile(Arc::new(a.clone()), ctx.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.metric_reason(), "ApiStatus");
+    // A failed write leaves no assumed binding behind.
+    assert!(ctx.placer.lock().await.bindings.is_empty());
+}

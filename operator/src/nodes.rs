@@ -1,0 +1,196 @@
+//! How node agents advertise themselves, and how the operator reads it.
+//!
+//! An agent labels its Node `runv.dev/agent=true`, publishes the vCPUs and
+//! memory it offers to microVMs as extended resources in the Node's
+//! `status.allocatable` (`runv.dev/vcpus`, `runv.dev/memory`), and renews a
+//! Lease `runv-agent-<node>` in the runv namespace. The operator turns a Node
+//! and its Lease into a [`NodeInfo`]. docs/operations.md describes the contract.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use runv_crds::quantity;
+
+use crate::placement::NodeInfo;
+
+/// Label an agent sets on its Node.
+pub const AGENT_LABEL: &str = "runv.dev/agent";
+/// Extended resource: vCPUs offered to microVMs.
+pub const RESOURCE_VCPUS: &str = "runv.dev/vcpus";
+/// Extended resource: memory offered to microVMs, in bytes.
+pub const RESOURCE_MEMORY: &str = "runv.dev/memory";
+/// Taint the operator puts on a node it has fenced.
+pub const FENCED_TAINT: &str = "runv.dev/fenced";
+
+/// The name of a node agent's Lease.
+pub fn lease_name(node: &str) -> String {
+    format!("runv-agent-{node}")
+}
+
+/// The node a Lease name belongs to, if it is an agent Lease.
+pub fn node_of_lease(lease: &str) -> Option<&str> {
+    lease.strip_prefix("runv-agent-").filter(|n| !n.is_empty())
+}
+
+/// How long ago the Lease expired; `None` while it is current.
+/// A Lease without a renew time has expired forever.
+pub fn expired_for(lease: Option<&Lease>, now: Timestamp) -> Option<Duration> {
+    let Some(spec) = lease.and_then(|l| l.spec.as_ref()) else {
+        return Some(Duration::MAX);
+    };
+    let Some(renewed) = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) else {
+        return Some(Duration::MAX);
+    };
+    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(40).max(0));
+    let expiry = renewed.0.as_second().saturating_add(duration);
+    let now_s = now.as_second();
+    (now_s > expiry).then(|| Duration::from_secs(now_s.abs_diff(expiry)))
+}
+
+/// Whether the node carries the operator's fencing taint.
+pub fn is_fenced(node: &Node) -> bool {
+    taints(node).iter().any(|t| t.key == FENCED_TAINT)
+}
+
+fn taints(node: &Node) -> &[k8s_openapi::api::core::v1::Taint] {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_deref())
+        .unwrap_or_default()
+}
+
+/// The placer's view of a node. A node without the agent label is not a
+/// candidate at all; callers filter those out before calling this.
+pub fn node_info(node: &Node, lease: Option<&Lease>, now: Timestamp) -> NodeInfo {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let alloc = node.status.as_ref().and_then(|s| s.allocatable.as_ref());
+    let get = |key: &str| alloc.and_then(|a| a.get(key)).map(|q| q.0.as_str());
+    // A malformed advertisement offers nothing rather than failing the placement loop.
+    let vcpus = get(RESOURCE_VCPUS)
+        .and_then(|q| quantity::millicores(RESOURCE_VCPUS, q).ok())
+        .map_or(0, |m| m / 1000);
+    let memory = get(RESOURCE_MEMORY)
+        .and_then(|q| quantity::bytes(RESOURCE_MEMORY, q).ok())
+        .unwrap_or(0);
+    NodeInfo {
+        labels: node.metadata.labels.clone().unwrap_or_default(),
+        taints: taints(node).to_vec(),
+        vcpus,
+        memory,
+        agent_ready: expired_for(lease, now).is_none(),
+        fenced: is_fenced(node),
+        cordoned: node
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false),
+        name,
+    }
+}
+
+/// Whether a Node runs a runv agent.
+pub fn is_runv_node(node: &Node) -> bool {
+    node.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(AGENT_LABEL))
+        .is_some_and(|v| v == "true")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::api::core::v1::{NodeSpec, NodeStatus, Taint};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    fn lease(renewed: i64, duration: i32) -> Lease {
+        Lease {
+            metadata: ObjectMeta::default(),
+            spec: Some(LeaseSpec {
+                renew_time: Some(MicroTime(at(renewed))),
+                lease_duration_seconds: Some(duration),
+                ..LeaseSpec::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn lease_expiry() {
+        let l = lease(1000, 40);
+        assert_eq!(expired_for(Some(&l), at(1040)), None);
+        assert_eq!(
+            expired_for(Some(&l), at(1041)),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(expired_for(None, at(0)), Some(Duration::MAX));
+        let empty = Lease::default();
+        assert_eq!(expired_for(Some(&empty), at(0)), Some(Duration::MAX));
+    }
+
+    #[test]
+    fn lease_names() {
+        assert_eq!(lease_name("n1"), "runv-agent-n1");
+        assert_eq!(node_of_lease("runv-agent-n1"), Some("n1"));
+        assert_eq!(node_of_lease("runv-agent-"), None);
+        assert_eq!(node_of_lease("other"), None);
+    }
+
+    #[test]
+    fn node_info_reads_the_advertisement() {
+        let node = Node {
+            metadata: ObjectMeta {
+                name: Some("n1".into()),
+                labels: Some([(AGENT_LABEL.to_owned(), "true".to_owned())].into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(NodeSpec {
+                unschedulable: Some(true),
+                taints: Some(vec![Taint {
+                    key: FENCED_TAINT.into(),
+                    effect: "NoExecute".into(),
+                    ..Taint::default()
+                }]),
+                ..NodeSpec::default()
+            }),
+            status: Some(NodeStatus {
+                allocatable: Some(
+                    [
+                        (RESOURCE_VCPUS.to_owned(), Quantity("6".into())),
+                        (RESOURCE_MEMORY.to_owned(), Quantity("8Gi".into())),
+                    ]
+                    .into(),
+                ),
+                ..NodeStatus::default()
+            }),
+        };
+        assert!(is_runv_node(&node));
+        let info = node_info(&node, Some(&lease(100, 40)), at(120));
+        assert_eq!(info.name, "n1");
+        assert_eq!((info.vcpus, info.memory), (6, 8 << 30));
+        assert!(info.agent_ready && info.fenced && info.cordoned);
+        let info = node_info(&node, None, at(120));
+        assert!(!info.agent_ready);
+    }
+
+    #[test]
+    fn malformed_advertisement_offers_nothing() {
+        let node = Node {
+            status: Some(NodeStatus {
+                allocatable: Some([(RESOURCE_MEMORY.to_owned(), Quantity("lots".into()))].into()),
+                ..NodeStatus::default()
+            }),
+            ..Node::default()
+        };
+        let info = node_info(&node, None, at(0));
+        assert_eq!((info.vcpus, info.memory), (0, 0));
+        assert!(!is_runv_node(&node));
+    }
+}

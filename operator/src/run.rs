@@ -1,0 +1,275 @@
+//! Wires the operator together: caches of Nodes, agent Leases and MicroVMs,
+//! the MicroVM and SecureWorkload controllers, and the node monitor that
+//! fences lost nodes and retries pending placements when capacity changes.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt, future};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use runv_crds::{MicroVM, SecureWorkload};
+use tokio::sync::{Mutex, mpsc};
+
+use crate::context::{Assumed, Config, Context, MANAGER};
+use crate::metrics::Metrics;
+use crate::workload::reconcile as workload;
+use crate::{microvm, nodes};
+
+/// Runs the operator until `shutdown` resolves. `ready` becomes true once the
+/// caches have synced.
+pub async fn run(
+    client: Client,
+    config: Config,
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let shutdown = shutdown.shared();
+
+    let (nodes_store, nodes_writer) = reflector::store::<Node>();
+    let node_watch = reflector::reflector(
+        nodes_writer,
+        watcher(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default().labels(&format!("{}=true", nodes::AGENT_LABEL)),
+        ),
+    )
+    .default_backoff()
+    .applied_objects()
+    .for_each(|_| future::ready(()));
+
+    let (leases_store, leases_writer) = reflector::store::<Lease>();
+    let lease_watch = reflector::reflector(
+        leases_writer,
+        watcher(
+            Api::<Lease>::namespaced(client.clone(), &config.lease_namespace),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .applied_objects()
+    .for_each(|_| future::ready(()));
+
+    let (trigger_tx, trigger_rx) = mpsc::channel::<ObjectRef<MicroVM>>(4096);
+    let vm_controller = Controller::new(
+        Api::<MicroVM>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .reconcile_on(futures::stream::unfold(trigger_rx, |mut rx| async move {
+        rx.recv().await.map(|r| (r, rx))
+    }))
+    .graceful_shutdown_on(shutdown.clone());
+    let reporter = Reporter {
+        controller: "runv.dev/operator".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        nodes: nodes_store,
+        leases: leases_store,
+        microvms: vm_controller.store(),
+        placer: Mutex::new(Assumed::default()),
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics,
+        config,
+    });
+
+    let vms = vm_controller
+        .run(
+            microvm::reconcile,
+            |_vm, err: &microvm::ReconcileError, ctx: Arc<Context>| {
+                tracing::warn!(error = %err, "MicroVM reconcile failed");
+                ctx.metrics.error(microvm::CONTROLLER, err.metric_reason());
+                Action::requeue(Duration::from_secs(5))
+            },
+            ctx.clone(),
+        )
+        .for_each(|_| future::ready(()));
+
+    let workloads = Controller::new(
+        Api::<SecureWorkload>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<MicroVM>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .graceful_shutdown_on(shutdown.clone())
+    .run(
+        workload::reconcile,
+        |_swl, err: &workload::ReconcileError, ctx: Arc<Context>| {
+            tracing::warn!(error = %err, "SecureWorkload reconcile failed");
+            ctx.metrics.error(workload::CONTROLLER, err.metric_reason());
+            Action::requeue(Duration::from_secs(5))
+        },
+        ctx.clone(),
+    )
+    .for_each(|_| future::ready(()));
+
+    let monitor = monitor(ctx.clone(), trigger_tx, ready);
+
+    tokio::select! {
+        _ = node_watch => tracing::error!("node watch ended"),
+        _ = lease_watch => tracing::error!("lease watch ended"),
+        _ = future::join(vms, workloads) => tracing::info!("controllers stopped"),
+        _ = monitor => tracing::error!("node monitor ended"),
+    }
+}
+
+/// What the placer's view of the cluster looks like, to notice when it changes.
+type Fingerprint = BTreeMap<String, (bool, bool, bool, u64, u64, usize)>;
+
+/// Every two seconds: fence nodes whose agent is gone past the grace period,
+/// unfence recovered ones, update the queue depth, and retry pending MicroVMs
+/// when node state or used capacity changed.
+async fn monitor(
+    ctx: Arc<Context>,
+    trigger: mpsc::Sender<ObjectRef<MicroVM>>,
+    ready: Arc<AtomicBool>,
+) {
+    let (Ok(()), Ok(()), Ok(())) = tokio::join!(
+        ctx.nodes.wait_until_ready(),
+        ctx.leases.wait_until_ready(),
+        ctx.microvms.wait_until_ready()
+    ) else {
+        return;
+    };
+    ready.store(true, Ordering::Relaxed);
+    let mut last = Fingerprint::new();
+    loop {
+        let now = Timestamp::now();
+        let vms = ctx.microvms.state();
+        let mut fp = Fingerprint::new();
+        for node in ctx.nodes.state() {
+            let name = node.name_any();
+            let lease = lease_of(&ctx, &name);
+            let info = nodes::node_info(&node, lease.as_deref(), now);
+            fence(&ctx, &node, lease.as_deref(), now).await;
+            let used = vms
+                .iter()
+                .filter(|vm| {
+                    microvm::bound_node(vm) == Some(name.as_str()) && microvm::holds_capacity(vm)
+                })
+                .count();
+            fp.insert(
+                name,
+                (
+                    info.agent_ready,
+                    info.fenced,
+                    info.cordoned,
+                    info.vcpus,
+                    info.memory,
+                    used,
+                ),
+            );
+        }
+        let pending: Vec<_> = vms
+            .iter()
+            .filter(|vm| {
+                vm.metadata.deletion_timestamp.is_none()
+                    && microvm::bound_node(vm).is_none()
+                    && microvm::wants_to_run(vm)
+            })
+            .collect();
+        ctx.metrics
+            .placement_queue_depth
+            .set(i64::try_from(pending.len()).unwrap_or(i64::MAX));
+        if fp != last {
+            for vm in pending {
+                // A full channel means a retry is queued already.
+                let _ = trigger.try_send(ObjectRef::from_obj(vm.as_ref()));
+            }
+            last = fp;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+fn lease_of(ctx: &Context, node: &str) -> Option<Arc<Lease>> {
+    ctx.leases
+        .get(&ObjectRef::new(&nodes::lease_name(node)).within(&ctx.config.lease_namespace))
+}
+
+/// Adds the fencing taint to a node whose agent has been gone longer than the
+/// grace period, and removes it once the agent renews its Lease again.
+async fn fence(ctx: &Context, node: &Node, lease: Option<&Lease>, now: Timestamp) {
+    if !ctx.config.auto_fence {
+        return;
+    }
+    let expired = nodes::expired_for(lease, now);
+    let fenced = nodes::is_fenced(node);
+    let mut taints = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default();
+    let (reason, note) = match expired {
+        Some(gone) if !fenced && gone >= ctx.config.fence_after => {
+            taints.push(k8s_openapi::api::core::v1::Taint {
+                key: nodes::FENCED_TAINT.into(),
+                effect: "NoExecute".into(),
+                time_added: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
+                value: None,
+            });
+            (
+                "NodeFenced",
+                format!(
+                    "runv agent gone for more than {}s: node fenced, Always MicroVMs move elsewhere",
+                    ctx.config.fence_after.as_secs()
+                ),
+            )
+        }
+        None if fenced => {
+            taints.retain(|t| t.key != nodes::FENCED_TAINT);
+            (
+                "NodeUnfenced",
+                "runv agent is back: fencing taint removed".to_owned(),
+            )
+        }
+        _ => return,
+    };
+    let patch = serde_json::json!({ "spec": { "taints": taints } });
+    let params = PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..PatchParams::default()
+    };
+    match Api::<Node>::all(ctx.client.clone())
+        .patch(&node.name_any(), &params, &Patch::Merge(patch))
+        .await
+    {
+        Ok(_) => {
+            tracing::warn!(node = %node.name_any(), "{note}");
+            let ev = Event {
+                type_: EventType::Warning,
+                reason: reason.into(),
+                note: Some(note),
+                action: "Fence".into(),
+                secondary: None,
+            };
+            let reference = k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(node.name_any()),
+                uid: node.uid(),
+                ..Default::default()
+            };
+            if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+                tracing::warn!(error = %e, "cannot publish event");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(node = %node.name_any(), error = %e, "cannot update fencing taint")
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! The SecureWorkload controller: replicas, rollouts and status.
+
+pub mod plan;
+pub mod reconcile;
+pub mod replica;

@@ -1,0 +1,214 @@
+//! The MicroVMs a SecureWorkload owns: their names, labels, template hash and
+//! how the planner sees them.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use runv_crds::conditions as cond;
+use runv_crds::microvm::Phase;
+use runv_crds::secureworkload::{LabelSelector, SelectorOperator};
+use runv_crds::{MicroVM, SecureWorkload};
+use sha2::{Digest, Sha256};
+
+use super::plan::Replica;
+
+/// Label holding the hash of the template a replica was made from.
+pub const HASH_LABEL: &str = "runv.dev/template-hash";
+/// Label naming the owning SecureWorkload (for `kubectl get mvm -l`).
+pub const WORKLOAD_LABEL: &str = "runv.dev/secureworkload";
+/// Annotation carrying the container spec into the replica, as JSON.
+pub const CONTAINER_ANNOTATION: &str = "runv.dev/container";
+
+/// A stable hash of everything a replica is made from: the MicroVM template,
+/// the container and the tenant. Ten hex digits of SHA-256 over their JSON,
+/// whose key order serde_json keeps fixed.
+pub fn template_hash(swl: &SecureWorkload) -> String {
+    let input = serde_json::json!({
+        "template": swl.spec.template,
+        "container": swl.spec.container,
+        "tenant": swl.spec.tenant,
+    });
+    let digest = Sha256::digest(input.to_string().as_bytes());
+    digest.iter().take(5).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The selector in the string form of `kubectl get -l` and the scale subresource.
+pub fn selector_string(sel: &LabelSelector) -> String {
+    let mut parts: Vec<String> = sel
+        .match_labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for r in &sel.match_expressions {
+        let values = r.values.join(",");
+        parts.push(match r.operator {
+            SelectorOperator::In => format!("{} in ({values})", r.key),
+            SelectorOperator::NotIn => format!("{} notin ({values})", r.key),
+            SelectorOperator::Exists => r.key.clone(),
+            SelectorOperator::DoesNotExist => format!("!{}", r.key),
+        });
+    }
+    parts.join(",")
+}
+
+/// The name of replica `ordinal` of template `hash`.
+pub fn replica_name(swl: &SecureWorkload, hash: &str, ordinal: usize) -> String {
+    format!("{}-{hash}-{ordinal}", swl.name_any())
+}
+
+/// The `count` lowest free replica names of template `hash`.
+pub fn free_names(swl: &SecureWorkload, hash: &str, taken: &[&str], count: usize) -> Vec<String> {
+    (0..)
+        .map(|i| replica_name(swl, hash, i))
+        .filter(|n| !taken.contains(&n.as_str()))
+        .take(count)
+        .collect()
+}
+
+/// A new replica MicroVM.
+pub fn replica(swl: &SecureWorkload, hash: &str, name: String) -> MicroVM {
+    let mut labels: BTreeMap<String, String> = swl.spec.template.metadata.labels.clone();
+    labels.insert(HASH_LABEL.into(), hash.into());
+    labels.insert(WORKLOAD_LABEL.into(), swl.name_any());
+    let mut annotations = swl.spec.template.metadata.annotations.clone();
+    annotations.insert(
+        CONTAINER_ANNOTATION.into(),
+        serde_json::to_string(&swl.spec.container).unwrap_or_default(),
+    );
+    let mut spec = swl.spec.template.spec.clone();
+    spec.tenant.clone_from(&swl.spec.tenant);
+    MicroVM {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: swl.namespace(),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            owner_references: swl.controller_owner_ref(&()).map(|mut o| {
+                o.block_owner_deletion = Some(true);
+                vec![o]
+            }),
+            ..ObjectMeta::default()
+        },
+        spec,
+        status: None,
+    }
+}
+
+/// Whether `vm` is controlled by `swl`.
+pub fn owned_by(vm: &MicroVM, swl: &SecureWorkload) -> bool {
+    let Some(uid) = swl.uid() else { return false };
+    vm.namespace() == swl.namespace()
+        && vm
+            .owner_references()
+            .iter()
+            .any(|o| o.controller == Some(true) && o.uid == uid)
+}
+
+/// How the planner sees a replica.
+pub fn view(vm: &MicroVM) -> Replica {
+    let status = vm.status.as_ref();
+    let ready = status.is_some_and(|s| cond::is_true(&s.conditions, cond::READY));
+    Replica {
+        name: vm.name_any(),
+        hash: vm.labels().get(HASH_LABEL).cloned().unwrap_or_default(),
+        scheduled: status.is_some_and(|s| s.node_name.is_some()),
+        ready,
+        available: ready && status.and_then(|s| s.phase) == Some(Phase::Running),
+        terminating: vm.metadata.deletion_timestamp.is_some(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runv_crds::secureworkload::LabelSelectorRequirement;
+
+    fn workload() -> SecureWorkload {
+        let mut swl: SecureWorkload = serde_json::from_value(serde_json::json!({
+            "apiVersion": "runv.dev/v1alpha1",
+            "kind": "SecureWorkload",
+            "metadata": { "name": "web", "namespace": "prod", "uid": "u-1" },
+            "spec": {
+                "selector": { "matchLabels": { "app": "web" } },
+                "template": {
+                    "metadata": { "labels": { "app": "web" } },
+                    "spec": { "boot": { "kernel": "/k" } }
+                },
+                "container": { "image": "web:1" },
+                "tenant": { "name": "blue" }
+            }
+        }))
+        .unwrap();
+        swl.metadata.labels =
+            Some([("argocd.argoproj.io/instance".to_owned(), "x".to_owned())].into());
+        swl
+    }
+
+    #[test]
+    fn hash_changes_with_template_and_container_only() {
+        let a = workload();
+        let mut b = workload();
+        b.spec.replicas = 9;
+        assert_eq!(template_hash(&a), template_hash(&b));
+        assert_eq!(template_hash(&a).len(), 10);
+        b.spec.container.image = "web:2".into();
+        assert_ne!(template_hash(&a), template_hash(&b));
+        let mut c = workload();
+        c.spec.template.spec.resources.vcpus = 2;
+        assert_ne!(template_hash(&a), template_hash(&c));
+    }
+
+    #[test]
+    fn replica_carries_template_labels_owner_and_tenant_but_not_workload_labels() {
+        let swl = workload();
+        let vm = replica(&swl, "abc", "web-abc-0".into());
+        assert_eq!(vm.namespace().as_deref(), Some("prod"));
+        let labels = vm.labels();
+        assert_eq!(labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(labels.get(HASH_LABEL).map(String::as_str), Some("abc"));
+        assert!(!labels.contains_key("argocd.argoproj.io/instance"));
+        let owner = &vm.owner_references()[0];
+        assert_eq!(
+            (
+                owner.uid.as_str(),
+                owner.controller,
+                owner.block_owner_deletion
+            ),
+            ("u-1", Some(true), Some(true))
+        );
+        assert_eq!(
+            vm.spec.tenant.as_ref().map(|t| t.name.as_str()),
+            Some("blue")
+        );
+        assert!(vm.annotations()[CONTAINER_ANNOTATION].contains("web:1"));
+        assert!(owned_by(&vm, &swl));
+    }
+
+    #[test]
+    fn free_names_fill_gaps() {
+        let swl = workload();
+        let taken = ["web-h-0", "web-h-2"];
+        assert_eq!(free_names(&swl, "h", &taken, 2), ["web-h-1", "web-h-3"]);
+    }
+
+    #[test]
+    fn selector_strings() {
+        let sel = LabelSelector {
+            match_labels: [("app".to_owned(), "web".to_owned())].into(),
+            match_expressions: vec![
+                LabelSelectorRequirement {
+                    key: "tier".into(),
+                    operator: SelectorOperator::In,
+                    values: vec!["a".into(), "b".into()],
+                },
+                LabelSelectorRequirement {
+                    key: "canary".into(),
+                    operator: SelectorOperator::DoesNotExist,
+                    values: vec![],
+                },
+            ],
+        };
+        assert_eq!(selector_string(&sel), "app=web,tier in (a,b),!canary");
+    }
+}
