@@ -1,0 +1,388 @@
+//! Admission of objects before they are stored: metadata rules, and for
+//! custom resources pruning of unknown fields, schema defaulting, structural
+//! validation and CEL `x-kubernetes-validations`, in kube-apiserver's order
+//! (decode and prune, default, validate schema, then CEL with `oldSelf`).
+//!
+//! Errors come back as 422 `Invalid` with one cause per field, worded like
+//! apimachinery's field errors. This module changes only the object it is
+//! given; it never stores anything.
+
+use kube::core::cel::{Validator as CelValidator, apply_defaults};
+use serde_json::{Map, Value};
+
+use crate::registry::{ResourceType, Schema};
+use crate::status::{ApiError, Cause, render_value};
+
+/// What to do with unknown fields (`fieldValidation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FieldValidation {
+    /// Drop them silently.
+    Ignore,
+    /// Drop them and warn.
+    Warn,
+    /// Refuse the request.
+    Strict,
+}
+
+impl FieldValidation {
+    /// Parses the query parameter; unset means `Warn`, as in kube-apiserver.
+    pub fn parse(v: Option<&str>) -> Result<Self, ApiError> {
+        match v {
+            None | Some("") | Some("Warn") => Ok(Self::Warn),
+            Some("Ignore") => Ok(Self::Ignore),
+            Some("Strict") => Ok(Self::Strict),
+            Some(other) => Err(ApiError::BadRequest(format!(
+                "fieldValidation {other:?} is invalid: valid values are Ignore, Warn, Strict"
+            ))),
+        }
+    }
+}
+
+fn invalid(rt: &ResourceType, obj: &Value, causes: Vec<Cause>) -> ApiError {
+    ApiError::Invalid {
+        kind: rt.kind.clone(),
+        group: rt.group.clone(),
+        name: obj["metadata"]["name"].as_str().unwrap_or_default().into(),
+        causes,
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+fn is_label_value(s: &str) -> bool {
+    s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && (s.is_empty()
+            || (s.as_bytes()[0].is_ascii_alphanumeric()
+                && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric()))
+}
+
+fn is_qualified_name(s: &str) -> bool {
+    let (prefix, name) = match s.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    prefix.is_none_or(is_dns_subdomain) && !name.is_empty() && is_label_value(name)
+}
+
+/// Checks the metadata every kind shares: name, labels, annotations' type.
+pub fn validate_metadata(rt: &ResourceType, obj: &Value) -> Result<(), ApiError> {
+    let meta = &obj["metadata"];
+    let mut causes = Vec::new();
+    let name = meta["name"].as_str().unwrap_or_default();
+    let name_ok = if rt.kind == "Namespace" {
+        is_dns_label(name)
+    } else {
+        is_dns_subdomain(name)
+    };
+    if name.is_empty() {
+        causes.push(Cause {
+            reason: "FieldValueRequired".into(),
+            field: "metadata.name".into(),
+            message: "Required value: name or generateName is required".into(),
+        });
+    } else if !name_ok {
+        causes.push(Cause::invalid(
+            "metadata.name",
+            &meta["name"],
+            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
+        ));
+    }
+    for (field, check_values) in [("labels", true), ("annotations", false)] {
+        match &meta[field] {
+            Value::Null => {}
+            Value::Object(map) => {
+                for (k, v) in map {
+                    if !is_qualified_name(k) {
+                        causes.push(Cause::invalid(
+                            format!("metadata.{field}"),
+                            &Value::String(k.clone()),
+                            "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
+                        ));
+                    }
+                    match v.as_str() {
+                        Some(s) if check_values && !is_label_value(s) => {
+                            causes.push(Cause::invalid(
+                                format!("metadata.{field}"),
+                                v,
+                                "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
+                            ));
+                        }
+                        Some(_) => {}
+                        None => causes.push(Cause::invalid(
+                            format!("metadata.{field}.{k}"),
+                            v,
+                            "must be a string",
+                        )),
+                    }
+                }
+            }
+            other => causes.push(Cause::invalid(
+                format!("metadata.{field}"),
+                other,
+                "must be a map of strings",
+            )),
+        }
+    }
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(invalid(rt, obj, causes))
+    }
+}
+
+/// Removes fields the schema does not declare; returns their dotted paths.
+pub fn prune(schema: &Value, obj: &mut Value) -> Vec<String> {
+    let mut unknown = Vec::new();
+    if let Some(map) = obj.as_object_mut() {
+        let mut root = schema.clone();
+        if let Some(props) = root.get_mut("properties").and_then(Value::as_object_mut) {
+            for k in ["apiVersion", "kind"] {
+                props.insert(k.into(), serde_json::json!({"type": "string"}));
+            }
+            props.insert(
+                "metadata".into(),
+                serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+            );
+        }
+        prune_map(&root, map, "", &mut unknown);
+    }
+    unknown
+}
+
+fn prune_value(schema: &Value, v: &mut Value, path: &str, unknown: &mut Vec<String>) {
+    match v {
+        Value::Object(map) => prune_map(schema, map, path, unknown),
+        Value::Array(items) => {
+            if let Some(item_schema) = schema.get("items") {
+                for (i, item) in items.iter_mut().enumerate() {
+                    prune_value(item_schema, item, &format!("{path}[{i}]"), unknown);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn prune_map(schema: &Value, map: &mut Map<String, Value>, path: &str, unknown: &mut Vec<String>) {
+    let preserve = schema["x-kubernetes-preserve-unknown-fields"] == Value::Bool(true);
+    let embedded = schema["x-kubernetes-embedded-resource"] == Value::Bool(true);
+    if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+        let keys: Vec<String> = map.keys().cloned().collect();
+        for k in keys {
+            let child_path = if path.is_empty() {
+                k.clone()
+            } else {
+                format!("{path}.{k}")
+            };
+            match props.get(&k) {
+                Some(s) => {
+                    if let Some(v) = map.get_mut(&k) {
+                        prune_value(s, v, &child_path, unknown);
+                    }
+                }
+                None if preserve
+                    || (embedded && ["apiVersion", "kind", "metadata"].contains(&k.as_str())) => {}
+                None => {
+                    map.remove(&k);
+                    unknown.push(child_path);
+                }
+            }
+        }
+    } else if let Some(add) = schema.get("additionalProperties").filter(|a| a.is_object()) {
+        for (k, v) in map.iter_mut() {
+            prune_value(add, v, &format!("{path}.{k}"), unknown);
+        }
+    } else if !preserve && schema.get("type") == Some(&Value::String("object".into())) {
+        // An object with neither properties nor additionalProperties keeps nothing.
+        let keys: Vec<String> = map.keys().cloned().collect();
+        for k in keys {
+            map.remove(&k);
+            unknown.push(if path.is_empty() {
+                k
+            } else {
+                format!("{path}.{k}")
+            });
+        }
+    }
+}
+
+/// The schema node at a dotted path (`spec.disks[0].size`).
+fn schema_at<'a>(schema: &'a Value, path: &str) -> Option<&'a Value> {
+    let mut cur = schema;
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (name, rest) = part.split_once('[').unwrap_or((part, ""));
+        if !name.is_empty() {
+            cur = cur
+                .get("properties")
+                .and_then(|p| p.get(name))
+                .or_else(|| cur.get("additionalProperties"))?;
+        }
+        for _ in rest.matches(']') {
+            cur = cur
+                .get("items")
+                .or_else(|| cur.get("additionalProperties"))?;
+        }
+    }
+    Some(cur)
+}
+
+fn dotted(pointer: &str) -> String {
+    let mut out = String::new();
+    for seg in pointer.split('/').filter(|s| !s.is_empty()) {
+        if seg.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(&format!("[{seg}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(&seg.replace("~1", "/").replace("~0", "~"));
+        }
+    }
+    out
+}
+
+fn schema_causes(schema: &Schema, obj: &Value) -> Vec<Cause> {
+    use jsonschema::error::ValidationErrorKind as K;
+    schema
+        .validator
+        .iter_errors(obj)
+        .map(|e| {
+            let field = dotted(e.instance_path().as_str());
+            match e.kind() {
+                K::Required { property } => Cause {
+                    reason: "FieldValueRequired".into(),
+                    field: format!(
+                        "{field}{}{}",
+                        if field.is_empty() { "" } else { "." },
+                        property.as_str().unwrap_or_default()
+                    ),
+                    message: "Required value".into(),
+                },
+                K::Enum { options } => Cause {
+                    reason: "FieldValueNotSupported".into(),
+                    message: format!(
+                        "Unsupported value: {}: supported values: {}",
+                        render_value(e.instance()),
+                        options
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(render_value)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    field,
+                },
+                _ => Cause {
+                    reason: "FieldValueInvalid".into(),
+                    message: format!("Invalid value: {}: {}", render_value(e.instance()), e),
+                    field,
+                },
+            }
+        })
+        .collect()
+}
+
+/// Prunes, defaults and validates a custom resource. `old` is the stored
+/// object on updates (for CEL transition rules). Returns the unknown fields
+/// that were pruned, for warnings.
+pub fn admit_custom(
+    rt: &ResourceType,
+    cel: &CelValidator,
+    obj: &mut Value,
+    old: Option<&Value>,
+    fv: FieldValidation,
+) -> Result<Vec<String>, ApiError> {
+    let Some(schema) = rt.schema.as_ref() else {
+        return Ok(Vec::new());
+    };
+    let unknown = prune(&schema.structural, obj);
+    if fv == FieldValidation::Strict && !unknown.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "{} in version {:?} cannot be handled as a {}: strict decoding error: {}",
+            rt.kind,
+            rt.version,
+            rt.kind,
+            unknown
+                .iter()
+                .map(|u| format!("unknown field {u:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let meta = obj["metadata"].take();
+    let mut defaulted = apply_defaults(&schema.structural, obj);
+    defaulted["metadata"] = meta;
+    *obj = defaulted;
+    let mut causes = schema_causes(schema, obj);
+    if causes.is_empty()
+        && let Err(errors) = cel.validate_compiled(&schema.cel, obj, old)
+    {
+        for e in errors.iter() {
+            let ty = schema_at(&schema.structural, &e.field_path)
+                .and_then(|s| s["type"].as_str())
+                .unwrap_or("object");
+            let ty = Value::String(ty.into());
+            let reason = e
+                .reason
+                .clone()
+                .unwrap_or_else(|| "FieldValueInvalid".into());
+            let message = match reason.as_str() {
+                "FieldValueRequired" => format!("Required value: {}", e.message),
+                "FieldValueForbidden" => format!("Forbidden: {}", e.message),
+                "FieldValueDuplicate" => format!("Duplicate value: {}", render_value(&ty)),
+                _ => format!("Invalid value: {}: {}", render_value(&ty), e.message),
+            };
+            causes.push(Cause {
+                reason,
+                field: e.field_path.clone(),
+                message,
+            });
+        }
+    }
+    if causes.is_empty() {
+        Ok(unknown)
+    } else {
+        Err(invalid(rt, obj, causes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn prunes_unknown_fields_but_keeps_preserved_ones() {
+        let schema = json!({"type": "object", "properties": {
+            "spec": {"type": "object", "properties": {"a": {"type": "string"},
+              "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}}});
+        let mut obj = json!({"apiVersion": "g/v", "kind": "K", "metadata": {"name": "x", "labels": {"a": "b"}},
+            "spec": {"a": "1", "b": 2, "free": {"z": 1}}, "extra": true});
+        let unknown = prune(&schema, &mut obj);
+        assert_eq!(unknown, vec!["extra".to_string(), "spec.b".to_string()]);
+        assert_eq!(obj["spec"], json!({"a": "1", "free": {"z": 1}}));
+        assert_eq!(obj["metadata"]["labels"]["a"], "b");
+    }
+
+    #[test]
+    fn names_and_labels() {
+        assert!(is_dns_subdomain("a.b-c"));
+        assert!(!is_dns_subdomain("A"));
+        assert!(is_qualified_name("runv.dev/node"));
+        assert!(!is_label_value("-x"));
+    }
+}

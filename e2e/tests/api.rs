@@ -1,0 +1,688 @@
+//! Conformance through kube-rs: CRUD with resourceVersion conflicts, status
+//! subresource isolation, generation, watch semantics, selectors,
+//! pagination, server-side apply, defaulting and pruning.
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use common::{Env, bounded, code, create_microvm, rv};
+use futures::{StreamExt, TryStreamExt};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, WatchEvent,
+    WatchParams,
+};
+use kube::runtime::watcher;
+use runv_e2e::Options;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crud_with_resource_versions_and_conflicts() -> Result<()> {
+    bounded(async {
+        let env = Env::start(true).await?;
+        let api = env.microvms();
+        let created = create_microvm(&api, "a").await?;
+        ensure!(created.metadata.uid.is_some() && created.metadata.generation == Some(1));
+        ensure!(created.metadata.creation_timestamp.is_some());
+        let err = create_microvm(&api, "a")
+            .await
+            .expect_err("duplicate create");
+        ensure!(
+            err.downcast_ref::<kube::Error>().and_then(code) == Some(409),
+            "{err}"
+        );
+        let got = api.get("a").await?;
+        ensure!(rv(&got) == rv(&created));
+        let mut changed = got.clone();
+        changed.data["spec"]["resources"]["vcpus"] = json!(2);
+        let updated = api.replace("a", &PostParams::default(), &changed).await?;
+        ensure!(rv(&updated).parse::<u64>()? > rv(&got).parse::<u64>()?);
+        ensure!(updated.metadata.generation == Some(2));
+        // The stale version is refused.
+        let err = api
+            .replace("a", &PostParams::default(), &changed)
+            .await
+            .expect_err("stale update");
+        ensure!(code(&err) == Some(409), "{err}");
+        // Custom resources need a resourceVersion on update.
+        let mut unversioned = updated.clone();
+        unversioned.metadata.resource_version = None;
+        let err = api
+            .replace("a", &PostParams::default(), &unversioned)
+            .await
+            .expect_err("unversioned update");
+        ensure!(code(&err) == Some(422), "{err}");
+        let list = api.list(&ListParams::default()).await?;
+        ensure!(list.items.len() == 1 && list.metadata.resource_version.is_some());
+        let err = api.get("missing").await.expect_err("missing");
+        ensure!(code(&err) == Some(404), "{err}");
+        let deleted = api.delete("a", &DeleteParams::default()).await?;
+        ensure!(deleted.is_right(), "immediate delete returns a Status");
+        ensure!(code(&api.get("a").await.expect_err("gone")) == Some(404));
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_subresource_is_isolated_both_ways() -> Result<()> {
+    bounded(async {
+        let env = Env::start(true).await?;
+        let api = env.microvms();
+        let mut obj: DynamicObject = serde_json::from_value(common::microvm("s"))?;
+        obj.data["status"] = json!({"phase": "Running"});
+        let created = api.create(&PostParams::default(), &obj).await?;
+        ensure!(
+            created.data.get("status").is_none(),
+            "create kept status: {:?}",
+            created.data
+        );
+        let after = api
+            .patch_status(
+                "s",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({
+            "spec": {"resources": {"vcpus": 9}}, "status": {"phase": "Running"}})),
+            )
+            .await?;
+        ensure!(after.data["status"]["phase"] == "Running");
+        ensure!(
+            after.data["spec"]["resources"]["vcpus"] == 1,
+            "status write changed spec"
+        );
+        ensure!(
+            after.metadata.generation == Some(1),
+            "status write bumped generation"
+        );
+        let after = api
+            .patch(
+                "s",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({
+            "spec": {"resources": {"vcpus": 2}}, "status": {"phase": "Failed"}})),
+            )
+            .await?;
+        ensure!(
+            after.data["status"]["phase"] == "Running",
+            "main write changed status"
+        );
+        ensure!(after.metadata.generation == Some(2));
+        // Metadata-only changes keep the generation.
+        let after = api
+            .patch(
+                "s",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"metadata": {"labels": {"a": "b"}}})),
+            )
+            .await?;
+        ensure!(after.metadata.generation == Some(2));
+        let status = api.get_status("s").await?;
+        ensure!(status.data["status"]["phase"] == "Running");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_resumes_from_a_resource_version_without_gaps_or_duplicates() -> Result<()> {
+    bounded(async {
+        let env = Env::start(true).await?;
+        let api = env.microvms();
+        let first = create_microvm(&api, "w0").await?;
+        let mut expected = Vec::new();
+        for i in 1..20 {
+            let o = create_microvm(&api, &format!("w{i}")).await?;
+            expected.push((o.metadata.name.clone().unwrap_or_default(), rv(&o)));
+        }
+        let stream = api.watch(&WatchParams::default().timeout(5), &rv(&first)).await?;
+        let events: Vec<_> = stream.take(19).try_collect().await?;
+        let seen: Vec<(String, String)> = events
+            .iter()
+            .map(|e| match e {
+                WatchEvent::Added(o) => Ok((o.metadata.name.clone().unwrap_or_default(), rv(o))),
+                other => Err(anyhow::anyhow!("unexpected event {other:?}")),
+            })
+            .collect::<Result<_>>()?;
+        ensure!(seen == expected, "watch from {}: {seen:?}", rv(&first));
+        // Modifications and deletions follow, in order.
+        let last = expected.last().map(|e| e.1.clone()).unwrap_or_default();
+        api.patch("w3", &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"labels": {"x": "y"}}}))).await?;
+        api.delete("w4", &DeleteParams::default()).await?;
+        let stream = api.watch(&WatchParams::default().timeout(5), &last).await?;
+        let events: Vec<_> = stream.take(2).try_collect().await?;
+        ensure!(matches!(&events[0], WatchEvent::Modified(o) if o.metadata.name.as_deref() == Some("w3")), "{events:?}");
+        ensure!(matches!(&events[1], WatchEvent::Deleted(o) if o.metadata.name.as_deref() == Some("w4")), "{events:?}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_gone_bookmarks_timeout_and_initial_state() -> Result<()> {
+    bounded(async {
+        let opts = Options {
+            history: 5,
+            bookmark_interval: Duration::from_millis(200),
+            ..Options::default()
+        };
+        let env = Env::with(opts, true).await?;
+        let api = env.microvms();
+        let first = create_microvm(&api, "g0").await?;
+        for i in 1..10 {
+            create_microvm(&api, &format!("g{i}")).await?;
+        }
+        // Compacted: one ERROR event with 410 Expired.
+        let mut stream = api
+            .watch(&WatchParams::default().timeout(5), &rv(&first))
+            .await?
+            .boxed();
+        match stream.try_next().await? {
+            Some(WatchEvent::Error(e)) => ensure!(e.code == 410 && e.reason == "Expired", "{e:?}"),
+            other => anyhow::bail!("expected 410, got {other:?}"),
+        }
+        // No version: the current objects as ADDED first.
+        let mut stream = api
+            .watch(&WatchParams::default().timeout(2), "0")
+            .await?
+            .boxed();
+        let mut added = 0;
+        while let Some(WatchEvent::Added(_)) = stream.try_next().await? {
+            added += 1;
+            if added == 10 {
+                break;
+            }
+        }
+        ensure!(added == 10);
+        // Bookmarks arrive, and the stream ends at timeoutSeconds.
+        let list = api.list(&ListParams::default()).await?;
+        let latest = list.metadata.resource_version.unwrap_or_default();
+        let start = std::time::Instant::now();
+        let events: Vec<_> = api
+            .watch(&WatchParams::default().timeout(1), &latest)
+            .await?
+            .try_collect()
+            .await?;
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "timeoutSeconds ignored"
+        );
+        ensure!(
+            events.iter().any(|e| matches!(e, WatchEvent::Bookmark(_))),
+            "{events:?}"
+        );
+        // kube-runtime's watcher (list + watch) sees later changes.
+        let w = watcher(api.clone(), watcher::Config::default().labels("pick=me"));
+        let api2 = api.clone();
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            api2.patch(
+                "g7",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"metadata": {"labels": {"pick": "me"}}})),
+            )
+            .await
+        });
+        let mut w = w.boxed();
+        let name = loop {
+            match w.try_next().await? {
+                Some(watcher::Event::Apply(o)) | Some(watcher::Event::InitApply(o)) => {
+                    break o.metadata.name.unwrap_or_default();
+                }
+                Some(_) => continue,
+                None => anyhow::bail!("watcher ended"),
+            }
+        };
+        writer.await??;
+        ensure!(name == "g7");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn selectors_and_pagination() -> Result<()> {
+    bounded(async {
+        let env = Env::start(true).await?;
+        let api = env.microvms();
+        for i in 0..7 {
+            let mut vm = common::microvm(&format!("p{i}"));
+            vm["metadata"]["labels"] = json!({"parity": if i % 2 == 0 { "even" } else { "odd" }});
+            api.create(&PostParams::default(), &serde_json::from_value(vm)?)
+                .await?;
+        }
+        api.patch_status(
+            "p3",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"status": {"nodeName": "n1"}})),
+        )
+        .await?;
+        let names = |l: kube::core::ObjectList<DynamicObject>| {
+            l.items
+                .into_iter()
+                .filter_map(|o| o.metadata.name)
+                .collect::<Vec<_>>()
+        };
+        ensure!(
+            names(
+                api.list(&ListParams::default().labels("parity=odd"))
+                    .await?
+            ) == ["p1", "p3", "p5"]
+        );
+        ensure!(
+            names(
+                api.list(&ListParams::default().labels("parity in (even),parity!=odd"))
+                    .await?
+            )
+            .len()
+                == 4
+        );
+        ensure!(
+            names(
+                api.list(&ListParams::default().fields("metadata.name=p2"))
+                    .await?
+            ) == ["p2"]
+        );
+        ensure!(
+            names(
+                api.list(&ListParams::default().fields("status.nodeName=n1"))
+                    .await?
+            ) == ["p3"]
+        );
+        let err = api
+            .list(&ListParams::default().fields("spec.powerState=Running"))
+            .await
+            .expect_err("unselectable field");
+        ensure!(code(&err) == Some(400), "{err}");
+        // Pages of 3 cover all 7 once, at one resourceVersion.
+        let mut all = Vec::new();
+        let mut token: Option<String> = None;
+        let mut versions = Vec::new();
+        for _ in 0..5 {
+            let mut lp = ListParams::default().limit(3);
+            if let Some(t) = &token {
+                lp = lp.continue_token(t);
+            }
+            let page = api.list(&lp).await?;
+            versions.push(page.metadata.resource_version.clone());
+            token = page.metadata.continue_.clone().filter(|t| !t.is_empty());
+            all.extend(names(page));
+            if token.is_none() {
+                break;
+            }
+            // A write between pages does not show in the snapshot.
+            create_microvm(&api, &format!("late{}", all.len())).await?;
+        }
+        ensure!(all == ["p0", "p1", "p2", "p3", "p4", "p5", "p6"], "{all:?}");
+        ensure!(versions.windows(2).all(|w| w[0] == w[1]), "{versions:?}");
+        let err = api
+            .list(&ListParams::default().limit(1).continue_token("999:1"))
+            .await
+            .expect_err("bad token");
+        ensure!(code(&err) == Some(410), "{err}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_side_apply_with_managed_fields_conflicts_and_force() -> Result<()> {
+    bounded(async {
+        let env = Env::start(true).await?;
+        let api = env.microvms();
+        let cfg = common::microvm("ssa");
+        let a = api.patch("ssa", &PatchParams::apply("alice"), &Patch::Apply(&cfg)).await?;
+        let managers: Vec<_> = a.metadata.managed_fields.iter().flatten().map(|m| (m.manager.clone(), m.operation.clone())).collect();
+        ensure!(managers == [(Some("alice".into()), Some("Apply".into()))], "{managers:?}");
+        let again = api.patch("ssa", &PatchParams::apply("alice"), &Patch::Apply(&cfg)).await?;
+        ensure!(rv(&again) == rv(&a), "identical apply wrote");
+        let mut bob = json!({"apiVersion": "runv.dev/v1alpha1", "kind": "MicroVM", "metadata": {"name": "ssa"},
+            "spec": {"resources": {"vcpus": 4}}});
+        let err = api.patch("ssa", &PatchParams::apply("bob"), &Patch::Apply(&bob)).await.expect_err("conflict");
+        ensure!(code(&err) == Some(409), "{err}");
+        ensure!(err.to_string().contains("alice") && err.to_string().contains(".spec.resources.vcpus"), "{err}");
+        let forced = api.patch("ssa", &PatchParams::apply("bob").force(), &Patch::Apply(&bob)).await?;
+        ensure!(forced.data["spec"]["resources"]["vcpus"] == 4);
+        ensure!(forced.data["spec"]["resources"]["memory"] == "64Mi", "alice's field lost");
+        // Bob stops applying a field he owns alone: it goes (and the default comes back).
+        bob["spec"] = json!({"runPolicy": "Always"});
+        let dropped = api.patch("ssa", &PatchParams::apply("bob"), &Patch::Apply(&bob)).await?;
+        ensure!(dropped.data["spec"]["resources"]["vcpus"] == 1, "{:?}", dropped.data["spec"]);
+        // Controllers write status with apply on the status subresource.
+        let status = json!({"apiVersion": "runv.dev/v1alpha1", "kind": "MicroVM", "metadata": {"name": "ssa"},
+            "status": {"phase": "Running", "observedGeneration": 1}});
+        let s = api.patch_status("ssa", &PatchParams::apply("runv-operator").force(), &Patch::Apply(&status)).await?;
+        ensure!(s.data["status"]["phase"] == "Running");
+        let entry = s.metadata.managed_fields.iter().flatten().find(|m| m.manager.as_deref() == Some("runv-operator")).context("operator entry")?;
+        ensure!(entry.subresource.as_deref() == Some("status"));
+        // Apply creates, and needs a field manager.
+        let err = api.patch("new", &PatchParams::default(), &Patch::Apply(&common::microvm("new"))).await.expect_err("no manager");
+        ensure!(code(&err) == Some(422), "{err}");
+        api.patch("new", &PatchParams::apply("alice"), &Patch::Apply(&common::microvm("new"))).await?;
+        // JSON patch and a failing test operation.
+        let p: json_patch::Patch = serde_json::from_value(json!([{"op": "replace", "path": "/spec/runPolicy", "value": "Manual"}]))?;
+        let j = api.patch("new", &PatchParams::default(), &Patch::<()>::Json(p)).await?;
+        ensure!(j.data["spec"]["runPolicy"] == "Manual");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn defaults_and_pruning_of_custom_resources() -> Result<()> {
+    bounded(async {
+        let env = Env::start(true).await?;
+        let api = env.microvms();
+        let mut vm = common::microvm("d");
+        vm["spec"]["unknownField"] = json!(true);
+        vm["spec"]["resources"] = json!({"vcpus": 2});
+        let o = api
+            .create(&PostParams::default(), &serde_json::from_value(vm)?)
+            .await?;
+        ensure!(o.data["spec"].get("unknownField").is_none(), "not pruned");
+        ensure!(
+            o.data["spec"]["resources"]["memory"] == "128Mi",
+            "not defaulted: {:?}",
+            o.data["spec"]
+        );
+        ensure!(o.data["spec"]["powerState"] == "Running");
+        let err = api
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(
+                    json!({"apiVersion": "runv.dev/v1alpha1", "kind": "MicroVM",
+                "metadata": {"name": "nokernel"}, "spec": {"boot": {}}}),
+                )?,
+            )
+            .await
+            .expect_err("missing required field");
+        ensure!(
+            code(&err) == Some(422) && err.to_string().contains("spec.boot.kernel"),
+            "{err}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_are_status_errors() -> Result<()> {
+    bounded(async {
+        let env = Env::start(true).await?;
+        let http = |method: &str, path: &str, ct: &str, accept: &str, body: &str| {
+            http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("content-type", ct)
+                .header("accept", accept)
+                .body(body.as_bytes().to_vec())
+        };
+        let client = env.client();
+        for (method, path, ct, accept, want) in [
+            (
+                "GET",
+                "/apis/nope.dev/v1/things",
+                "application/json",
+                "application/json",
+                404,
+            ),
+            ("GET", "/api/v1/namespaces/default/configmaps/x?watch=true", "application/json", "application/json", 501),
+            ("GET", "/api/v1/watch/namespaces/default/configmaps", "application/json", "application/json", 404),
+            (
+                "POST",
+                "/api/v1/namespaces/default/configmaps/x",
+                "application/json",
+                "application/json",
+                405,
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/default/configmaps",
+                "application/json",
+                "application/vnd.kubernetes.protobuf",
+                406,
+            ),
+            (
+                "POST",
+                "/api/v1/namespaces/default/configmaps",
+                "application/vnd.kubernetes.protobuf",
+                "application/json",
+                415,
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/default/configmaps?fieldSelector=data.x%3D1",
+                "application/json",
+                "application/json",
+                400,
+            ),
+        ] {
+            let req = http(method, path, ct, accept, "{}")?;
+            let res = client.send(req.map(Into::into)).await?;
+            ensure!(
+                res.status().as_u16() == want,
+                "{method} {path}: {}",
+                res.status()
+            );
+            let body =
+                axum::body::to_bytes(axum::body::Body::new(res.into_body()), 1 << 20).await?;
+            let status: serde_json::Value = serde_json::from_slice(&body)?;
+            ensure!(
+                status["kind"] == "Status" && status["code"] == want,
+                "{status}"
+            );
+        }
+        // Malformed objects are refused with 4xx, and the server keeps serving.
+        for (method, path, ct, body) in [
+            ("POST", "/api/v1/namespaces", "application/json", r#"{"metadata":{"name":"x","labels":"oops"}}"#),
+            ("POST", "/api/v1/namespaces", "application/json", r#"{"metadata":{"name":"y"},"spec":7}"#),
+            ("POST", "/api/v1/namespaces/default/secrets", "application/json", r#"{"metadata":{"name":"s"},"data":"x","stringData":{"a":"b"}}"#),
+            ("POST", "/api/v1/namespaces/default/configmaps", "application/json", r#"{"metadata":"x"}"#),
+            ("POST", "/api/v1/namespaces/default/configmaps", "application/json", r#"[1,2]"#),
+            ("POST", "/api/v1/namespaces/default/configmaps", "application/vnd.kubernetes.protobuf", "k8s\u{0}\u{a}\u{ff}"),
+            ("PATCH", "/api/v1/namespaces/default", "application/json-patch+json", r#"[{"op":"replace","path":"/metadata","value":3}]"#),
+            ("PATCH", "/api/v1/namespaces/default", "application/apply-patch+yaml", "{{{"),
+            ("PATCH", "/apis/runv.dev/v1alpha1/namespaces/default/microvms/none", "application/merge-patch+json", "{}"),
+            ("POST", "/apis/runv.dev/v1alpha1/namespaces/default/microvms", "application/json", r#"{"apiVersion":"runv.dev/v1alpha1","kind":"MicroVM","metadata":{"name":"m"},"spec":"x"}"#),
+        ] {
+            let req = http(method, path, ct, "application/json", body)?;
+            let res = client.send(req.map(Into::into)).await?;
+            let c = res.status().as_u16();
+            ensure!((400..500).contains(&c), "{method} {path} {body}: {c}");
+        }
+        let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+        let err = nss
+            .patch_status("default", &PatchParams::default(), &Patch::Merge(&json!({"status": "weird"})))
+            .await
+            .expect_err("status must be an object");
+        ensure!(code(&err) == Some(400), "{err}");
+        ensure!(nss.list(&ListParams::default()).await?.items.len() == 4);
+        // Creating in a missing namespace.
+        let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), "nowhere");
+        let err = cms
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": "x"}}))?,
+            )
+            .await
+            .expect_err("no namespace");
+        ensure!(
+            code(&err) == Some(404) && err.to_string().contains("namespaces \"nowhere\" not found"),
+            "{err}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn discovery_in_both_forms() -> Result<()> {
+    bounded(async {
+        let env = Env::start(true).await?;
+        // kube-rs walks the per group-version lists.
+        let discovery = kube::discovery::Discovery::new(env.client()).run().await?;
+        let group = discovery.get("runv.dev").context("runv.dev not discovered")?;
+        let (swl, caps) = group
+            .recommended_resources()
+            .into_iter()
+            .find(|(r, _)| r.kind == "SecureWorkload")
+            .context("no SecureWorkload")?;
+        ensure!(swl.plural == "secureworkloads" && caps.scope == kube::discovery::Scope::Namespaced);
+        ensure!(caps.subresources.iter().any(|(s, _)| s.plural == "scale" && s.kind == "Scale"), "{caps:?}");
+        ensure!(discovery.get("coordination.k8s.io").is_some() && discovery.get("events.k8s.io").is_some());
+        // Binaries find the server through the kubeconfig, as with KUBECONFIG.
+        let kc = kube::config::Kubeconfig::read_from(env.server.kubeconfig_path())?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+        ensure!(config.default_namespace == "default");
+        let via_file = kube::Client::try_from(config)?;
+        let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(via_file);
+        ensure!(nss.list(&ListParams::default()).await?.items.len() == 4);
+        // kubectl asks for aggregated discovery first.
+        let req = http::Request::builder()
+            .uri("/apis")
+            .header("accept", "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json")
+            .body(Vec::new())?;
+        let res = env.client().send(req.map(Into::into)).await?;
+        let ct = res.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+        ensure!(ct.contains("as=APIGroupDiscoveryList"), "{ct}");
+        let body = axum::body::to_bytes(axum::body::Body::new(res.into_body()), 1 << 20).await?;
+        let list: serde_json::Value = serde_json::from_slice(&body)?;
+        let runv = list["items"].as_array().into_iter().flatten().find(|g| g["metadata"]["name"] == "runv.dev").context("runv.dev group")?;
+        let mvm = &runv["versions"][0]["resources"].as_array().into_iter().flatten().find(|r| r["resource"] == "microvms").cloned().context("microvms")?;
+        ensure!(mvm["shortNames"] == json!(["mvm"]) && mvm["subresources"][0]["subresource"] == "status", "{mvm}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scale_and_status_replace_through_kube() -> Result<()> {
+    bounded(async {
+        let env = Env::start(true).await?;
+        let swl_yaml =
+            std::fs::read_to_string(common::repo().join("examples/secureworkload.yaml"))?;
+        let doc: serde_json::Value = serde_yaml_ng::from_str(&swl_yaml)?;
+        let name = doc["metadata"]["name"]
+            .as_str()
+            .context("example name")?
+            .to_string();
+        let api = env.workloads();
+        api.create(&PostParams::default(), &serde_json::from_value(doc)?)
+            .await?;
+        let scale = api.get_scale(&name).await?;
+        let before = scale
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .context("spec.replicas")?;
+        let scale = api
+            .patch_scale(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"replicas": before + 2}})),
+            )
+            .await?;
+        ensure!(scale.spec.and_then(|s| s.replicas) == Some(before + 2));
+        let mut s = api.get_scale(&name).await?;
+        s.spec = Some(k8s_openapi::api::autoscaling::v1::ScaleSpec { replicas: Some(1) });
+        api.replace_scale(&name, &PostParams::default(), &s).await?;
+        // A stale Scale is refused like any stale write.
+        let err = api
+            .replace_scale(&name, &PostParams::default(), &s)
+            .await
+            .expect_err("stale scale");
+        ensure!(code(&err) == Some(409), "{err}");
+        let obj = api.get(&name).await?;
+        ensure!(
+            obj.data["spec"]["replicas"] == 1 && obj.metadata.generation == Some(3),
+            "{:?}",
+            obj.metadata.generation
+        );
+        // PUT /status replaces only status.
+        let mut st = obj.clone();
+        st.data["status"] = json!({"replicas": 1, "readyReplicas": 1, "observedGeneration": 3});
+        st.data["spec"]["replicas"] = json!(7);
+        let after = api
+            .replace_status(&name, &PostParams::default(), &st)
+            .await?;
+        ensure!(
+            after.data["status"]["readyReplicas"] == 1 && after.data["spec"]["replicas"] == 1,
+            "{:?}",
+            after.data
+        );
+        ensure!(api.get_scale(&name).await?.status.map(|s| s.replicas) == Some(1));
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_selectors_and_streaming_lists() -> Result<()> {
+    bounded(async {
+        let env = Env::start(true).await?;
+        let api = env.microvms();
+        create_microvm(&api, "x").await?;
+        create_microvm(&api, "y").await?;
+        let list = api.list(&ListParams::default()).await?;
+        let from = list.metadata.resource_version.unwrap_or_default();
+        // An object entering and leaving the selection shows as ADDED then DELETED.
+        api.patch(
+            "x",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {"sel": "on"}}})),
+        )
+        .await?;
+        api.patch(
+            "x",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {"sel": "off"}}})),
+        )
+        .await?;
+        api.patch(
+            "y",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {"other": "1"}}})),
+        )
+        .await?;
+        let stream = api
+            .watch(&WatchParams::default().labels("sel=on").timeout(1), &from)
+            .await?;
+        let events: Vec<_> = stream.try_collect().await?;
+        let kinds: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                WatchEvent::Added(o) if o.metadata.name.as_deref() == Some("x") => Some("ADDED"),
+                WatchEvent::Deleted(o) if o.metadata.name.as_deref() == Some("x") => {
+                    Some("DELETED")
+                }
+                WatchEvent::Bookmark(_) => None,
+                _ => Some("other"),
+            })
+            .collect();
+        ensure!(kinds == ["ADDED", "DELETED"], "{events:?}");
+        // Streaming lists: the current objects, then the initial-events-end bookmark.
+        let stream = api
+            .watch(&WatchParams::streaming_lists().timeout(2), "")
+            .await?;
+        let events: Vec<_> = stream.take(3).try_collect().await?;
+        ensure!(
+            matches!(&events[0], WatchEvent::Added(_))
+                && matches!(&events[1], WatchEvent::Added(_)),
+            "{events:?}"
+        );
+        match &events[2] {
+            WatchEvent::Bookmark(b) => ensure!(
+                b.metadata
+                    .annotations
+                    .get("k8s.io/initial-events-end")
+                    .map(String::as_str)
+                    == Some("true"),
+                "{:?}",
+                b.metadata.annotations
+            ),
+            other => anyhow::bail!("expected the initial-events-end bookmark, got {other:?}"),
+        }
+        Ok(())
+    })
+    .await
+}
