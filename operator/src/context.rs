@@ -2,7 +2,7 @@
 //! the event recorder, metrics and settings.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
@@ -43,13 +43,28 @@ impl Default for Config {
     }
 }
 
-/// Placements written but maybe not yet seen in the cache, keyed by MicroVM uid.
-/// Held under a lock for the whole decide-and-write step, so two reconciles can
-/// never place against the same free capacity.
+/// How long a placement is assumed without the cache confirming it. A write
+/// whose outcome is unknown (a dropped connection, an unreadable response) may
+/// or may not have happened; after this long without the cache showing the VM
+/// bound, it is taken as not having happened and the VM is placed again.
+pub const ASSUME_TTL: Duration = Duration::from_secs(30);
+
+/// Placements written (or being written) but maybe not yet seen in the cache,
+/// keyed by MicroVM uid. Held under a lock for the whole decide-and-write step,
+/// so two reconciles can never place against the same free capacity.
 #[derive(Debug, Default)]
 pub struct Assumed {
-    /// uid → what was bound.
-    pub bindings: HashMap<String, Bound>,
+    /// uid → what was bound, and when.
+    pub bindings: HashMap<String, (Bound, Instant)>,
+}
+
+impl Assumed {
+    /// Whether `uid` has a placement that has not expired.
+    pub fn holds(&self, uid: &str) -> bool {
+        self.bindings
+            .get(uid)
+            .is_some_and(|(_, at)| at.elapsed() < ASSUME_TTL)
+    }
 }
 
 /// Shared state of the controllers.

@@ -341,13 +341,22 @@ async fn reconcile_inner(vm: &MicroVM, ctx: &Context) -> Result<Action, Reconcil
 
 /// Binds an unbound VM: to its pinned node, or to the placer's choice.
 async fn place(vm: &MicroVM, ctx: &Context, now: Timestamp) -> Result<Action, ReconcileError> {
-    let uid = vm.uid().ok_or(ReconcileError::Incomplete("uid"))?;
-    let req = request(vm)?;
     let mut assumed = ctx.placer.lock().await;
-    if assumed.bindings.contains_key(&uid) {
+    // The lock may have been contended: decide on the cache as it is now, not on
+    // the copy this reconcile started with, which another reconcile may have bound.
+    let Some(vm) = ctx.microvms.get(&ObjectRef::from_obj(vm)) else {
+        return Ok(Action::await_change());
+    };
+    let vm = vm.as_ref();
+    if bound_node(vm).is_some() || vm.metadata.deletion_timestamp.is_some() || !wants_to_run(vm) {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    let uid = vm.uid().ok_or(ReconcileError::Incomplete("uid"))?;
+    if assumed.holds(&uid) {
         // Bound a moment ago; the cache has not caught up yet.
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
+    let req = request(vm)?;
 
     let outcome = match &vm.spec.node_name {
         Some(pinned) => Ok((pinned.clone(), true)),
@@ -379,15 +388,23 @@ async fn place(vm: &MicroVM, ctx: &Context, now: Timestamp) -> Result<Action, Re
                         }
                     }
                     None => {
-                        if let Some(b) = assumed.bindings.get(&other_uid) {
-                            used.push(b.clone());
+                        if assumed.holds(&other_uid) {
+                            if let Some((b, _)) = assumed.bindings.get(&other_uid) {
+                                used.push(b.clone());
+                            }
+                        } else {
+                            assumed.bindings.remove(&other_uid);
                         }
                     }
                 }
                 seen.insert(other_uid);
             }
             assumed.bindings.retain(|uid, _| seen.contains(uid));
-            placement::place(&req, &infos, &used).map(|n| (n, false))
+            let decision = placement::place(&req, &infos, &used).map(|n| (n, false));
+            if let Ok((node, _)) = &decision {
+                tracing::debug!(microvm = %vm.name_any(), %node, bound = used.len(), "placing");
+            }
+            decision
         }
     };
 
@@ -397,10 +414,21 @@ async fn place(vm: &MicroVM, ctx: &Context, now: Timestamp) -> Result<Action, Re
                 node: node.clone(),
                 pinned,
             };
+            // Assume first: a write whose answer is lost may still have happened.
+            assumed
+                .bindings
+                .insert(uid.clone(), (bound(vm, &node), std::time::Instant::now()));
             if let Some(s) = status.to_apply(vm, now) {
-                apply_status(vm, s, ctx).await?;
+                match apply_status(vm, s, ctx).await {
+                    Ok(()) => {}
+                    Err(e @ ReconcileError::Api(kube::Error::Api(_))) => {
+                        // The API refused it: nothing was bound.
+                        assumed.bindings.remove(&uid);
+                        return Err(e);
+                    }
+                    Err(e) => return Err(e),
+                }
             }
-            assumed.bindings.insert(uid, bound(vm, &node));
             drop(assumed);
             ctx.metrics.placement(true);
             let note = if pinned {

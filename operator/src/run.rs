@@ -61,15 +61,30 @@ pub async fn run(
     .applied_objects()
     .for_each(|_| future::ready(()));
 
-    let (trigger_tx, trigger_rx) = mpsc::channel::<ObjectRef<MicroVM>>(4096);
-    let vm_controller = Controller::new(
+    // One watch of MicroVMs feeds the cache and both controllers, without the
+    // managedFields no reconcile reads (they are most of an object's size).
+    let (vm_store, vm_writer) = reflector::store_shared::<MicroVM>(1024);
+    let (Some(for_vms), Some(for_workloads)) = (vm_writer.subscribe(), vm_writer.subscribe())
+    else {
+        tracing::error!("a shared store always has subscribers");
+        return;
+    };
+    let vm_watch = watcher(
         Api::<MicroVM>::all(client.clone()),
         watcher::Config::default(),
     )
-    .reconcile_on(futures::stream::unfold(trigger_rx, |mut rx| async move {
-        rx.recv().await.map(|r| (r, rx))
-    }))
-    .graceful_shutdown_on(shutdown.clone());
+    .default_backoff()
+    .modify(|vm| vm.managed_fields_mut().clear())
+    .reflect_shared(vm_writer)
+    .applied_objects()
+    .for_each(|_| future::ready(()));
+
+    let (trigger_tx, trigger_rx) = mpsc::channel::<ObjectRef<MicroVM>>(4096);
+    let vm_controller = Controller::for_shared_stream(for_vms, vm_store.clone())
+        .reconcile_on(futures::stream::unfold(trigger_rx, |mut rx| async move {
+            rx.recv().await.map(|r| (r, rx))
+        }))
+        .graceful_shutdown_on(shutdown.clone());
     let reporter = Reporter {
         controller: "runv.dev/operator".into(),
         instance: std::env::var("POD_NAME").ok(),
@@ -78,7 +93,7 @@ pub async fn run(
         client: client.clone(),
         nodes: nodes_store,
         leases: leases_store,
-        microvms: vm_controller.store(),
+        microvms: vm_store,
         placer: Mutex::new(Assumed::default()),
         recorder: Recorder::new(client.clone(), reporter),
         metrics,
@@ -101,10 +116,7 @@ pub async fn run(
         Api::<SecureWorkload>::all(client.clone()),
         watcher::Config::default(),
     )
-    .owns(
-        Api::<MicroVM>::all(client.clone()),
-        watcher::Config::default(),
-    )
+    .owns_shared_stream(for_workloads)
     .graceful_shutdown_on(shutdown.clone())
     .run(
         workload::reconcile,
@@ -122,6 +134,7 @@ pub async fn run(
     tokio::select! {
         _ = node_watch => tracing::error!("node watch ended"),
         _ = lease_watch => tracing::error!("lease watch ended"),
+        _ = vm_watch => tracing::error!("MicroVM watch ended"),
         _ = future::join(vms, workloads) => tracing::info!("controllers stopped"),
         _ = monitor => tracing::error!("node monitor ended"),
     }
@@ -131,8 +144,9 @@ pub async fn run(
 type Fingerprint = BTreeMap<String, (bool, bool, bool, u64, u64, usize)>;
 
 /// Every two seconds: fence nodes whose agent is gone past the grace period,
-/// unfence recovered ones, update the queue depth, and retry pending MicroVMs
-/// when node state or used capacity changed.
+/// unfence recovered ones, update the queue depth, and when node state or used
+/// capacity changed, reconcile the pending MicroVMs and those bound to the nodes
+/// that changed.
 async fn monitor(
     ctx: Arc<Context>,
     trigger: mpsc::Sender<ObjectRef<MicroVM>>,
@@ -186,7 +200,16 @@ async fn monitor(
             .placement_queue_depth
             .set(i64::try_from(pending.len()).unwrap_or(i64::MAX));
         if fp != last {
-            for vm in pending {
+            // Nodes whose readiness, fencing or capacity changed, or that came or went.
+            let changed: Vec<&String> = fp
+                .keys()
+                .chain(last.keys())
+                .filter(|n| fp.get(*n) != last.get(*n))
+                .collect();
+            let on_changed = vms.iter().filter(|vm| {
+                microvm::bound_node(vm).is_some_and(|n| changed.iter().any(|c| c.as_str() == n))
+            });
+            for vm in pending.into_iter().chain(on_changed) {
                 // A full channel means a retry is queued already.
                 let _ = trigger.try_send(ObjectRef::from_obj(vm.as_ref()));
             }

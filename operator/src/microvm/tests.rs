@@ -158,6 +158,21 @@ async fn a_vm_bound_a_moment_ago_is_not_placed_twice() {
 }
 
 #[tokio::test]
+async fn a_stale_copy_is_not_placed_when_the_cache_shows_it_bound() {
+    // The reconcile started with an unbound copy, and waited for the placement
+    // lock while another reconcile bound the VM and the cache caught up.
+    let stale = vm("a").build();
+    let bound_now = vm("a").bound("n1", Phase::Scheduled).build();
+    let (api, ctx) = context(
+        vec![node("n1", 4, "2Gi")],
+        vec![lease("n1", 1)],
+        vec![bound_now],
+    );
+    reconcile(Arc::new(stale), ctx).await.unwrap();
+    assert!(api.calls().is_empty(), "{:?}", api.calls());
+}
+
+#[tokio::test]
 async fn pinned_vm_is_bound_to_its_node() {
     let a = vm("a").pinned("edge-1").build();
     let (api, ctx) = context(vec![], vec![], vec![a.clone()]);
@@ -318,6 +333,35 @@ async fn api_errors_surface_with_a_metric_reason() {
         .await
         .unwrap_err();
     assert_eq!(err.metric_reason(), "ApiStatus");
-    // A failed write leaves no assumed binding behind.
+    // A refused write leaves no assumed binding behind.
     assert!(ctx.placer.lock().await.bindings.is_empty());
+}
+
+#[tokio::test]
+async fn a_write_with_an_unreadable_answer_is_assumed_to_have_happened() {
+    // The API applies the status but answers with something that is not a MicroVM.
+    let api = MockApi::with(Arc::new(|r: &crate::testing::Recorded| {
+        if r.is_event() {
+            (http::StatusCode::OK, serde_json::json!({}))
+        } else {
+            (
+                http::StatusCode::OK,
+                serde_json::json!({ "kind": "MicroVM", "garbage": true }),
+            )
+        }
+    }));
+    let a = vm("a").size(1, "1Gi").build();
+    let b = vm("b").size(1, "1Gi").build();
+    let ctx = context_on(
+        &api,
+        vec![node("n1", 4, "1Gi")],
+        vec![lease("n1", 1)],
+        vec![a.clone(), b.clone()],
+    );
+    assert!(reconcile(Arc::new(a), ctx.clone()).await.is_err());
+    assert!(ctx.placer.lock().await.holds("uid-a"));
+    // So b, which would fit only if a had not been placed, waits.
+    reconcile(Arc::new(b), ctx).await.unwrap_err();
+    let last = api.calls().into_iter().last().unwrap();
+    assert_eq!(last.body["status"]["phase"], "Pending");
 }

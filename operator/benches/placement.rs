@@ -1,0 +1,109 @@
+//! Operator benchmark: placements per second for 1,000 pending MicroVMs over 10
+//! nodes, and the operator's resident memory with 10,000 MicroVMs. Runs the real
+//! binary against the Kubernetes API test server; prints numbers, asserts nothing
+//! about time. `cargo bench -p runv-operator --bench placement`
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use common::{Cluster, eventually, microvm};
+use kube::api::{ListParams, PostParams};
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+async fn placements() -> Result<()> {
+    let names: Vec<String> = (0..10).map(|i| format!("node-{i}")).collect();
+    let nodes: Vec<(&str, u32, &str)> = names.iter().map(|n| (n.as_str(), 256, "64Gi")).collect();
+    let cluster = Cluster::start(&nodes, &["--leader-elect=false"]).await?;
+    let api = cluster.microvms();
+    // Create them all first, while the operator is scaled... it is running, so
+    // placement starts at once; time from the first create to the last binding.
+    let start = Instant::now();
+    for i in 0..1000u32 {
+        api.create(
+            &PostParams::default(),
+            &microvm(&format!("vm-{i:04}"), 1, "256Mi", "Once"),
+        )
+        .await?;
+    }
+    let created = start.elapsed();
+    eventually(Duration::from_secs(300), "1000 placements", || async {
+        let list = api.list(&ListParams::default()).await?;
+        let bound = list
+            .items
+            .iter()
+            .filter(|v| {
+                v.status
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_ref())
+                    .is_some()
+            })
+            .count();
+        Ok((bound == 1000).then_some(()))
+    })
+    .await?;
+    let total = start.elapsed();
+    println!(
+        "placement: 1000 MicroVMs over 10 nodes bound {:.2} s after the first create ({:.2} s to create them): {:.0} placements/s",
+        total.as_secs_f64(),
+        created.as_secs_f64(),
+        1000.0 / total.as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn memory() -> Result<()> {
+    let names: Vec<String> = (0..10).map(|i| format!("node-{i}")).collect();
+    let nodes: Vec<(&str, u32, &str)> = names.iter().map(|n| (n.as_str(), 2000, "1Ti")).collect();
+    let cluster = Cluster::start(&nodes, &["--leader-elect=false"]).await?;
+    let pid = cluster.operator_pid();
+    let idle = rss_kib(pid).unwrap_or(0);
+    let api = cluster.microvms();
+    for i in 0..10_000u32 {
+        api.create(
+            &PostParams::default(),
+            &microvm(&format!("vm-{i:05}"), 1, "64Mi", "Once"),
+        )
+        .await?;
+    }
+    eventually(Duration::from_secs(900), "10000 placements", || async {
+        let list = api.list(&ListParams::default()).await?;
+        let bound = list
+            .items
+            .iter()
+            .filter(|v| {
+                v.status
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_ref())
+                    .is_some()
+            })
+            .count();
+        Ok((bound == 10_000).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let loaded = rss_kib(pid).unwrap_or(0);
+    println!(
+        "operator RSS: {:.1} MiB idle, {:.1} MiB with 10000 MicroVMs placed ({:.1} KiB per MicroVM)",
+        idle as f64 / 1024.0,
+        loaded as f64 / 1024.0,
+        (loaded.saturating_sub(idle)) as f64 / 10_000.0
+    );
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    placements().await?;
+    memory().await?;
+    Ok(())
+}

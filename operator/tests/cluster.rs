@@ -1,0 +1,320 @@
+//! The real runv-operator binary against the Kubernetes API test server, with
+//! simulated node agents.
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use common::{Cluster, eventually, microvm, usage};
+use kube::api::{ListParams, PostParams};
+use runv_crds::conditions;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_microvms_over_ten_nodes_never_overcommit() -> Result<()> {
+    // 10 nodes x (160 vCPUs, 32Gi): room for every vCPU asked, not for all memory.
+    let names: Vec<String> = (0..10).map(|i| format!("node-{i}")).collect();
+    let nodes: Vec<(&str, u32, &str)> = names.iter().map(|n| (n.as_str(), 160, "32Gi")).collect();
+    let cluster = Cluster::start(&nodes, &["--leader-elect=true"]).await?;
+    let api = cluster.microvms();
+    for i in 0..1000u32 {
+        let memory = format!("{}Mi", 256 + (i % 3) * 128);
+        api.create(
+            &PostParams::default(),
+            &microvm(&format!("vm-{i:04}"), 1 + i % 2, &memory, "Once"),
+        )
+        .await?;
+    }
+    // Settled: every VM either bound or reported unschedulable.
+    let vms = eventually(
+        Duration::from_secs(180),
+        "every MicroVM to be decided",
+        || async {
+            let list = api.list(&ListParams::default()).await?.items;
+            let decided = list.iter().all(|vm| {
+                let s = vm.status.as_ref();
+                s.and_then(|s| s.node_name.as_ref()).is_some()
+                    || s.and_then(|s| conditions::find(&s.conditions, conditions::SCHEDULED))
+                        .is_some_and(|c| c.reason == "Unschedulable")
+            });
+            Ok(decided.then_some(list))
+        },
+    )
+    .await?;
+    assert_eq!(vms.len(), 1000);
+    let used = usage(&vms);
+    let placed: usize = vms
+        .iter()
+        .filter(|v| {
+            v.status
+                .as_ref()
+                .and_then(|s| s.node_name.as_ref())
+                .is_some()
+        })
+        .count();
+    for (node, (cpu, mem)) in &used {
+        assert!(*cpu <= 160, "{node} over-committed: {cpu} vCPUs");
+        assert!(*mem <= 32 << 30, "{node} over-committed: {mem} bytes");
+    }
+    // No VM was ever placed twice (each placement publishes a Scheduled Event).
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> =
+        kube::Api::all(cluster.client.clone());
+    let mut placements = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for e in events.list(&ListParams::default()).await? {
+        if e.reason.as_deref() == Some("Scheduled") {
+            let name = e.regarding.and_then(|r| r.name).unwrap_or_default();
+            placements
+                .entry(name)
+                .or_default()
+                .push(e.note.unwrap_or_default());
+        }
+    }
+    let twice: Vec<_> = placements
+        .iter()
+        .filter(|(_, notes)| notes.len() > 1)
+        .collect();
+    assert!(twice.is_empty(), "placed more than once: {twice:?}");
+    assert_eq!(placements.len(), placed);
+    // Demand is 375Gi for 320Gi: most are placed, the rest wait with a reason.
+    assert!(placed > 800 && placed < 1000, "placed {placed}");
+    assert_eq!(used.len(), 10, "every node used: {used:?}");
+    let waiting = vms
+        .iter()
+        .find(|v| {
+            v.status
+                .as_ref()
+                .and_then(|s| s.node_name.as_ref())
+                .is_none()
+        })
+        .unwrap();
+    let sched = conditions::find(
+        &waiting.status.as_ref().unwrap().conditions,
+        conditions::SCHEDULED,
+    )
+    .unwrap();
+    assert!(
+        sched.message.contains("have too little free memory"),
+        "{}",
+        sched.message
+    );
+    let metrics = cluster.metrics().await?;
+    assert!(
+        metrics.contains("runv_operator_placements_total{outcome=\"placed\"}"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+fn workload(replicas: i32, image: &str) -> runv_crds::SecureWorkload {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "runv.dev/v1alpha1",
+        "kind": "SecureWorkload",
+        "metadata": { "name": "web", "namespace": "default" },
+        "spec": {
+            "replicas": replicas,
+            "selector": { "matchLabels": { "app": "web" } },
+            "template": {
+                "metadata": { "labels": { "app": "web" } },
+                "spec": { "resources": { "vcpus": 1, "memory": "128Mi" }, "boot": { "kernel": "/k" }, "runPolicy": "Always" }
+            },
+            "container": { "image": image },
+            "strategy": { "type": "RollingUpdate", "rollingUpdate": { "maxSurge": 2, "maxUnavailable": 1 } }
+        }
+    }))
+    .expect("a valid SecureWorkload")
+}
+
+/// Owned replicas: (name, template hash, deleting).
+async fn replicas(api: &kube::Api<runv_crds::MicroVM>) -> Result<Vec<(String, String, bool)>> {
+    let list = api
+        .list(&ListParams::default().labels("runv.dev/secureworkload=web"))
+        .await?;
+    Ok(list
+        .items
+        .into_iter()
+        .map(|vm| {
+            let hash = vm
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("runv.dev/template-hash").cloned())
+                .unwrap_or_default();
+            (
+                vm.metadata.name.unwrap_or_default(),
+                hash,
+                vm.metadata.deletion_timestamp.is_some(),
+            )
+        })
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secureworkload_scales_rolls_and_cascades() -> Result<()> {
+    let nodes = [("a", 64, "16Gi"), ("b", 64, "16Gi"), ("c", 64, "16Gi")];
+    let cluster = Cluster::start(&nodes, &["--leader-elect=false"]).await?;
+    let swls: kube::Api<runv_crds::SecureWorkload> =
+        kube::Api::namespaced(cluster.client.clone(), "default");
+    let vms = cluster.microvms();
+    swls.create(&PostParams::default(), &workload(0, "web:1"))
+        .await?;
+    let long = Duration::from_secs(90);
+
+    // 0: a status with the selector, no replicas.
+    eventually(long, "status of an empty workload", || async {
+        let s = swls.get("web").await?.status;
+        Ok(s.filter(|s| s.selector.as_deref() == Some("app=web") && s.replicas == 0))
+    })
+    .await?;
+
+    // 0 -> 50 through the scale subresource, as `kubectl scale` does.
+    let scale = serde_json::json!({ "spec": { "replicas": 50 } });
+    swls.patch_scale(
+        "web",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&scale),
+    )
+    .await?;
+    eventually(long, "50 available replicas", || async {
+        let s = swls.get("web").await?.status.unwrap_or_default();
+        Ok((s.available_replicas == 50 && s.replicas == 50).then_some(()))
+    })
+    .await?;
+    let placed = vms.list(&ListParams::default()).await?.items;
+    let per_node = usage(&placed);
+    assert_eq!(
+        per_node.len(),
+        3,
+        "replicas spread over every node: {per_node:?}"
+    );
+    for (cpu, _) in per_node.values() {
+        assert!((16..=18).contains(cpu), "uneven spread: {per_node:?}");
+    }
+
+    // 50 -> 10.
+    swls.patch_scale(
+        "web",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&serde_json::json!({ "spec": { "replicas": 10 } })),
+    )
+    .await?;
+    eventually(long, "10 replicas", || async {
+        let live: Vec<_> = replicas(&vms).await?.into_iter().filter(|r| !r.2).collect();
+        Ok((live.len() == 10).then_some(()))
+    })
+    .await?;
+
+    // Rolling update to a new image: availability never below 10 - maxUnavailable.
+    let old_hash = replicas(&vms).await?[0].1.clone();
+    let patch = serde_json::json!({ "spec": { "container": { "image": "web:2" } } });
+    swls.patch(
+        "web",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await?;
+    let min_available = std::sync::atomic::AtomicI32::new(i32::MAX);
+    eventually(
+        Duration::from_secs(120),
+        "the rollout to complete",
+        || async {
+            let swl = swls.get("web").await?;
+            let s = swl.status.unwrap_or_default();
+            min_available.fetch_min(s.available_replicas, std::sync::atomic::Ordering::Relaxed);
+            let reps = replicas(&vms).await?;
+            let done = s.observed_generation == swl.metadata.generation
+                && s.updated_replicas == 10
+                && s.available_replicas == 10
+                && reps.iter().all(|r| r.1 != old_hash)
+                && conditions::find(&s.conditions, conditions::PROGRESSING)
+                    .is_some_and(|c| c.reason == "RolloutComplete");
+            Ok(done.then_some(()))
+        },
+    )
+    .await?;
+    let min_available = min_available.into_inner();
+    assert!(
+        min_available >= 9,
+        "availability dropped to {min_available} during the rollout"
+    );
+
+    // Deleting the workload deletes its replicas.
+    swls.delete("web", &kube::api::DeleteParams::background())
+        .await?;
+    eventually(long, "replicas to be garbage-collected", || async {
+        Ok(replicas(&vms).await?.is_empty().then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_node_marks_vms_unknown_then_fences_and_moves_always_vms() -> Result<()> {
+    let cluster = Cluster::start(
+        &[("n1", 8, "4Gi"), ("n2", 8, "4Gi")],
+        &["--leader-elect=false", "--fence-after-seconds=4"],
+    )
+    .await?;
+    let api = cluster.microvms();
+    // Fill n1 first by pinning nothing: place two VMs, note where each went.
+    api.create(
+        &PostParams::default(),
+        &microvm("always", 1, "1Gi", "Always"),
+    )
+    .await?;
+    api.create(&PostParams::default(), &microvm("once", 1, "1Gi", "Once"))
+        .await?;
+    let long = Duration::from_secs(60);
+    let bound = |name: &'static str| {
+        let api = api.clone();
+        async move {
+            eventually(long, "placement", || async {
+                let vm = api.get(name).await?;
+                Ok(vm.status.and_then(|s| s.node_name))
+            })
+            .await
+        }
+    };
+    let always_node = bound("always").await?;
+    let once_node = bound("once").await?;
+    // The agent of the node running "always" dies.
+    cluster.kill_agent(&always_node);
+    eventually(long, "the VM to turn Unknown", || async {
+        let vm = api.get("always").await?;
+        let s = vm.status.unwrap_or_default();
+        let ready = conditions::find(&s.conditions, conditions::READY);
+        Ok(ready
+            .filter(|c| c.status == "Unknown" && c.reason == "NodeLost")
+            .map(|_| ()))
+    })
+    .await?;
+    // After the fencing grace the node is tainted and the Always VM moves.
+    let moved_to = eventually(long, "the Always VM to move", || async {
+        let vm = api.get("always").await?;
+        Ok(vm
+            .status
+            .and_then(|s| s.node_name)
+            .filter(|n| *n != always_node))
+    })
+    .await?;
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(cluster.client.clone());
+    let fenced = nodes.get(&always_node).await?;
+    assert!(
+        fenced
+            .spec
+            .and_then(|s| s.taints)
+            .unwrap_or_default()
+            .iter()
+            .any(|t| t.key == "runv.dev/fenced"),
+        "node {always_node} is fenced"
+    );
+    assert_ne!(moved_to, always_node);
+    // A Once VM on the lost node stays there, Unknown.
+    if once_node == always_node {
+        let vm = api.get("once").await?;
+        assert_eq!(
+            vm.status.and_then(|s| s.node_name).as_deref(),
+            Some(always_node.as_str())
+        );
+    }
+    Ok(())
+}
