@@ -1,0 +1,377 @@
+//! The versioned VM configuration (`runv-vmm --config FILE`).
+//!
+//! Owns parsing and validation of the JSON document; it must not touch the
+//! filesystem beyond reading the file it is given (paths are checked by the VMM
+//! when it opens them).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::API_VERSION;
+
+/// Upper bound on vCPUs a config may ask for.
+pub const MAX_VCPUS: u8 = 32;
+/// Smallest guest memory accepted, in MiB.
+pub const MIN_MEMORY_MIB: u32 = 8;
+/// Largest guest memory accepted, in MiB (the VMM maps memory below 3 GiB only).
+pub const MAX_MEMORY_MIB: u32 = 3072;
+
+/// Errors from reading or validating a [`VmConfig`].
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("unsupported apiVersion {found:?}, expected {API_VERSION:?}")]
+    ApiVersion { found: String },
+    #[error("vcpus must be between 1 and {MAX_VCPUS}, got {0}")]
+    Vcpus(u8),
+    #[error("memoryMib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, got {0}")]
+    Memory(u32),
+    #[error("vsock guestCid must be at least 3, got {0}")]
+    GuestCid(u32),
+    #[error("invalid MAC address {0:?}")]
+    Mac(String),
+    #[error("invalid size {0:?} (expected e.g. 128M, 1G or a byte count)")]
+    Size(String),
+    #[error("{field} must not be empty")]
+    Empty { field: &'static str },
+}
+
+/// A complete description of one microVM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmConfig {
+    /// Always [`API_VERSION`].
+    pub api_version: String,
+    /// Kernel image: ELF vmlinux (PVH note or 64-bit entry) or bzImage.
+    pub kernel: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<NetConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
+    /// Attach a virtio-rng device fed from the host's getrandom.
+    #[serde(default)]
+    pub rng: bool,
+    #[serde(default)]
+    pub serial: SerialConfig,
+    /// Unix socket for the control protocol ([`crate::control`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_socket: Option<PathBuf>,
+    /// Where to write the [`crate::ExitRecord`]; defaults to next to the control socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_file: Option<PathBuf>,
+    /// Per-thread seccomp filters (on unless explicitly turned off).
+    #[serde(default = "default_true")]
+    pub seccomp: bool,
+    /// Which CPUID policy the vCPUs get.
+    #[serde(default)]
+    pub cpu_policy: CpuPolicy,
+}
+
+/// The CPUID policy (the VMM's docs list what each one hides).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum CpuPolicy {
+    /// `compat` on a shadow-paging KVM (`kvm_pvm`), `host` elsewhere.
+    #[default]
+    Auto,
+    /// Everything KVM supports, with topology normalised.
+    Host,
+    /// `host` minus the features a shadow-paging KVM cannot emulate.
+    Compat,
+}
+
+/// A virtio-blk device backed by a raw image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A virtio-net device backed by a host tap device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetConfig {
+    pub tap: String,
+    /// `aa:bb:cc:dd:ee:ff`; a locally administered address is derived if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// A virtio-vsock device whose host side is a unix socket (hybrid vsock).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VsockConfig {
+    pub guest_cid: u32,
+    pub uds_path: PathBuf,
+}
+
+/// Where the 8250 serial console goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "mode", deny_unknown_fields)]
+pub enum SerialConfig {
+    /// The VMM's standard output.
+    #[default]
+    Stdout,
+    /// Appended to a file.
+    File { path: PathBuf },
+    /// Streamed to clients of a unix socket the VMM listens on.
+    Socket { path: PathBuf },
+    /// Discarded.
+    Off,
+}
+
+fn default_vcpus() -> u8 {
+    1
+}
+fn default_memory_mib() -> u32 {
+    128
+}
+fn default_true() -> bool {
+    true
+}
+
+impl VmConfig {
+    /// A config with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            api_version: API_VERSION.to_owned(),
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: String::new(),
+            vcpus: default_vcpus(),
+            memory_mib: default_memory_mib(),
+            disks: Vec::new(),
+            net: Vec::new(),
+            vsock: None,
+            rng: false,
+            serial: SerialConfig::default(),
+            control_socket: None,
+            exit_file: None,
+            seccomp: true,
+            cpu_policy: CpuPolicy::Auto,
+        }
+    }
+
+    /// Parses and validates a JSON document.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = serde_json::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads, parses and validates a config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_json(&text)
+    }
+
+    /// Checks everything that can be checked without touching the host.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.api_version != API_VERSION {
+            return Err(ConfigError::ApiVersion {
+                found: self.api_version.clone(),
+            });
+        }
+        if self.kernel.as_os_str().is_empty() {
+            return Err(ConfigError::Empty { field: "kernel" });
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(ConfigError::Memory(self.memory_mib));
+        }
+        if let Some(v) = &self.vsock
+            && v.guest_cid < 3
+        {
+            return Err(ConfigError::GuestCid(v.guest_cid));
+        }
+        for n in &self.net {
+            if n.tap.is_empty() {
+                return Err(ConfigError::Empty { field: "net.tap" });
+            }
+            if let Some(mac) = &n.mac {
+                parse_mac(mac)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The exit file path: explicit, else `<control socket>.exit`, else none.
+    pub fn exit_file_path(&self) -> Option<PathBuf> {
+        self.exit_file.clone().or_else(|| {
+            self.control_socket.as_ref().map(|s| {
+                let mut p = s.clone().into_os_string();
+                p.push(".exit");
+                PathBuf::from(p)
+            })
+        })
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], ConfigError> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().ok_or_else(|| ConfigError::Mac(text.into()))?;
+        if part.len() != 2 {
+            return Err(ConfigError::Mac(text.into()));
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| ConfigError::Mac(text.into()))?;
+    }
+    if parts.next().is_some() {
+        return Err(ConfigError::Mac(text.into()));
+    }
+    Ok(mac)
+}
+
+/// Parses a size such as `128M`, `1G`, `64MiB` or a plain byte count into MiB.
+pub fn parse_size_mib(text: &str) -> Result<u32, ConfigError> {
+    let err = || ConfigError::Size(text.into());
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let mib = match unit.trim_end_matches("iB").trim_end_matches('B') {
+        "" => {
+            if !n.is_multiple_of(1 << 20) {
+                return Err(err());
+            }
+            n >> 20
+        }
+        "K" | "k" => {
+            if !n.is_multiple_of(1024) {
+                return Err(err());
+            }
+            n / 1024
+        }
+        "M" | "m" => n,
+        "G" | "g" => n.checked_mul(1024).ok_or_else(err)?,
+        _ => return Err(err()),
+    };
+    u32::try_from(mib).map_err(|_| err())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full() -> VmConfig {
+        let mut c = VmConfig::new("/k/vmlinux");
+        c.initrd = Some("/k/initrd".into());
+        c.cmdline = "console=ttyS0".into();
+        c.vcpus = 2;
+        c.memory_mib = 256;
+        c.disks.push(DiskConfig {
+            path: "/d/root.img".into(),
+            read_only: true,
+        });
+        c.net.push(NetConfig {
+            tap: "tap0".into(),
+            mac: Some("02:00:00:00:00:01".into()),
+        });
+        c.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: "/run/v.sock".into(),
+        });
+        c.rng = true;
+        c.serial = SerialConfig::File {
+            path: "/log/serial".into(),
+        };
+        c.control_socket = Some("/run/vm.sock".into());
+        c
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let c = full();
+        let text = serde_json::to_string_pretty(&c).unwrap();
+        assert!(text.contains("\"apiVersion\": \"runv.dev/vmm/v1alpha1\""));
+        assert!(text.contains("\"memoryMib\": 256"));
+        assert_eq!(VmConfig::from_json(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn minimal_document_gets_defaults() {
+        let c =
+            VmConfig::from_json(r#"{"apiVersion":"runv.dev/vmm/v1alpha1","kernel":"/k"}"#).unwrap();
+        assert_eq!(c.vcpus, 1);
+        assert_eq!(c.memory_mib, 128);
+        assert!(c.seccomp);
+        assert_eq!(c.serial, SerialConfig::Stdout);
+        assert_eq!(c.exit_file_path(), None);
+    }
+
+    #[test]
+    fn rejects_wrong_version_unknown_fields_and_bad_values() {
+        let e = VmConfig::from_json(r#"{"apiVersion":"v0","kernel":"/k"}"#).unwrap_err();
+        assert!(matches!(e, ConfigError::ApiVersion { .. }), "{e}");
+        let e =
+            VmConfig::from_json(r#"{"apiVersion":"runv.dev/vmm/v1alpha1","kernel":"/k","cpus":2}"#)
+                .unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+        let e = VmConfig::from_json(
+            r#"{"apiVersion":"runv.dev/vmm/v1alpha1","kernel":"/k","vcpus":0}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::Vcpus(0)));
+        let e = VmConfig::from_json(
+            r#"{"apiVersion":"runv.dev/vmm/v1alpha1","kernel":"/k","memoryMib":4}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::Memory(4)));
+        let mut c = full();
+        c.vsock.as_mut().unwrap().guest_cid = 2;
+        assert!(matches!(c.validate(), Err(ConfigError::GuestCid(2))));
+        let mut c = full();
+        c.net[0].mac = Some("02:00:00:00:00".into());
+        assert!(matches!(c.validate(), Err(ConfigError::Mac(_))));
+        assert!(VmConfig::from_json("{not json").is_err());
+    }
+
+    #[test]
+    fn exit_file_sits_next_to_the_control_socket() {
+        let c = full();
+        assert_eq!(c.exit_file_path(), Some(PathBuf::from("/run/vm.sock.exit")));
+    }
+
+    #[test]
+    fn sizes_and_macs_parse() {
+        assert_eq!(parse_size_mib("128M").unwrap(), 128);
+        assert_eq!(parse_size_mib("1G").unwrap(), 1024);
+        assert_eq!(parse_size_mib("64MiB").unwrap(), 64);
+        assert_eq!(parse_size_mib("2097152").unwrap(), 2);
+        assert!(parse_size_mib("12X").is_err());
+        assert!(parse_size_mib("1000").is_err());
+        assert!(parse_size_mib("").is_err());
+        assert_eq!(
+            parse_mac("02:0a:00:00:00:ff").unwrap(),
+            [2, 10, 0, 0, 0, 255]
+        );
+        assert!(parse_mac("02:0a:00:00:00:ff:01").is_err());
+        assert!(parse_mac("zz:0a:00:00:00:ff").is_err());
+    }
+}

@@ -1,0 +1,332 @@
+//! The VMM: builds one microVM from a [`VmConfig`] and runs it to its end.
+//!
+//! Owns the boot sequence in order (memory → kernel → initrd/cmdline → boot
+//! info → vCPU state → devices → threads) and the end of the process (exit
+//! record, exit file, exit code). The numbered steps match docs/vmm-boot.md.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use runv_vmm_api::config::parse_mac;
+use runv_vmm_api::{ExitReason, ExitRecord, VmConfig};
+
+use crate::boot::{self, EntryKind, acpi, cpu, cpuid, mptable, params};
+use crate::control::{self, Facts};
+use crate::counters::Counters;
+use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio::block::{Block, BlockCounters, BlockError, FileDisk};
+use crate::devices::virtio::io_thread::{self, Watched};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::{Net, NetCounters, Tap, TapError};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::{Vsock, VsockCounters, VsockError};
+use crate::devices::{Bus, i8042, lock, power, serial};
+use crate::kvm::{IrqchipMode, KvmError, Vm, hypervisor_name};
+use crate::memory::{Layout, MMIO_SLOT, MMIO_START};
+use crate::seccomp::{Filter, ThreadKind};
+use crate::state::Shared;
+use crate::vcpu::{self, Buses, SignalKicker};
+
+/// Errors while building the VM (before any guest code runs).
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Serial(#[from] serial::SerialError),
+    #[error(transparent)]
+    Bus(#[from] crate::devices::BusError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+    #[error("starting a vCPU thread: {0}")]
+    Thread(std::io::Error),
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error("config: {0}")]
+    Config(String),
+}
+
+/// The interrupt controller layout every VM gets (see docs/vmm-boot.md for the
+/// measurement behind it): in-kernel LAPICs, no in-kernel IOAPIC/PIC/PIT.
+pub const IRQCHIP: IrqchipMode = IrqchipMode::Split;
+
+/// Largest initrd address for kernels that do not say (boot protocol < 2.03).
+const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+
+/// A built VM whose vCPUs are running.
+#[derive(Debug)]
+pub struct Running {
+    pub shared: Arc<Shared>,
+    serial: Arc<Mutex<serial::SerialDevice>>,
+    // Kept alive for as long as vCPUs run: KVM maps this memory.
+    _mem: Arc<vm_memory::GuestMemoryMmap>,
+    _vm: Vm,
+}
+
+/// Builds the VM and starts its vCPU threads.
+pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
+    let hypervisor = hypervisor_name();
+    let shared_counters = Counters::default();
+    // 1. Guest memory.
+    let layout = Layout::new(cfg.memory_mib)?;
+    let mem = Arc::new(layout.allocate()?);
+    let vm = Vm::new(IRQCHIP)?;
+    vm.register_memory(&mem)?;
+
+    // 2. Kernel, 3. initrd and command line.
+    let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
+    let initrd = match &cfg.initrd {
+        Some(p) => {
+            let max = kernel
+                .setup_header
+                .map(|h| u64::from(h.initrd_addr_max))
+                .filter(|&m| m != 0)
+                .unwrap_or(DEFAULT_INITRD_ADDR_MAX);
+            Some(boot::load_initrd(&mem, &layout, p, max)?)
+        }
+        None => None,
+    };
+    // Device discovery on the command line (kernels with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+    let virtio = virtio_devices(cfg, &shared_counters)?;
+    let mut cmdline = cfg.cmdline.clone();
+    for (i, _) in virtio.iter().enumerate() {
+        let (addr, irq) = mmio_slot(i);
+        cmdline.push_str(&format!(" virtio_mmio.device=4K@{addr:#x}:{irq}"));
+    }
+    let cmdline_len = boot::write_cmdline(&mem, cmdline.trim_start())?;
+
+    // 4. Boot information and tables.
+    let e820 = layout.e820();
+    let acpi_devices: Vec<acpi::MmioDevice> = (0..virtio.len())
+        .map(|i| {
+            let (addr, irq) = mmio_slot(i);
+            acpi::MmioDevice {
+                addr,
+                len: MMIO_SLOT as u32,
+                irq,
+            }
+        })
+        .collect();
+    let rsdp = acpi::write(&mem, cfg.vcpus, &acpi_devices)?;
+    let boot_info = match kernel.kind {
+        EntryKind::Pvh => params::write_pvh_start_info(&mem, initrd, &e820, Some(rsdp))?,
+        EntryKind::Linux64 => params::write_zero_page(
+            &mem,
+            kernel.setup_header,
+            cmdline_len,
+            initrd,
+            &e820,
+            Some(rsdp),
+        )?,
+    };
+    cpu::write_tables(&mem, kernel.kind)?;
+    mptable::write(&mem, cfg.vcpus)?;
+
+    // 5. vCPUs: CPUID, MSRs, LAPIC, registers.
+    let policy = cpuid::resolve(cfg.cpu_policy, hypervisor);
+    let supported = vm.supported_cpuid()?;
+    let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+    for id in 0..cfg.vcpus {
+        let vcpu = vm.create_vcpu(id)?;
+        let mut entries = supported.as_slice().to_vec();
+        cpuid::apply(&mut entries, policy, id, cfg.vcpus);
+        let cpuid = kvm_bindings::CpuId::from_entries(&entries).map_err(KvmError::MsrList)?;
+        vcpu.set_cpuid(&cpuid)?;
+        let refused = vcpu.set_msrs(&cpu::boot_msrs())?;
+        if !refused.is_empty() && id == 0 {
+            eprintln!("runv-vmm: KVM refused boot MSRs {refused:x?}; continuing without them");
+        }
+        let mut lapic = vcpu.lapic()?;
+        cpu::set_lint_pins(&mut lapic.regs);
+        vcpu.set_lapic(&lapic)?;
+        if id == 0 {
+            vcpu.set_sregs(&cpu::boot_sregs(vcpu.sregs()?, kernel.kind))?;
+            vcpu.set_regs(&cpu::boot_regs(kernel.kind, kernel.entry, boot_info))?;
+            vcpu.set_fpu(&cpu::boot_fpu())?;
+        }
+        vcpus.push(vcpu);
+    }
+
+    // 6. Devices.
+    let shared = Arc::new(Shared::with_counters(vcpus.len(), shared_counters));
+    let sink = serial::SerialSink::open(
+        &cfg.serial,
+        shared.counters.get("serial_tx_bytes_total"),
+        shared.counters.get("serial_dropped_bytes_total"),
+    )?;
+    let serial = Arc::new(Mutex::new(serial::SerialDevice::new(sink)));
+    let mut pio = Bus::new();
+    pio.insert(serial::COM1_BASE, serial::COM1_LEN, serial.clone())?;
+    pio.insert(
+        i8042::I8042_BASE,
+        i8042::I8042_LEN,
+        Arc::new(Mutex::new(i8042::I8042)),
+    )?;
+    pio.insert(
+        power::SLEEP_CTL_PORT,
+        power::SLEEP_CTL_LEN,
+        Arc::new(Mutex::new(power::SleepControl::new(
+            shared.power_button.clone(),
+        ))),
+    )?;
+    pio.insert(power::PVPANIC_PORT, 1, Arc::new(Mutex::new(power::PvPanic)))?;
+    let mut mmio = Bus::new();
+    let mut watched = Vec::new();
+    for (i, dev) in virtio.into_iter().enumerate() {
+        let (addr, _) = mmio_slot(i);
+        let name = format!("virtio{i}");
+        let transport = MmioTransport::new(
+            dev,
+            mem.clone(),
+            shared.counters.get(&format!("{name}_notifications_total")),
+            shared.counters.get(&format!("{name}_faults_total")),
+        );
+        let host_fd = transport.host_fd();
+        let transport = Arc::new(Mutex::new(transport));
+        if let Some((fd, queue)) = host_fd {
+            watched.push(Watched {
+                fd,
+                queue,
+                transport: transport.clone(),
+            });
+        }
+        mmio.insert(addr, MMIO_SLOT, transport)?;
+    }
+    let buses = Buses { pio, mmio };
+
+    // 7. Control socket, then vCPU threads.
+    if let Some(path) = &cfg.control_socket {
+        control::start(
+            path,
+            shared.clone(),
+            Facts {
+                vcpus: cfg.vcpus,
+                memory_mib: cfg.memory_mib,
+                kernel: cfg.kernel.display().to_string(),
+                cmdline: cfg.cmdline.clone(),
+                hypervisor: hypervisor.into(),
+                memory: Some(mem.clone()),
+            },
+        )?;
+    }
+    let filter = if cfg.seccomp {
+        Some(Filter::for_thread(ThreadKind::Vcpu)?)
+    } else {
+        None
+    };
+    io_thread::spawn(watched, shared.clone()).map_err(VmmError::Thread)?;
+    vcpu::install_kick_handler().map_err(VmmError::Signal)?;
+    let kicker = Arc::new(SignalKicker::default());
+    shared.set_kicker(kicker.clone());
+    for v in vcpus {
+        let h = vcpu::spawn(v, buses.clone(), shared.clone(), filter.clone())
+            .map_err(VmmError::Thread)?;
+        kicker.add(&h);
+    }
+    Ok(Running {
+        shared,
+        serial,
+        _mem: mem,
+        _vm: vm,
+    })
+}
+
+impl Running {
+    /// Waits until the VM ends (or `stop` returns true between checks).
+    pub fn wait(&self, mut stop: impl FnMut() -> bool) -> ExitRecord {
+        loop {
+            if let Some(r) = self.shared.wait_exit(Duration::from_millis(50)) {
+                lock(&self.serial).flush();
+                return r;
+            }
+            if stop() {
+                self.shared
+                    .request_exit(ExitReason::Killed, "VMM received a termination signal");
+            }
+        }
+    }
+}
+
+/// Address and interrupt line of virtio-mmio slot `i`.
+pub fn mmio_slot(i: usize) -> (u64, u32) {
+    (
+        MMIO_START + i as u64 * MMIO_SLOT,
+        FIRST_VIRTIO_IRQ + i as u32,
+    )
+}
+
+/// First legacy interrupt line given to virtio-mmio devices.
+const FIRST_VIRTIO_IRQ: u32 = 5;
+
+/// The virtio devices `cfg` asks for, in slot order: disks, rng, net, vsock.
+fn virtio_devices(
+    cfg: &VmConfig,
+    counters: &Counters,
+) -> Result<Vec<Box<dyn VirtioDevice>>, VmmError> {
+    let mut out: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for (i, d) in cfg.disks.iter().enumerate() {
+        let disk = FileDisk::open(&d.path, d.read_only)?;
+        let c = BlockCounters {
+            read_bytes: counters.get(&format!("block{i}_read_bytes_total")),
+            write_bytes: counters.get(&format!("block{i}_write_bytes_total")),
+            requests: counters.get(&format!("block{i}_requests_total")),
+            errors: counters.get(&format!("block{i}_errors_total")),
+        };
+        out.push(Box::new(Block::new(Box::new(disk), d.read_only, c)));
+    }
+    if cfg.rng {
+        out.push(Box::new(Rng {
+            bytes: counters.get("rng_bytes_total"),
+        }));
+    }
+    for (i, n) in cfg.net.iter().enumerate() {
+        let mac = match &n.mac {
+            Some(m) => parse_mac(m).map_err(|e| VmmError::Config(e.to_string()))?,
+            None => [0x02, 0x72, 0x75, 0x6e, 0x76, i as u8],
+        };
+        let c = NetCounters {
+            rx_bytes: counters.get(&format!("net{i}_rx_bytes_total")),
+            tx_bytes: counters.get(&format!("net{i}_tx_bytes_total")),
+            dropped: counters.get(&format!("net{i}_dropped_frames_total")),
+        };
+        out.push(Box::new(Net::new(Box::new(Tap::open(&n.tap)?), mac, c)));
+    }
+    if let Some(v) = &cfg.vsock {
+        let c = VsockCounters {
+            rx_bytes: counters.get("vsock_rx_bytes_total"),
+            tx_bytes: counters.get("vsock_tx_bytes_total"),
+            connections: counters.get("vsock_connections_total"),
+            resets: counters.get("vsock_resets_total"),
+        };
+        out.push(Box::new(Vsock::new(
+            u64::from(v.guest_cid),
+            v.uds_path.clone(),
+            c,
+        )?));
+    }
+    Ok(out)
+}
+
+/// Writes the exit record as JSON (best effort: the stderr line is the fallback).
+pub fn write_exit_file(path: &Path, record: &ExitRecord) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(serde_json::to_string(record).unwrap_or_default().as_bytes())?;
+    f.write_all(b"\n")?;
+    drop(f);
+    std::fs::rename(tmp, path)
+}

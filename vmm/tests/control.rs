@@ -1,0 +1,143 @@
+//! The control socket of a running `runv-vmm`: ping, describe, pause/resume,
+//! counters, malformed requests, shutdown and kill.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Control, KillOnDrop, Scratch, read_exit_file, require_kvm, wait_output};
+use runv_vmm_api::{ExitReason, Request, Response, VmState};
+
+fn spawn_loop_guest(dir: &Scratch) -> KillOnDrop {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_runv-vmm"));
+    cmd.args([
+        "--kernel",
+        runv_vmm::TEST_GUEST_PVH,
+        "--cmdline",
+        "test=loop",
+        "--vcpus",
+        "2",
+    ])
+    .args(["--memory", "64M", "--serial", "off", "--control-socket"])
+    .arg(dir.path("vm.sock"))
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    KillOnDrop(Some(cmd.spawn().unwrap()))
+}
+
+fn wait_for_ticks(c: &mut Control, above: u64) -> u64 {
+    let start = Instant::now();
+    loop {
+        let n = c.counter("serial_tx_bytes_total");
+        if n > above {
+            return n;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "guest output stalled at {n}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn control_socket_drives_a_running_vm() {
+    let Some(hv) = require_kvm("control_socket_drives_a_running_vm") else {
+        return;
+    };
+    let dir = Scratch::new("ctl");
+    let child = spawn_loop_guest(&dir);
+    let mut c = Control::connect(&dir.path("vm.sock"));
+    assert_eq!(c.ask(Request::Ping), Response::Pong);
+    match c.ask(Request::Describe) {
+        Response::Described(d) => {
+            assert_eq!((d.vcpus, d.memory_mib, d.state), (2, 64, VmState::Running));
+            assert_eq!(d.hypervisor, hv);
+            assert_eq!(d.cmdline, "test=loop");
+            assert_eq!(d.pid, child.id());
+        }
+        r => panic!("{r:?}"),
+    }
+    // Malformed requests get an error and the VM keeps running.
+    assert!(matches!(
+        c.raw(b"{\"op\":\"explode\"}\n"),
+        Response::Error { .. }
+    ));
+    assert!(matches!(
+        c.raw(b"\x00\x01garbage\n"),
+        Response::Error { .. }
+    ));
+    assert_eq!(c.ask(Request::Ping), Response::Pong);
+    let n = wait_for_ticks(&mut c, 0);
+    wait_for_ticks(&mut c, n);
+
+    // Pause: the guest stops producing output.
+    assert_eq!(c.ask(Request::Pause), Response::Ok);
+    let paused_at = c.counter("serial_tx_bytes_total");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        c.counter("serial_tx_bytes_total"),
+        paused_at,
+        "guest ran while paused"
+    );
+    match c.ask(Request::Describe) {
+        Response::Described(d) => assert_eq!(d.state, VmState::Paused),
+        r => panic!("{r:?}"),
+    }
+    // Resume: output grows again.
+    assert_eq!(c.ask(Request::Resume), Response::Ok);
+    if c.try_raw(Request::Ping.encode().as_bytes()).is_none() {
+        let out = wait_output(child.take(), Duration::from_secs(10));
+        panic!(
+            "VMM went away after resume: {:?}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait_for_ticks(&mut c, paused_at);
+    assert!(c.counter("vcpu_exits_total") > 0);
+
+    assert_eq!(c.ask(Request::Kill), Response::Ok);
+    let out = wait_output(child.take(), Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(0));
+    let rec = read_exit_file(&dir.path("vm.sock.exit"));
+    assert_eq!(rec.reason, ExitReason::Killed);
+    assert!(!dir.path("vm.sock").exists(), "socket is removed at exit");
+}
+
+#[test]
+fn shutdown_asks_the_guest_which_powers_off() {
+    let Some(_) = require_kvm("shutdown_asks_the_guest_which_powers_off") else {
+        return;
+    };
+    let dir = Scratch::new("ctl-shutdown");
+    let child = spawn_loop_guest(&dir);
+    let mut c = Control::connect(&dir.path("vm.sock"));
+    wait_for_ticks(&mut c, 0);
+    assert_eq!(c.ask(Request::Shutdown), Response::Ok);
+    let out = wait_output(child.take(), Duration::from_secs(15));
+    assert_eq!(out.status.code(), Some(0));
+    let rec = read_exit_file(&dir.path("vm.sock.exit"));
+    assert_eq!(rec.reason, ExitReason::PowerOff, "{rec:?}");
+}
+
+#[test]
+fn sigterm_ends_the_vm_with_an_exit_file() {
+    let Some(_) = require_kvm("sigterm_ends_the_vm_with_an_exit_file") else {
+        return;
+    };
+    let dir = Scratch::new("ctl-term");
+    let child = spawn_loop_guest(&dir);
+    let mut c = Control::connect(&dir.path("vm.sock"));
+    wait_for_ticks(&mut c, 0);
+    // SAFETY: sending SIGTERM to the child we spawned.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = wait_output(child.take(), Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        read_exit_file(&dir.path("vm.sock.exit")).reason,
+        ExitReason::Killed
+    );
+}
