@@ -12,12 +12,11 @@ use anyhow::Result;
 use common::{Cluster, eventually, microvm};
 use kube::api::{ListParams, PostParams};
 
+/// Resident set of `pid` in KiB, from /proc/PID/statm (pages of 4 KiB).
 fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4)
 }
 
 async fn placements() -> Result<()> {
@@ -66,6 +65,17 @@ async fn memory() -> Result<()> {
     let nodes: Vec<(&str, u32, &str)> = names.iter().map(|n| (n.as_str(), 2000, "1Ti")).collect();
     let cluster = Cluster::start(&nodes, &["--leader-elect=false"]).await?;
     let pid = cluster.operator_pid();
+    // Idle: once its caches have synced (it answers /metrics) and it has settled.
+    eventually(Duration::from_secs(30), "the operator to serve", || async {
+        Ok(cluster
+            .metrics()
+            .await
+            .ok()
+            .filter(|m| m.contains("runv_operator"))
+            .map(|_| ()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = rss_kib(pid).unwrap_or(0);
     let api = cluster.microvms();
     for i in 0..10_000u32 {
