@@ -122,6 +122,20 @@ impl Metrics {
         }
     }
 
+    /// Runs one reconcile of `controller`, recording its duration and success.
+    pub async fn timed<T, E>(
+        &self,
+        controller: &'static str,
+        reconcile: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let timer = self.reconcile(controller);
+        let result = reconcile.await;
+        if result.is_ok() {
+            timer.success();
+        }
+        result
+    }
+
     /// Counts a failed reconcile.
     pub fn error(&self, controller: &'static str, reason: &str) {
         self.reconciles

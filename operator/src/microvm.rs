@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use runv_crds::conditions::{self as cond, Status, Update};
@@ -299,26 +299,15 @@ async fn publish(
     note: String,
     action: &str,
 ) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: action.into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &vm.object_ref(&())).await {
-        tracing::warn!(error = %e, "cannot publish event");
-    }
+    ctx.publish(&vm.object_ref(&()), type_, reason, note, action)
+        .await;
 }
 
 /// Reconciles one MicroVM.
 pub async fn reconcile(vm: Arc<MicroVM>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
-    let timer = ctx.metrics.reconcile(CONTROLLER);
-    let result = reconcile_inner(&vm, &ctx).await;
-    if result.is_ok() {
-        timer.success();
-    }
-    result
+    ctx.metrics
+        .timed(CONTROLLER, reconcile_inner(&vm, &ctx))
+        .await
 }
 
 async fn reconcile_inner(vm: &MicroVM, ctx: &Context) -> Result<Action, ReconcileError> {

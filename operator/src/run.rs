@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
@@ -273,13 +273,6 @@ async fn fence(ctx: &Context, node: &Node, lease: Option<&Lease>, now: Timestamp
     {
         Ok(_) => {
             tracing::warn!(node = %node.name_any(), "{note}");
-            let ev = Event {
-                type_: EventType::Warning,
-                reason: reason.into(),
-                note: Some(note),
-                action: "Fence".into(),
-                secondary: None,
-            };
             let reference = k8s_openapi::api::core::v1::ObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("Node".into()),
@@ -287,9 +280,8 @@ async fn fence(ctx: &Context, node: &Node, lease: Option<&Lease>, now: Timestamp
                 uid: node.uid(),
                 ..Default::default()
             };
-            if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
-                tracing::warn!(error = %e, "cannot publish event");
-            }
+            ctx.publish(&reference, EventType::Warning, reason, note, "Fence")
+                .await;
         }
         Err(e) => {
             tracing::warn!(node = %node.name_any(), error = %e, "cannot update fencing taint")

@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use runv_crds::conditions::{self as cond, Status, Update};
 use runv_crds::secureworkload::StrategyType;
@@ -86,12 +86,9 @@ pub async fn reconcile(
     swl: Arc<SecureWorkload>,
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
-    let timer = ctx.metrics.reconcile(CONTROLLER);
-    let result = reconcile_inner(&swl, &ctx).await;
-    if result.is_ok() {
-        timer.success();
-    }
-    result
+    ctx.metrics
+        .timed(CONTROLLER, reconcile_inner(&swl, &ctx))
+        .await
 }
 
 async fn reconcile_inner(swl: &SecureWorkload, ctx: &Context) -> Result<Action, ReconcileError> {
@@ -336,16 +333,8 @@ async fn publish(
     reason: &str,
     note: String,
 ) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &swl.object_ref(&())).await {
-        tracing::warn!(error = %e, "cannot publish event");
-    }
+    ctx.publish(&swl.object_ref(&()), type_, reason, note, "Reconcile")
+        .await;
 }
 
 #[cfg(test)]
