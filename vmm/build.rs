@@ -39,11 +39,18 @@ fn main() {
     let dir =
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("manifest dir")).join("guest");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    for f in ["entry.S", "guest.c", "guest.h", "virtio.c", "linker.ld"] {
+    for f in [
+        "entry.S",
+        "guest.c",
+        "guest.h",
+        "irq.c",
+        "virtio.c",
+        "linker.ld",
+    ] {
         println!("cargo:rerun-if-changed=guest/{f}");
     }
     println!("cargo:rerun-if-env-changed=RUNV_GUEST_CC");
-    let c_objs: Vec<PathBuf> = ["guest.c", "virtio.c"]
+    let c_objs: Vec<PathBuf> = ["guest.c", "irq.c", "virtio.c"]
         .iter()
         .map(|src| {
             let obj = out.join(format!("{src}.o"));

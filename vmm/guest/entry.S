@@ -27,9 +27,9 @@ pvh_start:
 	cli
 	movl	%ebx, %edi		/* keep start_info across the mode switch */
 	/*
-	 * Identity-map 0..16 MiB (image, stack, buffers) and the two device pages
+	 * Identity-map 0..16 MiB (image, stack, buffers) and the device
 	 * windows the guest uses (virtio-mmio at 0xd0000000, or 0xfeb00000 under
-	 * QEMU microvm, and the LAPIC at 0xfee00000) with
+	 * QEMU microvm, the IOAPIC at 0xfec00000 and the LAPIC at 0xfee00000) with
 	 * 2 MiB pages. Keep this short: kvm_pvm emulates every instruction here.
 	 */
 	movl	$pdpt + 3, pml4
@@ -44,6 +44,7 @@ pvh_start:
 	loop	1b
 	movl	$0xd0000083, pd_hi + 128 * 8
 	movl	$0xfea00083, pd_hi + 501 * 8	/* QEMU microvm's virtio-mmio window */
+	movl	$0xfec00083, pd_hi + 502 * 8	/* IOAPIC */
 	movl	$0xfee00083, pd_hi + 503 * 8
 	movl	%cr4, %eax
 	orl	$0x20, %eax		/* PAE */
@@ -95,6 +96,37 @@ ap_start64:
 3:	cli
 	hlt
 	jmp	3b
+
+/*
+ * Interrupt stubs: save the caller-saved registers (nine pushes keep the
+ * stack 16-byte aligned at the call), run the C handler, return.
+ */
+	.macro	IRQ_STUB name, handler
+	.globl	\name
+\name:
+	pushq	%rax
+	pushq	%rcx
+	pushq	%rdx
+	pushq	%rsi
+	pushq	%rdi
+	pushq	%r8
+	pushq	%r9
+	pushq	%r10
+	pushq	%r11
+	call	\handler
+	popq	%r11
+	popq	%r10
+	popq	%r9
+	popq	%r8
+	popq	%rdi
+	popq	%rsi
+	popq	%rdx
+	popq	%rcx
+	popq	%rax
+	iretq
+	.endm
+	IRQ_STUB irq_stub_dev, irq_dev
+	IRQ_STUB irq_stub_timer, irq_timer
 
 	.section .rodata
 	.p2align 3

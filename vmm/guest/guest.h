@@ -30,6 +30,15 @@ void cpuid(u32 leaf, u32 *a, u32 *b, u32 *c, u32 *d);
 void ap_main(void);
 void guest_main(int kind, u64 info);
 
+/* interrupts (irq.c) */
+void irq_setup(void);
+void irq_route(u32 pin, int level, u64 base);
+void irq_mask(u32 pin);
+int irq_wait(u32 seen);
+u32 irq_count(void);
+u32 irq_late(void);
+u32 irq_rte_seen(void);
+
 /* virtio tests (virtio.c) */
 void virtio_tests(const char *cmdline);
 void virtio_garbage(const char *cmdline);

@@ -1,7 +1,9 @@
 /*
  * runv test guest: virtio-mmio (version 2) drivers for the device steps.
  * Devices are found from `virtio_mmio.device=SIZE@ADDR:IRQ` on the command line,
- * as Linux finds them. Completion is polled (the used ring), not interrupt-driven.
+ * as Linux finds them. Completion is polled (the used ring), except for the
+ * virtio-rng step with `irq=edge|level`, which waits for the device's
+ * interrupt through the IOAPIC (irq.c).
  */
 #include "guest.h"
 
@@ -42,6 +44,7 @@ struct vring {
 #define MAX_QUEUES 3
 struct dev {
 	u64 base;
+	u32 irq;
 	u32 type, features;
 	struct vring *vr; /* queue 0 */
 	struct vring *q[MAX_QUEUES];
@@ -102,6 +105,9 @@ static void discover(const char *cmdline)
 			if (*q == '@') {
 				const char *e;
 				devs[ndevs].base = parse_hex(q + 1, &e);
+				if (*e == ':')
+					for (e++; *e >= '0' && *e <= '9'; e++)
+						devs[ndevs].irq = devs[ndevs].irq * 10 + (u32)(*e - '0');
 				ndevs++;
 				p = e;
 				continue;
@@ -302,6 +308,47 @@ static void rng_test(struct dev *d)
 	puts("\n");
 }
 
+/*
+ * virtio-rng, interrupt-driven: two requests, each awaited with hlt until the
+ * IOAPIC delivers the device's interrupt. With a level-triggered entry the
+ * second one only arrives if the EOI of the first cleared remote IRR. The
+ * interrupt count may exceed 2: an EOI that reaches the IOAPIC before the
+ * acknowledgement lowered the line re-delivers (as the 82093AA does).
+ */
+static void rng_irq_test(struct dev *d, int level)
+{
+	static u8 a[16];
+	irq_setup();
+	irq_route(d->irq, level, d->base);
+	u32 seen_irr = 0;
+	for (u32 n = 0; n < 2; n++) {
+		set_desc(d, 0, a, sizeof(a), F_WRITE);
+		d->vr->desc[0].flags = F_WRITE;
+		post(d, 0, 0);
+		if (!irq_wait(n))
+			fail("virtio-rng interrupt did not arrive");
+		if (level)
+			seen_irr |= (irq_rte_seen() >> 14) & 1;
+		u32 id, len;
+		if (*(volatile u16 *)&d->vr->used.idx == d->used_seen[0] || !wait_used(d, 0, &id, &len))
+			fail("virtio-rng interrupt without a used buffer");
+		if (len != sizeof(a))
+			fail("virtio-rng short read");
+	}
+	irq_mask(d->irq);
+	puts("runv-guest: virtio-rng irq ");
+	puts(level ? "level" : "edge");
+	puts(" pin=");
+	putdec(d->irq);
+	puts(" completions=2 remote_irr=");
+	putdec(seen_irr);
+	puts(" interrupts=");
+	putdec(irq_count());
+	puts(" late=");
+	putdec(irq_late());
+	puts("\n");
+}
+
 /* virtio-net: wait for the host's frame (ethertype 0x88b5), answer it. */
 #define NET_RX_BUFS 4
 static u8 net_rx[NET_RX_BUFS][2048];
@@ -375,6 +422,8 @@ static u8 vs_rx[VS_RX_BUFS][sizeof(struct vsock_hdr) + 4096];
 static u8 vs_tx[sizeof(struct vsock_hdr) + 256];
 static u8 vs_ev[8];
 
+static u32 vs_src = 1025, vs_dst = 1234;
+
 static void vsock_send(struct dev *d, u64 cid, u16 op, u32 flags, const char *data, u32 len, u32 fwd)
 {
 	struct vsock_hdr *h = (struct vsock_hdr *)vs_tx;
@@ -382,8 +431,8 @@ static void vsock_send(struct dev *d, u64 cid, u16 op, u32 flags, const char *da
 	memset(h, 0, sizeof(*h));
 	h->src_cid = cid;
 	h->dst_cid = 2;
-	h->src_port = 1025;
-	h->dst_port = 1234;
+	h->src_port = vs_src;
+	h->dst_port = vs_dst;
 	h->len = len;
 	h->type = 1;
 	h->op = op;
@@ -430,8 +479,54 @@ static void vsock_test(struct dev *d)
 	post(d, 2, 0);
 
 	u16 slot;
+	struct vsock_hdr *h;
+	int plen;
+	const char *listen = cmdline_get("vsock-listen", &plen);
+	if (listen) {
+		/* Wait for the host's REQUEST to our port, accept it, echo once. */
+		u32 port = 0;
+		for (int i = 0; i < plen && listen[i] >= '0' && listen[i] <= '9'; i++)
+			port = port * 10 + (u32)(listen[i] - '0');
+		h = 0;
+		for (int tries = 0; tries < 8 && !h; tries++) {
+			struct vsock_hdr *r = vsock_recv(d, &slot);
+			if (r->op == 1 && r->dst_port == port)
+				h = r;
+			else
+				post(d, 0, slot);
+		}
+		if (!h)
+			fail("vsock: no connection request from the host");
+		vs_src = port;
+		vs_dst = h->src_port;
+		post(d, 0, slot);
+		vsock_send(d, cid, 2 /* RESPONSE */, 0, "", 0, 0);
+		puts("runv-guest: virtio-vsock accepted host port ");
+		putdec(vs_dst);
+		puts("\n");
+		for (;;) {
+			h = vsock_recv(d, &slot);
+			if (h->op == 5)
+				break;
+			if (h->op == 3 || h->op == 4)
+				fail("vsock: host closed before sending");
+			post(d, 0, slot);
+		}
+		puts("runv-guest: virtio-vsock host said ");
+		u8 *p = (u8 *)h + sizeof(*h);
+		for (u32 i = 0; i < h->len && i < 64 && p[i] >= 32 && p[i] < 127; i++)
+			putc((char)p[i]);
+		puts("\n");
+		u32 got = h->len;
+		post(d, 0, slot);
+		static const char ans[] = "hello from the guest listener";
+		vsock_send(d, cid, 5 /* RW */, 0, ans, sizeof(ans) - 1, got);
+		vsock_send(d, cid, 4 /* SHUTDOWN */, 3, "", 0, got);
+		puts("runv-guest: virtio-vsock listen ok\n");
+		return;
+	}
 	vsock_send(d, cid, 1 /* REQUEST */, 0, "", 0, 0);
-	struct vsock_hdr *h = vsock_recv(d, &slot);
+	h = vsock_recv(d, &slot);
 	if (h->op != 2 /* RESPONSE */)
 		fail("vsock: connection refused by the host");
 	post(d, 0, slot);
@@ -481,7 +576,12 @@ void virtio_tests(const char *cmdline)
 				blk_test(d);
 			}
 		} else if (d->type == 4) {
-			rng_test(d);
+			int ilen;
+			const char *irq = cmdline_get("irq", &ilen);
+			if (irq)
+				rng_irq_test(d, str_eq(irq, ilen, "level"));
+			else
+				rng_test(d);
 		} else if (d->type == 1) {
 			net_test(d);
 		} else if (d->type == 19) {

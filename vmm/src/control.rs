@@ -15,6 +15,7 @@ use std::time::Duration;
 use runv_vmm_api::control::MAX_REQUEST_BYTES;
 use runv_vmm_api::{ExitReason, Request, Response, VmDescription};
 
+use crate::seccomp::{Filter, ThreadKind};
 use crate::state::Shared;
 
 /// Most clients served at once; more are refused with an error line.
@@ -169,8 +170,14 @@ fn serve(stream: UnixStream, shared: &Arc<Shared>, facts: &Facts) -> std::io::Re
     }
 }
 
-/// Binds `path` and serves it on a background thread.
-pub fn start(path: &Path, shared: Arc<Shared>, facts: Facts) -> Result<PathBuf, ControlError> {
+/// Binds `path` and serves it on a background thread, which installs
+/// `seccomp` first (its client threads inherit it).
+pub fn start(
+    path: &Path,
+    shared: Arc<Shared>,
+    facts: Facts,
+    seccomp: Option<Filter>,
+) -> Result<PathBuf, ControlError> {
     let _ = std::fs::remove_file(path);
     let listener =
         UnixListener::bind(path).map_err(|e| ControlError::Bind(path.display().to_string(), e))?;
@@ -179,6 +186,10 @@ pub fn start(path: &Path, shared: Arc<Shared>, facts: Facts) -> Result<PathBuf, 
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
+            if let Err(e) = crate::seccomp::enter(ThreadKind::Control, seccomp.as_ref()) {
+                shared.request_exit(ExitReason::VmmError, format!("seccomp: {e}"));
+                return;
+            }
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { continue };
                 if active.load(Ordering::Acquire) >= MAX_CLIENTS {
@@ -221,7 +232,8 @@ mod tests {
     fn socket_answers_good_and_bad_requests_on_one_connection() {
         let shared = Arc::new(Shared::new(0));
         let path = std::env::temp_dir().join(format!("runv-ctl-{}.sock", std::process::id()));
-        start(&path, shared.clone(), facts()).unwrap();
+        let filter = Filter::for_thread(ThreadKind::Control).unwrap();
+        start(&path, shared.clone(), facts(), Some(filter)).unwrap();
         let s = UnixStream::connect(&path).unwrap();
         let mut r = BufReader::new(s.try_clone().unwrap());
         let mut w = s;

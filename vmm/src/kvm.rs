@@ -5,11 +5,13 @@
 //! guest layout or the config: callers pass registers, CPUID and memory in.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use kvm_bindings::{
-    CpuId, KVM_CAP_SPLIT_IRQCHIP, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, Msrs, kvm_enable_cap, kvm_fpu,
-    kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
+    CpuId, KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, KvmIrqRouting, Msrs,
+    kvm_enable_cap, kvm_fpu, kvm_irq_routing_entry, kvm_lapic_state, kvm_msi, kvm_msr_entry,
+    kvm_regs, kvm_sregs, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -67,7 +69,7 @@ pub fn hypervisor_name() -> &'static str {
 #[derive(Debug)]
 pub struct Vm {
     kvm: Kvm,
-    fd: VmFd,
+    fd: Arc<VmFd>,
 }
 
 /// Number of IOAPIC routes reserved for the userspace IOAPIC with a split irqchip.
@@ -102,7 +104,10 @@ impl Vm {
                     .map_err(KvmError::Irqchip)?;
             }
         }
-        Ok(Self { kvm, fd })
+        Ok(Self {
+            kvm,
+            fd: Arc::new(fd),
+        })
     }
 
     /// Registers every region of `mem` as a KVM memory slot.
@@ -132,6 +137,13 @@ impl Vm {
             .map_err(KvmError::SupportedCpuid)
     }
 
+    /// A handle that injects interrupts into this VM from any thread.
+    pub fn interrupts(&self) -> Interrupts {
+        Interrupts {
+            fd: self.fd.clone(),
+        }
+    }
+
     /// Creates vCPU `id`.
     pub fn create_vcpu(&self, id: u8) -> Result<Vcpu, KvmError> {
         let fd = self
@@ -142,6 +154,57 @@ impl Vm {
     }
 }
 
+/// Interrupt injection into a VM with a split irqchip (MSIs to the in-kernel
+/// LAPICs), usable from any thread.
+#[derive(Debug, Clone)]
+pub struct Interrupts {
+    fd: Arc<VmFd>,
+}
+
+impl Interrupts {
+    /// `KVM_SIGNAL_MSI`: Ok(true) if a LAPIC accepted it, Ok(false) if none did.
+    pub fn signal_msi(&self, address: u64, data: u32) -> Result<bool, kvm_ioctls::Error> {
+        let msi = kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        self.fd.signal_msi(msi).map(|n| n > 0)
+    }
+
+    /// `KVM_IRQFD`: writing to `fd` injects GSI `gsi` (through its route).
+    /// Only the benchmark uses it, to compare with [`Self::signal_msi`].
+    pub fn register_irqfd(
+        &self,
+        fd: &vmm_sys_util::eventfd::EventFd,
+        gsi: u32,
+    ) -> Result<(), kvm_ioctls::Error> {
+        self.fd.register_irqfd(fd, gsi)
+    }
+
+    /// `KVM_SET_GSI_ROUTING` with one MSI route per `(gsi, address, data)`.
+    pub fn set_msi_routes(&self, routes: &[(u32, u64, u32)]) -> Result<(), kvm_ioctls::Error> {
+        let entries: Vec<kvm_irq_routing_entry> = routes
+            .iter()
+            .map(|&(gsi, address, data)| {
+                let mut e = kvm_irq_routing_entry {
+                    gsi,
+                    type_: KVM_IRQ_ROUTING_MSI,
+                    ..Default::default()
+                };
+                e.u.msi.address_lo = address as u32;
+                e.u.msi.address_hi = (address >> 32) as u32;
+                e.u.msi.data = data;
+                e
+            })
+            .collect();
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
+        self.fd.set_gsi_routing(&table)
+    }
+}
+
 /// What a vCPU exit asks of the VMM, stripped of KVM types.
 #[derive(Debug)]
 pub enum VcpuExit<'a> {
@@ -149,6 +212,9 @@ pub enum VcpuExit<'a> {
     IoOut(u16, &'a [u8]),
     MmioRead(u64, &'a mut [u8]),
     MmioWrite(u64, &'a [u8]),
+    /// The guest's LAPIC EOI'd a level-triggered vector routed through the
+    /// userspace IOAPIC (split irqchip).
+    IoapicEoi(u8),
     /// The vCPU halted and KVM handed the halt to userspace.
     Hlt,
     /// The run was interrupted by a signal (a kick); check for pause or stop.
@@ -272,6 +338,7 @@ impl Vcpu {
             KvmExit::IoOut(port, data) => VcpuExit::IoOut(port, data),
             KvmExit::MmioRead(addr, data) => VcpuExit::MmioRead(addr, data),
             KvmExit::MmioWrite(addr, data) => VcpuExit::MmioWrite(addr, data),
+            KvmExit::IoapicEoi(vector) => VcpuExit::IoapicEoi(vector),
             KvmExit::Hlt => VcpuExit::Hlt,
             KvmExit::Intr => VcpuExit::Interrupted,
             KvmExit::Shutdown => VcpuExit::Shutdown,

@@ -12,7 +12,8 @@ use std::thread::JoinHandle;
 use runv_vmm_api::ExitReason;
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
-use crate::devices::{Bus, GuestEvent, Unmapped};
+use crate::devices::ioapic::Ioapic;
+use crate::devices::{Bus, GuestEvent, Unmapped, lock};
 use crate::kvm::{KvmError, Vcpu, VcpuExit};
 use crate::state::{Kicker, Shared};
 
@@ -24,6 +25,8 @@ const KICK_SIGNAL_OFFSET: i32 = 0;
 pub struct Buses {
     pub pio: Bus,
     pub mmio: Bus,
+    /// The userspace IOAPIC, told about the guest's EOIs of level vectors.
+    pub ioapic: Option<Arc<std::sync::Mutex<Ioapic>>>,
 }
 
 /// Counters every vCPU thread bumps.
@@ -49,13 +52,13 @@ pub struct SignalKicker {
 
 impl SignalKicker {
     pub fn add<T>(&self, h: &JoinHandle<T>) {
-        crate::devices::lock(&self.threads).push(h.as_pthread_t());
+        lock(&self.threads).push(h.as_pthread_t());
     }
 }
 
 impl Kicker for SignalKicker {
     fn kick_all(&self) {
-        for &t in crate::devices::lock(&self.threads).iter() {
+        for &t in lock(&self.threads).iter() {
             // SAFETY: `t` is the pthread id of a vCPU thread we spawned; vCPU threads
             // are never joined, so the id stays valid for the life of the process. The
             // signal has a no-op handler installed before any thread starts.
@@ -120,6 +123,12 @@ pub fn dispatch(exit: VcpuExit<'_>, buses: &Buses, unhandled: &AtomicU64) -> Out
                 Outcome::Continue
             }
         },
+        VcpuExit::IoapicEoi(vector) => {
+            if let Some(a) = &buses.ioapic {
+                lock(a).end_of_interrupt(vector);
+            }
+            Outcome::Continue
+        }
         VcpuExit::Interrupted => Outcome::Continue,
         VcpuExit::Hlt => Outcome::Park,
         VcpuExit::Shutdown => Outcome::Exit(
@@ -218,8 +227,8 @@ pub fn spawn(
         .name(format!("vcpu{}", vcpu.id()))
         .stack_size(256 << 10)
         .spawn(move || {
-            if let Some(f) = seccomp
-                && let Err(e) = f.apply()
+            if let Err(e) =
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu, seccomp.as_ref())
             {
                 shared.request_exit(ExitReason::VmmError, format!("seccomp: {e}"));
                 return;
@@ -237,6 +246,7 @@ mod tests {
         let buses = Buses {
             pio: Bus::new(),
             mmio: Bus::new(),
+            ioapic: None,
         };
         let u = AtomicU64::new(0);
         let Outcome::Exit(r, _) = dispatch(VcpuExit::Shutdown, &buses, &u) else {
@@ -257,10 +267,42 @@ mod tests {
     }
 
     #[test]
+    fn an_ioapic_eoi_exit_clears_remote_irr() {
+        use crate::devices::ioapic::{Msi, MsiSink, PINS};
+        struct Quiet;
+        impl MsiSink for Quiet {
+            fn signal(&self, _: Msi) {}
+            fn routes_changed(&self, _: &[Option<Msi>; PINS]) {}
+        }
+        let ioapic = Arc::new(std::sync::Mutex::new(Ioapic::new(Box::new(Quiet))));
+        let mut mmio = Bus::new();
+        mmio.insert(0xfec0_0000, 0x1000, ioapic.clone()).unwrap();
+        let buses = Buses {
+            pio: Bus::new(),
+            mmio,
+            ioapic: Some(ioapic.clone()),
+        };
+        let u = AtomicU64::new(0);
+        // Pin 9: vector 0x33, level; asserted, so remote IRR is set.
+        let (reg, v) = (0x10u32 + 18, 0x33u32 | 1 << 15);
+        buses.mmio.write(0xfec0_0000, &reg.to_le_bytes()).unwrap();
+        buses.mmio.write(0xfec0_0010, &v.to_le_bytes()).unwrap();
+        lock(&ioapic).assert(9);
+        lock(&ioapic).lower(9);
+        assert_ne!(lock(&ioapic).entry(9).unwrap() & (1 << 14), 0);
+        assert_eq!(
+            dispatch(VcpuExit::IoapicEoi(0x33), &buses, &u),
+            Outcome::Continue
+        );
+        assert_eq!(lock(&ioapic).entry(9).unwrap() & (1 << 14), 0);
+    }
+
+    #[test]
     fn unmapped_accesses_are_counted_not_fatal() {
         let buses = Buses {
             pio: Bus::new(),
             mmio: Bus::new(),
+            ioapic: None,
         };
         let u = AtomicU64::new(0);
         let mut d = [0u8; 4];

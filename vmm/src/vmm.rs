@@ -15,6 +15,7 @@ use runv_vmm_api::{ExitReason, ExitRecord, VmConfig};
 use crate::boot::{self, EntryKind, acpi, cpu, cpuid, mptable, params};
 use crate::control::{self, Facts};
 use crate::counters::Counters;
+use crate::devices::ioapic::{self, Ioapic, IrqLine, Msi, MsiSink};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, BlockCounters, BlockError, FileDisk};
 use crate::devices::virtio::io_thread::{self, Watched};
@@ -23,7 +24,7 @@ use crate::devices::virtio::net::{Net, NetCounters, Tap, TapError};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockCounters, VsockError};
 use crate::devices::{Bus, i8042, lock, power, serial};
-use crate::kvm::{IrqchipMode, KvmError, Vm, hypervisor_name};
+use crate::kvm::{Interrupts, IrqchipMode, KvmError, Vm, hypervisor_name};
 use crate::memory::{Layout, MMIO_SLOT, MMIO_START};
 use crate::seccomp::{Filter, ThreadKind};
 use crate::state::Shared;
@@ -72,6 +73,8 @@ const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 pub struct Running {
     pub shared: Arc<Shared>,
     serial: Arc<Mutex<serial::SerialDevice>>,
+    /// Installed on the calling thread by [`Running::wait`].
+    main_filter: Option<Filter>,
     // Kept alive for as long as vCPUs run: KVM maps this memory.
     _mem: Arc<vm_memory::GuestMemoryMmap>,
     _vm: Vm,
@@ -161,14 +164,32 @@ pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
         vcpus.push(vcpu);
     }
 
+    // Seccomp allowlists, one per thread kind, installed by each thread at its start.
+    let filter = |kind| -> Result<Option<Filter>, VmmError> {
+        Ok(if cfg.seccomp {
+            Some(Filter::for_thread(kind)?)
+        } else {
+            None
+        })
+    };
+
     // 6. Devices.
     let shared = Arc::new(Shared::with_counters(vcpus.len(), shared_counters));
     let sink = serial::SerialSink::open(
         &cfg.serial,
         shared.counters.get("serial_tx_bytes_total"),
         shared.counters.get("serial_dropped_bytes_total"),
+        filter(ThreadKind::Control)?,
     )?;
-    let serial = Arc::new(Mutex::new(serial::SerialDevice::new(sink)));
+    let ioapic = Arc::new(Mutex::new(Ioapic::new(Box::new(KvmMsiSink {
+        irq: vm.interrupts(),
+        delivered: shared.counters.get("irq_msi_total"),
+        errors: shared.counters.get("irq_msi_errors_total"),
+    }))));
+    let serial = Arc::new(Mutex::new(serial::SerialDevice::with_irq(
+        sink,
+        IrqLine::new(ioapic.clone(), serial::COM1_IRQ),
+    )));
     let mut pio = Bus::new();
     pio.insert(serial::COM1_BASE, serial::COM1_LEN, serial.clone())?;
     pio.insert(
@@ -185,16 +206,18 @@ pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
     )?;
     pio.insert(power::PVPANIC_PORT, 1, Arc::new(Mutex::new(power::PvPanic)))?;
     let mut mmio = Bus::new();
+    mmio.insert(ioapic::IOAPIC_BASE, ioapic::IOAPIC_LEN, ioapic.clone())?;
     let mut watched = Vec::new();
     for (i, dev) in virtio.into_iter().enumerate() {
-        let (addr, _) = mmio_slot(i);
+        let (addr, irq) = mmio_slot(i);
         let name = format!("virtio{i}");
         let transport = MmioTransport::new(
             dev,
             mem.clone(),
             shared.counters.get(&format!("{name}_notifications_total")),
             shared.counters.get(&format!("{name}_faults_total")),
-        );
+        )
+        .with_irq(IrqLine::new(ioapic.clone(), irq as usize));
         let host_fd = transport.host_fd();
         let transport = Arc::new(Mutex::new(transport));
         if let Some((fd, queue)) = host_fd {
@@ -206,7 +229,11 @@ pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
         }
         mmio.insert(addr, MMIO_SLOT, transport)?;
     }
-    let buses = Buses { pio, mmio };
+    let buses = Buses {
+        pio,
+        mmio,
+        ioapic: Some(ioapic),
+    };
 
     // 7. Control socket, then vCPU threads.
     if let Some(path) = &cfg.control_socket {
@@ -221,33 +248,38 @@ pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
                 hypervisor: hypervisor.into(),
                 memory: Some(mem.clone()),
             },
+            filter(ThreadKind::Control)?,
         )?;
     }
-    let filter = if cfg.seccomp {
-        Some(Filter::for_thread(ThreadKind::Vcpu)?)
-    } else {
-        None
-    };
-    io_thread::spawn(watched, shared.clone()).map_err(VmmError::Thread)?;
+    io_thread::spawn(watched, shared.clone(), filter(ThreadKind::Io)?).map_err(VmmError::Thread)?;
+    let main_filter = filter(ThreadKind::Main)?;
+    let vcpu_filter = filter(ThreadKind::Vcpu)?;
     vcpu::install_kick_handler().map_err(VmmError::Signal)?;
     let kicker = Arc::new(SignalKicker::default());
     shared.set_kicker(kicker.clone());
     for v in vcpus {
-        let h = vcpu::spawn(v, buses.clone(), shared.clone(), filter.clone())
+        let h = vcpu::spawn(v, buses.clone(), shared.clone(), vcpu_filter.clone())
             .map_err(VmmError::Thread)?;
         kicker.add(&h);
     }
     Ok(Running {
         shared,
         serial,
+        main_filter,
         _mem: mem,
         _vm: vm,
     })
 }
 
 impl Running {
-    /// Waits until the VM ends (or `stop` returns true between checks).
+    /// Waits until the VM ends (or `stop` returns true between checks). Call
+    /// it on the thread that will then report the exit (the main thread): it
+    /// installs the main thread's seccomp filter first.
     pub fn wait(&self, mut stop: impl FnMut() -> bool) -> ExitRecord {
+        if let Err(e) = crate::seccomp::enter(ThreadKind::Main, self.main_filter.as_ref()) {
+            self.shared
+                .request_exit(ExitReason::VmmError, format!("seccomp: {e}"));
+        }
         loop {
             if let Some(r) = self.shared.wait_exit(Duration::from_millis(50)) {
                 lock(&self.serial).flush();
@@ -257,6 +289,38 @@ impl Running {
                 self.shared
                     .request_exit(ExitReason::Killed, "VMM received a termination signal");
             }
+        }
+    }
+}
+
+/// The IOAPIC's way into KVM: `KVM_SIGNAL_MSI` per interrupt, and the
+/// redirection table mirrored into GSI routes so KVM reports EOIs of
+/// level-triggered vectors (see `devices/ioapic.rs`). Failures are counted,
+/// never fatal: a guest can program an entry no LAPIC accepts.
+struct KvmMsiSink {
+    irq: Interrupts,
+    delivered: Arc<std::sync::atomic::AtomicU64>,
+    errors: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl MsiSink for KvmMsiSink {
+    fn signal(&self, msi: Msi) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self.irq.signal_msi(msi.address, msi.data) {
+            Ok(true) => self.delivered.fetch_add(1, Relaxed),
+            Ok(false) | Err(_) => self.errors.fetch_add(1, Relaxed),
+        };
+    }
+
+    fn routes_changed(&self, routes: &[Option<Msi>; ioapic::PINS]) {
+        let table: Vec<(u32, u64, u32)> = routes
+            .iter()
+            .enumerate()
+            .filter_map(|(pin, m)| m.map(|m| (pin as u32, m.address, m.data)))
+            .collect();
+        if self.irq.set_msi_routes(&table).is_err() {
+            self.errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

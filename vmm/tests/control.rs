@@ -141,3 +141,54 @@ fn sigterm_ends_the_vm_with_an_exit_file() {
         ExitReason::Killed
     );
 }
+
+/// Every thread kind installs its allowlist: with the test probe enabled each
+/// thread tries `getcwd(2)`, which no list allows, and reports the result.
+/// The VM keeps serving the control socket and its guest keeps printing with
+/// every filter on; with `--no-seccomp` the same probes are allowed.
+#[test]
+fn every_vmm_thread_runs_under_its_seccomp_allowlist() {
+    let Some(_) = require_kvm("every_vmm_thread_runs_under_its_seccomp_allowlist") else {
+        return;
+    };
+    for seccomp in [true, false] {
+        let dir = Scratch::new(&format!("ctl-seccomp-{seccomp}"));
+        // vsock gives the VM its host I/O thread; the loop guest never uses it.
+        let cfg = serde_json::json!({
+            "apiVersion": runv_vmm_api::API_VERSION,
+            "kernel": runv_vmm::TEST_GUEST_PVH,
+            "cmdline": "test=loop",
+            "memoryMib": 64,
+            "serial": { "mode": "file", "path": dir.path("serial.log") },
+            "controlSocket": dir.path("vm.sock"),
+            "vsock": { "guestCid": 3, "udsPath": dir.path("v.sock") },
+            "seccomp": seccomp,
+        });
+        std::fs::write(dir.path("vm.json"), cfg.to_string()).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_runv-vmm"));
+        cmd.arg("--config")
+            .arg(dir.path("vm.json"))
+            .env("RUNV_VMM_SECCOMP_PROBE", "main,control,io,vcpu")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = KillOnDrop(Some(cmd.spawn().unwrap()));
+        let mut c = Control::connect(&dir.path("vm.sock"));
+        assert_eq!(c.ask(Request::Ping), Response::Pong);
+        let n = wait_for_ticks(&mut c, 0);
+        wait_for_ticks(&mut c, n);
+        assert_eq!(c.ask(Request::Kill), Response::Ok);
+        let out = wait_output(child.take(), Duration::from_secs(30));
+        assert_eq!(out.status.code(), Some(0));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let want = if seccomp {
+            "refused (EPERM)"
+        } else {
+            "allowed"
+        };
+        for kind in ["main", "control", "io", "vcpu"] {
+            let line = format!("runv-vmm: seccomp probe: {kind} thread: getcwd {want}\n");
+            assert!(stderr.contains(&line), "missing {line:?} in\n{stderr}");
+        }
+    }
+}

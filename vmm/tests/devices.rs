@@ -1,5 +1,6 @@
 //! virtio devices seen from the test guest: virtio-blk (read/write/flush,
-//! read-only), virtio-rng, and garbage descriptors ending the VM with a reason.
+//! read-only), virtio-rng (polled, and interrupt-driven through the IOAPIC),
+//! and garbage descriptors ending the VM with a reason.
 
 mod common;
 
@@ -73,6 +74,36 @@ fn guest_writes_and_reads_back_a_pattern_on_virtio_blk_and_reads_virtio_rng() {
     let data = std::fs::read(&img).unwrap();
     let sector8 = &data[8 * 512..8 * 512 + 4096];
     assert!(sector8.iter().enumerate().all(|(i, b)| *b == pattern(i)));
+}
+
+#[test]
+fn virtio_rng_completions_arrive_as_ioapic_interrupts_edge_and_level() {
+    let Some(_) = require_kvm("virtio_rng_completions_arrive_as_ioapic_interrupts") else {
+        return;
+    };
+    // Level on the PVH entry (the second interrupt needs the EOI of the first
+    // to clear remote IRR), edge on the 64-bit entry.
+    for (guest, mode, irr) in [
+        (runv_vmm::TEST_GUEST_PVH, "level", 1),
+        (runv_vmm::TEST_GUEST_64, "edge", 0),
+    ] {
+        let dir = Scratch::new(&format!("dev-irq-{mode}"));
+        let mut cfg = VmConfig::new(guest);
+        cfg.memory_mib = 64;
+        cfg.rng = true;
+        cfg.cmdline = format!("irq={mode}");
+        let (out, serial) = boot(&dir, &mut cfg);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{mode}: {}\n{serial}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let want =
+            format!("runv-guest: virtio-rng irq {mode} pin=5 completions=2 remote_irr={irr} ");
+        assert!(serial.contains(&want), "missing {want:?} in\n{serial}");
+        assert!(!serial.contains("FAIL"), "{serial}");
+    }
 }
 
 #[test]
@@ -361,4 +392,63 @@ fn guest_exchanges_a_message_over_vsock_with_a_host_unix_socket() {
         "{serial}"
     );
     assert!(serial.contains("runv-guest: virtio-vsock ok\n"), "{serial}");
+}
+
+#[test]
+fn the_host_connects_to_a_guest_listening_on_vsock() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let Some(_) = require_kvm("the_host_connects_to_a_guest_listening_on_vsock") else {
+        return;
+    };
+    let dir = Scratch::new("dev-vsock-listen");
+    let uds = dir.path("v.sock");
+    let mut cfg = VmConfig::new(runv_vmm::TEST_GUEST_PVH);
+    cfg.memory_mib = 64;
+    cfg.cmdline = "vsock-listen=5000".into();
+    cfg.vsock = Some(runv_vmm_api::VsockConfig {
+        guest_cid: 7,
+        uds_path: uds.clone(),
+    });
+    // Hybrid vsock, host side: `CONNECT 5000` on the device's own socket.
+    let host = std::thread::spawn(move || {
+        let start = std::time::Instant::now();
+        let mut s = loop {
+            match std::os::unix::net::UnixStream::connect(&uds) {
+                Ok(s) => break s,
+                Err(_) if start.elapsed() < TIMEOUT => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) => return Err(format!("cannot connect to {}: {e}", uds.display())),
+            }
+        };
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        s.write_all(b"CONNECT 5000\n").unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut ok = String::new();
+        r.read_line(&mut ok)
+            .map_err(|e| format!("no OK line: {e}"))?;
+        s.write_all(b"hello from the host").unwrap();
+        let mut answer = Vec::new();
+        let _ = r.read_to_end(&mut answer); // until the guest shuts down
+        Ok((ok, String::from_utf8_lossy(&answer).into_owned()))
+    });
+    let (out, serial) = boot(&dir, &mut cfg);
+    let (ok, answer) = host
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}\n{serial}"));
+    assert_eq!(out.status.code(), Some(0), "{serial}");
+    let host_port: u32 = ok
+        .strip_prefix("OK ")
+        .and_then(|p| p.trim_end().parse().ok())
+        .unwrap_or_else(|| panic!("bad reply {ok:?}"));
+    assert!(
+        serial.contains(&format!(
+            "runv-guest: virtio-vsock accepted host port {host_port}\n"
+        )),
+        "{serial}"
+    );
+    assert!(
+        serial.contains("runv-guest: virtio-vsock host said hello from the host\n"),
+        "{serial}"
+    );
+    assert_eq!(answer, "hello from the guest listener");
 }

@@ -4,7 +4,8 @@
 //! Subcommands: `irqchip` (VM create+destroy cost per interrupt-controller
 //! layout), `cold-start` (spawn → first serial byte → exit, ours and QEMU's),
 //! `memory` (VMM RSS minus guest memory touched), `start-rate` (VMs started and
-//! exited per second on all cores), `all`.
+//! exited per second on all cores), `msi` (cost of raising one interrupt
+//! with KVM_SIGNAL_MSI and with an irqfd write), `all`.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     Irqchip,
+    Msi,
     ColdStart,
     Memory,
     StartRate {
@@ -67,6 +69,47 @@ fn stats(mut v: Vec<f64>) -> Stats {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// One interrupt to vCPU 0 (fixed, vector 0x40), raised 20,000 times per way:
+/// the time the raising thread spends, which is what a device path pays.
+fn msi() -> anyhow::Result<()> {
+    const N: u32 = 20_000;
+    const ADDRESS: u64 = 0xfee0_0000;
+    const DATA: u32 = 0x40;
+    println!(
+        "## raising one interrupt ({N} times, {})",
+        hypervisor_name()
+    );
+    let vm = Vm::new(IrqchipMode::Split)?;
+    let _vcpu = vm.create_vcpu(0)?;
+    let irq = vm.interrupts();
+    let t = Instant::now();
+    for _ in 0..N {
+        irq.signal_msi(ADDRESS, DATA)?;
+    }
+    let signal = t.elapsed() / N;
+    irq.set_msi_routes(&[(5, ADDRESS, DATA)])?;
+    let fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?;
+    irq.register_irqfd(&fd, 5)?;
+    let t = Instant::now();
+    for _ in 0..N {
+        fd.write(1)?;
+    }
+    let irqfd = t.elapsed() / N;
+    println!(
+        "KVM_SIGNAL_MSI          {:.2} us per interrupt",
+        irqfd_us(signal)
+    );
+    println!(
+        "irqfd write (GSI → MSI) {:.2} us per interrupt",
+        irqfd_us(irqfd)
+    );
+    Ok(())
+}
+
+fn irqfd_us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
 }
 
 fn irqchip(runs: usize) -> anyhow::Result<()> {
@@ -460,12 +503,14 @@ fn main() -> anyhow::Result<()> {
     let qemu = !cli.no_qemu;
     match cli.cmd.unwrap_or(Cmd::All) {
         Cmd::Irqchip => irqchip(cli.runs),
+        Cmd::Msi => msi(),
         Cmd::ColdStart => cold_start(cli.runs, &vmm, qemu),
         Cmd::Memory => memory(&vmm),
         Cmd::StartRate { seconds } => start_rate(&vmm, seconds),
         Cmd::Blk { mib } => blk(&vmm, mib, qemu),
         Cmd::All => {
             irqchip(cli.runs)?;
+            msi()?;
             cold_start(cli.runs, &vmm, qemu)?;
             memory(&vmm)?;
             start_rate(&vmm, 5)?;

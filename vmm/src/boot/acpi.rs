@@ -6,15 +6,19 @@
 //! The platform is hardware-reduced ACPI: the FADT's sleep control/status
 //! registers are the VMM's ports 0x600/0x601 and its reset register is 0x600
 //! with value 1 (see `devices/power.rs`). The MADT lists one LAPIC per vCPU
-//! and, like the MP table, no IOAPIC yet. Pure builders plus one write.
+//! and the userspace IOAPIC (`devices/ioapic.rs`, GSIs 0-23 identity-mapped
+//! to ISA IRQs). Pure builders plus one write.
 
-use acpi_tables::madt::{EnabledStatus, LocalInterruptController, MADT, ProcessorLocalApic};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, MADT, ProcessorLocalApic,
+};
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, aml, rsdp::Rsdp};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::BootError;
+use crate::devices::ioapic::{IOAPIC_BASE, IOAPIC_ID};
 use crate::memory::{ACPI_ADDR, HIGH_RAM_START};
 
 const OEM_ID: [u8; 6] = *b"RUNV  ";
@@ -92,6 +96,7 @@ fn madt(cpus: u8) -> Vec<u8> {
     for id in 0..cpus {
         m.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
     }
+    m.add_structure(IoApic::new(IOAPIC_ID, IOAPIC_BASE as u32, 0));
     let mut v = Vec::new();
     m.to_aml_bytes(&mut v);
     v
@@ -200,11 +205,16 @@ mod tests {
         assert_eq!(hits, 2);
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
         assert!(dsdt.windows(4).any(|w| w == 0xd000_1000u32.to_le_bytes()));
-        // One LAPIC entry (type 0, length 8) per vCPU after the 44-byte header.
+        // One LAPIC entry (type 0, length 8) per vCPU after the 44-byte header,
+        // then the IOAPIC (type 1, length 12) at 0xfec00000 with GSI base 0.
         let madt = &t[4].1;
         assert_eq!(&madt[..4], b"APIC");
-        assert_eq!(madt.len(), 44 + 2 * 8);
+        assert_eq!(madt.len(), 44 + 2 * 8 + 12);
         assert_eq!((madt[44], madt[45], madt[52 + 3]), (0, 8, 1));
+        let io = &madt[60..72];
+        assert_eq!((io[0], io[1], io[2]), (1, 12, IOAPIC_ID));
+        assert_eq!(&io[4..8], &0xfec0_0000u32.to_le_bytes());
+        assert_eq!(&io[8..12], &[0; 4]);
     }
 
     #[test]

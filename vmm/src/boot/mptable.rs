@@ -2,13 +2,14 @@
 //!
 //! Written at [`MPTABLE_ADDR`] (the last KiB of base memory, where kernels
 //! look): the floating pointer, the configuration table header, one processor
-//! entry per vCPU, one ISA bus and the LAPIC LINT0/LINT1 wiring. No IOAPIC is
-//! listed: with the split irqchip the userspace IOAPIC does not exist yet, and
-//! a table that names one would send the kernel to unbacked MMIO.
+//! entry per vCPU, one ISA bus, the userspace IOAPIC with ISA IRQ n on its
+//! pin n (all 24 pins, as Firecracker lists them) and the LAPIC LINT0/LINT1
+//! wiring.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::BootError;
+use crate::devices::ioapic::{IOAPIC_BASE, IOAPIC_ID, PINS};
 use crate::memory::{LOW_RAM_END, MPTABLE_ADDR};
 
 const LAPIC_ADDR: u32 = 0xfee0_0000;
@@ -20,6 +21,10 @@ const CPU_SIGNATURE: u32 = 0x600;
 const CPU_FEATURES: u32 = 0x201;
 const ENTRY_PROCESSOR: u8 = 0;
 const ENTRY_BUS: u8 = 1;
+const ENTRY_IOAPIC: u8 = 2;
+const ENTRY_IO_INT: u8 = 3;
+const IOAPIC_VERSION: u8 = 0x20;
+const INT_VECTORED: u8 = 0;
 const ENTRY_LOCAL_INT: u8 = 4;
 const INT_EXTINT: u8 = 3;
 const INT_NMI: u8 = 1;
@@ -43,11 +48,17 @@ pub fn build(cpus: u8) -> Vec<u8> {
         entries.extend_from_slice(&e);
     }
     entries.extend_from_slice(&[ENTRY_BUS, 0, b'I', b'S', b'A', b' ', b' ', b' ']);
+    entries.extend_from_slice(&[ENTRY_IOAPIC, IOAPIC_ID, IOAPIC_VERSION, 1]);
+    entries.extend_from_slice(&(IOAPIC_BASE as u32).to_le_bytes());
+    // ISA IRQ n → IOAPIC pin n, polarity and trigger conforming to the bus.
+    for pin in 0..PINS as u8 {
+        entries.extend_from_slice(&[ENTRY_IO_INT, INT_VECTORED, 0, 0, 0, pin, IOAPIC_ID, pin]);
+    }
     // LINT0 = ExtINT, LINT1 = NMI on every LAPIC (destination 0xff).
     for (kind, lint) in [(INT_EXTINT, 0u8), (INT_NMI, 1u8)] {
         entries.extend_from_slice(&[ENTRY_LOCAL_INT, kind, 0, 0, 0, 0, 0xff, lint]);
     }
-    let count = u16::from(cpus) + 3;
+    let count = u16::from(cpus) + 4 + PINS as u16;
 
     let mut header = [0u8; 44];
     header[0..4].copy_from_slice(b"PCMP");
@@ -103,7 +114,7 @@ mod tests {
             assert_eq!(sum(table), 0, "table checksum");
             assert_eq!(
                 u16::from_le_bytes([table[34], table[35]]),
-                u16::from(cpus) + 3
+                u16::from(cpus) + 4 + 24
             );
             let procs: Vec<_> = table[44..44 + 20 * cpus as usize].chunks(20).collect();
             assert_eq!(procs[0][3], CPU_ENABLED | CPU_BSP);
@@ -113,6 +124,11 @@ mod tests {
                     .enumerate()
                     .all(|(i, e)| e[0] == 0 && e[1] == i as u8)
             );
+            let io = &table[44 + 20 * cpus as usize + 8..];
+            assert_eq!(&io[..4], &[2, IOAPIC_ID, 0x20, 1]);
+            assert_eq!(&io[4..8], &0xfec0_0000u32.to_le_bytes());
+            let com1 = &io[8 + 4 * 8..8 + 5 * 8];
+            assert_eq!(com1, &[3, 0, 0, 0, 0, 4, IOAPIC_ID, 4]);
             // Fits below the end of the reserved hole's first KiB.
             assert!(MPTABLE_ADDR + b.len() as u64 <= 0xa0000);
         }

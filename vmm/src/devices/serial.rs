@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use runv_vmm_api::SerialConfig;
 use vm_superio::{Serial, Trigger};
 
+use super::ioapic::IrqLine;
 use super::{BusDevice, GuestEvent, lock};
+use crate::seccomp::{Filter, ThreadKind};
 
 pub const COM1_BASE: u64 = 0x3f8;
 pub const COM1_LEN: u64 = 8;
@@ -30,14 +32,21 @@ pub enum SerialError {
     Socket(String, io::Error),
 }
 
-/// Interrupt line of the UART. The VM has no userspace IOAPIC yet, so the
-/// guest drives the UART by polling; raising the line is a no-op.
-#[derive(Debug, Default)]
-pub struct NoIrq;
+/// IOAPIC pin of COM1 (ISA IRQ 4, identity-mapped in the MADT and MP table).
+pub const COM1_IRQ: usize = 4;
 
-impl Trigger for NoIrq {
+/// Interrupt line of the UART: an ISA edge on its IOAPIC pin each time
+/// vm-superio raises it (transmitter empty, data received), or nothing when
+/// the UART is not wired (unit tests).
+#[derive(Debug, Default)]
+pub struct SerialIrq(Option<IrqLine>);
+
+impl Trigger for SerialIrq {
     type E = io::Error;
     fn trigger(&self) -> io::Result<()> {
+        if let Some(l) = &self.0 {
+            l.pulse();
+        }
         Ok(())
     }
 }
@@ -66,11 +75,13 @@ impl std::fmt::Debug for SerialSink {
 }
 
 impl SerialSink {
-    /// Opens the output `cfg` names. `tx`/`dropped` count bytes.
+    /// Opens the output `cfg` names. `tx`/`dropped` count bytes; a socket's
+    /// accepting thread installs `seccomp` first.
     pub fn open(
         cfg: &SerialConfig,
         tx: Arc<AtomicU64>,
         dropped: Arc<AtomicU64>,
+        seccomp: Option<Filter>,
     ) -> Result<Self, SerialError> {
         let target = match cfg {
             SerialConfig::Stdout => Target::Stdout,
@@ -82,7 +93,7 @@ impl SerialSink {
                     .open(path)
                     .map_err(|e| SerialError::File(path.display().to_string(), e))?,
             ),
-            SerialConfig::Socket { path } => Target::Socket(listen(path)?),
+            SerialConfig::Socket { path } => Target::Socket(listen(path, seccomp)?),
         };
         Ok(Self {
             target,
@@ -153,7 +164,10 @@ impl Write for SerialSink {
     }
 }
 
-fn listen(path: &Path) -> Result<Arc<Mutex<Vec<UnixStream>>>, SerialError> {
+fn listen(
+    path: &Path,
+    seccomp: Option<Filter>,
+) -> Result<Arc<Mutex<Vec<UnixStream>>>, SerialError> {
     let err = |e| SerialError::Socket(path.display().to_string(), e);
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(err)?;
@@ -162,6 +176,11 @@ fn listen(path: &Path) -> Result<Arc<Mutex<Vec<UnixStream>>>, SerialError> {
     std::thread::Builder::new()
         .name("serial-accept".into())
         .spawn(move || {
+            // Without its filter the acceptor stops: serial output then has no
+            // socket readers, which the VM survives.
+            if crate::seccomp::enter(ThreadKind::Control, seccomp.as_ref()).is_err() {
+                return;
+            }
             for s in listener.incoming().flatten() {
                 if s.set_nonblocking(true).is_ok() {
                     let mut all = lock(&c);
@@ -177,7 +196,7 @@ fn listen(path: &Path) -> Result<Arc<Mutex<Vec<UnixStream>>>, SerialError> {
 
 /// COM1 on the port bus.
 pub struct SerialDevice {
-    uart: Serial<NoIrq, vm_superio::serial::NoEvents, SerialSink>,
+    uart: Serial<SerialIrq, vm_superio::serial::NoEvents, SerialSink>,
 }
 
 impl std::fmt::Debug for SerialDevice {
@@ -189,7 +208,14 @@ impl std::fmt::Debug for SerialDevice {
 impl SerialDevice {
     pub fn new(sink: SerialSink) -> Self {
         Self {
-            uart: Serial::new(NoIrq, sink),
+            uart: Serial::new(SerialIrq(None), sink),
+        }
+    }
+
+    /// A UART whose interrupt goes to `irq`.
+    pub fn with_irq(sink: SerialSink, irq: IrqLine) -> Self {
+        Self {
+            uart: Serial::new(SerialIrq(Some(irq)), sink),
         }
     }
 
@@ -209,7 +235,7 @@ impl BusDevice for SerialDevice {
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Option<GuestEvent> {
         if let (Some(&v), Ok(off)) = (data.first(), u8::try_from(offset)) {
-            // The only error is a failed interrupt trigger, which NoIrq never returns.
+            // The only error is a failed interrupt trigger, which SerialIrq never returns.
             let _ = self.uart.write(off, v);
         }
         None
@@ -230,6 +256,7 @@ mod tests {
             &SerialConfig::File { path: path.clone() },
             tx.clone(),
             dropped.clone(),
+            None,
         )
         .unwrap();
         let mut dev = SerialDevice::new(sink);
@@ -249,6 +276,41 @@ mod tests {
     }
 
     #[test]
+    fn the_uart_interrupt_reaches_its_ioapic_pin_as_an_edge() {
+        use crate::devices::ioapic::{Ioapic, Msi, MsiSink, PINS};
+        struct Count(Arc<AtomicU64>);
+        impl MsiSink for Count {
+            fn signal(&self, msi: Msi) {
+                assert_eq!(msi.data, 0x24);
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+            fn routes_changed(&self, _: &[Option<Msi>; PINS]) {}
+        }
+        let sent = Arc::new(AtomicU64::new(0));
+        let ioapic = Arc::new(Mutex::new(Ioapic::new(Box::new(Count(sent.clone())))));
+        // Pin 4 → vector 0x24, edge, unmasked.
+        let mut a = lock(&ioapic);
+        a.write(0, &(0x10u32 + 8).to_le_bytes());
+        a.write(0x10, &0x24u32.to_le_bytes());
+        drop(a);
+        let sink =
+            SerialSink::open(&SerialConfig::Off, Arc::default(), Arc::default(), None).unwrap();
+        let mut dev = SerialDevice::with_irq(sink, IrqLine::new(ioapic.clone(), COM1_IRQ));
+        dev.write(0, b"a");
+        assert_eq!(sent.load(Ordering::Relaxed), 0, "IER off: no interrupt");
+        // IER: transmitter-holding-register-empty interrupt on, then a byte.
+        dev.write(1, &[0x02]);
+        dev.write(0, b"b");
+        let first = sent.load(Ordering::Relaxed);
+        assert!(first > 0, "THR empty interrupt");
+        // The driver reads IIR (acknowledging it); the next byte interrupts again.
+        let mut iir = [0u8];
+        dev.read(2, &mut iir);
+        dev.write(0, b"c");
+        assert!(sent.load(Ordering::Relaxed) > first);
+    }
+
+    #[test]
     fn a_stalled_socket_reader_loses_bytes_instead_of_growing_memory() {
         let path = std::env::temp_dir().join(format!("runv-serial-sock-{}", std::process::id()));
         let tx = Arc::new(AtomicU64::new(0));
@@ -257,6 +319,8 @@ mod tests {
             &SerialConfig::Socket { path: path.clone() },
             tx.clone(),
             dropped.clone(),
+            // The acceptor runs under its allowlist, as in the VMM.
+            Some(Filter::for_thread(ThreadKind::Control).unwrap()),
         )
         .unwrap();
         let _reader = UnixStream::connect(&path).unwrap();

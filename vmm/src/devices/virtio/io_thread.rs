@@ -13,6 +13,7 @@ use runv_vmm_api::ExitReason;
 
 use super::mmio::MmioTransport;
 use crate::devices::{GuestEvent, lock};
+use crate::seccomp::{Filter, ThreadKind};
 use crate::state::Shared;
 
 /// One watched descriptor.
@@ -28,14 +29,25 @@ impl std::fmt::Debug for Watched {
     }
 }
 
-/// Starts the thread; returns at once when there is nothing to watch.
-pub fn spawn(watched: Vec<Watched>, shared: Arc<Shared>) -> std::io::Result<()> {
+/// Starts the thread, which installs `seccomp` first; returns at once when
+/// there is nothing to watch.
+pub fn spawn(
+    watched: Vec<Watched>,
+    shared: Arc<Shared>,
+    seccomp: Option<Filter>,
+) -> std::io::Result<()> {
     if watched.is_empty() {
         return Ok(());
     }
     std::thread::Builder::new()
         .name("virtio-io".into())
-        .spawn(move || run(watched, shared))?;
+        .spawn(move || {
+            if let Err(e) = crate::seccomp::enter(ThreadKind::Io, seccomp.as_ref()) {
+                shared.request_exit(ExitReason::VmmError, format!("seccomp: {e}"));
+                return;
+            }
+            run(watched, shared)
+        })?;
     Ok(())
 }
 

@@ -2,7 +2,9 @@
 //!
 //! Owns the register file, feature negotiation, queue configuration and the
 //! device status state machine. A queue notification processes the queue
-//! synchronously on the notifying vCPU. A device error sets DEVICE_NEEDS_RESET
+//! synchronously on the notifying vCPU. A used buffer sets the interrupt
+//! status and asserts the device's IOAPIC pin; the driver's acknowledgement
+//! that clears the status lowers it. A device error sets DEVICE_NEEDS_RESET
 //! and ends the VM with a reason; nothing here panics on guest input.
 
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::{QueueError, VirtioDevice};
+use crate::devices::ioapic::IrqLine;
 use crate::devices::{BusDevice, GuestEvent};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -40,6 +43,7 @@ pub struct MmioTransport {
     config_generation: u32,
     notifications: Arc<AtomicU64>,
     faults: Arc<AtomicU64>,
+    irq: Option<IrqLine>,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -77,6 +81,27 @@ impl MmioTransport {
             config_generation: 0,
             notifications,
             faults,
+            irq: None,
+        }
+    }
+
+    /// Connects the transport's interrupt to an IOAPIC pin.
+    pub fn with_irq(mut self, irq: IrqLine) -> Self {
+        self.irq = Some(irq);
+        self
+    }
+
+    /// Used buffers are ready: set the status bit and interrupt the driver.
+    fn signal_used(&mut self) {
+        self.interrupt_status |= INT_USED_RING;
+        if let Some(irq) = &self.irq {
+            irq.assert();
+        }
+    }
+
+    fn lower_irq(&self) {
+        if let Some(irq) = &self.irq {
+            irq.lower();
         }
     }
 
@@ -96,6 +121,7 @@ impl MmioTransport {
         self.driver_features = 0;
         self.status = 0;
         self.interrupt_status = 0;
+        self.lower_irq();
         self.device.reset();
     }
 
@@ -129,7 +155,7 @@ impl MmioTransport {
             return None;
         }
         match self.device.process_queue(i, queue, &self.mem) {
-            Ok(true) => self.interrupt_status |= INT_USED_RING,
+            Ok(true) => self.signal_used(),
             Ok(false) => {}
             Err(e) => return self.fault(e),
         }
@@ -156,7 +182,7 @@ impl MmioTransport {
         match self.device.process_queue(index, queue, &self.mem) {
             Ok(used) => {
                 if used {
-                    self.interrupt_status |= INT_USED_RING;
+                    self.signal_used();
                 }
                 Ok(used)
             }
@@ -228,7 +254,12 @@ impl MmioTransport {
                 }
             }
             0x50 => return self.notify(v),
-            0x64 => self.interrupt_status &= !v,
+            0x64 => {
+                self.interrupt_status &= !v;
+                if self.interrupt_status == 0 {
+                    self.lower_irq();
+                }
+            }
             0x70 => self.set_status(v),
             0x80 => self
                 .queue()
@@ -393,6 +424,41 @@ mod tests {
         w(&mut t, 0x70, 0);
         assert_eq!(r(&mut t, 0x70), 0);
         assert!(!t.queues[0].ready());
+    }
+
+    #[test]
+    fn a_used_buffer_asserts_the_pin_and_the_ack_lowers_it() {
+        use crate::devices::ioapic::{Ioapic, IrqLine, Msi, MsiSink, PINS};
+        use crate::devices::lock;
+        struct Count(Arc<AtomicU64>);
+        impl MsiSink for Count {
+            fn signal(&self, _: Msi) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+            fn routes_changed(&self, _: &[Option<Msi>; PINS]) {}
+        }
+        let sent = Arc::new(AtomicU64::new(0));
+        let ioapic = Arc::new(std::sync::Mutex::new(Ioapic::new(Box::new(Count(
+            sent.clone(),
+        )))));
+        // Pin 5 → vector 0x30, level-triggered.
+        let mut a = lock(&ioapic);
+        a.write(0, &(0x10u32 + 10).to_le_bytes());
+        a.write(0x10, &(0x30u32 | 1 << 15).to_le_bytes());
+        drop(a);
+        let (t, mem) = setup(false);
+        let mut t = t.with_irq(IrqLine::new(ioapic.clone(), 5));
+        testing::desc(&mem, 0, 0x8000, 8, 0, 0);
+        testing::publish(&mem, &[0]);
+        w(&mut t, 0x50, 0);
+        assert_eq!(sent.load(Ordering::Relaxed), 1);
+        // EOI before the ack: the line is still high, so it fires again.
+        lock(&ioapic).end_of_interrupt(0x30);
+        assert_eq!(sent.load(Ordering::Relaxed), 2);
+        // Ack, then EOI: quiet.
+        w(&mut t, 0x64, INT_USED_RING);
+        lock(&ioapic).end_of_interrupt(0x30);
+        assert_eq!(sent.load(Ordering::Relaxed), 2);
     }
 
     #[test]

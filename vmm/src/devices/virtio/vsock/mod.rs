@@ -3,15 +3,19 @@
 //! A guest connection to host CID 2, port P is bridged to a stream on the unix
 //! socket `<udsPath>_P`. Owns the connection table, credit accounting and
 //! packet building; host sockets are non-blocking and registered in an epoll
-//! set whose fd the host I/O thread watches. Connections initiated from the
-//! host side (`CONNECT <port>`) are not implemented yet.
+//! set whose fd the host I/O thread watches. The host side connects to the
+//! guest through `udsPath` itself: a client sends `CONNECT <port>\n`, the
+//! device asks the guest (REQUEST to that port from a fresh host port) and
+//! answers `OK <host port>\n` once the guest accepts, or closes the stream
+//! if it refuses; after that the stream is an ordinary connection. Pending
+//! handshakes are bounded in number, line length and time.
 
 pub mod packet;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,12 +37,21 @@ const BUF_ALLOC: u32 = 256 * 1024;
 const MAX_CONNECTIONS: usize = 256;
 /// Largest payload the host side sends in one packet.
 const MAX_PAYLOAD: usize = 64 * 1024;
+/// Longest `CONNECT <port>\n` line, and most handshakes waiting at once.
+const MAX_CONNECT_LINE: usize = 32;
+const MAX_PENDING: usize = 16;
+/// How long a host client may take to send its CONNECT line.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Host-side ports for host-initiated connections start here.
+const FIRST_HOST_PORT: u32 = 1 << 30;
 
 /// Errors setting up the device.
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
     #[error("creating the epoll set: {0}")]
     Epoll(std::io::Error),
+    #[error("listening on {0}: {1}")]
+    Listen(String, std::io::Error),
 }
 
 /// Counters.
@@ -60,6 +73,16 @@ struct Conn {
     tx_cnt: u32,
     /// Bytes we forwarded from the guest to the host socket.
     fwd_cnt: u32,
+    /// Host-initiated and not yet accepted by the guest: no data moves.
+    connecting: bool,
+}
+
+/// A host client that has not sent its whole `CONNECT` line yet.
+#[derive(Debug)]
+struct Pending {
+    stream: UnixStream,
+    line: Vec<u8>,
+    since: std::time::Instant,
 }
 
 impl Conn {
@@ -81,6 +104,9 @@ pub struct Vsock {
     /// Control packets waiting for an RX buffer.
     control: VecDeque<Header>,
     epoll: OwnedFd,
+    listener: UnixListener,
+    pending: Vec<Pending>,
+    next_host_port: u32,
     counters: VsockCounters,
 }
 
@@ -106,15 +132,117 @@ impl Vsock {
         }
         // SAFETY: `fd` is a fresh descriptor nobody else owns.
         let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self {
+        let listen_err = |e| VsockError::Listen(uds_path.display().to_string(), e);
+        let _ = std::fs::remove_file(&uds_path);
+        let listener = UnixListener::bind(&uds_path).map_err(listen_err)?;
+        listener.set_nonblocking(true).map_err(listen_err)?;
+        let v = Self {
             guest_cid,
             uds_path,
             config: guest_cid.to_le_bytes(),
             conns: BTreeMap::new(),
             control: VecDeque::new(),
             epoll,
+            listener,
+            pending: Vec::new(),
+            next_host_port: FIRST_HOST_PORT,
             counters,
-        })
+        };
+        v.watch(v.listener.as_raw_fd(), (u32::MAX, u32::MAX));
+        Ok(v)
+    }
+
+    /// Accepts host clients and reads their `CONNECT <port>` lines; a
+    /// complete line becomes a REQUEST to the guest. Bounded: at most
+    /// [`MAX_PENDING`] waiting clients, [`MAX_CONNECT_LINE`] bytes each, and
+    /// [`CONNECT_TIMEOUT`] to send the line; anything else is dropped.
+    fn host_connects(&mut self) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            if self.pending.len() >= MAX_PENDING || stream.set_nonblocking(true).is_err() {
+                continue; // dropping the stream closes it
+            }
+            self.watch(stream.as_raw_fd(), (u32::MAX, u32::MAX - 1));
+            self.pending.push(Pending {
+                stream,
+                line: Vec::new(),
+                since: std::time::Instant::now(),
+            });
+        }
+        let mut i = 0;
+        while i < self.pending.len() {
+            let p = &mut self.pending[i];
+            let mut byte = [0u8; 1];
+            let mut done = false;
+            let mut drop_it = p.since.elapsed() > CONNECT_TIMEOUT;
+            while !done && !drop_it {
+                match p.stream.read(&mut byte) {
+                    Ok(1) if byte[0] == b'\n' => done = true,
+                    Ok(1) if p.line.len() < MAX_CONNECT_LINE => p.line.push(byte[0]),
+                    Ok(_) => drop_it = true, // EOF or an overlong line
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => drop_it = true,
+                }
+            }
+            if !done && !drop_it {
+                i += 1;
+                continue;
+            }
+            let p = self.pending.swap_remove(i);
+            self.unwatch(p.stream.as_raw_fd());
+            let port = std::str::from_utf8(&p.line)
+                .ok()
+                .and_then(|l| l.trim_end_matches('\r').strip_prefix("CONNECT "))
+                .and_then(|n| n.trim().parse::<u32>().ok());
+            if let (true, Some(port)) = (done, port) {
+                self.host_request(p.stream, port);
+            }
+        }
+    }
+
+    /// Asks the guest to accept a host connection to its `port`.
+    fn host_request(&mut self, stream: UnixStream, port: u32) {
+        if self.conns.len() >= MAX_CONNECTIONS {
+            return;
+        }
+        let host_port = self.next_host_port;
+        self.next_host_port = self.next_host_port.wrapping_add(1).max(FIRST_HOST_PORT);
+        let key = (port, host_port);
+        if self.conns.contains_key(&key) {
+            return;
+        }
+        self.conns.insert(
+            key,
+            Conn {
+                stream,
+                peer_buf_alloc: 0,
+                peer_fwd_cnt: 0,
+                tx_cnt: 0,
+                fwd_cnt: 0,
+                connecting: true,
+            },
+        );
+        self.control.push_back(Header {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: host_port,
+            dst_port: port,
+            kind: TYPE_STREAM,
+            op: OP_REQUEST,
+            buf_alloc: BUF_ALLOC,
+            ..Default::default()
+        });
+    }
+
+    fn unwatch(&self, fd: RawFd) {
+        // SAFETY: removing a registered fd from our epoll set; errors are harmless.
+        unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            )
+        };
     }
 
     fn reply(&self, to: &Header, op: u16) -> Header {
@@ -134,6 +262,13 @@ impl Vsock {
         }
     }
 
+    /// Starts watching an accepted host-initiated connection's stream.
+    fn watch_key(&self, key: Key) {
+        if let Some(c) = self.conns.get(&key) {
+            self.watch(c.stream.as_raw_fd(), key);
+        }
+    }
+
     fn watch(&self, fd: RawFd, key: Key) {
         let mut ev = libc::epoll_event {
             events: libc::EPOLLIN as u32,
@@ -145,15 +280,7 @@ impl Vsock {
 
     fn close(&mut self, key: Key) {
         if let Some(c) = self.conns.remove(&key) {
-            // SAFETY: removing a registered fd from our epoll set; errors are harmless.
-            unsafe {
-                libc::epoll_ctl(
-                    self.epoll.as_raw_fd(),
-                    libc::EPOLL_CTL_DEL,
-                    c.stream.as_raw_fd(),
-                    std::ptr::null_mut(),
-                )
-            };
+            self.unwatch(c.stream.as_raw_fd());
         }
     }
 
@@ -177,6 +304,7 @@ impl Vsock {
                         peer_fwd_cnt: h.fwd_cnt,
                         tx_cnt: 0,
                         fwd_cnt: 0,
+                        connecting: false,
                     },
                 );
                 self.counters.connections.fetch_add(1, Ordering::Relaxed);
@@ -205,6 +333,25 @@ impl Vsock {
         }
         match h.op {
             OP_REQUEST => self.connect(h),
+            OP_RESPONSE => {
+                // The guest accepted a host-initiated connection.
+                let accepted = match self.conns.get_mut(&key) {
+                    Some(c) if c.connecting => {
+                        c.connecting = false;
+                        let ok = format!("OK {}\n", h.dst_port);
+                        c.stream.write_all(ok.as_bytes()).is_ok()
+                    }
+                    _ => false,
+                };
+                if accepted {
+                    self.counters.connections.fetch_add(1, Ordering::Relaxed);
+                    self.watch_key(key);
+                } else {
+                    self.close(key);
+                    let r = self.reply(h, OP_RST);
+                    self.control.push_back(r);
+                }
+            }
             OP_RW => {
                 let ok = match self.conns.get_mut(&key) {
                     Some(c) => match c.stream.write_all(payload) {
@@ -321,10 +468,11 @@ impl Vsock {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<bool, QueueError> {
+        self.host_connects();
         let mut used = self.flush_control(index, queue, mem)?;
         let keys: Vec<Key> = self.conns.keys().copied().collect();
         for key in keys {
-            while let Some(conn) = self.conns.get_mut(&key) {
+            while let Some(conn) = self.conns.get_mut(&key).filter(|c| !c.connecting) {
                 let credit = conn.credit() as usize;
                 if credit == 0 {
                     break;
@@ -427,6 +575,84 @@ impl VirtioDevice for Vsock {
         for k in keys {
             self.close(k);
         }
+        for p in std::mem::take(&mut self.pending) {
+            self.unwatch(p.stream.as_raw_fd());
+        }
         self.control.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait_pending_resolved(v: &mut Vsock) {
+        for _ in 0..200 {
+            v.host_connects();
+            if v.pending.is_empty() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        panic!("handshakes still pending");
+    }
+
+    #[test]
+    fn host_connect_lines_become_requests_and_bad_ones_are_dropped() {
+        let path = std::env::temp_dir().join(format!("runv-vsock-{}.sock", std::process::id()));
+        let mut v = Vsock::new(3, path.clone(), VsockCounters::default()).unwrap();
+        let mut good = UnixStream::connect(&path).unwrap();
+        good.write_all(b"CONNECT 5000\n").unwrap();
+        let mut garbage = UnixStream::connect(&path).unwrap();
+        garbage.write_all(b"HELLO 1\n").unwrap();
+        let mut long = UnixStream::connect(&path).unwrap();
+        long.write_all(&[b'9'; 100]).unwrap();
+        wait_pending_resolved(&mut v);
+        // One REQUEST, from the first host port to guest port 5000.
+        assert_eq!(v.control.len(), 1);
+        let h = v.control[0];
+        assert_eq!(
+            (h.op, h.dst_port, h.src_port),
+            (OP_REQUEST, 5000, FIRST_HOST_PORT)
+        );
+        assert_eq!((h.src_cid, h.dst_cid), (HOST_CID, 3));
+        assert!(v.conns[&(5000, FIRST_HOST_PORT)].connecting);
+        // The rejected clients were closed.
+        let mut b = [0u8; 1];
+        garbage
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(garbage.read(&mut b).unwrap(), 0);
+        long.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(long.read(&mut b).unwrap_or(0), 0);
+        // The guest accepts: the client gets `OK <host port>`.
+        let resp = Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 5000,
+            dst_port: FIRST_HOST_PORT,
+            kind: TYPE_STREAM,
+            op: OP_RESPONSE,
+            buf_alloc: 4096,
+            ..Default::default()
+        };
+        v.handle_guest_packet(&resp, &[]);
+        assert!(!v.conns[&(5000, FIRST_HOST_PORT)].connecting);
+        good.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut ok = [0u8; 14];
+        good.read_exact(&mut ok).unwrap();
+        assert_eq!(&ok, format!("OK {FIRST_HOST_PORT}\n").as_bytes());
+        // A RESPONSE for a connection nobody asked for is answered with RST.
+        v.control.clear();
+        let stray = Header {
+            src_port: 1,
+            dst_port: 2,
+            ..resp
+        };
+        v.handle_guest_packet(&stray, &[]);
+        assert_eq!(v.control[0].op, OP_RST);
+        std::fs::remove_file(&path).ok();
     }
 }
