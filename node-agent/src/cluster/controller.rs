@@ -1,0 +1,141 @@
+//! The MicroVM controller of one node: kube-runtime's `finalizer()` around
+//! "realize the VM" (apply) and "remove everything it had" (cleanup), status by
+//! server-side apply of the agent's fields only, Events on transitions.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+use runv_crds::MicroVM;
+use serde_json::json;
+
+use super::{Context, FINALIZER, MANAGER, vm_ref};
+use crate::reconcile::{agent_status, transitions};
+
+/// Why one reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// An API request failed.
+    #[error("API request failed: {0}")]
+    Api(#[from] kube::Error),
+    /// The finalizer helper failed.
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+    /// A blocking host task failed.
+    #[error("host task: {0}")]
+    Task(String),
+    /// Cleaning up the host failed.
+    #[error("cleanup: {0}")]
+    Cleanup(String),
+}
+
+/// Reconciles one MicroVM bound to this node.
+pub async fn reconcile(vm: Arc<MicroVM>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let ns = vm.namespace().unwrap_or_default();
+    let api: Api<MicroVM> = Api::namespaced(ctx.client.clone(), &ns);
+    let ctx2 = ctx.clone();
+    finalizer(&api, FINALIZER, vm, |event| async move {
+        match event {
+            Finalizer::Apply(vm) => apply(&vm, &ctx2).await,
+            Finalizer::Cleanup(vm) => cleanup(&vm, &ctx2).await,
+        }
+    })
+    .await
+    .map_err(|e| ReconcileError::Finalizer(e.to_string()))
+}
+
+/// Requeue after a failure.
+pub fn error_policy(_vm: Arc<MicroVM>, err: &ReconcileError, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %err, "reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn apply(vm: &MicroVM, ctx: &Context) -> Result<Action, ReconcileError> {
+    if ctx.fenced.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
+    let r = vm_ref(vm);
+    let previous = vm.status.clone().unwrap_or_default();
+    let generation = vm.metadata.generation.unwrap_or(1);
+    let rt = ctx.runtime.clone();
+    let (spec, prev, r2) = (vm.spec.clone(), previous.clone(), r.clone());
+    let decision = tokio::task::spawn_blocking(move || {
+        rt.reconcile(&r2, &spec, generation, &prev, Timestamp::now())
+    })
+    .await
+    .map_err(|e| ReconcileError::Task(e.to_string()))?;
+    let ours = agent_status(&decision.status);
+    if ours != agent_status(&previous) {
+        let api: Api<MicroVM> = Api::namespaced(ctx.client.clone(), &r.namespace);
+        let body = json!({
+            "apiVersion": MicroVM::api_version(&()),
+            "kind": MicroVM::kind(&()),
+            "status": ours,
+        });
+        api.patch_status(
+            &r.name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await?;
+    }
+    for t in transitions(&previous, &decision.status) {
+        let ev = Event {
+            type_: if t.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: t.reason,
+            note: Some(t.note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &vm.object_ref(&())).await {
+            tracing::warn!(error = %e, "cannot publish event");
+        }
+    }
+    ctx.statuses
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(r, decision.status);
+    Ok(Action::requeue(
+        decision.requeue.unwrap_or(Duration::from_secs(30)),
+    ))
+}
+
+async fn cleanup(vm: &MicroVM, ctx: &Context) -> Result<Action, ReconcileError> {
+    let r = vm_ref(vm);
+    let rt = ctx.runtime.clone();
+    let grace = Duration::from_secs(
+        u64::try_from(vm.spec.termination_grace_period_seconds)
+            .unwrap_or(0)
+            .min(30),
+    );
+    let r2 = r.clone();
+    tokio::task::spawn_blocking(move || {
+        rt.stop(&r2, grace)?;
+        rt.cleanup(&r2)
+    })
+    .await
+    .map_err(|e| ReconcileError::Task(e.to_string()))?
+    .map_err(|e| ReconcileError::Cleanup(e.to_string()))?;
+    ctx.statuses
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(&r);
+    let ev = Event {
+        type_: EventType::Normal,
+        reason: "Deleted".into(),
+        note: Some("VMM stopped; taps, addresses and state removed".into()),
+        action: "Cleanup".into(),
+        secondary: None,
+    };
+    let _ = ctx.recorder.publish(&ev, &vm.object_ref(&())).await;
+    Ok(Action::await_change())
+}

@@ -1,0 +1,287 @@
+//! Cluster mode (`runv-agent run --node NAME`): registers the node, renews its
+//! Lease (and fences itself when it cannot), watches the MicroVMs bound to the
+//! node (field selector `status.nodeName=<node>`), realizes each through the
+//! [`Runtime`], reports status by server-side apply under `runv-agent`, emits
+//! Events, serves `/metrics`, and removes VMs that are no longer bound here.
+//!
+//! The operator and the agent meet only in the API (docs/operations.md).
+
+pub mod controller;
+pub mod node;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use kube::api::{Api, ListParams};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{Controller, watcher};
+use kube::{Client, ResourceExt};
+use runv_crds::{MicroVM, MicroVMStatus};
+
+use crate::metrics::{self, VmSample};
+use crate::runtime::{Runtime, VmRef};
+
+/// The field manager of every write the agent makes.
+pub const MANAGER: &str = "runv-agent";
+/// The agent's finalizer on MicroVMs bound to its node.
+pub const FINALIZER: &str = "runv.dev/agent-cleanup";
+
+/// Why cluster mode failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// An API request failed.
+    #[error("API request failed: {0}")]
+    Api(#[from] kube::Error),
+    /// The metrics endpoint could not be served.
+    #[error("serving {addr}: {source}")]
+    Http {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Settings of cluster mode.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// This node's name.
+    pub node: String,
+    /// Namespace of the agent Leases.
+    pub namespace: String,
+    /// Who holds the Lease (the pod name).
+    pub holder: String,
+    /// What the node offers to microVMs.
+    pub capacity: node::Capacity,
+    /// Address of `/metrics` and `/healthz`.
+    pub http_addr: SocketAddr,
+}
+
+/// Shared by the controller, the heartbeat and the metrics endpoint.
+pub struct Context {
+    /// The API.
+    pub client: Client,
+    /// The runtime.
+    pub runtime: Arc<Runtime>,
+    /// Settings.
+    pub config: ClusterConfig,
+    /// Events.
+    pub recorder: Recorder,
+    /// Set while the Lease could not be renewed for its duration: VMs stopped, none started.
+    pub fenced: AtomicBool,
+    /// The last status reported per VM, for metrics.
+    pub statuses: Mutex<BTreeMap<VmRef, MicroVMStatus>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+fn vm_ref(vm: &MicroVM) -> VmRef {
+    VmRef {
+        namespace: vm.namespace().unwrap_or_default(),
+        name: vm.name_any(),
+        uid: vm.uid().unwrap_or_default(),
+    }
+}
+
+/// Removes every VM on this host whose MicroVM is not bound to this node any
+/// more (deleted, or moved while the agent was away).
+pub async fn collect_orphans(ctx: &Context) -> Result<usize, ClusterError> {
+    let api: Api<MicroVM> = Api::all(ctx.client.clone());
+    let bound = api
+        .list(&ListParams::default().fields(&format!("status.nodeName={}", ctx.config.node)))
+        .await?;
+    let keep: Vec<VmRef> = bound.items.iter().map(vm_ref).collect();
+    let mut removed = 0;
+    for known in ctx.runtime.known() {
+        let still = keep.iter().any(|k| {
+            k.namespace == known.namespace
+                && k.name == known.name
+                && (known.uid.is_empty() || k.uid == known.uid)
+        });
+        if !still {
+            let rt = ctx.runtime.clone();
+            let r = known.clone();
+            let res = tokio::task::spawn_blocking(move || rt.cleanup(&r)).await;
+            match res {
+                Ok(Ok(())) => {
+                    tracing::info!(vm = %known, "removed a VM no longer bound to this node");
+                    removed += 1;
+                }
+                Ok(Err(e)) => tracing::warn!(vm = %known, error = %e, "cannot remove orphan"),
+                Err(e) => tracing::warn!(vm = %known, error = %e, "cleanup task failed"),
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// Renews the Lease every 10 s; stops every VM once it could not for the
+/// Lease's duration (self-fencing), and lifts the fence when it can again.
+async fn heartbeat(ctx: Arc<Context>) {
+    let mut last_ok = Instant::now();
+    let lease = Duration::from_secs(u64::try_from(node::LEASE_SECONDS).unwrap_or(40));
+    loop {
+        match node::renew(
+            &ctx.client,
+            &ctx.config.namespace,
+            &ctx.config.node,
+            &ctx.config.holder,
+        )
+        .await
+        {
+            Ok(()) => {
+                last_ok = Instant::now();
+                if ctx.fenced.swap(false, Ordering::SeqCst) {
+                    tracing::warn!("Lease renewed again: no longer fenced");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot renew the Lease");
+                if last_ok.elapsed() >= lease && !ctx.fenced.swap(true, Ordering::SeqCst) {
+                    tracing::error!("Lease not renewed for {lease:?}: fencing, stopping every VM");
+                    let rt = ctx.runtime.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for vm in rt.known() {
+                            if let Err(e) = rt.stop(&vm, Duration::ZERO) {
+                                tracing::warn!(vm = %vm, error = %e, "cannot stop");
+                            }
+                        }
+                    })
+                    .await;
+                }
+            }
+        }
+        tokio::time::sleep(node::RENEW_EVERY).await;
+    }
+}
+
+/// The samples behind `/metrics`.
+pub fn samples(ctx: &Context) -> Vec<VmSample> {
+    let statuses = ctx
+        .statuses
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let host = ctx.runtime.host();
+    statuses
+        .iter()
+        .map(|(r, s)| {
+            let dir = ctx.runtime.dir(r);
+            let id = dir.read_record().and_then(|rec| rec.vmm);
+            let usage = id.and_then(|id| host.processes().usage(id));
+            let view = usage.and_then(|_| host.control().view(&dir.control_socket()));
+            VmSample {
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+                cpu_seconds: usage.map(|u| u.cpu_seconds),
+                rss_bytes: usage.map(|u| u.rss_bytes),
+                boot_seconds: s.boot_duration_millis.map(|m| m as f64 / 1000.0),
+                restarts: u64::try_from(s.restart_count).unwrap_or(0),
+                running: usage.is_some(),
+                counters: view.map(|v| v.counters).unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+async fn serve(ctx: Arc<Context>) -> Result<(), ClusterError> {
+    use axum::routing::get;
+    let addr = ctx.config.http_addr;
+    let metrics_ctx = ctx.clone();
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let ctx = metrics_ctx.clone();
+                async move {
+                    let node = ctx.config.node.clone();
+                    let text =
+                        tokio::task::spawn_blocking(move || metrics::render(&node, &samples(&ctx)))
+                            .await
+                            .unwrap_or_default();
+                    ([("content-type", "text/plain; version=0.0.4")], text)
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ClusterError::Http { addr, source })?;
+    axum::serve(listener, app)
+        .await
+        .map_err(|source| ClusterError::Http { addr, source })
+}
+
+/// Runs cluster mode until `shutdown` resolves. VMs keep running when it returns.
+pub async fn run(
+    client: Client,
+    config: ClusterConfig,
+    runtime: Arc<Runtime>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), ClusterError> {
+    let reporter = Reporter {
+        controller: "runv.dev/agent".into(),
+        instance: Some(config.node.clone()),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client: client.clone(),
+        runtime,
+        config,
+        fenced: AtomicBool::new(false),
+        statuses: Mutex::new(BTreeMap::new()),
+    });
+    // Before reporting ready: nothing runs here that is not bound here.
+    collect_orphans(&ctx).await?;
+    node::register(&client, &ctx.config.node, ctx.config.capacity).await?;
+    node::renew(
+        &client,
+        &ctx.config.namespace,
+        &ctx.config.node,
+        &ctx.config.holder,
+    )
+    .await?;
+    let beat = tokio::spawn(heartbeat(ctx.clone()));
+    let http = tokio::spawn(serve(ctx.clone()));
+    let gc_ctx = ctx.clone();
+    let gc = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            if let Err(e) = collect_orphans(&gc_ctx).await {
+                tracing::warn!(error = %e, "orphan collection failed");
+            }
+        }
+    });
+    let api: Api<MicroVM> = Api::all(client);
+    let selector = format!("status.nodeName={}", ctx.config.node);
+    let shutdown = shutdown.shared();
+    let controller = Controller::new(api, watcher::Config::default().fields(&selector))
+        .graceful_shutdown_on(shutdown.clone())
+        .run(controller::reconcile, controller::error_policy, ctx.clone())
+        .for_each(|r| {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "reconcile failed");
+            }
+            futures::future::ready(())
+        });
+    let result = tokio::select! {
+        () = controller => Ok(()),
+        r = http => match r {
+            Ok(Err(e)) => Err(e),
+            _ => Ok(()),
+        },
+    };
+    beat.abort();
+    gc.abort();
+    result
+}

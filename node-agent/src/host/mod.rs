@@ -1,0 +1,283 @@
+//! Host side effects, behind traits: VMM processes ([`Processes`]), disk images
+//! ([`Disks`]) and networking ([`Network`]), plus the node-local IPAM
+//! ([`ipam`]).
+//!
+//! Reconcile logic talks to a [`Host`] only, so it runs against the in-memory
+//! fakes in [`fake`] without root, `/dev/kvm` or `/dev/net/tun`. The real Linux
+//! implementations live in [`process`], [`disk`] and [`net`]; nothing outside
+//! this module makes a syscall with a side effect on the node.
+
+pub mod disk;
+pub mod fake;
+pub mod ipam;
+pub mod net;
+pub mod process;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a host operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// A filesystem or process operation failed.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file or program involved.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A host command (`ip`, `iptables`) failed.
+    #[error("`{command}` failed: {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// The process is not the VMM that was recorded (gone, or its pid reused).
+    #[error("process {0} is not the recorded VMM")]
+    NotOurs(u32),
+    /// A name or value the host cannot use.
+    #[error("invalid {what}: {value:?}")]
+    Invalid {
+        /// What kind of value.
+        what: &'static str,
+        /// The value.
+        value: String,
+    },
+    /// The node-local address pool has no free address.
+    #[error("no free address left in {0}")]
+    PoolExhausted(String),
+}
+
+impl HostError {
+    /// An [`HostError::Io`] from its parts.
+    pub fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            what,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Identifies one VMM process beyond its pid: the kernel's start time of the
+/// process (clock ticks since boot, `/proc/PID/stat` field 22), so a recycled
+/// pid is never mistaken for the VMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmmIdentity {
+    /// Process id.
+    pub pid: u32,
+    /// Process start time in clock ticks since boot.
+    pub start_ticks: u64,
+}
+
+/// What the agent asks when it spawns a VMM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpawnRequest {
+    /// The `runv-vmm` binary.
+    pub vmm: PathBuf,
+    /// The config file it gets with `--config`.
+    pub config: PathBuf,
+    /// Where its stdout and stderr go (appended).
+    pub log: PathBuf,
+}
+
+/// Spawning, finding and killing VMM processes. A spawned VMM is its own
+/// session and process group, so it outlives the agent.
+pub trait Processes: Send + Sync {
+    /// Starts a VMM and returns its identity.
+    fn spawn(&self, req: &SpawnRequest) -> Result<VmmIdentity, HostError>;
+    /// Whether the process still runs and is the same process (not a reused pid).
+    /// A zombie child counts as exited and is reaped.
+    fn is_alive(&self, id: VmmIdentity) -> bool;
+    /// Sends SIGKILL to the VMM, if it is still the recorded process.
+    fn kill(&self, id: VmmIdentity) -> Result<(), HostError>;
+    /// Resident memory and CPU time of the process, when it runs.
+    fn usage(&self, id: VmmIdentity) -> Option<ProcessUsage>;
+}
+
+/// Resource use of one process.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ProcessUsage {
+    /// Resident set size in bytes.
+    pub rss_bytes: u64,
+    /// User plus system CPU time in seconds.
+    pub cpu_seconds: f64,
+}
+
+/// How a disk image was copied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyKind {
+    /// A copy-on-write clone (FICLONE): no data copied.
+    Reflink,
+    /// A sparse copy: zero blocks left as holes.
+    Sparse,
+}
+
+/// Disk images.
+pub trait Disks: Send + Sync {
+    /// Whether a regular file exists at `path`.
+    fn exists(&self, path: &Path) -> bool;
+    /// A private copy of `base` at `dst`: reflink where the filesystem can, else
+    /// a sparse copy. `dst` must not exist.
+    fn copy_image(&self, base: &Path, dst: &Path) -> Result<CopyKind, HostError>;
+    /// A new sparse zero-filled file of `size` bytes at `dst`. `dst` must not exist.
+    fn create_empty(&self, dst: &Path, size: u64) -> Result<(), HostError>;
+}
+
+/// The node's bridge with its gateway address and NAT to the uplink.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BridgeSpec {
+    /// Bridge device name (at most 15 bytes).
+    pub name: String,
+    /// The bridge's own address, the guests' gateway.
+    pub gateway: std::net::Ipv4Addr,
+    /// Prefix length of the guest subnet.
+    pub prefix: u8,
+}
+
+/// Node networking for `Nat` interfaces.
+pub trait Network: Send + Sync {
+    /// Creates the bridge if missing, gives it the gateway address, brings it up,
+    /// and masquerades traffic from the subnet leaving through other interfaces.
+    /// Idempotent.
+    fn ensure_bridge(&self, bridge: &BridgeSpec) -> Result<(), HostError>;
+    /// Creates a persistent tap owned by the VMM-to-be, attached to `bridge` and
+    /// up. Idempotent.
+    fn ensure_tap(&self, tap: &str, bridge: &str) -> Result<(), HostError>;
+    /// Deletes the tap; a missing tap is not an error.
+    fn delete_tap(&self, tap: &str) -> Result<(), HostError>;
+    /// Whether a network device of this name exists.
+    fn link_exists(&self, name: &str) -> bool;
+}
+
+/// What a running VMM says about itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VmmView {
+    /// The vCPUs are paused.
+    pub paused: bool,
+    /// Bytes the guest wrote to its serial console (the boot signal: see docs/agent.md).
+    pub serial_bytes: u64,
+    /// Every counter the VMM exports.
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+/// A VMM's control socket.
+pub trait Control: Send + Sync {
+    /// State and counters; `None` when the VMM does not answer (yet).
+    fn view(&self, socket: &Path) -> Option<VmmView>;
+    /// Sends pause, resume, shutdown or kill.
+    fn send(&self, socket: &Path, request: runv_vmm_api::Request) -> Result<(), HostError>;
+}
+
+/// Everything on the host the agent changes, in one handle.
+pub trait Host: Send + Sync {
+    /// VMM control sockets.
+    fn control(&self) -> &dyn Control;
+    /// VMM processes.
+    fn processes(&self) -> &dyn Processes;
+    /// Disk images.
+    fn disks(&self) -> &dyn Disks;
+    /// Networking.
+    fn network(&self) -> &dyn Network;
+}
+
+/// The real Linux host.
+#[derive(Debug, Default)]
+pub struct LinuxHost {
+    control: SocketControl,
+    processes: process::LinuxProcesses,
+    disks: disk::LinuxDisks,
+    network: net::IpNetwork,
+}
+
+impl LinuxHost {
+    /// A host whose networking runs in the network namespace `netns` (`None`:
+    /// the agent's own).
+    pub fn new(netns: Option<String>) -> Self {
+        Self {
+            control: SocketControl,
+            processes: process::LinuxProcesses,
+            disks: disk::LinuxDisks,
+            network: net::IpNetwork::new(netns),
+        }
+    }
+}
+
+impl Host for LinuxHost {
+    fn control(&self) -> &dyn Control {
+        &self.control
+    }
+    fn processes(&self) -> &dyn Processes {
+        &self.processes
+    }
+    fn disks(&self) -> &dyn Disks {
+        &self.disks
+    }
+    fn network(&self) -> &dyn Network {
+        &self.network
+    }
+}
+
+/// [`Control`] over the real control socket.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SocketControl;
+
+/// How long one control-socket exchange may take.
+const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Control for SocketControl {
+    fn view(&self, socket: &Path) -> Option<VmmView> {
+        let mut c = crate::vmm_client::VmmClient::connect(socket, CONTROL_TIMEOUT).ok()?;
+        let d = c.describe().ok()?;
+        let counters = c.counters().unwrap_or_default();
+        Some(VmmView {
+            paused: d.state == runv_vmm_api::VmState::Paused,
+            serial_bytes: counters.get("serial_tx_bytes_total").copied().unwrap_or(0),
+            counters,
+        })
+    }
+
+    fn send(&self, socket: &Path, request: runv_vmm_api::Request) -> Result<(), HostError> {
+        let to_host = |e: crate::vmm_client::ClientError| {
+            HostError::io(
+                "control socket",
+                socket,
+                std::io::Error::other(e.to_string()),
+            )
+        };
+        let mut c =
+            crate::vmm_client::VmmClient::connect(socket, CONTROL_TIMEOUT).map_err(to_host)?;
+        match c.call(&request).map_err(to_host)? {
+            runv_vmm_api::Response::Error { message } => Err(HostError::io(
+                "control socket",
+                socket,
+                std::io::Error::other(message),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Checks a Linux interface name: 1 to 15 bytes of `[A-Za-z0-9_.-]`.
+pub fn check_ifname(name: &str) -> Result<(), HostError> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(HostError::Invalid {
+            what: "interface name",
+            value: name.to_owned(),
+        })
+    }
+}

@@ -1,0 +1,228 @@
+//! Real VMM processes: spawned detached (own session, stdin from /dev/null,
+//! output appended to a log file), identified by pid plus kernel start time,
+//! killed with SIGKILL only after the identity is checked again.
+//!
+//! Must not decide when to spawn or kill: the reconcile logic does.
+
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+use super::{HostError, ProcessUsage, Processes, SpawnRequest, VmmIdentity};
+
+/// Processes on this Linux host.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinuxProcesses;
+
+/// The fields of `/proc/PID/stat` after the command name.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may itself contain spaces or ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The start time (clock ticks since boot) and state letter of a process.
+pub fn start_ticks(pid: u32) -> Option<(u64, char)> {
+    let f = stat_fields(pid)?;
+    // Fields after the name start at field 3 (state); starttime is field 22.
+    let state = f.first()?.chars().next()?;
+    let ticks = f.get(22 - 3)?.parse().ok()?;
+    Some((ticks, state))
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(p).unwrap_or(4096)
+}
+
+/// Reaps `pid` if it is a zombie child of this process; harmless otherwise.
+fn reap(pid: u32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    let mut status = 0;
+    // SAFETY: `status` is a valid out-pointer; WNOHANG never blocks, and waiting
+    // on a pid that is not our child only returns ECHILD.
+    unsafe {
+        libc::waitpid(pid, &mut status, libc::WNOHANG);
+    }
+}
+
+impl Processes for LinuxProcesses {
+    fn spawn(&self, req: &SpawnRequest) -> Result<VmmIdentity, HostError> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&req.log)
+            .map_err(|e| HostError::io("opening", &req.log, e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| HostError::io("opening", &req.log, e))?;
+        let mut cmd = Command::new(&req.vmm);
+        cmd.arg("--config")
+            .arg(&req.config)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        // SAFETY: the closure runs in the forked child before exec and calls only
+        // setsid(2), which is async-signal-safe. A new session keeps the VMM out of
+        // the agent's process group, so signals to the agent (Ctrl-C, kill of the
+        // group) do not reach it.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| HostError::io("spawning", &req.vmm, e))?;
+        let pid = child.id();
+        // The Child handle is dropped without waiting: the VMM is independent of
+        // us; is_alive reaps it when it exits while we still run.
+        drop(child);
+        let (start_ticks, _) = start_ticks(pid).ok_or(HostError::NotOurs(pid))?;
+        Ok(VmmIdentity { pid, start_ticks })
+    }
+
+    fn is_alive(&self, id: VmmIdentity) -> bool {
+        match start_ticks(id.pid) {
+            Some((ticks, state)) if ticks == id.start_ticks => {
+                if state == 'Z' || state == 'X' {
+                    reap(id.pid);
+                    false
+                } else {
+                    true
+                }
+            }
+            _ => false,
+        }
+    }
+
+    fn kill(&self, id: VmmIdentity) -> Result<(), HostError> {
+        if !self.is_alive(id) {
+            return Ok(());
+        }
+        let pid = libc::pid_t::try_from(id.pid).map_err(|_| HostError::NotOurs(id.pid))?;
+        // SAFETY: kill(2) has no memory-safety preconditions; the identity check
+        // just above makes a reused pid very unlikely.
+        let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                return Err(HostError::io("killing", format!("pid {}", id.pid), e));
+            }
+        }
+        // Reap it if it was our child, so it does not linger as a zombie.
+        for _ in 0..100 {
+            if !self.is_alive(id) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
+    fn usage(&self, id: VmmIdentity) -> Option<ProcessUsage> {
+        let f = stat_fields(id.pid)?;
+        if f.get(22 - 3)?.parse::<u64>().ok()? != id.start_ticks {
+            return None;
+        }
+        let utime: u64 = f.get(14 - 3)?.parse().ok()?;
+        let stime: u64 = f.get(15 - 3)?.parse().ok()?;
+        let rss_pages: u64 = f.get(24 - 3)?.parse().ok()?;
+        Some(ProcessUsage {
+            rss_bytes: rss_pages * page_size(),
+            cpu_seconds: (utime + stime) as f64 / clock_ticks_per_second(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sleeper(dir: &std::path::Path, secs: &str) -> SpawnRequest {
+        // A stand-in VMM: a shell script that ignores --config and sleeps.
+        let script = dir.join("fake-vmm");
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\necho started \"$@\"\nexec sleep {secs}\n"),
+        )
+        .unwrap();
+        let mut perm = std::fs::metadata(&script).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+        std::fs::set_permissions(&script, perm).unwrap();
+        SpawnRequest {
+            vmm: script,
+            config: dir.join("config.json"),
+            log: dir.join("vmm.log"),
+        }
+    }
+
+    #[test]
+    fn spawned_process_is_found_killed_and_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = LinuxProcesses;
+        let id = p.spawn(&sleeper(dir.path(), "30")).unwrap();
+        assert!(p.is_alive(id));
+        // Its own session: not in our process group.
+        // SAFETY: getpgid/getpgrp have no memory-safety preconditions.
+        let (theirs, ours) = unsafe { (libc::getpgid(id.pid as i32), libc::getpgrp()) };
+        assert_ne!(theirs, ours);
+        // Once the script has run its first command, it has memory of its own.
+        let start = std::time::Instant::now();
+        while !std::fs::read_to_string(dir.path().join("vmm.log"))
+            .unwrap_or_default()
+            .contains("started")
+        {
+            assert!(start.elapsed() < std::time::Duration::from_secs(10));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let usage = p.usage(id).expect("usage of a running process");
+        assert!(usage.rss_bytes > 0, "{usage:?}");
+        // A different start time is a different process, never ours to kill.
+        let other = VmmIdentity {
+            pid: id.pid,
+            start_ticks: id.start_ticks + 1,
+        };
+        assert!(!p.is_alive(other));
+        assert!(p.usage(other).is_none());
+        p.kill(id).unwrap();
+        assert!(!p.is_alive(id));
+        p.kill(id).unwrap(); // idempotent
+        let log = std::fs::read_to_string(dir.path().join("vmm.log")).unwrap();
+        assert!(log.contains("--config"), "{log}");
+    }
+
+    #[test]
+    fn a_process_that_exits_is_not_alive() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = LinuxProcesses;
+        let id = p.spawn(&sleeper(dir.path(), "0")).unwrap();
+        let start = std::time::Instant::now();
+        while p.is_alive(id) {
+            assert!(start.elapsed() < std::time::Duration::from_secs(10));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_missing_binary_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut req = sleeper(dir.path(), "0");
+        req.vmm = dir.path().join("no-such-vmm");
+        let e = LinuxProcesses.spawn(&req).unwrap_err();
+        assert!(e.to_string().contains("no-such-vmm"), "{e}");
+    }
+}

@@ -1,0 +1,20 @@
+//! The runv node agent (`runv-agent`): realizes MicroVMs on a node, one
+//! `runv-vmm` process per VM, and reports what it observes.
+//!
+//! Layout: [`host`] holds every side effect on the node behind traits (with
+//! fakes); [`state`] is the agent's state directory; [`vmm_client`] speaks the
+//! VMM's control socket; [`vmconfig`] turns a MicroVM spec into a VMM config;
+//! [`reconcile`] decides, as pure functions, what to do and what status to
+//! report; [`runtime`] observes, decides and acts for each VM; [`standalone`]
+//! and [`cluster`] are the two modes; [`metrics`] renders `/metrics`; [`testing`] gates tests that need `/dev/kvm`, root or taps.
+
+pub mod cluster;
+pub mod host;
+pub mod metrics;
+pub mod reconcile;
+pub mod runtime;
+pub mod standalone;
+pub mod state;
+pub mod testing;
+pub mod vmconfig;
+pub mod vmm_client;

@@ -1,0 +1,277 @@
+//! `runv-agent`: the runv node agent.
+//!
+//! - `runv-agent standalone FILE|DIR`: realize MicroVM manifests on this host
+//!   with no cluster; prints status transitions and serial output; Ctrl-C stops
+//!   the VMs cleanly.
+//! - `runv-agent run --node NAME`: the node agent of a cluster.
+//! - `runv-agent console NAME`: print a VM's kept serial output.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use runv_node_agent::cluster::node::Capacity;
+use runv_node_agent::cluster::{self, ClusterConfig};
+use runv_node_agent::host::LinuxHost;
+use runv_node_agent::runtime::{Runtime, RuntimeConfig};
+use runv_node_agent::state::VmDir;
+use runv_node_agent::{standalone, state};
+
+/// The runv node agent.
+#[derive(Debug, Parser)]
+#[command(name = "runv-agent", version)]
+struct Cli {
+    /// The agent's state directory (VM directories, IPAM).
+    #[arg(
+        long,
+        global = true,
+        env = "RUNV_AGENT_ROOT",
+        default_value = "/var/lib/runv/agent"
+    )]
+    root: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Realize MicroVM manifests on this host, without a cluster.
+    Standalone {
+        /// A manifest file or a directory of them.
+        path: PathBuf,
+        /// The runv-vmm binary (default: next to runv-agent, then PATH).
+        #[arg(long)]
+        vmm: Option<PathBuf>,
+        /// Stop the VMs after this many seconds if they have not settled.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Run as the node agent of a cluster.
+    Run {
+        /// This node's name.
+        #[arg(long, env = "NODE_NAME")]
+        node: String,
+        /// Namespace of the agent Leases.
+        #[arg(long, env = "RUNV_NAMESPACE", default_value = "runv-system")]
+        namespace: String,
+        /// Address of /metrics and /healthz.
+        #[arg(long, default_value = "0.0.0.0:9090")]
+        http_addr: std::net::SocketAddr,
+        /// The runv-vmm binary (default: next to runv-agent, then PATH).
+        #[arg(long)]
+        vmm: Option<PathBuf>,
+        /// vCPUs offered to microVMs (default: the host's CPUs).
+        #[arg(long)]
+        vcpus: Option<u64>,
+        /// Memory offered to microVMs, a quantity (default: the host's, less --reserved-memory).
+        #[arg(long)]
+        memory: Option<String>,
+        /// Memory kept for the host when --memory is not given.
+        #[arg(long, default_value = "1Gi")]
+        reserved_memory: String,
+    },
+    /// Print a VM's kept serial console output.
+    Console {
+        /// The MicroVM's name.
+        name: String,
+        /// Its namespace.
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn install_signal_handlers() -> anyhow::Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe); the
+        // sigaction struct is zeroed and then given the handler.
+        let rc = unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = on_signal as *const () as usize;
+            libc::sigaction(sig, &act, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("installing signal handlers");
+        }
+    }
+    Ok(())
+}
+
+/// `--vmm`, else `runv-vmm` next to this executable, else on PATH.
+fn find_vmm(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p);
+    }
+    if let Some(p) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("runv-vmm")))
+        .filter(|p| p.is_file())
+    {
+        return Ok(p);
+    }
+    if let Some(p) = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join("runv-vmm"))
+            .find(|p| p.is_file())
+    }) {
+        return Ok(p);
+    }
+    if let Some(p) = build_vmm_from_source()? {
+        return Ok(p);
+    }
+    bail!(
+        "runv-vmm not found next to runv-agent or on PATH (build it with `cargo build -p runv-vmm`, or pass --vmm)"
+    )
+}
+
+/// Under `cargo run` in a source tree (cargo sets `CARGO` for the program it
+/// runs), builds `runv-vmm` into the same target directory as this executable.
+fn build_vmm_from_source() -> anyhow::Result<Option<PathBuf>> {
+    let (Some(cargo), Ok(exe)) = (std::env::var_os("CARGO"), std::env::current_exe()) else {
+        return Ok(None);
+    };
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if !workspace.join("vmm/Cargo.toml").is_file() {
+        return Ok(None);
+    }
+    let release = exe
+        .parent()
+        .and_then(Path::file_name)
+        .is_some_and(|d| d == "release");
+    eprintln!("runv-agent: building runv-vmm (cargo build -p runv-vmm)");
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "-q", "-p", "runv-vmm", "--bin", "runv-vmm"])
+        .current_dir(&workspace);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().context("running cargo build -p runv-vmm")?;
+    if !status.success() {
+        bail!("cargo build -p runv-vmm failed");
+    }
+    Ok(exe
+        .parent()
+        .map(|d| d.join("runv-vmm"))
+        .filter(|p| p.is_file()))
+}
+
+fn standalone_cmd(
+    root: &Path,
+    path: &Path,
+    vmm: Option<PathBuf>,
+    timeout: Option<u64>,
+) -> anyhow::Result<bool> {
+    let mut out = std::io::stdout();
+    let vms = standalone::load(path)?;
+    standalone::provide_test_guest(&vms, &mut out).context("installing the test guest")?;
+    let vmm = find_vmm(vmm)?;
+    install_signal_handlers()?;
+    let rt = Runtime::new(
+        RuntimeConfig::new(root.to_owned(), vmm),
+        Arc::new(LinuxHost::new(None)),
+    )?;
+    let ok = standalone::run(
+        &rt,
+        &vms,
+        &STOP,
+        &mut out,
+        timeout.map(std::time::Duration::from_secs),
+    )?;
+    Ok(ok)
+}
+
+fn console_cmd(root: &Path, namespace: &str, name: &str) -> anyhow::Result<()> {
+    let dir = VmDir::new(root, namespace, name);
+    if dir.read_record().is_none() {
+        let known: Vec<String> = state::list(root)
+            .into_iter()
+            .map(|(_, r)| format!("{}/{}", r.namespace, r.name))
+            .collect();
+        bail!(
+            "no VM {namespace}/{name} under {} (known: {})",
+            root.display(),
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        );
+    }
+    use std::io::Write;
+    std::io::stdout().write_all(&dir.read_serial())?;
+    Ok(())
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("runv-agent: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Standalone { path, vmm, timeout } => {
+            if !standalone_cmd(&cli.root, &path, vmm, timeout)? {
+                std::process::exit(1);
+            }
+        }
+        Command::Console { name, namespace } => console_cmd(&cli.root, &namespace, &name)?,
+        Command::Run {
+            node,
+            namespace,
+            http_addr,
+            vmm,
+            vcpus,
+            memory,
+            reserved_memory,
+        } => {
+            let reserved = runv_crds::quantity::bytes("--reserved-memory", &reserved_memory)?;
+            let mut capacity = Capacity::of_host(reserved);
+            if let Some(v) = vcpus {
+                capacity.vcpus = v;
+            }
+            if let Some(m) = memory {
+                capacity.memory = runv_crds::quantity::bytes("--memory", &m)?;
+            }
+            let config = ClusterConfig {
+                holder: std::env::var("POD_NAME").unwrap_or_else(|_| format!("runv-agent-{node}")),
+                node,
+                namespace,
+                capacity,
+                http_addr,
+            };
+            let runtime = Runtime::new(
+                RuntimeConfig::new(cli.root.clone(), find_vmm(vmm)?),
+                Arc::new(LinuxHost::new(None)),
+            )?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async move {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("cannot reach the Kubernetes API (kubeconfig or in-cluster config)")?;
+                let shutdown = async {
+                    let _ = tokio::signal::ctrl_c().await;
+                };
+                cluster::run(client, config, Arc::new(runtime), shutdown).await?;
+                anyhow::Ok(())
+            })?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,523 @@
+//! Table tests of the decision function: runPolicy × exit, power states,
+//! backoff, missing files, spec changes, and the status each case reports.
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use runv_crds::MicroVMStatus;
+use runv_crds::conditions::{self as cond};
+use runv_crds::microvm::{Phase, PowerState, RunPolicy};
+use runv_vmm_api::{ExitReason, ExitRecord};
+
+use super::*;
+
+fn at(s: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + s).unwrap()
+}
+
+fn spec(policy: RunPolicy, power: PowerState) -> MicroVMSpec {
+    let mut s: MicroVMSpec = serde_json::from_str(
+        r#"{"boot":{"kernel":"/k/vmlinux"},"resources":{"vcpus":1,"memory":"64Mi"}}"#,
+    )
+    .unwrap();
+    s.run_policy = policy;
+    s.power_state = power;
+    s
+}
+
+fn never_ran() -> Observed {
+    Observed::NotRunning {
+        exit: None,
+        last_generation: None,
+    }
+}
+
+fn exited(reason: ExitReason, when: i64) -> Observed {
+    Observed::NotRunning {
+        exit: Some(ObservedExit {
+            record: Some(ExitRecord::new(reason, format!("{reason:?}"))),
+            at: at(when),
+            requested: false,
+        }),
+        last_generation: Some(1),
+    }
+}
+
+fn running(started: i64, booted: Option<i64>, paused: bool) -> Observed {
+    Observed::Running {
+        started_at: at(started),
+        paused,
+        booted_at: booted.map(at),
+        config_current: true,
+        shutdown_since: None,
+    }
+}
+
+fn run(s: &MicroVMSpec, prev: &MicroVMStatus, obs: &Observed, now: i64) -> Decision {
+    decide(
+        s,
+        1,
+        prev,
+        obs,
+        &Facts::default(),
+        &Backoff::default(),
+        at(now),
+    )
+}
+
+fn cond_of(status: &MicroVMStatus, t: &str) -> (String, String, String) {
+    let c = cond::find(&status.conditions, t).unwrap_or_else(|| panic!("no {t} condition"));
+    (c.status.clone(), c.reason.clone(), c.message.clone())
+}
+
+fn ready(d: &Decision) -> (String, String) {
+    let (s, r, _) = cond_of(&d.status, cond::READY);
+    (s, r)
+}
+
+fn ran_before(restarts: i32, started: i64) -> MicroVMStatus {
+    MicroVMStatus {
+        restart_count: restarts,
+        boot_start_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(
+            started,
+        ))),
+        ..MicroVMStatus::default()
+    }
+}
+
+#[test]
+fn a_new_vm_starts_and_reports_every_condition() {
+    let d = run(
+        &spec(RunPolicy::Once, PowerState::Running),
+        &MicroVMStatus::default(),
+        &never_ran(),
+        0,
+    );
+    assert_eq!(d.actions, vec![Action::Start { restart: false }]);
+    assert_eq!(d.status.phase, Some(Phase::Starting));
+    assert_eq!(ready(&d), ("False".into(), "Starting".into()));
+    assert_eq!(d.status.observed_generation, Some(1));
+    for t in cond::MICROVM_CONDITIONS
+        .iter()
+        .filter(|t| **t != cond::SCHEDULED)
+    {
+        assert!(cond::find(&d.status.conditions, t).is_some(), "{t} missing");
+    }
+    assert!(cond::find(&d.status.conditions, cond::SCHEDULED).is_none());
+}
+
+#[test]
+fn running_booted_and_booting() {
+    let s = spec(RunPolicy::Always, PowerState::Running);
+    let d = run(
+        &s,
+        &MicroVMStatus::default(),
+        &running(0, Some(2), false),
+        5,
+    );
+    assert!(d.actions.is_empty());
+    assert_eq!(d.status.phase, Some(Phase::Running));
+    assert_eq!(ready(&d), ("True".into(), "Running".into()));
+    assert_eq!(d.status.boot_duration_millis, Some(2000));
+    assert_eq!(cond_of(&d.status, cond::GUEST_BOOTED).0, "True");
+    assert_eq!(cond_of(&d.status, cond::RECONCILING).0, "False");
+
+    let d = run(&s, &MicroVMStatus::default(), &running(0, None, false), 1);
+    assert_eq!(d.status.phase, Some(Phase::Starting));
+    assert_eq!(ready(&d), ("False".into(), "Booting".into()));
+    assert_eq!(cond_of(&d.status, cond::VMM_STARTED).0, "True");
+    assert!(d.requeue.is_some());
+}
+
+#[test]
+fn missing_kernel_is_stalled_and_names_the_file() {
+    let facts = Facts {
+        missing_files: vec![("spec.boot.kernel".into(), "/k/vmlinux".into())],
+        ..Facts::default()
+    };
+    let d = decide(
+        &spec(RunPolicy::Always, PowerState::Running),
+        1,
+        &MicroVMStatus::default(),
+        &never_ran(),
+        &facts,
+        &Backoff::default(),
+        at(0),
+    );
+    assert!(d.actions.is_empty());
+    let (s, r, m) = cond_of(&d.status, cond::READY);
+    assert_eq!((s.as_str(), r.as_str()), ("False", "KernelNotFound"));
+    assert!(m.contains("/k/vmlinux"), "{m}");
+    assert_eq!(cond_of(&d.status, cond::STALLED).0, "True");
+    assert_eq!(cond_of(&d.status, cond::VMM_STARTED).1, "KernelNotFound");
+    assert_eq!(d.requeue, Some(Duration::from_secs(10)));
+    // A missing disk image has its own reason.
+    let facts = Facts {
+        missing_files: vec![("spec.disks[root].file.path".into(), "/img/root".into())],
+        ..Facts::default()
+    };
+    let d = decide(
+        &spec(RunPolicy::Once, PowerState::Running),
+        1,
+        &MicroVMStatus::default(),
+        &never_ran(),
+        &facts,
+        &Backoff::default(),
+        at(0),
+    );
+    assert_eq!(ready(&d).1, "DiskNotFound");
+}
+
+/// runPolicy × how the VM ended → (phase, Ready status, Ready reason, restarts now?).
+#[test]
+fn run_policy_table() {
+    use ExitReason::*;
+    let long_ago = 10_000; // past any backoff
+    let rows: &[(RunPolicy, ExitReason, Phase, &str, &str, bool)] = &[
+        (
+            RunPolicy::Once,
+            PowerOff,
+            Phase::Succeeded,
+            "True",
+            "Succeeded",
+            false,
+        ),
+        (
+            RunPolicy::Once,
+            Reset,
+            Phase::Succeeded,
+            "True",
+            "Succeeded",
+            false,
+        ),
+        (
+            RunPolicy::Once,
+            TripleFault,
+            Phase::Failed,
+            "False",
+            "TripleFault",
+            false,
+        ),
+        (
+            RunPolicy::Once,
+            GuestPanic,
+            Phase::Failed,
+            "False",
+            "GuestPanicked",
+            false,
+        ),
+        (
+            RunPolicy::RerunOnFailure,
+            PowerOff,
+            Phase::Succeeded,
+            "True",
+            "Succeeded",
+            false,
+        ),
+        (
+            RunPolicy::RerunOnFailure,
+            EmulationFailure,
+            Phase::Starting,
+            "False",
+            "Starting",
+            true,
+        ),
+        (
+            RunPolicy::Always,
+            PowerOff,
+            Phase::Starting,
+            "False",
+            "Starting",
+            true,
+        ),
+        (
+            RunPolicy::Always,
+            InternalError,
+            Phase::Starting,
+            "False",
+            "Starting",
+            true,
+        ),
+        (
+            RunPolicy::Manual,
+            PowerOff,
+            Phase::Stopped,
+            "True",
+            "Stopped",
+            false,
+        ),
+        (
+            RunPolicy::Manual,
+            TripleFault,
+            Phase::Stopped,
+            "True",
+            "Stopped",
+            false,
+        ),
+    ];
+    for (policy, reason, phase, rs, rr, restarts) in rows {
+        let s = spec(*policy, PowerState::Running);
+        let d = run(&s, &ran_before(0, 0), &exited(*reason, 5), long_ago);
+        let case = format!("{policy:?} after {reason:?}");
+        assert_eq!(d.status.phase, Some(*phase), "{case}");
+        assert_eq!(ready(&d), (rs.to_string(), rr.to_string()), "{case}");
+        assert_eq!(
+            d.actions == vec![Action::Start { restart: true }],
+            *restarts,
+            "{case}: {:?}",
+            d.actions
+        );
+        assert_eq!(d.status.restart_count, i32::from(*restarts), "{case}");
+        let last = d.status.last_exit.as_ref().expect("lastExit");
+        assert_eq!(last.time.0, at(5), "{case}");
+        assert_eq!(last.code, Some(reason.exit_code()), "{case}");
+    }
+}
+
+#[test]
+fn a_vmm_killed_without_an_exit_record_is_a_failure() {
+    let obs = Observed::NotRunning {
+        exit: Some(ObservedExit {
+            record: None,
+            at: at(3),
+            requested: false,
+        }),
+        last_generation: Some(1),
+    };
+    let d = run(
+        &spec(RunPolicy::Once, PowerState::Running),
+        &ran_before(0, 0),
+        &obs,
+        4,
+    );
+    assert_eq!(d.status.phase, Some(Phase::Failed));
+    assert_eq!(ready(&d).1, "Killed");
+    let e = d.status.last_exit.unwrap();
+    assert_eq!((e.reason.as_str(), e.code), ("Killed", None));
+}
+
+#[test]
+fn crash_loop_backs_off_exponentially_then_restarts() {
+    let s = spec(RunPolicy::Always, PowerState::Running);
+    // Third restart pending: 10s * 2^2 = 40s after the exit at t=100.
+    let prev = ran_before(2, 90);
+    let d = run(&s, &prev, &exited(ExitReason::TripleFault, 100), 110);
+    assert!(d.actions.is_empty());
+    assert_eq!(ready(&d), ("False".into(), "CrashLoopBackOff".into()));
+    assert_eq!(d.requeue, Some(Duration::from_secs(30)));
+    let (_, _, msg) = cond_of(&d.status, cond::READY);
+    assert!(msg.contains("TripleFault"), "{msg}");
+    assert_eq!(d.status.restart_count, 2);
+    // At t=140 it restarts, once.
+    let d2 = run(&s, &d.status, &exited(ExitReason::TripleFault, 100), 140);
+    assert_eq!(d2.actions, vec![Action::Start { restart: true }]);
+    assert_eq!(d2.status.restart_count, 3);
+    // Observed running afterwards: the count stays.
+    let d3 = run(&s, &d2.status, &running(140, Some(141), false), 141);
+    assert_eq!(d3.status.restart_count, 3);
+    assert!(d3.actions.is_empty());
+}
+
+#[test]
+fn backoff_doubles_caps_and_resets() {
+    let b = Backoff::default();
+    assert_eq!(b.delay(0, None), Duration::from_secs(10));
+    assert_eq!(b.delay(1, None), Duration::from_secs(20));
+    assert_eq!(b.delay(4, None), Duration::from_secs(160));
+    assert_eq!(b.delay(5, None), Duration::from_secs(300));
+    assert_eq!(b.delay(1000, None), Duration::from_secs(300));
+    assert_eq!(b.delay(-1, None), Duration::from_secs(10));
+    assert_eq!(
+        b.delay(7, Some(Duration::from_secs(3600))),
+        Duration::from_secs(10)
+    );
+}
+
+#[test]
+fn manual_starts_on_a_new_generation_only() {
+    let s = spec(RunPolicy::Manual, PowerState::Running);
+    // First time: starts.
+    let d = run(&s, &MicroVMStatus::default(), &never_ran(), 0);
+    assert_eq!(d.actions, vec![Action::Start { restart: false }]);
+    // Exited, same generation: stays down, Ready.
+    let d = run(&s, &ran_before(0, 0), &exited(ExitReason::PowerOff, 5), 6);
+    assert!(d.actions.is_empty());
+    assert_eq!(d.status.phase, Some(Phase::Stopped));
+    // A new generation asks to run again.
+    let d = decide(
+        &s,
+        2,
+        &ran_before(0, 0),
+        &exited(ExitReason::PowerOff, 5),
+        &Facts::default(),
+        &Backoff::default(),
+        at(6),
+    );
+    assert_eq!(d.actions, vec![Action::Start { restart: false }]);
+    assert_eq!(d.status.restart_count, 0, "a manual start is not a restart");
+}
+
+#[test]
+fn stop_asks_the_guest_then_kills_after_the_grace_period() {
+    let mut s = spec(RunPolicy::Always, PowerState::Stopped);
+    s.termination_grace_period_seconds = 20;
+    let d = run(
+        &s,
+        &MicroVMStatus::default(),
+        &running(0, Some(1), false),
+        10,
+    );
+    assert_eq!(d.actions, vec![Action::Shutdown]);
+    assert_eq!(d.requeue, Some(Duration::from_secs(20)));
+    assert_eq!(ready(&d), ("False".into(), "Stopping".into()));
+    let asked = Observed::Running {
+        started_at: at(0),
+        paused: false,
+        booted_at: Some(at(1)),
+        config_current: true,
+        shutdown_since: Some(at(10)),
+    };
+    let d = run(&s, &d.status, &asked, 25);
+    assert!(d.actions.is_empty());
+    assert_eq!(d.requeue, Some(Duration::from_secs(5)));
+    let d = run(&s, &d.status, &asked, 30);
+    assert_eq!(d.actions, vec![Action::Kill]);
+    // Down: Stopped and Ready.
+    let down = Observed::NotRunning {
+        exit: Some(ObservedExit {
+            record: Some(ExitRecord::new(ExitReason::PowerOff, "bye")),
+            at: at(31),
+            requested: true,
+        }),
+        last_generation: Some(1),
+    };
+    let d = run(&s, &d.status, &down, 32);
+    assert!(d.actions.is_empty());
+    assert_eq!(d.status.phase, Some(Phase::Stopped));
+    assert_eq!(ready(&d), ("True".into(), "Stopped".into()));
+    // Zero grace: kill at once. Halted: never runs.
+    s.termination_grace_period_seconds = 0;
+    let d = run(&s, &MicroVMStatus::default(), &running(0, None, false), 1);
+    assert_eq!(d.actions, vec![Action::Kill]);
+    let h = spec(RunPolicy::Halted, PowerState::Running);
+    let d = run(&h, &MicroVMStatus::default(), &never_ran(), 0);
+    assert!(d.actions.is_empty());
+    assert_eq!(d.status.phase, Some(Phase::Stopped));
+    assert_eq!(ready(&d), ("True".into(), "Stopped".into()));
+}
+
+#[test]
+fn a_requested_stop_does_not_end_a_once_vm() {
+    // Stopped by powerState, then asked to run again: it starts, it did not "exit".
+    let s = spec(RunPolicy::Once, PowerState::Running);
+    let down = Observed::NotRunning {
+        exit: Some(ObservedExit {
+            record: Some(ExitRecord::new(ExitReason::Killed, "killed")),
+            at: at(5),
+            requested: true,
+        }),
+        last_generation: Some(1),
+    };
+    let mut prev = ran_before(0, 0);
+    prev.last_exit = None;
+    let d = run(&s, &prev, &down, 6);
+    assert_eq!(d.actions, vec![Action::Start { restart: false }]);
+}
+
+#[test]
+fn pause_and_resume() {
+    let s = spec(RunPolicy::Always, PowerState::Paused);
+    let d = run(
+        &s,
+        &MicroVMStatus::default(),
+        &running(0, Some(1), false),
+        2,
+    );
+    assert_eq!(d.actions, vec![Action::Pause]);
+    assert_eq!(ready(&d), ("False".into(), "Pausing".into()));
+    let d = run(&s, &d.status, &running(0, Some(1), true), 3);
+    assert!(d.actions.is_empty());
+    assert_eq!(d.status.phase, Some(Phase::Paused));
+    assert_eq!(ready(&d), ("True".into(), "Paused".into()));
+    assert_eq!(cond_of(&d.status, cond::PAUSED).0, "True");
+    let r = spec(RunPolicy::Always, PowerState::Running);
+    let d = run(&r, &d.status, &running(0, Some(1), true), 4);
+    assert_eq!(d.actions, vec![Action::Resume]);
+}
+
+#[test]
+fn a_changed_spec_restarts_the_vm() {
+    let s = spec(RunPolicy::Always, PowerState::Running);
+    let obs = Observed::Running {
+        started_at: at(0),
+        paused: false,
+        booted_at: Some(at(1)),
+        config_current: false,
+        shutdown_since: None,
+    };
+    let d = run(&s, &MicroVMStatus::default(), &obs, 5);
+    assert_eq!(
+        d.actions,
+        vec![Action::Kill, Action::Start { restart: false }]
+    );
+}
+
+#[test]
+fn transition_times_hold_and_events_follow_changes() {
+    let s = spec(RunPolicy::Always, PowerState::Running);
+    let d1 = run(&s, &MicroVMStatus::default(), &running(0, None, false), 1);
+    let d2 = run(&s, &d1.status, &running(0, Some(2), false), 3);
+    let d3 = run(&s, &d2.status, &running(0, Some(2), false), 9);
+    let t = |d: &Decision, ty: &str| {
+        cond::find(&d.status.conditions, ty)
+            .unwrap()
+            .last_transition_time
+            .clone()
+    };
+    assert_eq!(t(&d2, cond::VMM_STARTED), t(&d1, cond::VMM_STARTED));
+    assert_eq!(t(&d3, cond::READY), t(&d2, cond::READY));
+    assert_ne!(t(&d2, cond::READY), t(&d1, cond::READY));
+    assert_eq!(d3.status, d2.status, "nothing new, nothing changes");
+
+    let ev = transitions(&MicroVMStatus::default(), &d1.status);
+    assert_eq!(
+        ev.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(),
+        ["Started"]
+    );
+    let ev = transitions(&d1.status, &d2.status);
+    assert_eq!(ev[0].reason, "Booted");
+    assert!(ev[0].note.contains("2000 ms"), "{}", ev[0].note);
+    assert!(transitions(&d2.status, &d3.status).is_empty());
+    let d4 = run(&s, &d3.status, &exited(ExitReason::GuestPanic, 10), 11);
+    let ev = transitions(&d3.status, &d4.status);
+    let reasons: Vec<_> = ev.iter().map(|e| (e.reason.as_str(), e.warning)).collect();
+    assert_eq!(reasons, [("Exited", true), ("BackOff", true)]);
+}
+
+#[test]
+fn agent_status_leaves_the_operators_fields_out() {
+    let mut status = run(
+        &spec(RunPolicy::Once, PowerState::Running),
+        &MicroVMStatus::default(),
+        &never_ran(),
+        0,
+    )
+    .status;
+    status.node_name = Some("n1".into());
+    cond::set_condition(
+        &mut status.conditions,
+        cond::Update {
+            type_: cond::SCHEDULED,
+            status: cond::Status::True,
+            reason: "Placed",
+            message: "",
+            observed_generation: Some(1),
+        },
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(0)),
+    );
+    let ours = agent_status(&status);
+    assert_eq!(ours.node_name, None);
+    assert!(cond::find(&ours.conditions, cond::SCHEDULED).is_none());
+    assert_eq!(ours.conditions.len(), 6);
+    assert_eq!(ours.phase, status.phase);
+}

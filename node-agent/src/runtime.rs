@@ -1,0 +1,553 @@
+//! Realizing MicroVMs on this host: observe what runs, [`decide`], act, and
+//! observe again. Shared by standalone and cluster mode; knows nothing of the
+//! Kubernetes API (callers pass the spec and the previous status, and publish
+//! the result).
+//!
+//! Every side effect goes through [`Host`]; what a VM needs to be re-adopted
+//! after an agent restart is in its state directory ([`crate::state`]).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use runv_crds::microvm::InterfaceStatus;
+use runv_crds::{MicroVMSpec, MicroVMStatus};
+use runv_vmm_api::Request;
+
+use crate::host::ipam::FileIpam;
+use crate::host::{BridgeSpec, Host, HostError, SpawnRequest};
+use crate::reconcile::{Action, Backoff, Decision, Facts, Observed, ObservedExit, decide};
+use crate::state::{self, VmDir, VmRecord};
+use crate::vmconfig;
+
+/// Why the runtime could not be set up or a VM not cleaned up.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// A host operation failed.
+    #[error(transparent)]
+    Host(#[from] HostError),
+}
+
+/// Settings of a [`Runtime`].
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// The agent's state directory.
+    pub root: PathBuf,
+    /// The `runv-vmm` binary.
+    pub vmm: PathBuf,
+    /// The node bridge for `Nat` interfaces; its gateway and prefix define the subnet.
+    pub bridge: BridgeSpec,
+    /// Restart backoff.
+    pub backoff: Backoff,
+    /// Serial log bound per VM (kept: about twice this).
+    pub serial_limit: u64,
+}
+
+impl RuntimeConfig {
+    /// Defaults for a state directory and VMM binary.
+    pub fn new(root: PathBuf, vmm: PathBuf) -> Self {
+        Self {
+            root,
+            vmm,
+            bridge: BridgeSpec {
+                name: "runvbr0".into(),
+                gateway: Ipv4Addr::new(10, 213, 0, 1),
+                prefix: 16,
+            },
+            backoff: Backoff::default(),
+            serial_limit: 1 << 20,
+        }
+    }
+}
+
+/// Identifies one VM.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VmRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Uid (empty in standalone mode).
+    pub uid: String,
+}
+
+impl std::fmt::Display for VmRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Realizes VMs on one host.
+pub struct Runtime {
+    config: RuntimeConfig,
+    host: Arc<dyn Host>,
+    ipam: FileIpam,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+fn ms(t: Timestamp) -> i64 {
+    t.as_millisecond()
+}
+
+fn from_ms(v: i64) -> Timestamp {
+    Timestamp::from_millisecond(v).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+fn prefix_mask(prefix: u8) -> Ipv4Addr {
+    Ipv4Addr::from(u32::MAX << (32 - u32::from(prefix.min(32))))
+}
+
+impl Runtime {
+    /// A runtime over `host`, with its state in `config.root`.
+    pub fn new(config: RuntimeConfig, host: Arc<dyn Host>) -> Result<Self, RuntimeError> {
+        std::fs::create_dir_all(config.root.join("vms"))
+            .map_err(|e| HostError::io("creating", &config.root, e))?;
+        let ipam = FileIpam::open(
+            &config.root.join("ipam.json"),
+            config.bridge.gateway,
+            config.bridge.prefix,
+        )?;
+        Ok(Self { config, host, ipam })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// The host.
+    pub fn host(&self) -> &dyn Host {
+        self.host.as_ref()
+    }
+
+    /// The VM's state directory.
+    pub fn dir(&self, vm: &VmRef) -> VmDir {
+        VmDir::new(&self.config.root, &vm.namespace, &vm.name)
+    }
+
+    /// The node-local IPAM.
+    pub fn ipam(&self) -> &FileIpam {
+        &self.ipam
+    }
+
+    fn facts(&self, vm: &VmRef, spec: &MicroVMSpec) -> Facts {
+        let missing_files = vmconfig::host_files(spec)
+            .into_iter()
+            .filter(|(_, path)| !self.host.disks().exists(Path::new(path)))
+            .collect();
+        let invalid = vmconfig::build(&vm.namespace, &vm.name, spec, &self.dir(vm), "")
+            .err()
+            .map(|e| e.to_string());
+        Facts {
+            missing_files,
+            invalid,
+            start_error: None,
+        }
+    }
+
+    /// What runs for this VM now.
+    pub fn observe(&self, vm: &VmRef, spec: &MicroVMSpec, now: Timestamp) -> Observed {
+        let dir = self.dir(vm);
+        let Some(mut record) = dir.read_record() else {
+            return Observed::NotRunning {
+                exit: None,
+                last_generation: None,
+            };
+        };
+        let Some(id) = record.vmm else {
+            return Observed::NotRunning {
+                exit: None,
+                last_generation: Some(record.generation),
+            };
+        };
+        if self.host.processes().is_alive(id) {
+            let view = self.host.control().view(&dir.control_socket());
+            if record.booted_at_ms.is_none() && view.as_ref().is_some_and(|v| v.serial_bytes > 0) {
+                record.booted_at_ms = Some(ms(now));
+                let _ = dir.write_record(&record);
+            }
+            let config_current = std::fs::read_to_string(dir.config())
+                .ok()
+                .is_some_and(|text| self.config_text(vm, spec).is_some_and(|want| want == text));
+            return Observed::Running {
+                started_at: from_ms(record.started_at_ms),
+                paused: view.is_some_and(|v| v.paused),
+                booted_at: record.booted_at_ms.map(from_ms),
+                config_current,
+                shutdown_since: record.shutdown_at_ms.map(from_ms),
+            };
+        }
+        let exit = dir.read_exit();
+        let at = match (
+            &exit,
+            std::fs::metadata(dir.exit_file()).and_then(|m| m.modified()),
+        ) {
+            (Some(_), Ok(t)) => Timestamp::try_from(t).unwrap_or(now),
+            _ => match record.exit_seen_ms {
+                Some(t) => from_ms(t),
+                None => {
+                    record.exit_seen_ms = Some(ms(now));
+                    let _ = dir.write_record(&record);
+                    now
+                }
+            },
+        };
+        Observed::NotRunning {
+            exit: Some(ObservedExit {
+                record: exit,
+                at,
+                requested: record.stop_requested,
+            }),
+            last_generation: Some(record.generation),
+        }
+    }
+
+    /// The addresses of the VM's `Nat` interfaces: `ip=` kernel parameter for the first.
+    fn ip_cmdline(&self, vm: &VmRef, spec: &MicroVMSpec) -> String {
+        let plan = vmconfig::net_plan(&vm.namespace, &vm.name, spec);
+        plan.iter()
+            .enumerate()
+            .find(|(_, n)| n.managed)
+            .and_then(|(i, n)| {
+                let owner = format!(
+                    "{}{}",
+                    vmconfig::owner_prefix(&vm.namespace, &vm.name),
+                    n.name
+                );
+                self.ipam.lookup(&owner).map(|ip| {
+                    format!(
+                        "ip={ip}::{}:{}::eth{i}:off",
+                        self.ipam.gateway(),
+                        prefix_mask(self.ipam.prefix())
+                    )
+                })
+            })
+            .unwrap_or_default()
+    }
+
+    fn config_text(&self, vm: &VmRef, spec: &MicroVMSpec) -> Option<String> {
+        let extra = self.ip_cmdline(vm, spec);
+        let c = vmconfig::build(&vm.namespace, &vm.name, spec, &self.dir(vm), &extra).ok()?;
+        serde_json::to_string_pretty(&c).ok()
+    }
+
+    /// The interfaces and vsock CID the status reports.
+    pub fn addresses(&self, vm: &VmRef, spec: &MicroVMSpec) -> (Vec<InterfaceStatus>, Option<i64>) {
+        let prefix = vmconfig::owner_prefix(&vm.namespace, &vm.name);
+        let ifaces = vmconfig::net_plan(&vm.namespace, &vm.name, spec)
+            .into_iter()
+            .map(|n| InterfaceStatus {
+                ip: n
+                    .managed
+                    .then(|| self.ipam.lookup(&format!("{prefix}{}", n.name)))
+                    .flatten()
+                    .map(|ip| ip.to_string()),
+                mac: Some(n.mac),
+                host_interface: Some(n.tap),
+                name: n.name,
+            })
+            .collect();
+        let cid = spec
+            .vsock
+            .as_ref()
+            .filter(|v| v.enabled)
+            .map(|_| i64::from(vmconfig::vsock_cid(&vm.namespace, &vm.name)));
+        (ifaces, cid)
+    }
+
+    fn prepare(&self, vm: &VmRef, spec: &MicroVMSpec) -> Result<(), HostError> {
+        let dir = self.dir(vm);
+        dir.create()?;
+        let disks = self.host.disks();
+        for d in &spec.disks {
+            let path = dir.disk(&d.name);
+            if disks.exists(&path) {
+                continue;
+            }
+            match (&d.file, &d.empty) {
+                (Some(f), _) if !d.read_only => {
+                    disks.copy_image(Path::new(&f.path), &path)?;
+                }
+                (None, Some(e)) => {
+                    let size = runv_crds::quantity::bytes("spec.disks[].empty.size", &e.size)
+                        .map_err(|q| HostError::Invalid {
+                            what: "disk size",
+                            value: q.to_string(),
+                        })?;
+                    disks.create_empty(&path, size)?;
+                }
+                _ => {}
+            }
+        }
+        let plan = vmconfig::net_plan(&vm.namespace, &vm.name, spec);
+        if plan.iter().any(|n| n.managed) {
+            self.host.network().ensure_bridge(&self.config.bridge)?;
+        }
+        let prefix = vmconfig::owner_prefix(&vm.namespace, &vm.name);
+        for n in plan.iter().filter(|n| n.managed) {
+            self.ipam.allocate(&format!("{prefix}{}", n.name))?;
+            self.host
+                .network()
+                .ensure_tap(&n.tap, &self.config.bridge.name)?;
+        }
+        Ok(())
+    }
+
+    fn start(
+        &self,
+        vm: &VmRef,
+        spec: &MicroVMSpec,
+        generation: i64,
+        now: Timestamp,
+    ) -> Result<(), HostError> {
+        self.prepare(vm, spec)?;
+        let dir = self.dir(vm);
+        let text = self
+            .config_text(vm, spec)
+            .ok_or_else(|| HostError::Invalid {
+                what: "spec",
+                value: format!("{vm}"),
+            })?;
+        state::write_atomic(&dir.config(), text.as_bytes())?;
+        dir.clear_run_files()?;
+        let id = self.host.processes().spawn(&SpawnRequest {
+            vmm: self.config.vmm.clone(),
+            config: dir.config(),
+            log: dir.vmm_log(),
+        })?;
+        dir.write_record(&VmRecord {
+            namespace: vm.namespace.clone(),
+            name: vm.name.clone(),
+            uid: vm.uid.clone(),
+            vmm: Some(id),
+            started_at_ms: ms(now),
+            generation,
+            booted_at_ms: None,
+            shutdown_at_ms: None,
+            stop_requested: false,
+            exit_seen_ms: None,
+        })
+    }
+
+    /// Ends the VMM now: through its control socket, else SIGKILL. Waits (bounded)
+    /// until it is gone.
+    fn kill(&self, dir: &VmDir) -> Result<(), HostError> {
+        let Some(mut record) = dir.read_record() else {
+            return Ok(());
+        };
+        let Some(id) = record.vmm else {
+            return Ok(());
+        };
+        record.stop_requested = true;
+        dir.write_record(&record)?;
+        let procs = self.host.processes();
+        if procs.is_alive(id)
+            && self
+                .host
+                .control()
+                .send(&dir.control_socket(), Request::Kill)
+                .is_ok()
+        {
+            for _ in 0..200 {
+                if !procs.is_alive(id) {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        procs.kill(id)
+    }
+
+    fn act(
+        &self,
+        vm: &VmRef,
+        spec: &MicroVMSpec,
+        generation: i64,
+        action: &Action,
+        now: Timestamp,
+    ) -> Result<(), HostError> {
+        let dir = self.dir(vm);
+        match action {
+            Action::Start { .. } => self.start(vm, spec, generation, now),
+            Action::Kill => self.kill(&dir),
+            Action::Shutdown => {
+                if let Some(mut record) = dir.read_record() {
+                    record.stop_requested = true;
+                    record.shutdown_at_ms = Some(ms(now));
+                    dir.write_record(&record)?;
+                }
+                self.host
+                    .control()
+                    .send(&dir.control_socket(), Request::Shutdown)
+            }
+            Action::Pause => self
+                .host
+                .control()
+                .send(&dir.control_socket(), Request::Pause),
+            Action::Resume => self
+                .host
+                .control()
+                .send(&dir.control_socket(), Request::Resume),
+        }
+    }
+
+    /// One reconcile of one VM: decide, act, observe again, decide the status.
+    pub fn reconcile(
+        &self,
+        vm: &VmRef,
+        spec: &MicroVMSpec,
+        generation: i64,
+        previous: &MicroVMStatus,
+        now: Timestamp,
+    ) -> Decision {
+        let _ = self.dir(vm).rotate_serial(self.config.serial_limit);
+        let mut facts = self.facts(vm, spec);
+        let obs = self.observe(vm, spec, now);
+        let first = decide(
+            spec,
+            generation,
+            previous,
+            &obs,
+            &facts,
+            &self.config.backoff,
+            now,
+        );
+        let mut acted = false;
+        for action in &first.actions {
+            acted = true;
+            if let Err(e) = self.act(vm, spec, generation, action, now) {
+                tracing::warn!(vm = %vm, ?action, error = %e, "action failed");
+                if matches!(action, Action::Start { .. }) {
+                    facts.start_error = Some(e.to_string());
+                }
+                break;
+            }
+        }
+        let mut decision = if acted {
+            let obs = self.observe(vm, spec, now);
+            let mut second = decide(
+                spec,
+                generation,
+                &first.status,
+                &obs,
+                &facts,
+                &self.config.backoff,
+                now,
+            );
+            if !second.actions.is_empty() {
+                second.requeue = Some(Duration::from_millis(100));
+            }
+            second
+        } else {
+            first
+        };
+        let (interfaces, cid) = self.addresses(vm, spec);
+        decision.status.interfaces = interfaces;
+        decision.status.vsock_cid = cid;
+        decision
+    }
+
+    /// Stops the VM for good and removes everything it had on the host: the VMM,
+    /// its taps, its addresses and its state directory.
+    pub fn cleanup(&self, vm: &VmRef) -> Result<(), RuntimeError> {
+        let dir = self.dir(vm);
+        self.kill(&dir)?;
+        self.release_network(vm)?;
+        dir.remove()?;
+        Ok(())
+    }
+
+    /// Deletes the VM's taps and releases its addresses; the VM must not run.
+    pub fn release_network(&self, vm: &VmRef) -> Result<(), RuntimeError> {
+        for i in 0..4 {
+            let tap = vmconfig::tap_name(&vm.namespace, &vm.name, i);
+            if self.host.network().link_exists(&tap) {
+                self.host.network().delete_tap(&tap)?;
+            }
+        }
+        self.ipam
+            .release_prefix(&vmconfig::owner_prefix(&vm.namespace, &vm.name))?;
+        Ok(())
+    }
+
+    /// Stops the VM: the power button, up to `grace`, then kill. Keeps its state.
+    pub fn stop(&self, vm: &VmRef, grace: Duration) -> Result<(), RuntimeError> {
+        let dir = self.dir(vm);
+        let Some(mut record) = dir.read_record() else {
+            return Ok(());
+        };
+        let Some(id) = record.vmm else {
+            return Ok(());
+        };
+        if !self.host.processes().is_alive(id) {
+            return Ok(());
+        }
+        record.stop_requested = true;
+        dir.write_record(&record)?;
+        if self
+            .host
+            .control()
+            .send(&dir.control_socket(), Request::Shutdown)
+            .is_ok()
+        {
+            let start = std::time::Instant::now();
+            while start.elapsed() < grace {
+                if !self.host.processes().is_alive(id) {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        self.kill(&dir)?;
+        Ok(())
+    }
+
+    /// Forgets a finished run (record, exit file, serial log) so the VM starts
+    /// afresh; keeps its disks. Does nothing while a VMM runs for it (that one is
+    /// adopted). Returns whether it forgot anything.
+    pub fn forget_finished_run(&self, vm: &VmRef) -> Result<bool, RuntimeError> {
+        let dir = self.dir(vm);
+        let Some(record) = dir.read_record() else {
+            return Ok(false);
+        };
+        if record
+            .vmm
+            .is_some_and(|id| self.host.processes().is_alive(id))
+        {
+            return Ok(false);
+        }
+        dir.clear_run_files()?;
+        for p in [dir.record_path(), dir.serial_log(), dir.serial_log_old()] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(HostError::io("removing", &p, e).into()),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Every VM with a state directory here.
+    pub fn known(&self) -> Vec<VmRef> {
+        state::list(&self.config.root)
+            .into_iter()
+            .map(|(_, r)| VmRef {
+                namespace: r.namespace,
+                name: r.name,
+                uid: r.uid,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,344 @@
+//! Standalone mode: realize MicroVM manifests on this host with no cluster,
+//! as kubelet does static pods. Manifests are validated first with the same
+//! schema and CEL rules an API server would apply; then every VM is reconciled
+//! in a loop, its status transitions and serial output printed, until every VM
+//! has settled (Succeeded, Failed, Stopped or Stalled) or the caller asks to
+//! stop, when the VMs get their power button, a grace period, then a kill.
+//!
+//! Owns the manifest loading and the loop; the decisions are [`crate::reconcile`]'s.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use runv_crds::conditions as cond;
+use runv_crds::microvm::Phase;
+use runv_crds::validate::Validator;
+use runv_crds::{MicroVM, MicroVMStatus};
+
+use crate::runtime::{Runtime, VmRef};
+
+/// Where the in-repo test guest is expected by the examples.
+pub const TEST_GUEST_PATH: &str = "/var/lib/runv/guests/runv-test-guest";
+
+/// Longest a VM gets to power off when standalone mode stops it.
+const MAX_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Why standalone mode could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum StandaloneError {
+    /// A manifest file or directory cannot be read.
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A manifest is refused, with the API server's message.
+    #[error("{}: {source}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: runv_crds::validate::ValidateError,
+    },
+    /// A manifest is valid but not something standalone mode runs.
+    #[error("{}: {what}", path.display())]
+    Unsupported {
+        /// The file.
+        path: PathBuf,
+        /// What.
+        what: String,
+    },
+    /// No MicroVM in the given manifests.
+    #[error("no MicroVM manifests found in {}", .0.display())]
+    Empty(PathBuf),
+    /// Writing the output failed.
+    #[error("writing output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, StandaloneError> {
+    let read_err = |source| StandaloneError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    if !path.is_dir() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(read_err)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Loads and validates the MicroVMs in a file or directory.
+pub fn load(path: &Path) -> Result<Vec<MicroVM>, StandaloneError> {
+    let validator = Validator::new();
+    let mut vms = Vec::new();
+    for file in manifest_files(path)? {
+        let text = std::fs::read_to_string(&file).map_err(|source| StandaloneError::Read {
+            path: file.clone(),
+            source,
+        })?;
+        let docs = validator
+            .validate_yaml(&text)
+            .map_err(|source| StandaloneError::Invalid {
+                path: file.clone(),
+                source,
+            })?;
+        for doc in docs {
+            if doc["kind"] != "MicroVM" {
+                return Err(StandaloneError::Unsupported {
+                    path: file.clone(),
+                    what: format!(
+                        "standalone mode runs MicroVMs; {} needs the operator",
+                        doc["kind"].as_str().unwrap_or("this kind")
+                    ),
+                });
+            }
+            let vm: MicroVM =
+                serde_json::from_value(doc).map_err(|e| StandaloneError::Unsupported {
+                    path: file.clone(),
+                    what: e.to_string(),
+                })?;
+            vms.push(vm);
+        }
+    }
+    if vms.is_empty() {
+        return Err(StandaloneError::Empty(path.to_owned()));
+    }
+    Ok(vms)
+}
+
+/// The reference of a manifest's VM (namespace `default` when it has none).
+pub fn vm_ref(vm: &MicroVM) -> VmRef {
+    VmRef {
+        namespace: vm
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        name: vm.metadata.name.clone().unwrap_or_default(),
+        uid: String::new(),
+    }
+}
+
+/// Whether a VM will not change any more without someone acting.
+pub fn settled(status: &MicroVMStatus) -> bool {
+    matches!(
+        status.phase,
+        Some(Phase::Succeeded | Phase::Failed | Phase::Stopped)
+    ) || cond::is_true(&status.conditions, cond::STALLED)
+}
+
+/// Whether a settled VM ended badly.
+pub fn failed(status: &MicroVMStatus) -> bool {
+    status.phase == Some(Phase::Failed) || cond::is_true(&status.conditions, cond::STALLED)
+}
+
+/// One line describing a status: phase, Ready and its reason and message.
+pub fn summary(status: &MicroVMStatus) -> String {
+    let ready = cond::find(&status.conditions, cond::READY);
+    let mut s = format!(
+        "phase={:?} ready={}",
+        status.phase.unwrap_or(Phase::Pending),
+        ready.map_or("Unknown", |c| c.status.as_str())
+    );
+    if let Some(c) = ready {
+        s.push_str(&format!(" reason={}", c.reason));
+        if !c.message.is_empty() {
+            s.push_str(&format!(" message={:?}", c.message));
+        }
+    }
+    if let Some(ms) = status.boot_duration_millis {
+        s.push_str(&format!(" bootMs={ms}"));
+    }
+    if let Some(ip) = status.interfaces.first().and_then(|i| i.ip.as_deref()) {
+        s.push_str(&format!(" ip={ip}"));
+    }
+    s
+}
+
+/// Follows one VM's serial log from where it was last read.
+#[derive(Debug, Default)]
+struct SerialTail {
+    offset: u64,
+    partial: Vec<u8>,
+}
+
+impl SerialTail {
+    fn poll(&mut self, path: &Path, prefix: &str, out: &mut dyn Write) -> std::io::Result<()> {
+        let Ok(mut f) = std::fs::File::open(path) else {
+            return Ok(());
+        };
+        let len = f.metadata()?.len();
+        if len < self.offset {
+            self.offset = 0; // rotated
+        }
+        f.seek(SeekFrom::Start(self.offset))?;
+        let mut buf = Vec::new();
+        f.take(1 << 20).read_to_end(&mut buf)?;
+        self.offset += buf.len() as u64;
+        self.partial.extend_from_slice(&buf);
+        while let Some(pos) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=pos).collect();
+            writeln!(
+                out,
+                "{prefix} | {}",
+                String::from_utf8_lossy(&line).trim_end()
+            )?;
+        }
+        if self.partial.len() > 4096 {
+            writeln!(out, "{prefix} | {}", String::from_utf8_lossy(&self.partial))?;
+            self.partial.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Runs `vms` until they settle or `stop` is set; returns whether all went well.
+pub fn run(
+    rt: &Runtime,
+    vms: &[MicroVM],
+    stop: &AtomicBool,
+    out: &mut dyn Write,
+    max_wait: Option<Duration>,
+) -> Result<bool, StandaloneError> {
+    let mut statuses: BTreeMap<VmRef, MicroVMStatus> = BTreeMap::new();
+    let mut tails: BTreeMap<VmRef, SerialTail> = BTreeMap::new();
+    let started = std::time::Instant::now();
+    // A new standalone run runs its VMs again; a VMM still running from an
+    // earlier agent (killed, say) is adopted instead.
+    for vm in vms {
+        rt.forget_finished_run(&vm_ref(vm))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+    }
+    let ok = loop {
+        let mut all_settled = true;
+        let mut next = Duration::from_millis(200);
+        for vm in vms {
+            let r = vm_ref(vm);
+            let previous = statuses.get(&r).cloned().unwrap_or_default();
+            let generation = vm.metadata.generation.unwrap_or(1);
+            let d = rt.reconcile(&r, &vm.spec, generation, &previous, Timestamp::now());
+            tails
+                .entry(r.clone())
+                .or_default()
+                .poll(&rt.dir(&r).serial_log(), &r.name, out)?;
+            for t in crate::reconcile::transitions(&previous, &d.status) {
+                writeln!(
+                    out,
+                    "{} {} {}: {}",
+                    r.name,
+                    if t.warning { "Warning" } else { "Normal" },
+                    t.reason,
+                    t.note
+                )?;
+            }
+            if summary(&previous) != summary(&d.status) {
+                writeln!(out, "{} status {}", r.name, summary(&d.status))?;
+            }
+            all_settled &= settled(&d.status);
+            if let Some(q) = d.requeue {
+                next = next.min(q);
+            }
+            statuses.insert(r, d.status);
+        }
+        if all_settled {
+            break statuses.values().all(|s| !failed(s));
+        }
+        if stop.load(Ordering::Relaxed) || max_wait.is_some_and(|m| started.elapsed() > m) {
+            writeln!(out, "stopping {} VM(s)", vms.len())?;
+            for vm in vms {
+                let r = vm_ref(vm);
+                let grace = Duration::from_secs(
+                    u64::try_from(vm.spec.termination_grace_period_seconds).unwrap_or(0),
+                )
+                .min(MAX_STOP_GRACE);
+                if let Err(e) = rt.stop(&r, grace) {
+                    writeln!(out, "{} stopping: {e}", r.name)?;
+                }
+                let _ = tails.entry(r.clone()).or_default().poll(
+                    &rt.dir(&r).serial_log(),
+                    &r.name,
+                    out,
+                );
+                writeln!(out, "{} stopped", r.name)?;
+            }
+            break true;
+        }
+        std::thread::sleep(next.max(Duration::from_millis(20)));
+    };
+    for vm in vms {
+        let r = vm_ref(vm);
+        if let Err(e) = rt.release_network(&r) {
+            writeln!(out, "{} releasing its network: {e}", r.name)?;
+        }
+    }
+    Ok(ok)
+}
+
+/// The in-repo test guest (with its PVH note) as the VMM's build script left
+/// it in the cargo target directory that holds `exe`: the newest
+/// `build/runv-vmm-*/out/runv-guest-pvh.elf` beside it or up to two levels above.
+pub fn find_test_guest(exe: &Path) -> Option<PathBuf> {
+    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
+    for dir in exe.ancestors().skip(1).take(3) {
+        let Ok(entries) = std::fs::read_dir(dir.join("build")) else {
+            continue;
+        };
+        for e in entries.filter_map(Result::ok) {
+            if !e.file_name().to_string_lossy().starts_with("runv-vmm-") {
+                continue;
+            }
+            let elf = e.path().join("out/runv-guest-pvh.elf");
+            if let Ok(t) = elf.metadata().and_then(|m| m.modified())
+                && best.as_ref().is_none_or(|(bt, _)| t > *bt)
+            {
+                best = Some((t, elf));
+            }
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
+/// Installs the in-repo test guest where the examples expect it, when a VM
+/// asks for it and it is missing. Returns whether it installed it.
+pub fn provide_test_guest(vms: &[MicroVM], out: &mut dyn Write) -> std::io::Result<bool> {
+    if !vms.iter().any(|v| v.spec.boot.kernel == TEST_GUEST_PATH)
+        || Path::new(TEST_GUEST_PATH).exists()
+    {
+        return Ok(false);
+    }
+    let Some(built) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| find_test_guest(&exe))
+    else {
+        writeln!(
+            out,
+            "{TEST_GUEST_PATH} does not exist and no built test guest was found (cargo build -p runv-vmm makes one)"
+        )?;
+        return Ok(false);
+    };
+    if let Some(dir) = Path::new(TEST_GUEST_PATH).parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::copy(&built, TEST_GUEST_PATH)?;
+    writeln!(
+        out,
+        "installed the runv test guest at {TEST_GUEST_PATH} (built from vmm/guest)"
+    )?;
+    Ok(true)
+}

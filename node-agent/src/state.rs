@@ -1,0 +1,329 @@
+//! The agent's state directory and one directory per VM in it.
+//!
+//! ```text
+//! <root>/ipam.json                 node-local IPAM (host::ipam)
+//! <root>/vms/<ns>_<name>/vm.json    who the VM is and which VMM process runs it
+//!                      config.json  the runv-vmm config
+//!                      ctl.sock     the VMM's control socket; ctl.sock.exit its exit record
+//!                      serial.log   console output (serial.log.1: the previous part)
+//!                      vmm.log      the VMM's stdout and stderr
+//!                      disks/       private disk copies and empty disks
+//! ```
+//!
+//! `vm.json` holds the VMM's pid and kernel start time, so a restarted agent
+//! re-adopts the running process and never starts a second one. This module
+//! owns the layout and its files; it does not start or stop anything.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use runv_vmm_api::ExitRecord;
+use serde::{Deserialize, Serialize};
+
+use crate::host::{HostError, VmmIdentity};
+
+/// Longest unix socket path Linux accepts (`sun_path` less the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Who a VM directory belongs to and which VMM runs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmRecord {
+    /// Namespace of the MicroVM.
+    pub namespace: String,
+    /// Name of the MicroVM.
+    pub name: String,
+    /// Its uid (empty in standalone mode).
+    #[serde(default)]
+    pub uid: String,
+    /// The running (or last) VMM process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm: Option<VmmIdentity>,
+    /// When that VMM was started, Unix milliseconds.
+    #[serde(default)]
+    pub started_at_ms: i64,
+    /// The `metadata.generation` the VMM was started for.
+    #[serde(default)]
+    pub generation: i64,
+    /// When the guest was first seen booted in this run, Unix milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub booted_at_ms: Option<i64>,
+    /// When the agent asked the guest to power off, Unix milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_at_ms: Option<i64>,
+    /// The agent ended (or is ending) this run itself.
+    #[serde(default)]
+    pub stop_requested: bool,
+    /// When the agent first saw this run ended, Unix milliseconds (for an exit
+    /// without an exit file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_seen_ms: Option<i64>,
+}
+
+/// One VM's directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmDir {
+    dir: PathBuf,
+}
+
+/// Writes `data` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), HostError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp).map_err(|e| HostError::io("writing", &tmp, e))?;
+    f.write_all(data)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| HostError::io("writing", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| HostError::io("renaming", path, e))
+}
+
+/// The directory name of a VM: `<ns>_<name>` (neither may contain `_`), or,
+/// when that would make the control socket path too long, a prefix plus a hash.
+pub fn dir_name(namespace: &str, name: &str) -> String {
+    let plain = format!("{namespace}_{name}");
+    if plain.len() <= 40 {
+        return plain;
+    }
+    // FNV-1a: stable across releases, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in plain.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{}-{h:016x}", &plain[..23])
+}
+
+impl VmDir {
+    /// The directory of `namespace/name` under `root`.
+    pub fn new(root: &Path, namespace: &str, name: &str) -> Self {
+        Self {
+            dir: root.join("vms").join(dir_name(namespace, name)),
+        }
+    }
+
+    /// An existing directory.
+    pub fn at(dir: PathBuf) -> Self {
+        Self { dir }
+    }
+
+    /// The directory itself.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Creates the directory (and `disks/`), checking the socket path fits.
+    pub fn create(&self) -> Result<(), HostError> {
+        let sock = self.control_socket();
+        if sock.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(HostError::Invalid {
+                what: "state directory (the control socket path is too long)",
+                value: sock.display().to_string(),
+            });
+        }
+        std::fs::create_dir_all(self.disks())
+            .map_err(|e| HostError::io("creating", self.disks(), e))
+    }
+
+    /// `vm.json`.
+    pub fn record_path(&self) -> PathBuf {
+        self.dir.join("vm.json")
+    }
+    /// `config.json`.
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+    /// The control socket.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("ctl.sock")
+    }
+    /// The exit file (the VMM's default: next to the control socket).
+    pub fn exit_file(&self) -> PathBuf {
+        self.dir.join("ctl.sock.exit")
+    }
+    /// The serial console log.
+    pub fn serial_log(&self) -> PathBuf {
+        self.dir.join("serial.log")
+    }
+    /// The previous part of the serial log.
+    pub fn serial_log_old(&self) -> PathBuf {
+        self.dir.join("serial.log.1")
+    }
+    /// The VMM's own output.
+    pub fn vmm_log(&self) -> PathBuf {
+        self.dir.join("vmm.log")
+    }
+    /// The hybrid vsock socket.
+    pub fn vsock(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+    /// Disk files.
+    pub fn disks(&self) -> PathBuf {
+        self.dir.join("disks")
+    }
+    /// The private file of disk `name`.
+    pub fn disk(&self, name: &str) -> PathBuf {
+        self.disks().join(format!("{name}.img"))
+    }
+
+    /// Reads `vm.json`; `None` when it does not exist or cannot be parsed.
+    pub fn read_record(&self) -> Option<VmRecord> {
+        let text = std::fs::read_to_string(self.record_path()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Writes `vm.json` atomically.
+    pub fn write_record(&self, record: &VmRecord) -> Result<(), HostError> {
+        let text = serde_json::to_vec_pretty(record).unwrap_or_default();
+        write_atomic(&self.record_path(), &text)
+    }
+
+    /// The exit record the VMM left, if any.
+    pub fn read_exit(&self) -> Option<ExitRecord> {
+        let text = std::fs::read_to_string(self.exit_file()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Removes what one VMM run leaves behind before the next run starts.
+    pub fn clear_run_files(&self) -> Result<(), HostError> {
+        for p in [self.exit_file(), self.control_socket(), self.vsock()] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(HostError::io("removing", &p, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the whole directory.
+    pub fn remove(&self) -> Result<(), HostError> {
+        match std::fs::remove_dir_all(&self.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(HostError::io("removing", &self.dir, e)),
+        }
+    }
+
+    /// Keeps the serial log under about `2 * limit` bytes: once it passes
+    /// `limit`, its content moves to `serial.log.1` and it is truncated. The VMM
+    /// appends (O_APPEND), so its next write lands at the new end.
+    pub fn rotate_serial(&self, limit: u64) -> Result<bool, HostError> {
+        let log = self.serial_log();
+        let len = match log.metadata() {
+            Ok(m) => m.len(),
+            Err(_) => return Ok(false),
+        };
+        if len <= limit {
+            return Ok(false);
+        }
+        let old = self.serial_log_old();
+        std::fs::copy(&log, &old).map_err(|e| HostError::io("copying", &old, e))?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&log)
+            .map_err(|e| HostError::io("opening", &log, e))?;
+        f.set_len(0)
+            .map_err(|e| HostError::io("truncating", &log, e))?;
+        Ok(true)
+    }
+
+    /// The kept serial output: the previous part, then the current one.
+    pub fn read_serial(&self) -> Vec<u8> {
+        let mut out = std::fs::read(self.serial_log_old()).unwrap_or_default();
+        out.extend(std::fs::read(self.serial_log()).unwrap_or_default());
+        out
+    }
+}
+
+/// Every VM directory under `root` with a readable record.
+pub fn list(root: &Path) -> Vec<(VmDir, VmRecord)> {
+    let Ok(entries) = std::fs::read_dir(root.join("vms")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(VmDir, VmRecord)> = entries
+        .filter_map(Result::ok)
+        .map(|e| VmDir::at(e.path()))
+        .filter_map(|d| d.read_record().map(|r| (d, r)))
+        .collect();
+    out.sort_by(|a, b| a.0.path().cmp(b.0.path()));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_record_and_listing() {
+        let root = tempfile::tempdir().unwrap();
+        let d = VmDir::new(root.path(), "default", "hello");
+        assert!(d.path().ends_with("vms/default_hello"));
+        d.create().unwrap();
+        assert!(d.read_record().is_none());
+        let rec = VmRecord {
+            namespace: "default".into(),
+            name: "hello".into(),
+            uid: "u1".into(),
+            vmm: Some(VmmIdentity {
+                pid: 42,
+                start_ticks: 9,
+            }),
+            started_at_ms: 1000,
+            generation: 3,
+            booted_at_ms: None,
+            shutdown_at_ms: None,
+            stop_requested: false,
+            exit_seen_ms: None,
+        };
+        d.write_record(&rec).unwrap();
+        assert_eq!(d.read_record(), Some(rec.clone()));
+        let all = list(root.path());
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].1, rec);
+        std::fs::write(
+            d.exit_file(),
+            r#"{"reason":"powerOff","exitCode":0,"message":"bye"}"#,
+        )
+        .unwrap();
+        assert_eq!(d.read_exit().unwrap().message, "bye");
+        d.clear_run_files().unwrap();
+        assert!(d.read_exit().is_none());
+        d.remove().unwrap();
+        assert!(!d.path().exists());
+        d.remove().unwrap();
+    }
+
+    #[test]
+    fn long_names_are_hashed_and_distinct() {
+        let a = dir_name("team-payments-production", &"x".repeat(200));
+        let b = dir_name("team-payments-production", &"y".repeat(200));
+        assert!(a.len() <= 40 && b.len() <= 40);
+        assert_ne!(a, b);
+        assert_eq!(a, dir_name("team-payments-production", &"x".repeat(200)));
+    }
+
+    #[test]
+    fn serial_log_stays_bounded() {
+        let root = tempfile::tempdir().unwrap();
+        let d = VmDir::new(root.path(), "ns", "vm");
+        d.create().unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.serial_log())
+            .unwrap();
+        for i in 0..100 {
+            writeln!(f, "line {i:04} {}", "x".repeat(90)).unwrap();
+            d.rotate_serial(1000).unwrap();
+            let total = d.serial_log().metadata().unwrap().len()
+                + d.serial_log_old().metadata().map_or(0, |m| m.len());
+            assert!(total <= 2 * 1000 + 200, "{total}");
+        }
+        let text = String::from_utf8(d.read_serial()).unwrap();
+        assert!(
+            text.ends_with(&format!("line 0099 {}\n", "x".repeat(90))),
+            "{text}"
+        );
+        assert!(!text.contains("line 0000"));
+    }
+}

@@ -1,0 +1,180 @@
+//! Helpers for tests that run the real `runv-agent` and `runv-vmm` binaries.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The `runv-vmm` binary: next to `runv-agent` in the target directory, built
+/// there with cargo when a partial build (`cargo test -p runv-node-agent`) did
+/// not make it.
+pub fn vmm_binary() -> PathBuf {
+    let agent = Path::new(env!("CARGO_BIN_EXE_runv-agent"));
+    let vmm = agent.with_file_name("runv-vmm");
+    if !vmm.is_file() {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-q", "-p", "runv-vmm", "--bin", "runv-vmm"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build -p runv-vmm");
+        assert!(status.success(), "cargo build -p runv-vmm failed");
+    }
+    assert!(vmm.is_file(), "{} missing", vmm.display());
+    vmm
+}
+
+/// A running `runv-agent` whose stdout is collected in the background.
+pub struct Agent {
+    pub child: Option<Child>,
+    pub out: Arc<Mutex<String>>,
+}
+
+impl Agent {
+    pub fn start(args: &[&str]) -> Self {
+        Self::spawn(Path::new(env!("CARGO_BIN_EXE_runv-agent")), args, &[])
+    }
+
+    /// Any program, with extra environment variables.
+    pub fn spawn(program: &Path, args: &[&str], envs: &[(&str, &std::ffi::OsStr)]) -> Self {
+        let mut child = Command::new(program)
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", program.display()));
+        let out = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let out = out.clone();
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    out.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        Self {
+            child: Some(child),
+            out,
+        }
+    }
+
+    pub fn output(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    /// Waits until the output contains `text`.
+    pub fn wait_for(&self, text: &str, timeout: Duration) {
+        let start = Instant::now();
+        while !self.output().contains(text) {
+            assert!(
+                start.elapsed() < timeout,
+                "no {text:?} within {timeout:?}; output:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        let pid = self.child.as_ref().unwrap().id() as libc::pid_t;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+
+    /// Waits for the agent to exit; returns its exit code.
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let mut child = self.child.take().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                // Let the reader threads drain.
+                std::thread::sleep(Duration::from_millis(50));
+                return status.code();
+            }
+            if start.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "runv-agent did not exit within {timeout:?}:\n{}",
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Whether a process with this pid exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+        .is_some_and(|zombie| !zombie)
+}
+
+/// Kills a leftover VMM of a failed test by its recorded pid.
+pub struct KillVmmOnDrop(pub PathBuf);
+
+impl Drop for KillVmmOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = recorded_pid(&self.0)
+            && alive(pid)
+        {
+            // SAFETY: kill(2) on the pid this test's VM recorded.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// The VMM pid recorded in a VM directory's `vm.json`.
+pub fn recorded_pid(vm_dir: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(vm_dir.join("vm.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["vmm"]["pid"].as_u64().and_then(|p| u32::try_from(p).ok())
+}
+
+/// The in-repo test guest, built with the VMM.
+pub fn test_guest() -> String {
+    vmm_binary();
+    runv_node_agent::standalone::find_test_guest(Path::new(env!("CARGO_BIN_EXE_runv-agent")))
+        .expect("the VMM build made the test guest")
+        .display()
+        .to_string()
+}
+
+/// A MicroVM manifest booting the in-repo test guest.
+pub fn manifest(name: &str, cmdline: &str, policy: &str) -> String {
+    format!(
+        "apiVersion: runv.dev/v1alpha1\nkind: MicroVM\nmetadata:\n  name: {name}\nspec:\n  resources: {{ vcpus: 1, memory: 64Mi }}\n  boot:\n    kernel: {}\n    cmdline: \"{cmdline}\"\n  runPolicy: {policy}\n  terminationGracePeriodSeconds: 5\n",
+        test_guest()
+    )
+}
