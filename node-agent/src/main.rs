@@ -170,8 +170,10 @@ fn standalone_cmd(
 ) -> anyhow::Result<bool> {
     let mut out = std::io::stdout();
     let vms = standalone::load(path)?;
-    standalone::provide_test_guest(&vms, &mut out).context("installing the test guest")?;
+    // Find (or, under `cargo run`, build) the VMM first: its build also builds the
+    // test guest that provide_test_guest installs.
     let vmm = find_vmm(vmm)?;
+    standalone::provide_test_guest(&vms, &mut out).context("installing the test guest")?;
     install_signal_handlers()?;
     let rt = Runtime::new(
         RuntimeConfig::new(root.to_owned(), vmm),
