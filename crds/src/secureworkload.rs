@@ -324,6 +324,16 @@ fn default_quarter() -> IntOrString {
     IntOrString::String("25%".into())
 }
 
+impl Default for RollingUpdate {
+    /// The defaults the schema applies: 25% each, as for Deployments.
+    fn default() -> Self {
+        Self {
+            max_unavailable: default_quarter(),
+            max_surge: default_quarter(),
+        }
+    }
+}
+
 /// What the operator observed.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]

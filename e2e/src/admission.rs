@@ -78,6 +78,26 @@ fn is_qualified_name(s: &str) -> bool {
 }
 
 /// Checks the metadata every kind shares: name, labels, annotations' type.
+/// What strict field validation answers for unknown fields, worded as
+/// kube-apiserver's decoder does.
+pub fn strict_decoding_error(rt: &ResourceType, unknown: &[String]) -> ApiError {
+    ApiError::BadRequest(format!(
+        "{} in version {:?} cannot be handled as a {}: strict decoding error: {}",
+        rt.kind,
+        rt.version,
+        rt.kind,
+        unknown_field_warnings(unknown).join(", ")
+    ))
+}
+
+/// One `unknown field "path"` line per pruned field, as warnings or errors.
+pub fn unknown_field_warnings(unknown: &[String]) -> Vec<String> {
+    unknown
+        .iter()
+        .map(|u| format!("unknown field {u:?}"))
+        .collect()
+}
+
 pub fn validate_metadata(rt: &ResourceType, obj: &Value) -> Result<(), ApiError> {
     let meta = &obj["metadata"];
     let mut causes = Vec::new();
@@ -311,17 +331,7 @@ pub fn admit_custom(
     };
     let unknown = prune(&schema.structural, obj);
     if fv == FieldValidation::Strict && !unknown.is_empty() {
-        return Err(ApiError::BadRequest(format!(
-            "{} in version {:?} cannot be handled as a {}: strict decoding error: {}",
-            rt.kind,
-            rt.version,
-            rt.kind,
-            unknown
-                .iter()
-                .map(|u| format!("unknown field {u:?}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
+        return Err(strict_decoding_error(rt, &unknown));
     }
     let meta = obj["metadata"].take();
     let mut defaulted = apply_defaults(&schema.structural, obj);

@@ -415,25 +415,12 @@ impl State {
         } else {
             let unknown = kinds::prune_top_level(rt, obj);
             if opts.validation == FieldValidation::Strict && !unknown.is_empty() {
-                return Err(ApiError::BadRequest(format!(
-                    "{} in version {:?} cannot be handled as a {}: strict decoding error: {}",
-                    rt.kind,
-                    rt.version,
-                    rt.kind,
-                    unknown
-                        .iter()
-                        .map(|u| format!("unknown field {u:?}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
+                return Err(admission::strict_decoding_error(rt, &unknown));
             }
             unknown
         };
         if opts.validation == FieldValidation::Warn {
-            Ok(unknown
-                .iter()
-                .map(|u| format!("unknown field {u:?}"))
-                .collect())
+            Ok(admission::unknown_field_warnings(&unknown))
         } else {
             Ok(Vec::new())
         }

@@ -9,8 +9,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use common::{Cluster, eventually, microvm};
-use kube::api::{ListParams, PostParams};
+use common::{Cluster, eventually, microvm, wait_bound};
+use kube::api::PostParams;
 
 /// Resident set of `pid` in KiB, from /proc/PID/statm (pages of 4 KiB).
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -35,21 +35,7 @@ async fn placements() -> Result<()> {
         .await?;
     }
     let created = start.elapsed();
-    eventually(Duration::from_secs(300), "1000 placements", || async {
-        let list = api.list(&ListParams::default()).await?;
-        let bound = list
-            .items
-            .iter()
-            .filter(|v| {
-                v.status
-                    .as_ref()
-                    .and_then(|s| s.node_name.as_ref())
-                    .is_some()
-            })
-            .count();
-        Ok((bound == 1000).then_some(()))
-    })
-    .await?;
+    wait_bound(&api, 1000, Duration::from_secs(300)).await?;
     let total = start.elapsed();
     println!(
         "placement: 1000 MicroVMs over 10 nodes bound {:.2} s after the first create ({:.2} s to create them): {:.0} placements/s",
@@ -85,21 +71,7 @@ async fn memory() -> Result<()> {
         )
         .await?;
     }
-    eventually(Duration::from_secs(900), "10000 placements", || async {
-        let list = api.list(&ListParams::default()).await?;
-        let bound = list
-            .items
-            .iter()
-            .filter(|v| {
-                v.status
-                    .as_ref()
-                    .and_then(|s| s.node_name.as_ref())
-                    .is_some()
-            })
-            .count();
-        Ok((bound == 10_000).then_some(()))
-    })
-    .await?;
+    wait_bound(&api, 10_000, Duration::from_secs(900)).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let loaded = rss_kib(pid).unwrap_or(0);
     println!(

@@ -43,15 +43,7 @@ async fn thousand_microvms_over_ten_nodes_never_overcommit() -> Result<()> {
     .await?;
     assert_eq!(vms.len(), 1000);
     let used = usage(&vms);
-    let placed: usize = vms
-        .iter()
-        .filter(|v| {
-            v.status
-                .as_ref()
-                .and_then(|s| s.node_name.as_ref())
-                .is_some()
-        })
-        .count();
+    let placed = common::bound_count(&vms);
     for (node, (cpu, mem)) in &used {
         assert!(*cpu <= 160, "{node} over-committed: {cpu} vCPUs");
         assert!(*mem <= 32 << 30, "{node} over-committed: {mem} bytes");

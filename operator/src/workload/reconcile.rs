@@ -53,14 +53,7 @@ pub fn strategy(swl: &SecureWorkload) -> Result<Strategy, BoundError> {
     match swl.spec.strategy.kind {
         StrategyType::Recreate => Ok(Strategy::Recreate),
         StrategyType::RollingUpdate => {
-            let default = runv_crds::secureworkload::RollingUpdate {
-                max_unavailable: k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
-                    "25%".into(),
-                ),
-                max_surge: k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
-                    "25%".into(),
-                ),
-            };
+            let default = runv_crds::secureworkload::RollingUpdate::default();
             let ru = swl
                 .spec
                 .strategy

@@ -281,3 +281,24 @@ pub fn usage(vms: &[MicroVM]) -> BTreeMap<String, (u64, u64)> {
     }
     out
 }
+
+/// How many of `vms` have a node.
+pub fn bound_count(vms: &[MicroVM]) -> usize {
+    vms.iter()
+        .filter(|v| {
+            v.status
+                .as_ref()
+                .and_then(|s| s.node_name.as_ref())
+                .is_some()
+        })
+        .count()
+}
+
+/// Waits until `n` MicroVMs in `default` have a node.
+pub async fn wait_bound(api: &Api<MicroVM>, n: usize, limit: Duration) -> Result<()> {
+    eventually(limit, &format!("{n} placements"), || async {
+        let list = api.list(&ListParams::default()).await?;
+        Ok((bound_count(&list.items) == n).then_some(()))
+    })
+    .await
+}
