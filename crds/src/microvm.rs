@@ -431,8 +431,11 @@ pub struct Isolation {
     #[serde(default)]
     pub seccomp: Toggle,
 
-    /// Run the VMM in a jail: its own mount and PID namespaces, chroot into the VM's
-    /// state directory, an unprivileged user.
+    /// Run the VMM in a jail: once it has opened its files and devices, and before the
+    /// guest runs, the VMM enters new mount, network and IPC namespaces, chroots into the
+    /// VM's state directory and becomes an unprivileged user and group of the VM's own
+    /// (given by the node agent), with no capabilities and no_new_privs. There is no PID
+    /// namespace: the VMM starts no processes. Needs the agent to run as root.
     #[serde(default)]
     pub jail: Toggle,
 

@@ -2,7 +2,8 @@
 //! MicroVM at a time and for many at once, the agent's resident memory per VM,
 //! and how many 64 MiB microVMs one node runs at once. Real binaries (test
 //! server in-process, `runv-operator`, `runv-agent run`, `runv-vmm`), the
-//! in-repo test guest in its `test=loop` mode, real `kubectl`. Prints numbers,
+//! in-repo test guest in its `test=idle` mode (it prints one line and sleeps in
+//! `hlt`, so many VMs fit on few cores), real `kubectl`. Prints numbers,
 //! asserts nothing about time.
 //!
 //! ```sh
@@ -70,7 +71,7 @@ fn free_port() -> u16 {
 
 fn manifest(name: &str, guest: &str) -> String {
     format!(
-        "apiVersion: runv.dev/v1alpha1\nkind: MicroVM\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  nodeName: bench\n  resources: {{ vcpus: 1, memory: 64Mi }}\n  boot:\n    kernel: {}\n    cmdline: test=loop\n  runPolicy: Always\n  terminationGracePeriodSeconds: 0\n",
+        "apiVersion: runv.dev/v1alpha1\nkind: MicroVM\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  nodeName: bench\n  resources: {{ vcpus: 1, memory: 64Mi }}\n  boot:\n    kernel: {}\n    cmdline: test=idle\n  runPolicy: Always\n  terminationGracePeriodSeconds: 0\n",
         guest
     )
 }
@@ -136,6 +137,35 @@ fn percentile(v: &mut [Duration], p: f64) -> f64 {
     v.sort();
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
     v[i].as_secs_f64() * 1000.0
+}
+
+/// The host's MemAvailable, KiB.
+fn mem_available_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Summed RSS of every running runv-vmm process, and how many there are.
+fn vmm_rss_kib() -> (u64, usize) {
+    let mut total = (0, 0);
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "runv-vmm" {
+            total.0 += rss_kib(pid);
+            total.1 += 1;
+        }
+    }
+    total
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -209,8 +239,9 @@ async fn main() -> Result<()> {
     let agent_pid = procs.0[1].id();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let api: Api<MicroVM> = Api::namespaced(client.clone(), "default");
-    println!("runv-agent benchmark (test guest, 1 vCPU, 64 MiB, test=loop); times in ms");
+    println!("runv-agent benchmark (test guest, 1 vCPU, 64 MiB, test=idle); times in ms");
     let idle_rss = rss_kib(agent_pid);
+    let host_avail_before = mem_available_kib();
 
     let mut lat = Vec::new();
     for i in 0..single {
@@ -273,9 +304,12 @@ async fn main() -> Result<()> {
         )
         .await?;
         running += ok.len();
+        let (vmm_rss, vmms) = vmm_rss_kib();
         println!(
-            "capacity: {running} VMs Ready at once (last batch {}/50)",
-            ok.len()
+            "capacity: {running} VMs Ready at once (last batch {}/50); {vmms} runv-vmm processes, {:.1} MiB RSS each, host MemAvailable down {} MiB",
+            ok.len(),
+            vmm_rss as f64 / 1024.0 / vmms.max(1) as f64,
+            host_avail_before.saturating_sub(mem_available_kib()) / 1024
         );
         if ok.len() < batch.len() {
             break;

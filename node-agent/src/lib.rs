@@ -2,7 +2,8 @@
 //! `runv-vmm` process per VM, and reports what it observes.
 //!
 //! Layout: [`host`] holds every side effect on the node behind traits (with
-//! fakes); [`state`] is the agent's state directory; [`vmm_client`] speaks the
+//! fakes); [`state`] is the agent's state directory; [`jail`] the uid/gid
+//! each jailed VMM gets; [`vmm_client`] speaks the
 //! VMM's control socket; [`vmconfig`] turns a MicroVM spec into a VMM config;
 //! [`reconcile`] decides, as pure functions, what to do and what status to
 //! report; [`runtime`] observes, decides and acts for each VM; [`standalone`]
@@ -10,6 +11,7 @@
 
 pub mod cluster;
 pub mod host;
+pub mod jail;
 pub mod metrics;
 pub mod reconcile;
 pub mod runtime;

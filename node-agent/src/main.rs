@@ -14,7 +14,8 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use runv_node_agent::cluster::node::Capacity;
 use runv_node_agent::cluster::{self, ClusterConfig};
-use runv_node_agent::host::LinuxHost;
+use runv_node_agent::host::cgroup::CgroupConfig;
+use runv_node_agent::host::{Host, LinuxHost};
 use runv_node_agent::runtime::{Runtime, RuntimeConfig};
 use runv_node_agent::state::VmDir;
 use runv_node_agent::{standalone, state};
@@ -31,8 +32,70 @@ struct Cli {
         default_value = "/var/lib/runv/agent"
     )]
     root: PathBuf,
+    /// Parent cgroup of the VMs' cgroups: absolute from the cgroup root
+    /// (`/runv`), or relative to the agent's own cgroup (`runv-test`).
+    /// Default: `/runv` for `run` (a node service, as kubelet's `/kubepods`);
+    /// `runv` under the caller's own cgroup for `standalone`, so VMs started
+    /// from a shell stay within that shell's accounting.
+    #[arg(long, global = true, env = "RUNV_CGROUP_PARENT")]
+    cgroup_parent: Option<String>,
+    /// First restart delay of a VM that exited (doubled per restart): `10s`, `500ms`.
+    #[arg(long, global = true, default_value = "10s", value_parser = parse_duration)]
+    restart_backoff: std::time::Duration,
+    /// Longest restart delay.
+    #[arg(long, global = true, default_value = "300s", value_parser = parse_duration)]
+    restart_backoff_max: std::time::Duration,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `500ms`, `10s`, `5m`, `1h` (a number alone is seconds).
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (s, 1.0)
+    };
+    num.trim()
+        .parse::<f64>()
+        .ok()
+        .and_then(|v| std::time::Duration::try_from_secs_f64(v * scale).ok())
+        .ok_or_else(|| format!("{s:?} is not a duration such as 500ms, 10s or 5m"))
+}
+
+impl Cli {
+    /// The runtime settings the global flags give.
+    fn runtime_config(&self, vmm: PathBuf) -> RuntimeConfig {
+        let mut config = RuntimeConfig::new(self.root.clone(), vmm);
+        config.backoff.initial = self.restart_backoff;
+        config.backoff.max = self.restart_backoff_max.max(self.restart_backoff);
+        config
+    }
+
+    /// The real host, with the VMs' cgroups where `--cgroup-parent` says, else
+    /// under `default_parent`.
+    fn host(&self, default_parent: &str) -> LinuxHost {
+        let parent = self.cgroup_parent.as_deref().unwrap_or(default_parent);
+        let host = LinuxHost::new(None).with_cgroups(&CgroupConfig {
+            parent: parent.to_owned(),
+            ..CgroupConfig::default()
+        });
+        let cgroups = host.describe_cgroups();
+        if host.cgroups().available().is_ok() {
+            tracing::info!("{cgroups}");
+        } else {
+            tracing::warn!(
+                "{cgroups}; VMMs run in the agent's cgroup and VMs with spec.isolation.limits do not start"
+            );
+        }
+        host
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,7 +226,7 @@ fn build_vmm_from_source() -> anyhow::Result<Option<PathBuf>> {
 }
 
 fn standalone_cmd(
-    root: &Path,
+    cli: &Cli,
     path: &Path,
     vmm: Option<PathBuf>,
     timeout: Option<u64>,
@@ -175,10 +238,7 @@ fn standalone_cmd(
     let vmm = find_vmm(vmm)?;
     standalone::provide_test_guest(&vms, &mut out).context("installing the test guest")?;
     install_signal_handlers()?;
-    let rt = Runtime::new(
-        RuntimeConfig::new(root.to_owned(), vmm),
-        Arc::new(LinuxHost::new(None)),
-    )?;
+    let rt = Runtime::new(cli.runtime_config(vmm), Arc::new(cli.host("runv")))?;
     let ok = standalone::run(
         &rt,
         &vms,
@@ -228,39 +288,46 @@ fn real_main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Standalone { path, vmm, timeout } => {
-            if !standalone_cmd(&cli.root, &path, vmm, timeout)? {
+        Command::Standalone {
+            ref path,
+            ref vmm,
+            timeout,
+        } => {
+            if !standalone_cmd(&cli, path, vmm.clone(), timeout)? {
                 std::process::exit(1);
             }
         }
-        Command::Console { name, namespace } => console_cmd(&cli.root, &namespace, &name)?,
+        Command::Console {
+            ref name,
+            ref namespace,
+        } => console_cmd(&cli.root, namespace, name)?,
         Command::Run {
-            node,
-            namespace,
+            ref node,
+            ref namespace,
             http_addr,
-            vmm,
+            ref vmm,
             vcpus,
-            memory,
-            reserved_memory,
+            ref memory,
+            ref reserved_memory,
         } => {
-            let reserved = runv_crds::quantity::bytes("--reserved-memory", &reserved_memory)?;
+            let reserved = runv_crds::quantity::bytes("--reserved-memory", reserved_memory)?;
             let mut capacity = Capacity::of_host(reserved);
             if let Some(v) = vcpus {
                 capacity.vcpus = v;
             }
             if let Some(m) = memory {
-                capacity.memory = runv_crds::quantity::bytes("--memory", &m)?;
+                capacity.memory = runv_crds::quantity::bytes("--memory", m)?;
             }
             let config = ClusterConfig {
                 holder: std::env::var("POD_NAME").unwrap_or_else(|_| format!("runv-agent-{node}")),
-                node,
-                namespace,
+                node: node.clone(),
+                namespace: namespace.clone(),
                 capacity,
                 http_addr,
             };
             let runtime = Runtime::new(
-                RuntimeConfig::new(cli.root.clone(), find_vmm(vmm)?),
-                Arc::new(LinuxHost::new(None)),
+                cli.runtime_config(find_vmm(vmm.clone())?),
+                Arc::new(cli.host("/runv")),
             )?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
@@ -276,4 +343,24 @@ fn real_main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::parse_duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        for bad in ["", "s", "-1s", "ten", "5x"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 }

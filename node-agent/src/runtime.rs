@@ -12,12 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use runv_crds::microvm::InterfaceStatus;
+use runv_crds::microvm::{InterfaceStatus, PowerState, Toggle};
 use runv_crds::{MicroVMSpec, MicroVMStatus};
-use runv_vmm_api::Request;
+use runv_vmm_api::{Request, VmConfig};
 
+use crate::host::cgroup::CgroupLimits;
 use crate::host::ipam::FileIpam;
 use crate::host::{BridgeSpec, Host, HostError, SpawnRequest};
+use crate::jail::{self, JailIdAllocator};
 use crate::reconcile::{Action, Backoff, Decision, Facts, Observed, ObservedExit, decide};
 use crate::state::{self, VmDir, VmRecord};
 use crate::vmconfig;
@@ -62,6 +64,11 @@ impl RuntimeConfig {
     }
 }
 
+/// The Ready message for limits the node cannot enforce.
+fn limits_message(e: &HostError) -> String {
+    format!("spec.isolation.limits cannot be enforced on this node: {e}")
+}
+
 /// Identifies one VM.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VmRef {
@@ -84,6 +91,7 @@ pub struct Runtime {
     config: RuntimeConfig,
     host: Arc<dyn Host>,
     ipam: FileIpam,
+    jail_ids: JailIdAllocator,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -106,6 +114,25 @@ fn prefix_mask(prefix: u8) -> Ipv4Addr {
     Ipv4Addr::from(u32::MAX << (32 - u32::from(prefix.min(32))))
 }
 
+/// The cgroup limits a spec asks for; `None` when it asks for none.
+pub fn spec_limits(
+    spec: &MicroVMSpec,
+) -> Result<Option<CgroupLimits>, runv_crds::quantity::QuantityError> {
+    match &spec.isolation.limits {
+        Some(l) => CgroupLimits::from_spec(l).map(|c| c.is_limited().then_some(c)),
+        None => Ok(None),
+    }
+}
+
+/// What the VM's running VMM was given: its cgroup and that cgroup's limits
+/// (`<vm dir>/cgroup.json`, written at start; absent: no cgroup).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CgroupRecord {
+    name: String,
+    limits: CgroupLimits,
+}
+
 impl Runtime {
     /// A runtime over `host`, with its state in `config.root`.
     pub fn new(config: RuntimeConfig, host: Arc<dyn Host>) -> Result<Self, RuntimeError> {
@@ -116,7 +143,12 @@ impl Runtime {
             config.bridge.gateway,
             config.bridge.prefix,
         )?;
-        Ok(Self { config, host, ipam })
+        Ok(Self {
+            config,
+            host,
+            ipam,
+            jail_ids: JailIdAllocator::default(),
+        })
     }
 
     /// The settings.
@@ -146,11 +178,83 @@ impl Runtime {
             .collect();
         let invalid = vmconfig::build(&vm.namespace, &vm.name, spec, &self.dir(vm), "")
             .err()
-            .map(|e| e.to_string());
+            .map(|e| e.to_string())
+            .or_else(|| spec_limits(spec).err().map(|e| e.to_string()));
+        // Limits the node cannot enforce keep the VM from starting: it never
+        // runs unlimited when it asked for limits.
+        let limits_error = match spec_limits(spec) {
+            Ok(Some(_)) => self
+                .host
+                .cgroups()
+                .available()
+                .err()
+                .map(|e| limits_message(&e)),
+            _ => None,
+        };
         Facts {
             missing_files,
             invalid,
+            limits_error,
             start_error: None,
+        }
+    }
+
+    /// The name of the VM's cgroup (under the agent's parent cgroup).
+    pub fn cgroup_name(&self, vm: &VmRef) -> String {
+        state::dir_name(&vm.namespace, &vm.name)
+    }
+
+    fn cgroup_record_path(&self, vm: &VmRef) -> PathBuf {
+        self.dir(vm).path().join("cgroup.json")
+    }
+
+    fn read_cgroup_record(&self, vm: &VmRef) -> Option<CgroupRecord> {
+        let text = std::fs::read_to_string(self.cgroup_record_path(vm)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Whether the running VMM has the limits the spec asks for now.
+    fn limits_current(&self, vm: &VmRef, spec: &MicroVMSpec) -> bool {
+        let Ok(want) = spec_limits(spec) else {
+            return true; // an invalid spec is reported, not restarted for
+        };
+        let have = self.read_cgroup_record(vm).map(|r| r.limits);
+        want.unwrap_or_default() == have.unwrap_or_default()
+    }
+
+    /// Creates the VM's cgroup with its limits and returns the files the VMM
+    /// joins. A VM without limits runs without a cgroup of its own where the
+    /// node has none to give; one with limits does not run at all then.
+    fn prepare_cgroup(&self, vm: &VmRef, spec: &MicroVMSpec) -> Result<Vec<PathBuf>, HostError> {
+        let want = spec_limits(spec).map_err(|e| HostError::Invalid {
+            what: "limits",
+            value: e.to_string(),
+        })?;
+        let name = self.cgroup_name(vm);
+        let cgroups = self.host.cgroups();
+        let limits = want.unwrap_or_default();
+        let result = cgroups
+            .available()
+            .and_then(|()| cgroups.ensure(&name, &limits));
+        let record = self.cgroup_record_path(vm);
+        match result {
+            Ok(procs) => {
+                let text = serde_json::to_string(&CgroupRecord { name, limits })
+                    .map_err(|e| HostError::io("writing", &record, std::io::Error::other(e)))?;
+                state::write_atomic(&record, text.as_bytes())?;
+                Ok(procs)
+            }
+            Err(e) if want.is_none() => {
+                if !matches!(e, HostError::CgroupsUnavailable(_)) {
+                    tracing::warn!(vm = %vm, error = %e, "running the VMM without a cgroup of its own");
+                }
+                match std::fs::remove_file(&record) {
+                    Ok(()) => Ok(Vec::new()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+                    Err(e) => Err(HostError::io("removing", &record, e)),
+                }
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -177,7 +281,8 @@ impl Runtime {
             }
             let config_current = std::fs::read_to_string(dir.config())
                 .ok()
-                .is_some_and(|text| self.config_text(vm, spec).is_some_and(|want| want == text));
+                .is_some_and(|text| self.config_matches(vm, spec, &text))
+                && self.limits_current(vm, spec);
             return Observed::Running {
                 started_at: from_ms(record.started_at_ms),
                 paused: view.is_some_and(|v| v.paused),
@@ -234,10 +339,30 @@ impl Runtime {
             .unwrap_or_default()
     }
 
-    fn config_text(&self, vm: &VmRef, spec: &MicroVMSpec) -> Option<String> {
+    /// The VMM config the spec asks for: jailed as the VM's `jail.json` says
+    /// when `isolation.jail` is Enabled (`None` until it has ids).
+    fn vm_config(&self, vm: &VmRef, spec: &MicroVMSpec) -> Option<VmConfig> {
         let extra = self.ip_cmdline(vm, spec);
-        let c = vmconfig::build(&vm.namespace, &vm.name, spec, &self.dir(vm), &extra).ok()?;
-        serde_json::to_string_pretty(&c).ok()
+        let dir = self.dir(vm);
+        let mut c = vmconfig::build(&vm.namespace, &vm.name, spec, &dir, &extra).ok()?;
+        if spec.isolation.jail == Toggle::Enabled {
+            c.jail = Some(vmconfig::jail(&dir, jail::read(&dir)?));
+        }
+        Some(c)
+    }
+
+    /// Whether the config a VMM was started with (`text`) is the one the
+    /// spec asks for now. `startPaused` only matters at start: a change of
+    /// `powerState` restarts nothing.
+    fn config_matches(&self, vm: &VmRef, spec: &MicroVMSpec, text: &str) -> bool {
+        let (Ok(mut have), Some(want)) = (
+            serde_json::from_str::<VmConfig>(text),
+            self.vm_config(vm, spec),
+        ) else {
+            return false;
+        };
+        have.start_paused = want.start_paused;
+        have == want
     }
 
     /// The interfaces and vsock CID the status reports.
@@ -267,6 +392,14 @@ impl Runtime {
     fn prepare(&self, vm: &VmRef, spec: &MicroVMSpec) -> Result<(), HostError> {
         let dir = self.dir(vm);
         dir.create()?;
+        if spec.isolation.jail == Toggle::Enabled {
+            // The jailed VMM writes its exit file and removes its control
+            // socket in run/, and nowhere else.
+            let ids = self.jail_ids.ensure(&self.config.root, &dir)?;
+            self.host
+                .disks()
+                .give_dir(&dir.run_dir(), ids.uid, ids.gid)?;
+        }
         let disks = self.host.disks();
         for d in &spec.disks {
             let path = dir.disk(&d.name);
@@ -311,18 +444,21 @@ impl Runtime {
     ) -> Result<(), HostError> {
         self.prepare(vm, spec)?;
         let dir = self.dir(vm);
-        let text = self
-            .config_text(vm, spec)
-            .ok_or_else(|| HostError::Invalid {
-                what: "spec",
-                value: format!("{vm}"),
-            })?;
+        let mut config = self.vm_config(vm, spec).ok_or_else(|| HostError::Invalid {
+            what: "spec",
+            value: format!("{vm}"),
+        })?;
+        // A VM asked to be Paused runs no guest code before it is resumed.
+        config.start_paused = spec.power_state == PowerState::Paused;
+        let text = serde_json::to_string_pretty(&config).unwrap_or_default();
         state::write_atomic(&dir.config(), text.as_bytes())?;
         dir.clear_run_files()?;
+        let cgroup = self.prepare_cgroup(vm, spec)?;
         let id = self.host.processes().spawn(&SpawnRequest {
             vmm: self.config.vmm.clone(),
             config: dir.config(),
             log: dir.vmm_log(),
+            cgroup,
         })?;
         dir.write_record(&VmRecord {
             namespace: vm.namespace.clone(),
@@ -385,9 +521,13 @@ impl Runtime {
                     record.shutdown_at_ms = Some(ms(now));
                     dir.write_record(&record)?;
                 }
+                // The VMM ends the VM itself if the guest ignores the button.
+                let grace = Duration::from_secs(
+                    u64::try_from(spec.termination_grace_period_seconds).unwrap_or(0),
+                );
                 self.host
                     .control()
-                    .send(&dir.control_socket(), Request::Shutdown)
+                    .send(&dir.control_socket(), Request::shutdown_within(grace))
             }
             Action::Pause => self
                 .host
@@ -427,7 +567,11 @@ impl Runtime {
             if let Err(e) = self.act(vm, spec, generation, action, now) {
                 tracing::warn!(vm = %vm, ?action, error = %e, "action failed");
                 if matches!(action, Action::Start { .. }) {
-                    facts.start_error = Some(e.to_string());
+                    if e.is_cgroup() {
+                        facts.limits_error = Some(limits_message(&e));
+                    } else {
+                        facts.start_error = Some(e.to_string());
+                    }
                 }
                 break;
             }
@@ -457,12 +601,22 @@ impl Runtime {
     }
 
     /// Stops the VM for good and removes everything it had on the host: the VMM,
-    /// its taps, its addresses and its state directory.
+    /// its taps, its addresses, its cgroup and its state directory.
     pub fn cleanup(&self, vm: &VmRef) -> Result<(), RuntimeError> {
         let dir = self.dir(vm);
         self.kill(&dir)?;
         self.release_network(vm)?;
+        self.release_cgroup(vm)?;
         dir.remove()?;
+        Ok(())
+    }
+
+    /// Removes the VM's cgroup; the VM must not run.
+    pub fn release_cgroup(&self, vm: &VmRef) -> Result<(), RuntimeError> {
+        let name = self
+            .read_cgroup_record(vm)
+            .map_or_else(|| self.cgroup_name(vm), |r| r.name);
+        self.host.cgroups().remove(&name)?;
         Ok(())
     }
 
@@ -496,7 +650,7 @@ impl Runtime {
         if self
             .host
             .control()
-            .send(&dir.control_socket(), Request::Shutdown)
+            .send(&dir.control_socket(), Request::shutdown_within(grace))
             .is_ok()
         {
             let start = std::time::Instant::now();

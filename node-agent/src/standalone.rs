@@ -286,6 +286,9 @@ pub fn run(
         if let Err(e) = rt.release_network(&r) {
             writeln!(out, "{} releasing its network: {e}", r.name)?;
         }
+        if let Err(e) = rt.release_cgroup(&r) {
+            writeln!(out, "{} removing its cgroup: {e}", r.name)?;
+        }
     }
     Ok(ok)
 }

@@ -4,15 +4,21 @@
 //! <root>/ipam.json                 node-local IPAM (host::ipam)
 //! <root>/vms/<ns>_<name>/vm.json    who the VM is and which VMM process runs it
 //!                      config.json  the runv-vmm config
-//!                      ctl.sock     the VMM's control socket; ctl.sock.exit its exit record
+//!                      jail.json    the uid/gid of its jailed VMM (crate::jail)
+//!                      run/         what the VMM writes itself: ctl.sock (control
+//!                                   socket), ctl.sock.exit (exit record), vsock.sock
 //!                      serial.log   console output (serial.log.1: the previous part)
 //!                      vmm.log      the VMM's stdout and stderr
 //!                      disks/       private disk copies and empty disks
 //! ```
 //!
 //! `vm.json` holds the VMM's pid and kernel start time, so a restarted agent
-//! re-adopts the running process and never starts a second one. This module
-//! owns the layout and its files; it does not start or stop anything.
+//! re-adopts the running process and never starts a second one. A jailed VMM
+//! has the VM directory as its root and owns `run/` only: everything else
+//! there stays root's, so a compromised VMM cannot plant links the agent
+//! would follow when it writes or rotates its files; what the agent reads
+//! from `run/` it reads without following links. This module owns the
+//! layout and its files; it does not start or stop anything.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,6 +30,9 @@ use crate::host::{HostError, VmmIdentity};
 
 /// Longest unix socket path Linux accepts (`sun_path` less the NUL).
 const MAX_SOCKET_PATH: usize = 107;
+
+/// Longest exit record read (the VMM writes one short line).
+const MAX_EXIT_FILE: u64 = 64 * 1024;
 
 /// Who a VM directory belongs to and which VMM runs it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,7 +120,7 @@ impl VmDir {
         &self.dir
     }
 
-    /// Creates the directory (and `disks/`), checking the socket path fits.
+    /// Creates the directory (and `disks/`, `run/`), checking the socket path fits.
     pub fn create(&self) -> Result<(), HostError> {
         let sock = self.control_socket();
         if sock.as_os_str().len() > MAX_SOCKET_PATH {
@@ -121,7 +130,9 @@ impl VmDir {
             });
         }
         std::fs::create_dir_all(self.disks())
-            .map_err(|e| HostError::io("creating", self.disks(), e))
+            .map_err(|e| HostError::io("creating", self.disks(), e))?;
+        std::fs::create_dir_all(self.run_dir())
+            .map_err(|e| HostError::io("creating", self.run_dir(), e))
     }
 
     /// `vm.json`.
@@ -132,13 +143,22 @@ impl VmDir {
     pub fn config(&self) -> PathBuf {
         self.dir.join("config.json")
     }
+    /// `jail.json`: the VM's jail uid and gid.
+    pub fn jail_ids(&self) -> PathBuf {
+        self.dir.join("jail.json")
+    }
+    /// `run/`: the sockets and the exit file, the one directory a jailed VMM
+    /// may write to (it owns it).
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
     /// The control socket.
     pub fn control_socket(&self) -> PathBuf {
-        self.dir.join("ctl.sock")
+        self.run_dir().join("ctl.sock")
     }
     /// The exit file (the VMM's default: next to the control socket).
     pub fn exit_file(&self) -> PathBuf {
-        self.dir.join("ctl.sock.exit")
+        self.run_dir().join("ctl.sock.exit")
     }
     /// The serial console log.
     pub fn serial_log(&self) -> PathBuf {
@@ -152,9 +172,11 @@ impl VmDir {
     pub fn vmm_log(&self) -> PathBuf {
         self.dir.join("vmm.log")
     }
-    /// The hybrid vsock socket.
+    /// The hybrid vsock socket; host services for guest port P listen on
+    /// `vsock.sock_P` beside it (reachable to a jailed VMM when its jail
+    /// user may write to that socket).
     pub fn vsock(&self) -> PathBuf {
-        self.dir.join("vsock.sock")
+        self.run_dir().join("vsock.sock")
     }
     /// Disk files.
     pub fn disks(&self) -> PathBuf {
@@ -177,15 +199,32 @@ impl VmDir {
         write_atomic(&self.record_path(), &text)
     }
 
-    /// The exit record the VMM left, if any.
+    /// The exit record the VMM left, if any. `run/` belongs to the VMM, so
+    /// only a regular file is read (no link, no FIFO), and at most 64 KiB.
     pub fn read_exit(&self) -> Option<ExitRecord> {
-        let text = std::fs::read_to_string(self.exit_file()).ok()?;
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(self.exit_file())
+            .ok()?;
+        if !f.metadata().ok()?.is_file() {
+            return None;
+        }
+        let mut text = String::new();
+        f.take(MAX_EXIT_FILE).read_to_string(&mut text).ok()?;
         serde_json::from_str(&text).ok()
     }
 
-    /// Removes what one VMM run leaves behind before the next run starts.
+    /// Removes what one VMM run leaves behind before the next run starts
+    /// (and where an agent from before `run/` had them).
     pub fn clear_run_files(&self) -> Result<(), HostError> {
-        for p in [self.exit_file(), self.control_socket(), self.vsock()] {
+        let legacy = ["ctl.sock", "ctl.sock.exit", "vsock.sock"].map(|f| self.dir.join(f));
+        for p in [self.exit_file(), self.control_socket(), self.vsock()]
+            .into_iter()
+            .chain(legacy)
+        {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -259,6 +298,10 @@ mod tests {
         let d = VmDir::new(root.path(), "default", "hello");
         assert!(d.path().ends_with("vms/default_hello"));
         d.create().unwrap();
+        assert!(d.run_dir().is_dir() && d.disks().is_dir());
+        for p in [d.control_socket(), d.exit_file(), d.vsock()] {
+            assert_eq!(p.parent(), Some(d.run_dir().as_path()), "{}", p.display());
+        }
         assert!(d.read_record().is_none());
         let rec = VmRecord {
             namespace: "default".into(),
@@ -288,6 +331,24 @@ mod tests {
         assert_eq!(d.read_exit().unwrap().message, "bye");
         d.clear_run_files().unwrap();
         assert!(d.read_exit().is_none());
+        // run/ is the VMM's: a link or a FIFO there is never followed or read.
+        let elsewhere = root.path().join("elsewhere.json");
+        std::fs::write(
+            &elsewhere,
+            r#"{"reason":"powerOff","exitCode":0,"message":"not mine"}"#,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(&elsewhere, d.exit_file()).unwrap();
+        assert!(d.read_exit().is_none());
+        d.clear_run_files().unwrap();
+        assert!(elsewhere.exists(), "removing the link keeps its target");
+        let made = std::process::Command::new("mkfifo")
+            .arg(d.exit_file())
+            .status()
+            .unwrap();
+        assert!(made.success());
+        assert!(d.read_exit().is_none(), "a FIFO must not block the agent");
+        d.clear_run_files().unwrap();
         d.remove().unwrap();
         assert!(!d.path().exists());
         d.remove().unwrap();

@@ -5,8 +5,9 @@
 use runv_crds::microvm::{Disk, InterfaceType, Toggle};
 use runv_crds::{MicroVMSpec, quantity};
 use runv_vmm_api::config::{MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
-use runv_vmm_api::{DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig};
+use runv_vmm_api::{DiskConfig, JailConfig, NetConfig, SerialConfig, VmConfig, VsockConfig};
 
+use crate::jail::JailIds;
 use crate::state::VmDir;
 
 /// Why a spec cannot become a VMM config.
@@ -129,8 +130,20 @@ pub fn net_plan(namespace: &str, name: &str, spec: &MicroVMSpec) -> Vec<NetPlan>
         .collect()
 }
 
+/// The jail of a VM whose directory is `dir`: that directory becomes the
+/// VMM's root, and it runs as `ids` (`spec.isolation.jail: Enabled`). Its
+/// control socket, exit file and vsock socket are in `run/`, inside the root.
+pub fn jail(dir: &VmDir, ids: JailIds) -> JailConfig {
+    JailConfig {
+        root: dir.path().to_owned(),
+        uid: ids.uid,
+        gid: ids.gid,
+    }
+}
+
 /// The VMM config of a VM whose directory is `dir`; `extra_cmdline` (the
-/// agent's `ip=` parameter) is appended to the spec's command line.
+/// agent's `ip=` parameter) is appended to the spec's command line. Without
+/// a jail and not paused at start: the runtime adds those.
 pub fn build(
     namespace: &str,
     name: &str,
@@ -228,6 +241,22 @@ mod tests {
         assert_eq!(c.vsock.as_ref().unwrap().guest_cid, vsock_cid("ns", "web"));
         assert!(!c.seccomp);
         assert_eq!(c.exit_file_path(), Some(dir.exit_file()));
+        assert_eq!((c.jail.as_ref(), c.start_paused), (None, false));
+        // Jailed: every path the VMM uses after its jail is inside the VM directory.
+        let mut jailed = c.clone();
+        jailed.jail = Some(jail(
+            &dir,
+            JailIds {
+                uid: crate::jail::JAIL_ID_BASE,
+                gid: crate::jail::JAIL_ID_BASE,
+            },
+        ));
+        jailed.validate().unwrap();
+        let j = jailed.jail.as_ref().unwrap();
+        assert_eq!(
+            j.inside("exitFile", &dir.exit_file()).unwrap(),
+            std::path::PathBuf::from("/run/ctl.sock.exit")
+        );
         let files = host_files(&s);
         assert_eq!(files[0], ("spec.boot.kernel".into(), "/k/vmlinux".into()));
         assert_eq!(files.len(), 4);
@@ -245,11 +274,11 @@ mod tests {
 
     #[test]
     fn out_of_range_shapes_are_errors() {
-        let s = spec(r#"{"resources":{"vcpus":1,"memory":"8Gi"},"boot":{"kernel":"/k"}}"#);
+        let s = spec(r#"{"resources":{"vcpus":1,"memory":"65Gi"},"boot":{"kernel":"/k"}}"#);
         let dir = VmDir::new(std::path::Path::new("/s"), "ns", "vm");
         assert_eq!(
             build("ns", "vm", &s, &dir, ""),
-            Err(VmConfigError::Memory(8192))
+            Err(VmConfigError::Memory(66560))
         );
         let s = spec(r#"{"resources":{"vcpus":300,"memory":"64Mi"},"boot":{"kernel":"/k"}}"#);
         assert_eq!(

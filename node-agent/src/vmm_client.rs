@@ -63,7 +63,7 @@ fn op_name(req: &Request) -> &'static str {
         Request::Describe => "describe",
         Request::Pause => "pause",
         Request::Resume => "resume",
-        Request::Shutdown => "shutdown",
+        Request::Shutdown { .. } => "shutdown",
         Request::Kill => "kill",
         Request::Counters => "counters",
     }
@@ -126,9 +126,10 @@ impl VmmClient {
     pub fn resume(&mut self) -> Result<(), ClientError> {
         self.expect_ok(Request::Resume)
     }
-    /// Presses the power button.
-    pub fn shutdown(&mut self) -> Result<(), ClientError> {
-        self.expect_ok(Request::Shutdown)
+    /// Presses the power button; the VMM ends the VM after `grace` (its
+    /// default when `None`) if the guest has not powered off.
+    pub fn shutdown(&mut self, grace: Option<Duration>) -> Result<(), ClientError> {
+        self.expect_ok(grace.map_or(Request::SHUTDOWN, Request::shutdown_within))
     }
     /// Ends the VM now.
     pub fn kill(&mut self) -> Result<(), ClientError> {

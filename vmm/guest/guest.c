@@ -8,6 +8,8 @@
  *   reset         i8042 reset (0xfe to port 0x64)
  *   panic         pvpanic (port 0x505)
  *   loop          print "tick N" forever (for pause/resume/kill tests)
+ *   idle          print one line, then sleep in `hlt` until the host's power
+ *                 button (many VMs on few cores: capacity benchmarks)
  *   bad-virtio    post garbage descriptors to the first virtio-mmio device
  */
 #include "guest.h"
@@ -69,6 +71,9 @@ void poweroff(void)
 	for (;;)
 		__asm__ volatile("cli; hlt");
 }
+
+/* Port 0x601 bit 0: the host asked for a graceful shutdown. */
+int power_button(void) { return inb(ACPI_SLEEP_CTL + 1) & 1; }
 
 /* A failed step ends the VM non-zero: pvpanic (exit 13 under runv-vmm). */
 void fail(const char *what)
@@ -241,11 +246,18 @@ void guest_main(int kind, u64 info)
 			putdec(n);
 			puts("\n");
 			spin(20000);
-			if (inb(ACPI_SLEEP_CTL + 1) & 1) {
+			if (power_button()) {
 				puts("runv-guest: power button\n");
 				poweroff();
 			}
 		}
+	}
+	if (str_eq(t, len, "idle")) {
+		puts("runv-guest: idle\n");
+		irq_setup();
+		irq_sleep_until(power_button);
+		puts("runv-guest: power button\n");
+		poweroff();
 	}
 	if (str_eq(t, len, "bad-virtio"))
 		virtio_garbage(cmdline);

@@ -35,6 +35,8 @@ void irq_setup(void);
 void irq_route(u32 pin, int level, u64 base);
 void irq_mask(u32 pin);
 int irq_wait(u32 seen);
+void irq_sleep_until(int (*done)(void));
+int power_button(void);
 u32 irq_count(void);
 u32 irq_late(void);
 u32 irq_rte_seen(void);

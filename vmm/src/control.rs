@@ -3,7 +3,11 @@
 //!
 //! Owns request framing and dispatch. A malformed or oversized request gets an
 //! error reply and never affects the VM. The `shutdown` request presses the
-//! power button and starts a grace timer that ends the VM if the guest ignores it.
+//! power button and starts a grace timer (the request's `graceSeconds`, else
+//! the config's) that ends the VM if the guest ignores it.
+//!
+//! Binding ([`bind`]) and serving ([`serve`]) are separate so the socket can
+//! be bound before the VMM enters its jail and served after.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -20,8 +24,6 @@ use crate::state::Shared;
 
 /// Most clients served at once; more are refused with an error line.
 const MAX_CLIENTS: usize = 16;
-/// How long the guest gets to power off after `shutdown`.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Errors from setting up the control socket.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,9 @@ pub struct Facts {
     pub hypervisor: String,
     /// Guest memory, for the resident-bytes counter.
     pub memory: Option<Arc<vm_memory::GuestMemoryMmap>>,
+    /// How long `shutdown` waits when the request does not say
+    /// ([`runv_vmm_api::VmConfig::shutdown_grace`]).
+    pub shutdown_grace: Duration,
 }
 
 /// Answers one request.
@@ -67,19 +72,22 @@ pub fn handle(shared: &Arc<Shared>, facts: &Facts, req: Request) -> Response {
             shared.resume();
             Response::Ok
         }
-        Request::Shutdown => {
-            shared.press_power_button();
+        Request::Shutdown { grace_seconds } => {
+            let grace =
+                grace_seconds.map_or(facts.shutdown_grace, |s| Duration::from_secs(u64::from(s)));
+            // A paused guest must run to see the button.
             shared.resume();
+            shared.press_power_button();
             let s = shared.clone();
             let timer = std::thread::Builder::new()
                 .name("shutdown-grace".into())
                 .spawn(move || {
-                    if s.wait_exit(SHUTDOWN_GRACE).is_none() {
+                    if s.wait_exit(grace).is_none() {
                         s.request_exit(
                             ExitReason::Killed,
                             format!(
                                 "guest did not power off within {} s of a shutdown request",
-                                SHUTDOWN_GRACE.as_secs()
+                                grace.as_secs()
                             ),
                         );
                     }
@@ -113,7 +121,7 @@ pub fn after_reply(shared: &Shared, req: &Request) {
 }
 
 /// Serves one connection until EOF.
-fn serve(stream: UnixStream, shared: &Arc<Shared>, facts: &Facts) -> std::io::Result<()> {
+fn serve_client(stream: UnixStream, shared: &Arc<Shared>, facts: &Facts) -> std::io::Result<()> {
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     loop {
@@ -178,9 +186,24 @@ pub fn start(
     facts: Facts,
     seccomp: Option<Filter>,
 ) -> Result<PathBuf, ControlError> {
+    serve(bind(path)?, shared, facts, seccomp)?;
+    Ok(path.to_owned())
+}
+
+/// Binds the control socket at `path` (replacing a stale one).
+pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     let _ = std::fs::remove_file(path);
-    let listener =
-        UnixListener::bind(path).map_err(|e| ControlError::Bind(path.display().to_string(), e))?;
+    UnixListener::bind(path).map_err(|e| ControlError::Bind(path.display().to_string(), e))
+}
+
+/// Serves a bound control socket on a background thread, which installs
+/// `seccomp` first (its client threads inherit it).
+pub fn serve(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    facts: Facts,
+    seccomp: Option<Filter>,
+) -> Result<(), ControlError> {
     let facts = Arc::new(facts);
     let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
@@ -201,7 +224,7 @@ pub fn start(
                 let spawned = std::thread::Builder::new()
                     .name("control-client".into())
                     .spawn(move || {
-                        let _ = serve(conn, &shared, &facts);
+                        let _ = serve_client(conn, &shared, &facts);
                         active2.fetch_sub(1, Ordering::AcqRel);
                     });
                 if spawned.is_err() {
@@ -210,7 +233,7 @@ pub fn start(
             }
         })
         .map_err(ControlError::Thread)?;
-    Ok(path.to_owned())
+    Ok(())
 }
 
 #[cfg(test)]
@@ -225,7 +248,38 @@ mod tests {
             cmdline: "c".into(),
             hypervisor: "kvm".into(),
             memory: None,
+            shutdown_grace: Duration::from_secs(10),
         }
+    }
+
+    #[test]
+    fn shutdown_uses_the_request_grace_else_the_config_one() {
+        let mut f = facts();
+        f.shutdown_grace = Duration::from_millis(50);
+        let shared = Arc::new(Shared::new(0));
+        shared.start_paused();
+        assert_eq!(handle(&shared, &f, Request::SHUTDOWN), Response::Ok);
+        // The button reaches a paused guest: it runs again, shutting down.
+        assert_eq!(shared.state(), runv_vmm_api::VmState::ShuttingDown);
+        assert!(shared.power_button.load(Ordering::Acquire));
+        let rec = shared.wait_exit(Duration::from_secs(5)).unwrap();
+        assert_eq!(rec.reason, ExitReason::Killed);
+        assert!(rec.message.contains("within 0 s"), "{rec:?}");
+
+        let shared = Arc::new(Shared::new(0));
+        let req = Request::decode(b"{\"op\":\"shutdown\",\"graceSeconds\":0}").unwrap();
+        f.shutdown_grace = Duration::from_secs(3600);
+        assert_eq!(handle(&shared, &f, req), Response::Ok);
+        assert!(shared.wait_exit(Duration::from_secs(5)).is_some());
+
+        let shared = Arc::new(Shared::new(0));
+        let req = Request::Shutdown {
+            grace_seconds: Some(3600),
+        };
+        f.shutdown_grace = Duration::ZERO;
+        assert_eq!(handle(&shared, &f, req), Response::Ok);
+        assert!(shared.wait_exit(Duration::from_millis(200)).is_none());
+        shared.request_exit(ExitReason::PowerOff, "test");
     }
 
     #[test]

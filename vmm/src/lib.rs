@@ -3,12 +3,14 @@
 //! Layout: [`kvm`] wraps every KVM ioctl; [`memory`] and [`boot`] lay out and
 //! fill guest memory; [`devices`] emulate hardware; [`vcpu`] runs vCPU threads;
 //! [`state`] and [`control`] are the shared run state and the control socket;
+//! [`jail`] confines the process once its host resources are open;
 //! [`vmm`] puts it together in boot order (docs/vmm-boot.md).
 
 pub mod boot;
 pub mod control;
 pub mod counters;
 pub mod devices;
+pub mod jail;
 pub mod kvm;
 pub mod memory;
 pub mod seccomp;

@@ -4,6 +4,10 @@
 //! request), non-zero on a fault, with a one-line reason on stderr and, when a
 //! control socket or exit file is configured, the same reason as JSON in the
 //! exit file.
+//!
+//! Run as root with `--jail-root DIR --jail-uid N --jail-gid N` (or a
+//! `jail` section in the config), it confines itself before the guest runs
+//! (`jail.rs`, docs/vmm-boot.md).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +16,7 @@ use anyhow::Context;
 use clap::Parser;
 use runv_vmm::vmm;
 use runv_vmm_api::config::{CpuPolicy, parse_size_mib};
-use runv_vmm_api::{DiskConfig, ExitReason, ExitRecord, SerialConfig, VmConfig};
+use runv_vmm_api::{DiskConfig, ExitReason, ExitRecord, JailConfig, SerialConfig, VmConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -54,6 +58,22 @@ struct Cli {
     /// CPUID policy: auto, host or compat.
     #[arg(long)]
     cpu_policy: Option<String>,
+    /// Jail the VMM in this directory (its new root) once its files are open;
+    /// the exit file, control socket and vsock socket must lie inside it.
+    #[arg(long, requires_all = ["jail_uid", "jail_gid"])]
+    jail_root: Option<PathBuf>,
+    /// The unprivileged uid the jailed VMM runs as.
+    #[arg(long, requires = "jail_root")]
+    jail_uid: Option<u32>,
+    /// The unprivileged gid the jailed VMM runs as.
+    #[arg(long, requires = "jail_root")]
+    jail_gid: Option<u32>,
+    /// Create the VM with its vCPUs paused; a control-socket `resume` starts them.
+    #[arg(long)]
+    start_paused: bool,
+    /// Seconds a `shutdown` request without its own grace waits (default 10).
+    #[arg(long)]
+    shutdown_grace_seconds: Option<u32>,
 }
 
 fn parse_serial(s: &str) -> anyhow::Result<SerialConfig> {
@@ -105,6 +125,15 @@ fn config_from(cli: Cli) -> anyhow::Result<VmConfig> {
     if cli.no_seccomp {
         cfg.seccomp = false;
     }
+    if let (Some(root), Some(uid), Some(gid)) = (cli.jail_root, cli.jail_uid, cli.jail_gid) {
+        cfg.jail = Some(JailConfig { root, uid, gid });
+    }
+    if cli.start_paused {
+        cfg.start_paused = true;
+    }
+    if cli.shutdown_grace_seconds.is_some() {
+        cfg.shutdown_grace_seconds = cli.shutdown_grace_seconds;
+    }
     if let Some(p) = cli.cpu_policy {
         cfg.cpu_policy = match p.as_str() {
             "auto" => CpuPolicy::Auto,
@@ -145,12 +174,14 @@ fn finish(cfg: Option<&VmConfig>, record: &ExitRecord) -> ! {
         record.exit_code, record.reason, record.message
     );
     if let Some(cfg) = cfg {
-        if let Some(path) = cfg.exit_file_path()
+        // Host paths, or where the jail sees them once the VMM is inside.
+        let (exit_file, control_socket) = vmm::exit_paths(cfg);
+        if let Some(path) = exit_file
             && let Err(e) = vmm::write_exit_file(&path, record)
         {
             eprintln!("runv-vmm: writing exit file {}: {e}", path.display());
         }
-        if let Some(sock) = &cfg.control_socket {
+        if let Some(sock) = control_socket {
             let _ = std::fs::remove_file(sock);
         }
     }

@@ -1,15 +1,21 @@
 //! Guest physical memory: the fixed layout and its allocation.
 //!
 //! Owns where things live in guest-physical space (boot structures, RAM, the
-//! virtio-mmio window) and the e820 map that describes it. Pure data plus one
-//! allocation function; it must not talk to KVM.
+//! 32-bit device gap with the virtio-mmio window, IOAPIC and LAPIC) and the
+//! e820 map that describes it. Pure data plus one allocation function; it must
+//! not talk to KVM.
+//!
+//! RAM is laid out as Firecracker and Cloud Hypervisor do on x86: from 0 up to
+//! [`MMIO_GAP_START`] (3 GiB), then the rest from [`MMIO_GAP_END`] (4 GiB) up,
+//! so devices keep their 32-bit addresses whatever the memory size.
 
+use runv_vmm_api::config::MAX_MEMORY_MIB;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// Errors from laying out or allocating guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("guest memory of {0} MiB does not fit below the device window")]
+    #[error("guest memory of {0} MiB is more than the maximum of {MAX_MEMORY_MIB} MiB")]
     TooLarge(u32),
     #[error("guest memory of {0} MiB is too small for the boot layout")]
     TooSmall(u32),
@@ -38,10 +44,23 @@ pub const ACPI_ADDR: u64 = 0xe0000;
 pub const HIGH_RAM_START: u64 = 0x10_0000;
 const _: () = assert!(BOOT_STACK_TOP < PML4_ADDR && BOOT_STACK_TOP > ZERO_PAGE_ADDR + 0x1000);
 
-/// Start of the virtio-mmio device window (above all RAM).
+/// RAM below 4 GiB ends here; the 32-bit device gap runs from here to 4 GiB.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+/// End of the 32-bit device gap; RAM beyond [`MMIO_GAP_START`] continues here.
+pub const MMIO_GAP_END: u64 = 1 << 32;
+/// Start of the virtio-mmio device window (in the 32-bit gap, above all low RAM).
 pub const MMIO_START: u64 = 0xd000_0000;
 /// Each virtio-mmio device gets one 4 KiB slot.
 pub const MMIO_SLOT: u64 = 0x1000;
+/// Guest-physical base of every local APIC (in KVM), as the MADT and MP table announce it.
+pub const LAPIC_BASE: u64 = 0xfee0_0000;
+// The device gap holds the virtio-mmio window, then the IOAPIC, then the LAPICs,
+// and no RAM: keep these in step with `devices/ioapic.rs`.
+const _: () = {
+    use crate::devices::ioapic::{IOAPIC_BASE, IOAPIC_LEN};
+    assert!(MMIO_GAP_START <= MMIO_START && MMIO_START < IOAPIC_BASE);
+    assert!(IOAPIC_BASE + IOAPIC_LEN <= LAPIC_BASE && LAPIC_BASE + 0x1000 <= MMIO_GAP_END);
+};
 
 /// e820 memory type for usable RAM.
 pub const E820_RAM: u32 = 1;
@@ -59,13 +78,15 @@ pub struct E820Entry {
 /// The guest's RAM layout for `mib` MiB of memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
+    /// All guest RAM, below and above the device gap.
     pub mem_bytes: u64,
 }
 
 impl Layout {
+    /// Lays out `mib` MiB: at least 4 MiB, at most [`MAX_MEMORY_MIB`] (64 GiB).
     pub fn new(mib: u32) -> Result<Self, MemoryError> {
         let mem_bytes = u64::from(mib) << 20;
-        if mem_bytes > MMIO_START {
+        if mib > MAX_MEMORY_MIB {
             return Err(MemoryError::TooLarge(mib));
         }
         if mem_bytes < 4 * HIGH_RAM_START {
@@ -74,14 +95,40 @@ impl Layout {
         Ok(Self { mem_bytes })
     }
 
-    /// End of RAM (exclusive).
-    pub fn ram_end(&self) -> u64 {
-        self.mem_bytes
+    /// End (exclusive) of the RAM below the device gap; the boot structures,
+    /// kernel and initrd all live below it.
+    pub fn low_ram_end(&self) -> u64 {
+        self.mem_bytes.min(MMIO_GAP_START)
     }
 
-    /// The e820 map: low RAM, the reserved BIOS hole, high RAM.
+    /// Bytes of RAM above 4 GiB (0 when everything fits below the gap).
+    pub fn high_ram_bytes(&self) -> u64 {
+        self.mem_bytes - self.low_ram_end()
+    }
+
+    /// End (exclusive) of the highest RAM address.
+    pub fn ram_end(&self) -> u64 {
+        match self.high_ram_bytes() {
+            0 => self.low_ram_end(),
+            high => MMIO_GAP_END + high,
+        }
+    }
+
+    /// The guest-physical RAM ranges as (start, length): one below the gap,
+    /// and one from 4 GiB when the memory does not fit below it.
+    pub fn ram_ranges(&self) -> Vec<(u64, u64)> {
+        let mut ranges = vec![(0, self.low_ram_end())];
+        if self.high_ram_bytes() > 0 {
+            ranges.push((MMIO_GAP_END, self.high_ram_bytes()));
+        }
+        ranges
+    }
+
+    /// The e820 map: low RAM, the reserved BIOS hole, RAM up to the device
+    /// gap, and RAM above 4 GiB if any. The gap itself is left out, as on a
+    /// PC: a kernel treats holes in the map as device space.
     pub fn e820(&self) -> Vec<E820Entry> {
-        vec![
+        let mut map = vec![
             E820Entry {
                 addr: 0,
                 size: LOW_RAM_END,
@@ -94,17 +141,33 @@ impl Layout {
             },
             E820Entry {
                 addr: HIGH_RAM_START,
-                size: self.mem_bytes - HIGH_RAM_START,
+                size: self.low_ram_end() - HIGH_RAM_START,
                 kind: E820_RAM,
             },
-        ]
+        ];
+        if self.high_ram_bytes() > 0 {
+            map.push(E820Entry {
+                addr: MMIO_GAP_END,
+                size: self.high_ram_bytes(),
+                kind: E820_RAM,
+            });
+        }
+        map
     }
 
-    /// Allocates the guest memory as one anonymous mapping (pages are touched lazily).
+    /// Allocates the guest memory as one anonymous mapping per RAM range
+    /// (pages are touched lazily, so a large guest costs only what it uses).
     pub fn allocate(&self) -> Result<GuestMemoryMmap, MemoryError> {
-        let len = usize::try_from(self.mem_bytes).map_err(|e| MemoryError::Alloc(e.to_string()))?;
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)])
-            .map_err(|e| MemoryError::Alloc(e.to_string()))
+        let ranges = self
+            .ram_ranges()
+            .into_iter()
+            .map(|(start, len)| {
+                usize::try_from(len)
+                    .map(|len| (GuestAddress(start), len))
+                    .map_err(|e| MemoryError::Alloc(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError::Alloc(e.to_string()))
     }
 }
 
@@ -165,11 +228,139 @@ mod tests {
     #[test]
     fn sizes_outside_the_layout_are_refused() {
         assert!(matches!(Layout::new(2), Err(MemoryError::TooSmall(2))));
+        assert!(Layout::new(4).is_ok());
+        assert!(Layout::new(MAX_MEMORY_MIB).is_ok());
+        let e = Layout::new(MAX_MEMORY_MIB + 1).unwrap_err();
+        assert!(matches!(e, MemoryError::TooLarge(65537)), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "guest memory of 65537 MiB is more than the maximum of 65536 MiB"
+        );
         assert!(matches!(
-            Layout::new(4096),
-            Err(MemoryError::TooLarge(4096))
+            Layout::new(u32::MAX),
+            Err(MemoryError::TooLarge(u32::MAX))
         ));
-        assert!(Layout::new(3072).is_ok());
+    }
+
+    /// RAM summed over the map's RAM entries, as a kernel (and the test guest) sums it.
+    fn e820_ram(map: &[E820Entry]) -> u64 {
+        map.iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum()
+    }
+
+    /// Checks the map is sorted, free of overlaps, keeps RAM out of the device
+    /// gap, and matches the allocated regions.
+    fn check_layout(mib: u32) -> Layout {
+        let l = Layout::new(mib).unwrap();
+        let map = l.e820();
+        for w in map.windows(2) {
+            assert!(w[0].addr + w[0].size <= w[1].addr, "{mib}: {map:x?}");
+        }
+        for e in &map {
+            let end = e.addr + e.size;
+            assert!(e.size > 0, "{mib}: empty entry {e:x?}");
+            assert!(
+                end <= MMIO_GAP_START || e.addr >= MMIO_GAP_END,
+                "{mib}: {e:x?} reaches into the device gap"
+            );
+        }
+        let bios_hole = HIGH_RAM_START - LOW_RAM_END;
+        assert_eq!(e820_ram(&map), l.mem_bytes - bios_hole, "{mib}");
+        assert_eq!(l.mem_bytes, u64::from(mib) << 20);
+        let mem = l.allocate().unwrap();
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        assert_eq!(regions, l.ram_ranges(), "{mib}");
+        // Every RAM entry is backed by guest memory.
+        for e in map.iter().filter(|e| e.kind == E820_RAM) {
+            assert!(
+                mem.check_range(GuestAddress(e.addr), e.size as usize),
+                "{mib}: {e:x?}"
+            );
+        }
+        l
+    }
+
+    #[test]
+    fn memory_below_the_gap_is_one_range() {
+        for mib in [4, 128, 3071, 3072] {
+            let l = check_layout(mib);
+            assert_eq!(l.ram_ranges().len(), 1, "{mib}");
+            assert_eq!(l.e820().len(), 3, "{mib}");
+            assert_eq!(l.high_ram_bytes(), 0);
+            assert_eq!(l.ram_end(), u64::from(mib) << 20);
+        }
+        // Exactly 3 GiB ends at the start of the gap, with no range above it.
+        assert_eq!(Layout::new(3072).unwrap().low_ram_end(), MMIO_GAP_START);
+    }
+
+    #[test]
+    fn memory_above_3_gib_continues_at_4_gib() {
+        let l = check_layout(3073);
+        assert_eq!(
+            l.ram_ranges(),
+            vec![(0, MMIO_GAP_START), (1 << 32, 1 << 20)]
+        );
+        let map = l.e820();
+        assert_eq!(map.len(), 4);
+        assert_eq!(
+            map[3],
+            E820Entry {
+                addr: 1 << 32,
+                size: 1 << 20,
+                kind: E820_RAM
+            }
+        );
+        assert_eq!(l.ram_end(), (4 << 30) + (1 << 20));
+
+        let l = check_layout(4608);
+        assert_eq!(l.low_ram_end(), 3 << 30);
+        assert_eq!(l.high_ram_bytes(), 1536 << 20);
+        assert_eq!(l.ram_end(), (4 << 30) + (1536 << 20));
+    }
+
+    #[test]
+    fn the_maximum_is_64_gib_with_61_gib_above_the_gap() {
+        let l = check_layout(MAX_MEMORY_MIB);
+        assert_eq!(MAX_MEMORY_MIB, 64 * 1024);
+        assert_eq!(l.high_ram_bytes(), 61 << 30);
+        assert_eq!(l.ram_end(), 65 << 30);
+        // The mapping is lazy: touching its last page costs one page.
+        use vm_memory::Bytes;
+        let mem = l.allocate().unwrap();
+        mem.write_obj(0xa5u8, GuestAddress(l.ram_end() - 1))
+            .unwrap();
+        let resident = resident_bytes(&mem);
+        assert!(resident > 0 && resident <= 2 << 20, "{resident}");
+        assert!(mem.write_obj(0u8, GuestAddress(l.ram_end())).is_err());
+        assert!(mem.write_obj(0u8, GuestAddress(MMIO_GAP_START)).is_err());
+    }
+
+    #[test]
+    fn devices_sit_in_the_gap_between_low_and_high_ram() {
+        use crate::devices::ioapic::IOAPIC_BASE;
+        let l = Layout::new(MAX_MEMORY_MIB).unwrap();
+        let mem = l.allocate().unwrap();
+        for addr in [
+            MMIO_START,
+            MMIO_START + 31 * MMIO_SLOT,
+            IOAPIC_BASE,
+            LAPIC_BASE,
+        ] {
+            assert!((MMIO_GAP_START..MMIO_GAP_END).contains(&addr), "{addr:#x}");
+            assert!(
+                !l.e820()
+                    .iter()
+                    .any(|e| (e.addr..e.addr + e.size).contains(&addr)),
+                "{addr:#x} is in the e820 map"
+            );
+            assert!(!vm_memory::GuestMemoryBackend::address_in_range(
+                &mem,
+                GuestAddress(addr)
+            ));
+        }
     }
 
     #[test]

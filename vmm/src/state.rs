@@ -129,6 +129,12 @@ impl Shared {
         Ok(())
     }
 
+    /// Marks the VM paused before its vCPU threads start: each parks at its
+    /// first checkpoint, before its first `KVM_RUN`, until [`Shared::resume`].
+    pub fn start_paused(&self) {
+        *lock(&self.state) = VmState::Paused;
+    }
+
     pub fn resume(&self) {
         let mut s = lock(&self.state);
         if *s == VmState::Paused {
@@ -191,6 +197,38 @@ mod tests {
         let r = s.wait_exit(Duration::from_millis(1)).unwrap();
         assert_eq!(r.reason, ExitReason::TripleFault);
         assert!(!s.vcpu_checkpoint());
+    }
+
+    #[test]
+    fn a_vm_started_paused_runs_nothing_until_resumed() {
+        let s = Arc::new(Shared::new(1));
+        s.set_kicker(Arc::new(NoKick));
+        s.start_paused();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let t = {
+            let (s, runs) = (s.clone(), runs.clone());
+            std::thread::spawn(move || {
+                while s.vcpu_checkpoint() {
+                    runs.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        s.pause().unwrap(); // idempotent
+        assert_eq!(
+            (s.state(), runs.load(Ordering::Relaxed)),
+            (VmState::Paused, 0)
+        );
+        s.resume();
+        let start = Instant::now();
+        while runs.load(Ordering::Relaxed) == 0 {
+            assert!(start.elapsed() < Duration::from_secs(5), "never ran");
+            std::thread::yield_now();
+        }
+        assert_eq!(s.state(), VmState::Running);
+        s.request_exit(ExitReason::Killed, "test");
+        t.join().unwrap();
     }
 
     #[test]

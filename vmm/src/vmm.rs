@@ -1,11 +1,13 @@
 //! The VMM: builds one microVM from a [`VmConfig`] and runs it to its end.
 //!
 //! Owns the boot sequence in order (memory → kernel → initrd/cmdline → boot
-//! info → vCPU state → devices → threads) and the end of the process (exit
-//! record, exit file, exit code). The numbered steps match docs/vmm-boot.md.
+//! info → vCPU state → devices → jail → threads) and the end of the process
+//! (exit record, exit file, exit code). The numbered steps match
+//! docs/vmm-boot.md. Every host resource is opened before the jail (step 7);
+//! no thread exists until after it.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,6 +61,10 @@ pub enum VmmError {
     Tap(#[from] TapError),
     #[error("config: {0}")]
     Config(String),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
+    #[error("changing to the jail root {0}: {1}")]
+    JailRoot(String, std::io::Error),
 }
 
 /// The interrupt controller layout every VM gets (see docs/vmm-boot.md for the
@@ -80,8 +86,23 @@ pub struct Running {
     _vm: Vm,
 }
 
-/// Builds the VM and starts its vCPU threads.
+/// Builds the VM, enters its jail when the config has one, and starts its
+/// threads (the vCPUs wait for a `resume` when `startPaused` is set).
 pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
+    // A jailed VMM works in its jail root from the start: relative config
+    // paths are resolved first, and the vsock socket is bound by its path
+    // relative to the root, which stays valid inside the jail (where the
+    // device connects to `<udsPath>_<port>` for the guest).
+    let absolute;
+    let cfg = match &cfg.jail {
+        Some(jail) => {
+            absolute = with_absolute_paths(cfg).map_err(|e| VmmError::Config(e.to_string()))?;
+            std::env::set_current_dir(&jail.root)
+                .map_err(|e| VmmError::JailRoot(jail.root.display().to_string(), e))?;
+            &absolute
+        }
+        None => cfg,
+    };
     let hypervisor = hypervisor_name();
     let shared_counters = Counters::default();
     // 1. Guest memory.
@@ -175,6 +196,9 @@ pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
 
     // 6. Devices.
     let shared = Arc::new(Shared::with_counters(vcpus.len(), shared_counters));
+    if cfg.start_paused {
+        shared.start_paused();
+    }
     let sink = serial::SerialSink::open(
         &cfg.serial,
         shared.counters.get("serial_tx_bytes_total"),
@@ -235,10 +259,22 @@ pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
         ioapic: Some(ioapic),
     };
 
-    // 7. Control socket, then vCPU threads.
-    if let Some(path) = &cfg.control_socket {
-        control::start(
-            path,
+    // 7. Control socket (bound), then the jail: from here on the process
+    // opens nothing on the host.
+    let control = cfg
+        .control_socket
+        .as_deref()
+        .map(control::bind)
+        .transpose()?;
+    if let Some(jail) = &cfg.jail {
+        crate::jail::enter(jail)?;
+    }
+
+    // 8. Threads: serial socket acceptor, control socket, host I/O, vCPUs.
+    lock(&serial).start()?;
+    if let Some(listener) = control {
+        control::serve(
+            listener,
             shared.clone(),
             Facts {
                 vcpus: cfg.vcpus,
@@ -247,6 +283,7 @@ pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
                 cmdline: cfg.cmdline.clone(),
                 hypervisor: hypervisor.into(),
                 memory: Some(mem.clone()),
+                shutdown_grace: cfg.shutdown_grace(),
             },
             filter(ThreadKind::Control)?,
         )?;
@@ -376,13 +413,53 @@ fn virtio_devices(
             connections: counters.get("vsock_connections_total"),
             resets: counters.get("vsock_resets_total"),
         };
-        out.push(Box::new(Vsock::new(
-            u64::from(v.guest_cid),
-            v.uds_path.clone(),
-            c,
-        )?));
+        // Jailed: relative to the jail root, the working directory (see `start`).
+        let uds_path = match &cfg.jail {
+            Some(j) => {
+                let inside = j
+                    .inside("vsock.udsPath", &v.uds_path)
+                    .map_err(|e| VmmError::Config(e.to_string()))?;
+                inside.strip_prefix("/").unwrap_or(&inside).to_owned()
+            }
+            None => v.uds_path.clone(),
+        };
+        out.push(Box::new(Vsock::new(u64::from(v.guest_cid), uds_path, c)?));
     }
     Ok(out)
+}
+
+/// `cfg` with every relative path made absolute against the working directory.
+fn with_absolute_paths(cfg: &VmConfig) -> std::io::Result<VmConfig> {
+    let abs = |p: &Path| std::path::absolute(p);
+    let mut c = cfg.clone();
+    c.kernel = abs(&c.kernel)?;
+    if let Some(i) = &c.initrd {
+        c.initrd = Some(abs(i)?);
+    }
+    for d in &mut c.disks {
+        d.path = abs(&d.path)?;
+    }
+    match &mut c.serial {
+        runv_vmm_api::SerialConfig::File { path } | runv_vmm_api::SerialConfig::Socket { path } => {
+            *path = abs(path)?;
+        }
+        _ => {}
+    }
+    Ok(c)
+}
+
+/// The exit file and the control socket as this process reaches them now:
+/// the configured host paths, or their in-jail paths once it entered its jail.
+pub fn exit_paths(cfg: &VmConfig) -> (Option<PathBuf>, Option<PathBuf>) {
+    let exit = cfg.exit_file_path();
+    let socket = cfg.control_socket.clone();
+    match &cfg.jail {
+        Some(j) if crate::jail::entered() => (
+            exit.and_then(|p| j.inside("exitFile", &p).ok()),
+            socket.and_then(|p| j.inside("controlSocket", &p).ok()),
+        ),
+        _ => (exit, socket),
+    }
 }
 
 /// Writes the exit record as JSON (best effort: the stderr line is the fallback).

@@ -232,3 +232,44 @@ fn cpuid_policy_reaches_the_guest() {
         assert!(xsave_hidden, "hardware KVM honours the whole policy");
     }
 }
+
+#[test]
+fn memory_above_the_3_gib_gap_reaches_the_guest_through_both_entries() {
+    let Some(hv) = require_kvm("memory_above_the_3_gib_gap_reaches_the_guest") else {
+        return;
+    };
+    // 4608 MiB: 3 GiB below the device gap, 1.5 GiB from 4 GiB up. The guest
+    // sums the RAM entries of the map its entry protocol hands it (PVH memmap
+    // or zero-page e820), so both ranges must be in both maps.
+    for (name, kernel, mib) in [
+        ("boot-mem-pvh", runv_vmm::TEST_GUEST_PVH, 4608u32),
+        ("boot-mem-64", runv_vmm::TEST_GUEST_64, 4608),
+        ("boot-mem-max", runv_vmm::TEST_GUEST_PVH, 64 * 1024),
+    ] {
+        let dir = Scratch::new(name);
+        let mut cfg = config(&dir, kernel, "");
+        cfg.memory_mib = mib;
+        let (out, serial) = run_config(&dir, &cfg);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{name}: {stderr}\n{serial}");
+        assert!(
+            serial.contains(&format!("runv-guest: mem_mib={mib}\n")),
+            "{name}: {serial}"
+        );
+        eprintln!("{hv}: {name}: the guest saw {mib} MiB");
+    }
+}
+
+#[test]
+fn memory_beyond_64_gib_is_refused_naming_the_limit() {
+    let mut cmd = vmm();
+    cmd.args(["--kernel", runv_vmm::TEST_GUEST_PVH, "--memory", "65537M"])
+        .args(["--serial", "off"]);
+    let out = run_with_timeout(cmd, TIMEOUT);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("memoryMib must be between 8 and 65536, got 65537"),
+        "{stderr}"
+    );
+}

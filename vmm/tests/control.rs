@@ -10,12 +10,16 @@ use common::{Control, KillOnDrop, Scratch, read_exit_file, require_kvm, wait_out
 use runv_vmm_api::{ExitReason, Request, Response, VmState};
 
 fn spawn_loop_guest(dir: &Scratch) -> KillOnDrop {
+    spawn_guest(dir, "test=loop")
+}
+
+fn spawn_guest(dir: &Scratch, cmdline: &str) -> KillOnDrop {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_runv-vmm"));
     cmd.args([
         "--kernel",
         runv_vmm::TEST_GUEST_PVH,
         "--cmdline",
-        "test=loop",
+        cmdline,
         "--vcpus",
         "2",
     ])
@@ -116,7 +120,52 @@ fn shutdown_asks_the_guest_which_powers_off() {
     let child = spawn_loop_guest(&dir);
     let mut c = Control::connect(&dir.path("vm.sock"));
     wait_for_ticks(&mut c, 0);
-    assert_eq!(c.ask(Request::Shutdown), Response::Ok);
+    assert_eq!(c.ask(Request::SHUTDOWN), Response::Ok);
+    let out = wait_output(child.take(), Duration::from_secs(15));
+    assert_eq!(out.status.code(), Some(0));
+    let rec = read_exit_file(&dir.path("vm.sock.exit"));
+    assert_eq!(rec.reason, ExitReason::PowerOff, "{rec:?}");
+}
+
+/// User plus system CPU time of a process, from /proc/PID/stat.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis((f[0] + f[1]) * 1000 / hz)
+}
+
+/// The idle test guest sleeps in `hlt`: a second of it costs the host a
+/// small fraction of a CPU (the looping guest costs a whole one), and it
+/// still answers the power button.
+#[test]
+fn idle_guest_sleeps_and_answers_the_power_button() {
+    let Some(_) = require_kvm("idle_guest_sleeps_and_answers_the_power_button") else {
+        return;
+    };
+    let dir = Scratch::new("ctl-idle");
+    let child = spawn_guest(&dir, "test=idle");
+    let mut c = Control::connect(&dir.path("vm.sock"));
+    wait_for_ticks(&mut c, 0);
+    let pid = child.id();
+    let (cpu0, t0) = (cpu_time(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_time(pid) - cpu0;
+    let wall = t0.elapsed();
+    assert!(
+        used < wall / 4,
+        "idle guest used {used:?} of CPU in {wall:?}: it does not sleep"
+    );
+    assert_eq!(c.ask(Request::SHUTDOWN), Response::Ok);
     let out = wait_output(child.take(), Duration::from_secs(15));
     assert_eq!(out.status.code(), Some(0));
     let rec = read_exit_file(&dir.path("vm.sock.exit"));

@@ -111,6 +111,23 @@ impl Disks for LinuxDisks {
         drop(f);
         publish(&tmp, dst)
     }
+
+    fn give_dir(&self, dir: &Path, uid: u32, gid: u32) -> Result<(), HostError> {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = dir
+            .symlink_metadata()
+            .map_err(|e| HostError::io("reading", dir, e))?;
+        if !meta.is_dir() {
+            return Err(HostError::Invalid {
+                what: "jail directory (not a directory)",
+                value: dir.display().to_string(),
+            });
+        }
+        std::os::unix::fs::lchown(dir, Some(uid), Some(gid))
+            .map_err(|e| HostError::io("changing the owner of", dir, e))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| HostError::io("changing the mode of", dir, e))
+    }
 }
 
 #[cfg(test)]
@@ -162,6 +179,36 @@ mod tests {
         assert!(!LinuxDisks.exists(dir.path()));
         assert!(LinuxDisks.create_empty(&dst, 1).is_err());
         assert_eq!(dst.metadata().unwrap().len(), 1 << 30);
+    }
+
+    #[test]
+    fn give_dir_owns_a_directory_and_refuses_links_and_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        // Our own ids need no privilege; root would give any (the jail ids).
+        let (uid, gid) = {
+            let m = dir.path().metadata().unwrap();
+            (m.uid(), m.gid())
+        };
+        LinuxDisks.give_dir(&run, uid, gid).unwrap();
+        let m = run.metadata().unwrap();
+        assert_eq!(
+            (m.uid(), m.gid(), m.permissions().mode() & 0o7777),
+            (uid, gid, 0o700)
+        );
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&run, &link).unwrap();
+        assert!(LinuxDisks.give_dir(&link, uid, gid).is_err());
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(LinuxDisks.give_dir(&file, uid, gid).is_err());
+        assert!(
+            LinuxDisks
+                .give_dir(&dir.path().join("none"), uid, gid)
+                .is_err()
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! In-memory fakes of the host traits, for reconcile tests without root,
-//! `/dev/kvm` or `/dev/net/tun`. They record what was asked and let a test
+//! `/dev/kvm`, `/dev/net/tun` or a writable cgroup filesystem. They record what was asked and let a test
 //! make a VMM exit ([`FakeHost::exit`]) or a file appear ([`FakeHost::add_file`]).
 //!
 //! Test support only: nothing here touches the machine.
@@ -8,10 +8,23 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use super::cgroup::CgroupLimits;
 use super::{
-    BridgeSpec, Control, CopyKind, Disks, Host, HostError, Network, ProcessUsage, Processes,
-    SpawnRequest, VmmIdentity, VmmView,
+    BridgeSpec, Cgroups, Control, CopyKind, Disks, Host, HostError, Network, ProcessUsage,
+    Processes, SpawnRequest, VmmIdentity, VmmView,
 };
+
+/// Where the fake cgroups "live": `<FAKE_CGROUPS>/<name>/cgroup.procs`.
+pub const FAKE_CGROUPS: &str = "/fake/cgroup/runv";
+
+/// One fake cgroup.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FakeCgroup {
+    /// Its limits.
+    pub limits: CgroupLimits,
+    /// Fake VMM pids in it.
+    pub pids: BTreeSet<u32>,
+}
 
 /// What the fake host holds.
 #[derive(Debug, Default)]
@@ -24,6 +37,8 @@ pub struct FakeState {
     pub killed: Vec<u32>,
     /// Files that exist.
     pub files: BTreeMap<PathBuf, u64>,
+    /// Directories given to a jail user: path → (uid, gid).
+    pub owners: BTreeMap<PathBuf, (u32, u32)>,
     /// Network devices that exist, with their bridge for taps.
     pub links: BTreeMap<String, Option<String>>,
     /// Bridges set up, with their spec.
@@ -36,6 +51,12 @@ pub struct FakeState {
     pub requests: Vec<(PathBuf, runv_vmm_api::Request)>,
     /// When set, spawning fails with this message.
     pub fail_spawn: Option<String>,
+    /// cgroups that exist, by name.
+    pub cgroups: BTreeMap<String, FakeCgroup>,
+    /// When set, the node has no usable cgroups, for this reason.
+    pub no_cgroups: Option<String>,
+    /// When set, creating or limiting a cgroup fails with this OS error.
+    pub fail_cgroups: Option<std::io::ErrorKind>,
     next_pid: u32,
 }
 
@@ -63,7 +84,16 @@ impl FakeHost {
 
     /// The fake VMM `pid` exits on its own.
     pub fn exit(&self, pid: u32) {
-        self.state().running.remove(&pid);
+        let mut s = self.state();
+        s.running.remove(&pid);
+        Self::leave_cgroups(&mut s, pid);
+    }
+
+    /// A process that ends leaves its cgroup.
+    fn leave_cgroups(s: &mut FakeState, pid: u32) {
+        for cg in s.cgroups.values_mut() {
+            cg.pids.remove(&pid);
+        }
     }
 
     /// The fake guest behind `socket` writes to its console (it booted).
@@ -75,7 +105,7 @@ impl FakeHost {
     fn socket_running(s: &FakeState, socket: &Path) -> Option<u32> {
         s.running
             .iter()
-            .find(|(_, r)| r.config.parent() == socket.parent())
+            .find(|(_, r)| r.config.parent().is_some_and(|d| socket.starts_with(d)))
             .map(|(pid, _)| *pid)
     }
 
@@ -95,8 +125,39 @@ impl Processes for FakeHost {
                 std::io::Error::other(msg.clone()),
             ));
         }
+        // Join the cgroups first, as the real child does before exec.
+        let mut names = Vec::new();
+        for procs in &req.cgroup {
+            let name = procs
+                .parent()
+                .and_then(Path::file_name)
+                .map(|n| n.to_string_lossy().into_owned())
+                .filter(|n| s.cgroups.contains_key(n))
+                .ok_or_else(|| {
+                    HostError::io(
+                        "spawning (in its cgroup)",
+                        &req.vmm,
+                        std::io::ErrorKind::NotFound.into(),
+                    )
+                })?;
+            names.push(name);
+        }
         s.next_pid += 1;
         let pid = 1000 + s.next_pid;
+        for n in names {
+            if let Some(cg) = s.cgroups.get_mut(&n) {
+                cg.pids.insert(pid);
+            }
+        }
+        // Like the real VMM, one whose config says `startPaused` starts paused.
+        if let Some(cfg) = std::fs::read_to_string(&req.config)
+            .ok()
+            .and_then(|t| serde_json::from_str::<runv_vmm_api::VmConfig>(&t).ok())
+            .filter(|c| c.start_paused)
+            && let Some(socket) = cfg.control_socket
+        {
+            s.paused.insert(socket);
+        }
         s.running.insert(pid, req.clone());
         s.spawned.push(req.clone());
         Ok(VmmIdentity {
@@ -113,6 +174,7 @@ impl Processes for FakeHost {
         let mut s = self.state();
         if s.running.remove(&id.pid).is_some() {
             s.killed.push(id.pid);
+            Self::leave_cgroups(&mut s, id.pid);
         }
         Ok(())
     }
@@ -157,6 +219,11 @@ impl Disks for FakeHost {
             ));
         }
         s.files.insert(dst.to_owned(), size);
+        Ok(())
+    }
+
+    fn give_dir(&self, dir: &Path, uid: u32, gid: u32) -> Result<(), HostError> {
+        self.state().owners.insert(dir.to_owned(), (uid, gid));
         Ok(())
     }
 }
@@ -228,10 +295,60 @@ impl Control for FakeHost {
             Request::Kill => {
                 s.running.remove(&pid);
                 s.paused.remove(socket);
+                Self::leave_cgroups(&mut s, pid);
             }
             // The fake guest ignores the power button unless a test exits it.
             _ => {}
         }
+        Ok(())
+    }
+}
+
+impl Cgroups for FakeHost {
+    fn available(&self) -> Result<(), HostError> {
+        match &self.state().no_cgroups {
+            Some(why) => Err(HostError::CgroupsUnavailable(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn ensure(&self, name: &str, limits: &CgroupLimits) -> Result<Vec<PathBuf>, HostError> {
+        self.available()?;
+        let dir = Path::new(FAKE_CGROUPS).join(name);
+        let mut s = self.state();
+        if let Some(kind) = s.fail_cgroups {
+            return Err(HostError::Cgroup {
+                what: "creating",
+                path: dir,
+                source: kind.into(),
+            });
+        }
+        s.cgroups.entry(name.to_owned()).or_default().limits = *limits;
+        Ok(vec![dir.join("cgroup.procs")])
+    }
+
+    fn current(&self, name: &str) -> Option<CgroupLimits> {
+        self.state().cgroups.get(name).map(|c| c.limits)
+    }
+
+    fn procs(&self, name: &str) -> Vec<u32> {
+        self.state()
+            .cgroups
+            .get(name)
+            .map(|c| c.pids.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn remove(&self, name: &str) -> Result<(), HostError> {
+        let mut s = self.state();
+        if s.cgroups.get(name).is_some_and(|c| !c.pids.is_empty()) {
+            return Err(HostError::Cgroup {
+                what: "removing",
+                path: Path::new(FAKE_CGROUPS).join(name),
+                source: std::io::Error::from_raw_os_error(libc::EBUSY),
+            });
+        }
+        s.cgroups.remove(name);
         Ok(())
     }
 }
@@ -247,6 +364,9 @@ impl Host for FakeHost {
         self
     }
     fn network(&self) -> &dyn Network {
+        self
+    }
+    fn cgroups(&self) -> &dyn Cgroups {
         self
     }
 }

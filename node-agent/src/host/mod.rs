@@ -1,12 +1,13 @@
 //! Host side effects, behind traits: VMM processes ([`Processes`]), disk images
-//! ([`Disks`]) and networking ([`Network`]), plus the node-local IPAM
-//! ([`ipam`]).
+//! ([`Disks`]), networking ([`Network`]) and per-VM cgroups ([`Cgroups`]),
+//! plus the node-local IPAM ([`ipam`]).
 //!
 //! Reconcile logic talks to a [`Host`] only, so it runs against the in-memory
 //! fakes in [`fake`] without root, `/dev/kvm` or `/dev/net/tun`. The real Linux
-//! implementations live in [`process`], [`disk`] and [`net`]; nothing outside
+//! implementations live in [`process`], [`disk`], [`net`] and [`cgroup`]; nothing outside
 //! this module makes a syscall with a side effect on the node.
 
+pub mod cgroup;
 pub mod disk;
 pub mod fake;
 pub mod ipam;
@@ -52,6 +53,19 @@ pub enum HostError {
     /// The node-local address pool has no free address.
     #[error("no free address left in {0}")]
     PoolExhausted(String),
+    /// A cgroup could not be created, limited or removed.
+    #[error("cgroup: {what} {}: {source}", path.display())]
+    Cgroup {
+        /// What was being done.
+        what: &'static str,
+        /// The cgroup file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// This node has no cgroups the agent can use.
+    #[error("{0}")]
+    CgroupsUnavailable(String),
 }
 
 impl HostError {
@@ -62,6 +76,11 @@ impl HostError {
             path: path.into(),
             source,
         }
+    }
+
+    /// Whether this is a cgroup failure: limits asked for cannot be enforced.
+    pub fn is_cgroup(&self) -> bool {
+        matches!(self, Self::Cgroup { .. } | Self::CgroupsUnavailable(_))
     }
 }
 
@@ -86,6 +105,9 @@ pub struct SpawnRequest {
     pub config: PathBuf,
     /// Where its stdout and stderr go (appended).
     pub log: PathBuf,
+    /// `cgroup.procs` files (one per hierarchy) the VMM joins before it execs;
+    /// empty: it stays in the agent's cgroup.
+    pub cgroup: Vec<PathBuf>,
 }
 
 /// Spawning, finding and killing VMM processes. A spawned VMM is its own
@@ -120,7 +142,7 @@ pub enum CopyKind {
     Sparse,
 }
 
-/// Disk images.
+/// Disk images, and the one directory of a VM its jailed VMM owns.
 pub trait Disks: Send + Sync {
     /// Whether a regular file exists at `path`.
     fn exists(&self, path: &Path) -> bool;
@@ -129,6 +151,9 @@ pub trait Disks: Send + Sync {
     fn copy_image(&self, base: &Path, dst: &Path) -> Result<CopyKind, HostError>;
     /// A new sparse zero-filled file of `size` bytes at `dst`. `dst` must not exist.
     fn create_empty(&self, dst: &Path, size: u64) -> Result<(), HostError>;
+    /// Gives the directory `dir` (a VM's `run/`) to a jail's `uid`/`gid`,
+    /// mode 0700. Refuses anything but a directory; follows no link.
+    fn give_dir(&self, dir: &Path, uid: u32, gid: u32) -> Result<(), HostError>;
 }
 
 /// The node's bridge with its gateway address and NAT to the uplink.
@@ -176,6 +201,25 @@ pub trait Control: Send + Sync {
     fn send(&self, socket: &Path, request: runv_vmm_api::Request) -> Result<(), HostError>;
 }
 
+/// Per-VM cgroups under the agent's parent cgroup. A VM's cgroup is named
+/// after the VM and outlives its VMM (restarts and re-adoption reuse it);
+/// processes join it themselves when spawned (see [`SpawnRequest::cgroup`]).
+pub trait Cgroups: Send + Sync {
+    /// `Ok` when this node has cgroups the agent can use, else why not.
+    fn available(&self) -> Result<(), HostError>;
+    /// Creates the cgroup if missing and sets its limits (only what differs;
+    /// `None` fields mean unlimited). Never moves a process. Returns the
+    /// `cgroup.procs` files a new process writes to join it.
+    fn ensure(&self, name: &str, limits: &cgroup::CgroupLimits) -> Result<Vec<PathBuf>, HostError>;
+    /// The limits the cgroup has now; `None` when it does not exist.
+    fn current(&self, name: &str) -> Option<cgroup::CgroupLimits>;
+    /// The processes in the cgroup.
+    fn procs(&self, name: &str) -> Vec<u32>;
+    /// Removes the cgroup (a missing one is not an error); fails while a
+    /// process is still in it.
+    fn remove(&self, name: &str) -> Result<(), HostError>;
+}
+
 /// Everything on the host the agent changes, in one handle.
 pub trait Host: Send + Sync {
     /// VMM control sockets.
@@ -186,6 +230,8 @@ pub trait Host: Send + Sync {
     fn disks(&self) -> &dyn Disks;
     /// Networking.
     fn network(&self) -> &dyn Network;
+    /// cgroups.
+    fn cgroups(&self) -> &dyn Cgroups;
 }
 
 /// The real Linux host.
@@ -195,6 +241,7 @@ pub struct LinuxHost {
     processes: process::LinuxProcesses,
     disks: disk::LinuxDisks,
     network: net::IpNetwork,
+    cgroups: cgroup::LinuxCgroups,
 }
 
 impl LinuxHost {
@@ -206,7 +253,19 @@ impl LinuxHost {
             processes: process::LinuxProcesses,
             disks: disk::LinuxDisks,
             network: net::IpNetwork::new(netns),
+            cgroups: cgroup::LinuxCgroups::default(),
         }
+    }
+
+    /// The same host with the VMs' cgroups where `config` says (detected now).
+    pub fn with_cgroups(mut self, config: &cgroup::CgroupConfig) -> Self {
+        self.cgroups = cgroup::LinuxCgroups::detect(config);
+        self
+    }
+
+    /// The cgroups as detected, for logs.
+    pub fn describe_cgroups(&self) -> String {
+        self.cgroups.describe()
     }
 }
 
@@ -222,6 +281,9 @@ impl Host for LinuxHost {
     }
     fn network(&self) -> &dyn Network {
         &self.network
+    }
+    fn cgroups(&self) -> &dyn Cgroups {
+        &self.cgroups
     }
 }
 

@@ -1,10 +1,12 @@
 //! Real VMM processes: spawned detached (own session, stdin from /dev/null,
-//! output appended to a log file), identified by pid plus kernel start time,
-//! killed with SIGKILL only after the identity is checked again.
+//! output appended to a log file) and in the VM's cgroup from before `exec`,
+//! identified by pid plus kernel start time, killed with SIGKILL only after
+//! the identity is checked again.
 //!
 //! Must not decide when to spawn or kill: the reconcile logic does.
 
 use std::fs::OpenOptions;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
@@ -56,6 +58,23 @@ fn reap(pid: u32) {
     }
 }
 
+/// Moves the calling process into the cgroup whose `cgroup.procs` is `procs`
+/// (writing `0` means "the writer", in cgroup v1 and v2 alike).
+/// Async-signal-safe: used between fork and exec.
+fn join_cgroup(procs: &std::ffi::CStr) -> std::io::Result<()> {
+    // SAFETY: `procs` is a valid NUL-terminated path; the fd is closed below.
+    let fd = unsafe { libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: writes one byte from a static buffer to the fd opened above.
+    let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+    let err = (n != 1).then(std::io::Error::last_os_error);
+    // SAFETY: closes the fd opened above, once.
+    unsafe { libc::close(fd) };
+    err.map_or(Ok(()), Err)
+}
+
 impl Processes for LinuxProcesses {
     fn spawn(&self, req: &SpawnRequest) -> Result<VmmIdentity, HostError> {
         let log = OpenOptions::new()
@@ -66,7 +85,29 @@ impl Processes for LinuxProcesses {
         let log2 = log
             .try_clone()
             .map_err(|e| HostError::io("opening", &req.log, e))?;
+        let cgroup_procs = req
+            .cgroup
+            .iter()
+            .map(|p| std::ffi::CString::new(p.as_os_str().as_bytes()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| HostError::Invalid {
+                what: "cgroup path",
+                value: format!("{:?}", req.cgroup),
+            })?;
         let mut cmd = Command::new(&req.vmm);
+        if !cgroup_procs.is_empty() {
+            // SAFETY: the closure runs in the forked child before exec and calls
+            // only open(2), write(2) and close(2), which are async-signal-safe, on
+            // paths allocated before the fork; it allocates nothing. Joining in the
+            // child, before exec, means no instruction of the VMM (let alone of its
+            // guest) runs outside the cgroup and all memory the VMM maps is charged
+            // to it; if joining fails, spawn fails and no VMM runs unlimited.
+            // Registered first, so it runs before setsid and before anything that
+            // could hide /sys/fs/cgroup from the child.
+            unsafe {
+                cmd.pre_exec(move || cgroup_procs.iter().try_for_each(|p| join_cgroup(p)));
+            }
+        }
         cmd.arg("--config")
             .arg(&req.config)
             .stdin(Stdio::null())
@@ -84,9 +125,13 @@ impl Processes for LinuxProcesses {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| HostError::io("spawning", &req.vmm, e))?;
+        let child = cmd.spawn().map_err(|e| {
+            if req.cgroup.is_empty() {
+                HostError::io("spawning", &req.vmm, e)
+            } else {
+                HostError::io("spawning (in its cgroup)", &req.vmm, e)
+            }
+        })?;
         let pid = child.id();
         // The Child handle is dropped without waiting: the VMM is independent of
         // us; is_alive reaps it when it exits while we still run.
@@ -167,6 +212,7 @@ mod tests {
             vmm: script,
             config: dir.join("config.json"),
             log: dir.join("vmm.log"),
+            cgroup: Vec::new(),
         }
     }
 
@@ -215,6 +261,34 @@ mod tests {
             assert!(start.elapsed() < std::time::Duration::from_secs(10));
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+    }
+
+    #[test]
+    fn the_child_joins_its_cgroup_before_exec_or_does_not_run() {
+        let dir = tempfile::tempdir().unwrap();
+        // A regular file stands in for cgroup.procs: the child writes "0" to it
+        // (meaning "me") before the VMM binary runs.
+        let procs = dir.path().join("cgroup.procs");
+        std::fs::write(&procs, "").unwrap();
+        let mut req = sleeper(dir.path(), "0");
+        req.cgroup = vec![procs.clone()];
+        let id = LinuxProcesses.spawn(&req).unwrap();
+        assert_eq!(std::fs::read_to_string(&procs).unwrap(), "0");
+        let start = std::time::Instant::now();
+        while !std::fs::read_to_string(dir.path().join("vmm.log"))
+            .unwrap_or_default()
+            .contains("started")
+        {
+            assert!(start.elapsed() < std::time::Duration::from_secs(10));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        LinuxProcesses.kill(id).unwrap();
+        // A cgroup that cannot be joined: no process at all, and the error says so.
+        req.cgroup = vec![dir.path().join("gone/cgroup.procs")];
+        let e = LinuxProcesses.spawn(&req).unwrap_err();
+        assert!(e.to_string().contains("in its cgroup"), "{e}");
+        let log = std::fs::read_to_string(dir.path().join("vmm.log")).unwrap();
+        assert_eq!(log.matches("started").count(), 1, "{log}");
     }
 
     #[test]

@@ -65,6 +65,9 @@ pub struct Facts {
     pub missing_files: Vec<(String, String)>,
     /// Why the spec cannot become a VMM config, if it cannot.
     pub invalid: Option<String>,
+    /// Why the node cannot enforce `spec.isolation.limits` (no usable cgroups,
+    /// or creating the VM's cgroup failed), if it cannot.
+    pub limits_error: Option<String>,
     /// Why the last start attempt failed, if it did.
     pub start_error: Option<String>,
 }
@@ -365,6 +368,12 @@ fn blocked(facts: &Facts) -> Option<Verdict> {
     if let Some(why) = &facts.invalid {
         return Some(Verdict::Blocked {
             reason: "InvalidSpec",
+            message: why.clone(),
+        });
+    }
+    if let Some(why) = &facts.limits_error {
+        return Some(Verdict::Blocked {
+            reason: "LimitsNotEnforceable",
             message: why.clone(),
         });
     }

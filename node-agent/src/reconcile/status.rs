@@ -378,6 +378,7 @@ pub fn transitions(before: &MicroVMStatus, after: &MicroVMStatus) -> Vec<Transit
                 | "InitrdNotFound"
                 | "DiskNotFound"
                 | "InvalidSpec"
+                | "LimitsNotEnforceable"
                 | "StartFailed"
         )
     {

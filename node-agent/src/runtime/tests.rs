@@ -239,3 +239,278 @@ fn cleanup_removes_vmm_tap_address_and_state() {
     assert!(e.rt.known().is_empty());
     e.rt.cleanup(&vm()).unwrap(); // idempotent
 }
+
+fn limited(policy: RunPolicy, cpu: &str, memory: &str) -> MicroVMSpec {
+    let mut s = spec(policy);
+    s.isolation.limits = Some(runv_crds::microvm::VmmLimits {
+        cpu: Some(cpu.into()),
+        memory: Some(memory.into()),
+    });
+    s
+}
+
+fn cgroup_of(host: &FakeHost) -> (String, crate::host::fake::FakeCgroup) {
+    let st = host.state();
+    assert_eq!(st.cgroups.len(), 1, "{:?}", st.cgroups);
+    let (n, c) = st.cgroups.iter().next().unwrap();
+    (n.clone(), c.clone())
+}
+
+#[test]
+fn limits_put_the_vmm_in_a_cgroup_of_its_own_that_deletion_removes() {
+    let e = env();
+    let s = limited(RunPolicy::Always, "500m", "128Mi");
+    let d =
+        e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    assert_eq!(d.status.phase, Some(Phase::Starting));
+    let pid = e.host.running()[0];
+    let (name, cg) = cgroup_of(&e.host);
+    assert_eq!(name, "default_web");
+    assert_eq!(cg.limits.cpu_quota_us, Some(50_000));
+    assert_eq!(cg.limits.memory_bytes, Some(128 << 20));
+    assert_eq!(cg.pids.iter().copied().collect::<Vec<_>>(), [pid]);
+    // The VMM joined it as it was spawned, not afterwards.
+    let req = e.host.state().spawned[0].clone();
+    assert_eq!(
+        req.cgroup,
+        [Path::new(crate::host::fake::FAKE_CGROUPS).join("default_web/cgroup.procs")]
+    );
+    // A cgroup with a process in it cannot go; cleanup kills the VMM first.
+    assert!(e.host.cgroups().remove("default_web").is_err());
+    e.rt.cleanup(&vm()).unwrap();
+    assert!(e.host.state().cgroups.is_empty());
+    assert!(e.host.running().is_empty());
+}
+
+#[test]
+fn a_restarted_agent_keeps_the_vms_cgroup() {
+    let e = env();
+    let s = limited(RunPolicy::Always, "250m", "96Mi");
+    let d =
+        e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    let pid = e.host.running()[0];
+    e.host.boot(&e.rt.dir(&vm()).control_socket());
+    let again = runtime(&e.rt.config().root, &e.host);
+    let d2 = again.reconcile(&vm(), &s, 1, &d.status, at(5));
+    assert_eq!(d2.status.phase, Some(Phase::Running));
+    assert_eq!(e.host.state().spawned.len(), 1, "no second VMM");
+    let (name, cg) = cgroup_of(&e.host);
+    assert_eq!(name, "default_web");
+    assert_eq!(cg.pids.iter().copied().collect::<Vec<_>>(), [pid]);
+    assert_eq!(cg.limits.cpu_quota_us, Some(25_000));
+    // A restart after an exit reuses it too.
+    e.host.exit(pid);
+    let d3 = again.reconcile(&vm(), &s, 1, &d2.status, at(6));
+    let d4 = again.reconcile(&vm(), &s, 1, &d3.status, at(60));
+    assert_eq!(d4.status.restart_count, 1);
+    let new_pid = e.host.running()[0];
+    assert_ne!(new_pid, pid);
+    let (_, cg) = cgroup_of(&e.host);
+    assert_eq!(cg.pids.iter().copied().collect::<Vec<_>>(), [new_pid]);
+}
+
+#[test]
+fn a_change_of_limits_restarts_the_vm_with_the_new_ones() {
+    let e = env();
+    let s = limited(RunPolicy::Always, "500m", "128Mi");
+    let d =
+        e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    e.host.boot(&e.rt.dir(&vm()).control_socket());
+    let d = e.rt.reconcile(&vm(), &s, 1, &d.status, at(1));
+    assert_eq!(d.status.phase, Some(Phase::Running));
+    // Unchanged limits: nothing happens.
+    e.rt.reconcile(&vm(), &s, 1, &d.status, at(2));
+    assert_eq!(e.host.state().spawned.len(), 1);
+    let s2 = limited(RunPolicy::Always, "1", "128Mi");
+    e.rt.reconcile(&vm(), &s2, 2, &d.status, at(3));
+    assert_eq!(e.host.state().spawned.len(), 2, "restarted to apply");
+    let (_, cg) = cgroup_of(&e.host);
+    assert_eq!(cg.limits.cpu_quota_us, Some(100_000));
+    assert_eq!(cg.pids.len(), 1);
+    // Limits dropped: an unlimited cgroup, again by a restart.
+    let mut s3 = s2.clone();
+    s3.isolation.limits = None;
+    e.rt.reconcile(&vm(), &s3, 3, &d.status, at(4));
+    assert_eq!(e.host.state().spawned.len(), 3);
+    let (_, cg) = cgroup_of(&e.host);
+    assert_eq!(cg.limits, Default::default());
+}
+
+#[test]
+fn a_vm_without_limits_runs_where_the_node_has_no_cgroups() {
+    let e = env();
+    let s = spec(RunPolicy::Always);
+    e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    // Where cgroups work, it gets one with no limits.
+    let (_, cg) = cgroup_of(&e.host);
+    assert_eq!(cg.limits, Default::default());
+    assert_eq!(cg.pids.len(), 1);
+
+    let e = env();
+    e.host.state().no_cgroups = Some("no cgroup v2 with cpu and memory".into());
+    let d =
+        e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    assert_eq!(d.status.phase, Some(Phase::Starting));
+    assert!(e.host.state().spawned[0].cgroup.is_empty());
+    e.rt.cleanup(&vm()).unwrap();
+}
+
+#[test]
+fn limits_the_node_cannot_enforce_keep_the_vm_down_with_a_reason() {
+    // No usable cgroups at all.
+    let e = env();
+    e.host.state().no_cgroups =
+        Some("cgroup v2 at /sys/fs/cgroup lacks the controllers cpu".into());
+    let s = limited(RunPolicy::Always, "500m", "128Mi");
+    let d =
+        e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    assert!(e.host.state().spawned.is_empty(), "never runs unlimited");
+    let c = cond::find(&d.status.conditions, cond::READY).unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "LimitsNotEnforceable")
+    );
+    assert!(c.message.contains("spec.isolation.limits"), "{}", c.message);
+    assert!(
+        c.message.contains("lacks the controllers cpu"),
+        "{}",
+        c.message
+    );
+    assert!(cond::is_true(&d.status.conditions, cond::STALLED));
+    let events = crate::reconcile::transitions(&MicroVMStatus::default(), &d.status);
+    assert!(
+        events
+            .iter()
+            .any(|t| t.warning && t.reason == "LimitsNotEnforceable"),
+        "{events:?}"
+    );
+
+    // cgroups exist but the agent may not create one (no permission).
+    let e = env();
+    e.host.state().fail_cgroups = Some(std::io::ErrorKind::PermissionDenied);
+    let d =
+        e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    assert!(e.host.state().spawned.is_empty());
+    let c = cond::find(&d.status.conditions, cond::READY).unwrap();
+    assert_eq!(c.reason, "LimitsNotEnforceable");
+    assert!(
+        c.message.to_lowercase().contains("permission denied"),
+        "{}",
+        c.message
+    );
+    assert_eq!(d.requeue, Some(Duration::from_secs(10)));
+    // Once the node can, the next look starts it.
+    e.host.state().fail_cgroups = None;
+    let d = e.rt.reconcile(&vm(), &s, 1, &d.status, at(10));
+    assert_eq!(e.host.state().spawned.len(), 1);
+    assert_eq!(d.status.phase, Some(Phase::Starting));
+}
+
+fn config_of(e: &Env) -> VmConfig {
+    let text = std::fs::read_to_string(e.rt.dir(&vm()).config()).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn a_jailed_vm_gets_its_own_stable_ids_and_only_run_is_given_to_them() {
+    let e = env();
+    let s = spec(RunPolicy::Always);
+    assert_eq!(s.isolation.jail, Toggle::Enabled, "the default");
+    let d =
+        e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    let dir = e.rt.dir(&vm());
+    let ids = jail::read(&dir).expect("jail.json");
+    assert!((jail::JAIL_ID_BASE..jail::JAIL_ID_BASE + jail::JAIL_ID_COUNT).contains(&ids.uid));
+    assert_eq!(
+        e.host.state().owners.clone(),
+        [(dir.run_dir(), (ids.uid, ids.gid))].into()
+    );
+    let cfg = config_of(&e);
+    let jail = cfg.jail.clone().expect("jailed config");
+    assert_eq!(
+        (jail.root.as_path(), jail.uid, jail.gid),
+        (dir.path(), ids.uid, ids.gid)
+    );
+    cfg.validate().unwrap();
+
+    // An agent restart keeps the ids and adopts the VMM without a restart.
+    let again = runtime(e._root.path(), &e.host);
+    e.host.boot(&dir.control_socket());
+    let d = again.reconcile(&vm(), &s, 1, &d.status, at(1));
+    assert_eq!(d.status.phase, Some(Phase::Running));
+    assert_eq!(e.host.state().spawned.len(), 1);
+    assert_eq!(jail::read(&dir), Some(ids));
+
+    // Another VM gets other ids; an unjailed one gets none and keeps root's run/.
+    let other = VmRef {
+        name: "db".into(),
+        ..vm()
+    };
+    e.rt.reconcile(&other, &s, 1, &MicroVMStatus::default(), at(2));
+    let other_ids = jail::read(&e.rt.dir(&other)).unwrap();
+    assert_ne!(other_ids.uid, ids.uid);
+    let plain = VmRef {
+        name: "plain".into(),
+        ..vm()
+    };
+    let mut unjailed = spec(RunPolicy::Always);
+    unjailed.isolation.jail = Toggle::Disabled;
+    e.rt.reconcile(&plain, &unjailed, 1, &MicroVMStatus::default(), at(3));
+    let pdir = e.rt.dir(&plain);
+    assert!(jail::read(&pdir).is_none());
+    assert!(!e.host.state().owners.contains_key(&pdir.run_dir()));
+    let text = std::fs::read_to_string(pdir.config()).unwrap();
+    assert!(!text.contains("\"jail\""), "{text}");
+}
+
+#[test]
+fn a_vm_asked_paused_starts_paused_and_resumes_without_a_restart() {
+    let e = env();
+    let mut s = spec(RunPolicy::Always);
+    s.power_state = PowerState::Paused;
+    let d =
+        e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    assert!(config_of(&e).start_paused);
+    assert_eq!(d.status.phase, Some(Phase::Paused));
+    // Never ran, so never needed a pause request.
+    assert!(e.host.state().requests.is_empty());
+    s.power_state = PowerState::Running;
+    e.rt.reconcile(&vm(), &s, 2, &d.status, at(1));
+    let reqs: Vec<_> = e
+        .host
+        .state()
+        .requests
+        .iter()
+        .map(|r| r.1.clone())
+        .collect();
+    assert_eq!(reqs, [Request::Resume]);
+    assert_eq!(
+        e.host.state().spawned.len(),
+        1,
+        "startPaused is not compared"
+    );
+}
+
+#[test]
+fn a_stop_gives_the_vmm_the_grace_period_too() {
+    let e = env();
+    let mut s = spec(RunPolicy::Always);
+    s.termination_grace_period_seconds = 45;
+    let d =
+        e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    s.power_state = PowerState::Stopped;
+    e.rt.reconcile(&vm(), &s, 2, &d.status, at(1));
+    let reqs: Vec<_> = e
+        .host
+        .state()
+        .requests
+        .iter()
+        .map(|r| r.1.clone())
+        .collect();
+    assert_eq!(
+        reqs,
+        [Request::Shutdown {
+            grace_seconds: Some(45)
+        }]
+    );
+}

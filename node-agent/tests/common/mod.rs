@@ -28,6 +28,26 @@ pub fn vmm_binary() -> PathBuf {
     vmm
 }
 
+/// The cgroup parent of the agents tests start (`RUNV_CGROUP_PARENT`): relative,
+/// so the test VMMs' cgroups nest under the test's own cgroups and never leave
+/// whatever accounts for the test run. VM names must differ between the tests
+/// of one test binary (they name the cgroups).
+pub const TEST_CGROUP_PARENT: &str = "runv-test";
+
+/// Removes a test VM's cgroup under `parent` (best effort; the VMM must be gone).
+pub fn remove_test_cgroup(parent: &str, vm_dir: &Path) {
+    use runv_node_agent::host::Cgroups;
+    use runv_node_agent::host::cgroup::{CgroupConfig, LinuxCgroups};
+    let Some(name) = vm_dir.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    let cgroups = LinuxCgroups::detect(&CgroupConfig {
+        parent: parent.to_owned(),
+        ..CgroupConfig::default()
+    });
+    let _ = cgroups.remove(name);
+}
+
 /// A running `runv-agent` whose stdout is collected in the background.
 pub struct Agent {
     pub child: Option<Child>,
@@ -39,9 +59,11 @@ impl Agent {
         Self::spawn(Path::new(env!("CARGO_BIN_EXE_runv-agent")), args, &[])
     }
 
-    /// Any program, with extra environment variables.
+    /// Any program, with extra environment variables (`RUNV_CGROUP_PARENT` is
+    /// [`TEST_CGROUP_PARENT`] unless given).
     pub fn spawn(program: &Path, args: &[&str], envs: &[(&str, &std::ffi::OsStr)]) -> Self {
         let mut child = Command::new(program)
+            .env("RUNV_CGROUP_PARENT", TEST_CGROUP_PARENT)
             .args(args)
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
@@ -139,7 +161,8 @@ pub fn alive(pid: u32) -> bool {
         .is_some_and(|zombie| !zombie)
 }
 
-/// Kills a leftover VMM of a failed test by its recorded pid.
+/// Kills a leftover VMM of a failed test by its recorded pid, and removes its
+/// cgroup under [`TEST_CGROUP_PARENT`].
 pub struct KillVmmOnDrop(pub PathBuf);
 
 impl Drop for KillVmmOnDrop {
@@ -151,7 +174,12 @@ impl Drop for KillVmmOnDrop {
             unsafe {
                 libc::kill(pid as libc::pid_t, libc::SIGKILL);
             }
+            let start = Instant::now();
+            while alive(pid) && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
+        remove_test_cgroup(TEST_CGROUP_PARENT, &self.0);
     }
 }
 

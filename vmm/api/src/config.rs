@@ -1,10 +1,11 @@
 //! The versioned VM configuration (`runv-vmm --config FILE`).
 //!
-//! Owns parsing and validation of the JSON document; it must not touch the
-//! filesystem beyond reading the file it is given (paths are checked by the VMM
-//! when it opens them).
+//! Owns parsing and validation of the JSON document, and the lexical mapping
+//! of host paths to paths inside the VMM's jail ([`JailConfig`]); it must not
+//! touch the filesystem beyond reading the file it is given (paths are checked
+//! by the VMM when it opens them).
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -14,8 +15,9 @@ use crate::API_VERSION;
 pub const MAX_VCPUS: u8 = 32;
 /// Smallest guest memory accepted, in MiB.
 pub const MIN_MEMORY_MIB: u32 = 8;
-/// Largest guest memory accepted, in MiB (the VMM maps memory below 3 GiB only).
-pub const MAX_MEMORY_MIB: u32 = 3072;
+/// Largest guest memory accepted, in MiB: 64 GiB, the most a MicroVM may ask
+/// for (RAM beyond 3 GiB is mapped from 4 GiB up, above the device gap).
+pub const MAX_MEMORY_MIB: u32 = 64 * 1024;
 
 /// Errors from reading or validating a [`VmConfig`].
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +43,19 @@ pub enum ConfigError {
     Size(String),
     #[error("{field} must not be empty")]
     Empty { field: &'static str },
+    #[error("jail.root must be an absolute path other than /, without `..`: {0:?}")]
+    JailRoot(PathBuf),
+    #[error("jail.{field} must not be 0 (root): the jail runs the VMM as an unprivileged user")]
+    JailId { field: &'static str },
+    #[error(
+        "{field} {path:?} is used after the VMM enters its jail, so it must be an absolute \
+         path inside jail.root {root:?} (without `..`)"
+    )]
+    OutsideJail {
+        field: &'static str,
+        path: PathBuf,
+        root: PathBuf,
+    },
 }
 
 /// A complete description of one microVM.
@@ -82,6 +97,77 @@ pub struct VmConfig {
     /// Which CPUID policy the vCPUs get.
     #[serde(default)]
     pub cpu_policy: CpuPolicy,
+    /// Confine the VMM once its host resources are open (absent: no jail).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<JailConfig>,
+    /// Create everything but keep the vCPUs paused until a `resume` request.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub start_paused: bool,
+    /// Seconds a `shutdown` request without its own grace gives the guest to
+    /// power off before the VM is ended (absent: [`DEFAULT_SHUTDOWN_GRACE_SECONDS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_grace_seconds: Option<u32>,
+}
+
+/// How long the guest gets to power off after `shutdown` when nobody says.
+pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u32 = 10;
+
+/// The jail: once every host resource is open (kernel, initrd, disks, taps,
+/// `/dev/kvm`, the bound sockets), the VMM enters a private mount namespace,
+/// chroots into `root` and becomes `uid`/`gid` with no supplementary groups,
+/// no capabilities and `no_new_privs`. Paths it uses after that point (the
+/// exit file, the control socket it removes at exit, the `<udsPath>_<port>`
+/// sockets of guest-initiated vsock connections) must lie inside `root`;
+/// [`JailConfig::inside`] maps them to where they are seen from in the jail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JailConfig {
+    /// The directory that becomes `/` (the VM's state directory).
+    pub root: PathBuf,
+    /// The unprivileged user the VMM runs as (not 0).
+    pub uid: u32,
+    /// Its group (not 0).
+    pub gid: u32,
+}
+
+impl JailConfig {
+    /// Checks the root and the ids.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.root.is_absolute()
+            || self.root.components().any(|c| c == Component::ParentDir)
+            || self.root.components().all(|c| c == Component::RootDir)
+        {
+            return Err(ConfigError::JailRoot(self.root.clone()));
+        }
+        if self.uid == 0 {
+            return Err(ConfigError::JailId { field: "uid" });
+        }
+        if self.gid == 0 {
+            return Err(ConfigError::JailId { field: "gid" });
+        }
+        Ok(())
+    }
+
+    /// The in-jail path of host path `path` (of config field `field`): the
+    /// part below `root`, made absolute (`<root>/run/ctl.sock` → `/run/ctl.sock`).
+    /// Lexical: `path` must be absolute, free of `..` and strictly below
+    /// `root`. Symlinks are not followed; whoever prepares the jail creates
+    /// these directories itself.
+    pub fn inside(&self, field: &'static str, path: &Path) -> Result<PathBuf, ConfigError> {
+        let outside = || ConfigError::OutsideJail {
+            field,
+            path: path.to_owned(),
+            root: self.root.clone(),
+        };
+        if !path.is_absolute() || path.components().any(|c| c == Component::ParentDir) {
+            return Err(outside());
+        }
+        let rest = path.strip_prefix(&self.root).map_err(|_| outside())?;
+        if rest.as_os_str().is_empty() {
+            return Err(outside());
+        }
+        Ok(Path::new("/").join(rest))
+    }
 }
 
 /// The CPUID policy (the VMM's docs list what each one hides).
@@ -148,6 +234,9 @@ fn default_memory_mib() -> u32 {
 fn default_true() -> bool {
     true
 }
+fn is_false(b: &bool) -> bool {
+    !*b
+}
 
 impl VmConfig {
     /// A config with defaults for everything but the kernel.
@@ -168,6 +257,9 @@ impl VmConfig {
             exit_file: None,
             seccomp: true,
             cpu_policy: CpuPolicy::Auto,
+            jail: None,
+            start_paused: false,
+            shutdown_grace_seconds: None,
         }
     }
 
@@ -216,7 +308,39 @@ impl VmConfig {
                 parse_mac(mac)?;
             }
         }
+        if let Some(j) = &self.jail {
+            j.validate()?;
+            for (field, path) in self.paths_used_in_jail() {
+                j.inside(field, &path)?;
+            }
+        }
         Ok(())
+    }
+
+    /// The host paths the VMM still uses once it is jailed, with the field
+    /// naming each: the exit file, the control socket (removed at exit) and
+    /// the vsock socket (`<udsPath>_<port>` is connected to on the guest's
+    /// behalf). Everything else is opened before the jail.
+    pub fn paths_used_in_jail(&self) -> Vec<(&'static str, PathBuf)> {
+        let mut out = Vec::new();
+        if let Some(p) = self.exit_file_path() {
+            out.push(("exitFile", p));
+        }
+        if let Some(p) = &self.control_socket {
+            out.push(("controlSocket", p.clone()));
+        }
+        if let Some(v) = &self.vsock {
+            out.push(("vsock.udsPath", v.uds_path.clone()));
+        }
+        out
+    }
+
+    /// How long `shutdown` waits for the guest when the request does not say.
+    pub fn shutdown_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(
+            self.shutdown_grace_seconds
+                .unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECONDS),
+        ))
     }
 
     /// The exit file path: explicit, else `<control socket>.exit`, else none.
@@ -344,12 +468,149 @@ mod tests {
         .unwrap_err();
         assert!(matches!(e, ConfigError::Memory(4)));
         let mut c = full();
+        c.memory_mib = 64 * 1024;
+        c.validate().unwrap();
+        c.memory_mib = 64 * 1024 + 1;
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "memoryMib must be between 8 and 65536, got 65537"
+        );
+        let mut c = full();
         c.vsock.as_mut().unwrap().guest_cid = 2;
         assert!(matches!(c.validate(), Err(ConfigError::GuestCid(2))));
         let mut c = full();
         c.net[0].mac = Some("02:00:00:00:00".into());
         assert!(matches!(c.validate(), Err(ConfigError::Mac(_))));
         assert!(VmConfig::from_json("{not json").is_err());
+    }
+
+    fn jail() -> JailConfig {
+        JailConfig {
+            root: "/var/lib/runv/vms/ns_vm".into(),
+            uid: 1_879_048_192,
+            gid: 1_879_048_192,
+        }
+    }
+
+    #[test]
+    fn jail_paths_translate_to_their_place_inside_the_root() {
+        let j = jail();
+        let inside = |p: &str| j.inside("f", Path::new(p));
+        assert_eq!(
+            inside("/var/lib/runv/vms/ns_vm/run/ctl.sock").unwrap(),
+            PathBuf::from("/run/ctl.sock")
+        );
+        assert_eq!(
+            inside("/var/lib/runv/vms/ns_vm/./run//x.exit").unwrap(),
+            PathBuf::from("/run/x.exit")
+        );
+        // Outside, escaping, relative, a sibling with the same prefix, the root itself.
+        for bad in [
+            "/tmp/ctl.sock",
+            "/var/lib/runv/vms/ns_vm/../ns_other/ctl.sock",
+            "run/ctl.sock",
+            "/var/lib/runv/vms/ns_vm2/ctl.sock",
+            "/var/lib/runv/vms/ns_vm",
+            "/var/lib/runv/vms/ns_vm/",
+        ] {
+            let e = inside(bad).unwrap_err();
+            assert!(matches!(e, ConfigError::OutsideJail { .. }), "{bad}: {e}");
+            assert!(e.to_string().contains("inside jail.root"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_jailed_config_must_keep_its_late_paths_inside_the_root() {
+        let mut c = full();
+        let root = PathBuf::from("/var/lib/runv/vms/ns_vm");
+        c.control_socket = Some(root.join("run/ctl.sock"));
+        c.vsock.as_mut().unwrap().uds_path = root.join("run/vsock.sock");
+        c.jail = Some(jail());
+        c.validate().unwrap();
+        // Kernel, disks and the serial file are opened before the jail: anywhere.
+        assert_eq!(c.disks[0].path, PathBuf::from("/d/root.img"));
+        let text = serde_json::to_string(&c).unwrap();
+        assert!(text.contains("\"jail\":{\"root\":\"/var/lib/runv/vms/ns_vm\""));
+        assert_eq!(VmConfig::from_json(&text).unwrap(), c);
+
+        let mut bad = c.clone();
+        bad.exit_file = Some("/tmp/vm.exit".into());
+        let e = bad.validate().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::OutsideJail {
+                    field: "exitFile",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let mut bad = c.clone();
+        bad.vsock.as_mut().unwrap().uds_path = "/run/v.sock".into();
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::OutsideJail {
+                field: "vsock.udsPath",
+                ..
+            })
+        ));
+        let mut bad = c.clone();
+        bad.control_socket = Some("/run/vm.sock".into());
+        bad.exit_file = Some(root.join("run/x.exit"));
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::OutsideJail {
+                field: "controlSocket",
+                ..
+            })
+        ));
+        for (root, uid, gid) in [("relative", 5, 5), ("/", 5, 5), ("/a/../b", 5, 5)] {
+            let mut bad = c.clone();
+            bad.jail = Some(JailConfig {
+                root: root.into(),
+                uid,
+                gid,
+            });
+            assert!(
+                matches!(bad.validate(), Err(ConfigError::JailRoot(_))),
+                "{root}"
+            );
+        }
+        let mut bad = c.clone();
+        bad.jail.as_mut().unwrap().uid = 0;
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::JailId { field: "uid" })
+        ));
+        let mut bad = c;
+        bad.jail.as_mut().unwrap().gid = 0;
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::JailId { field: "gid" })
+        ));
+    }
+
+    #[test]
+    fn new_fields_are_optional_and_left_out_when_unset() {
+        // A document from before the jail, start-paused and grace fields still parses...
+        let c = VmConfig::from_json(
+            r#"{"apiVersion":"runv.dev/vmm/v1alpha1","kernel":"/k","controlSocket":"/r/s"}"#,
+        )
+        .unwrap();
+        assert_eq!((c.jail.as_ref(), c.start_paused), (None, false));
+        assert_eq!(c.shutdown_grace(), std::time::Duration::from_secs(10));
+        // ...and a config that uses none of them reads as one from before them.
+        let text = serde_json::to_string(&c).unwrap();
+        for field in ["jail", "startPaused", "shutdownGraceSeconds"] {
+            assert!(!text.contains(field), "{text}");
+        }
+        let c = VmConfig::from_json(
+            r#"{"apiVersion":"runv.dev/vmm/v1alpha1","kernel":"/k","startPaused":true,"shutdownGraceSeconds":3}"#,
+        )
+        .unwrap();
+        assert!(c.start_paused);
+        assert_eq!(c.shutdown_grace(), std::time::Duration::from_secs(3));
     }
 
     #[test]

@@ -23,8 +23,18 @@ pub enum Request {
     Pause,
     /// Let paused vCPUs run again (idempotent).
     Resume,
-    /// Ask the guest to power off (ACPI power button / Ctrl-Alt-Del), then wait.
-    Shutdown,
+    /// Ask the guest to power off (ACPI power button), then wait up to
+    /// `graceSeconds` (absent: the config's `shutdownGraceSeconds`, else 10 s)
+    /// before ending the VM with reason `killed`. `{"op":"shutdown"}` is
+    /// still a complete request; a VMM from before `graceSeconds` ignores it.
+    Shutdown {
+        #[serde(
+            default,
+            rename = "graceSeconds",
+            skip_serializing_if = "Option::is_none"
+        )]
+        grace_seconds: Option<u32>,
+    },
     /// Stop the VM now.
     Kill,
     /// Device and vCPU counters; answered with [`Response::Counters`].
@@ -69,6 +79,19 @@ pub struct VmDescription {
 }
 
 impl Request {
+    /// A `shutdown` with the VMM's default grace.
+    pub const SHUTDOWN: Self = Self::Shutdown {
+        grace_seconds: None,
+    };
+
+    /// A `shutdown` whose guest gets `grace` (whole seconds, rounded up) to power off.
+    pub fn shutdown_within(grace: std::time::Duration) -> Self {
+        let secs = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
+        Self::Shutdown {
+            grace_seconds: Some(u32::try_from(secs).unwrap_or(u32::MAX)),
+        }
+    }
+
     /// Decodes one request line (without its newline).
     pub fn decode(line: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(line)
@@ -114,7 +137,11 @@ mod tests {
             Request::Describe,
             Request::Pause,
             Request::Resume,
-            Request::Shutdown,
+            Request::SHUTDOWN,
+            Request::Shutdown {
+                grace_seconds: Some(0),
+            },
+            Request::shutdown_within(std::time::Duration::from_secs(30)),
             Request::Kill,
             Request::Counters,
         ] {
@@ -123,6 +150,52 @@ mod tests {
             assert_eq!(Request::decode(line.trim_end().as_bytes()).unwrap(), r);
         }
         assert_eq!(Request::Ping.encode(), "{\"op\":\"ping\"}\n");
+    }
+
+    #[test]
+    fn shutdown_carries_an_optional_grace_and_old_requests_still_parse() {
+        // The request of a client from before graceSeconds.
+        assert_eq!(
+            Request::decode(b"{\"op\":\"shutdown\"}").unwrap(),
+            Request::SHUTDOWN
+        );
+        assert_eq!(Request::SHUTDOWN.encode(), "{\"op\":\"shutdown\"}\n");
+        assert_eq!(
+            Request::decode(b"{\"op\":\"shutdown\",\"graceSeconds\":45}").unwrap(),
+            Request::Shutdown {
+                grace_seconds: Some(45)
+            }
+        );
+        assert_eq!(
+            Request::shutdown_within(std::time::Duration::from_millis(1500)).encode(),
+            "{\"op\":\"shutdown\",\"graceSeconds\":2}\n"
+        );
+        for bad in [
+            &b"{\"op\":\"shutdown\",\"graceSeconds\":-1}"[..],
+            b"{\"op\":\"shutdown\",\"graceSeconds\":\"10\"}",
+            b"{\"op\":\"shutdown\",\"graceSeconds\":4294967296}",
+        ] {
+            assert!(Request::decode(bad).is_err(), "{:?}", bad);
+        }
+    }
+
+    /// A VMM started before `graceSeconds` existed keeps running across an
+    /// agent upgrade; the new agent's request must still mean `shutdown` to it.
+    #[test]
+    fn a_vmm_from_before_grace_seconds_reads_the_new_request_as_shutdown() {
+        #[derive(Debug, PartialEq, Deserialize)]
+        #[serde(rename_all = "camelCase", tag = "op")]
+        enum OldRequest {
+            Ping,
+            Shutdown,
+        }
+        let line = Request::shutdown_within(std::time::Duration::from_secs(7)).encode();
+        let old: OldRequest = serde_json::from_str(line.trim_end()).unwrap();
+        assert_eq!(old, OldRequest::Shutdown);
+        assert_eq!(
+            serde_json::from_str::<OldRequest>(&Request::Ping.encode()).unwrap(),
+            OldRequest::Ping
+        );
     }
 
     #[test]

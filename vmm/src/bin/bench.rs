@@ -248,6 +248,31 @@ fn cold_start(runs: usize, vmm: &Path, qemu: bool) -> anyhow::Result<()> {
         "runv-vmm      first byte median {:6.2} ms p99 {:6.2} ms | exit median {:6.2} ms p99 {:6.2} ms (min {:.2}) | max RSS {} KiB",
         o.first.median, o.first.p99, o.exit.median, o.exit.p99, o.exit.min, o.rss_kib
     );
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // The node agent's default: the VMM confines itself (namespaces, chroot,
+        // an unprivileged uid) before the guest runs.
+        let root = std::env::temp_dir().join(format!("runv-bench-jail-{}", std::process::id()));
+        std::fs::create_dir_all(&root)?;
+        let j = boots(
+            runs,
+            &|| {
+                let mut c = ours(vmm);
+                c.arg("--jail-root").arg(&root);
+                c.args(["--jail-uid", "1879048192", "--jail-gid", "1879048192"]);
+                c
+            },
+            0,
+        );
+        let _ = std::fs::remove_dir(&root);
+        let j = j?;
+        println!(
+            "runv-vmm jail first byte median {:6.2} ms p99 {:6.2} ms | exit median {:6.2} ms p99 {:6.2} ms (min {:.2}) | max RSS {} KiB",
+            j.first.median, j.first.p99, j.exit.median, j.exit.p99, j.exit.min, j.rss_kib
+        );
+    } else {
+        println!("runv-vmm jail skipped (needs root)");
+    }
     if !qemu {
         println!("qemu microvm  skipped (--no-qemu)");
     } else if qemu_cmd().is_some() {

@@ -19,10 +19,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::BootError;
 use crate::devices::ioapic::{IOAPIC_BASE, IOAPIC_ID};
-use crate::memory::{ACPI_ADDR, HIGH_RAM_START};
+use crate::memory::{ACPI_ADDR, HIGH_RAM_START, LAPIC_BASE};
 
 const OEM_ID: [u8; 6] = *b"RUNV  ";
-const LAPIC_ADDR: u32 = 0xfee0_0000;
+const LAPIC_ADDR: u32 = LAPIC_BASE as u32;
 const SLEEP_CONTROL_PORT: u64 = 0x600;
 const SLEEP_STATUS_PORT: u64 = 0x601;
 

@@ -100,7 +100,8 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<KernelEntry, Bo
     })
 }
 
-/// Places the initrd page-aligned at the top of RAM (below `max_addr`).
+/// Places the initrd page-aligned at the top of the RAM below the device gap
+/// (and at or below `max_addr`, the kernel's `initrd_addr_max`).
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
     layout: &Layout,
@@ -110,7 +111,7 @@ pub fn load_initrd(
     let open = |e| BootError::Open(path.display().to_string(), e);
     let mut file = File::open(path).map_err(open)?;
     let size = file.metadata().map_err(open)?.len();
-    let top = layout.ram_end().min(max_addr.saturating_add(1));
+    let top = layout.low_ram_end().min(max_addr.saturating_add(1));
     let addr = top
         .checked_sub(size)
         .map(|a| a & !0xfff)
@@ -178,5 +179,22 @@ mod tests {
         assert_eq!(p.addr % 4096, 0);
         assert!(p.addr + p.size <= 64 << 20);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(p.addr + 4999)).unwrap(), 7);
+    }
+
+    #[test]
+    fn with_memory_above_4_gib_the_initrd_stays_below_the_gap() {
+        use crate::memory::MMIO_GAP_START;
+        let layout = Layout::new(5120).unwrap();
+        let mem = layout.allocate().unwrap();
+        let path = std::env::temp_dir().join(format!("runv-initrd-hi-{}", std::process::id()));
+        std::fs::write(&path, vec![9u8; 5000]).unwrap();
+        // A kernel that allows any 32-bit address: the top of the RAM below the gap.
+        let p = load_initrd(&mem, &layout, &path, u64::from(u32::MAX)).unwrap();
+        assert_eq!(p.addr, (MMIO_GAP_START - 5000) & !0xfff);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(p.addr + 4999)).unwrap(), 9);
+        // The default initrd_addr_max still wins when it is lower.
+        let p = load_initrd(&mem, &layout, &path, 0x37ff_ffff).unwrap();
+        std::fs::remove_file(&path).ok();
+        assert!(p.addr + p.size <= 0x3800_0000);
     }
 }

@@ -10,9 +10,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::BootError;
 use crate::devices::ioapic::{IOAPIC_BASE, IOAPIC_ID, PINS};
-use crate::memory::{LOW_RAM_END, MPTABLE_ADDR};
+use crate::memory::{LAPIC_BASE, LOW_RAM_END, MPTABLE_ADDR};
 
-const LAPIC_ADDR: u32 = 0xfee0_0000;
+const LAPIC_ADDR: u32 = LAPIC_BASE as u32;
 const APIC_VERSION: u8 = 0x14;
 const CPU_ENABLED: u8 = 1;
 const CPU_BSP: u8 = 2;

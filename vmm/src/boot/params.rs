@@ -172,4 +172,41 @@ mod tests {
         assert_eq!(m.read_obj::<u64>(GuestAddress(e2)).unwrap(), 0x10_0000);
         assert_eq!(m.read_obj::<u32>(GuestAddress(e2 + 16)).unwrap(), 1);
     }
+
+    #[test]
+    fn both_maps_carry_the_ram_above_4_gib() {
+        // 5 GiB: 3 GiB below the device gap, 2 GiB from 4 GiB up.
+        let l = Layout::new(5120).unwrap();
+        let m = Layout::new(16).unwrap().allocate().unwrap();
+        let e820 = l.e820();
+        assert_eq!(e820.len(), 4);
+        let ram = |entries: &[(u64, u64, u32)]| -> u64 {
+            entries.iter().filter(|e| e.2 == 1).map(|e| e.1).sum()
+        };
+
+        write_zero_page(&m, None, 1, None, &e820, None).unwrap();
+        let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
+        assert_eq!(p.e820_entries, 4);
+        let zp: Vec<(u64, u64, u32)> = p.e820_table[..4]
+            .iter()
+            .map(|e| ({ e.addr }, { e.size }, { e.r#type }))
+            .collect();
+        assert_eq!(zp[2], (0x10_0000, (3 << 30) - 0x10_0000, 1));
+        assert_eq!(zp[3], (4 << 30, 2 << 30, 1));
+        assert_eq!(ram(&zp) + 0x60400, 5 << 30);
+
+        let at = write_pvh_start_info(&m, None, &e820, None).unwrap();
+        assert_eq!(m.read_obj::<u32>(GuestAddress(at + 48)).unwrap(), 4);
+        let pvh: Vec<(u64, u64, u32)> = (0..4u64)
+            .map(|n| {
+                let e = PVH_MEMMAP_ADDR + n * PVH_MEMMAP_ENTRY;
+                (
+                    m.read_obj(GuestAddress(e)).unwrap(),
+                    m.read_obj(GuestAddress(e + 8)).unwrap(),
+                    m.read_obj(GuestAddress(e + 16)).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(pvh, zp);
+    }
 }

@@ -7,7 +7,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -64,6 +63,8 @@ pub struct SerialSink {
     buf: Vec<u8>,
     tx: Arc<AtomicU64>,
     dropped: Arc<AtomicU64>,
+    /// A bound socket whose acceptor thread has not started yet, with its filter.
+    acceptor: Option<(UnixListener, Option<Filter>)>,
 }
 
 impl std::fmt::Debug for SerialSink {
@@ -75,14 +76,16 @@ impl std::fmt::Debug for SerialSink {
 }
 
 impl SerialSink {
-    /// Opens the output `cfg` names. `tx`/`dropped` count bytes; a socket's
-    /// accepting thread installs `seccomp` first.
+    /// Opens the output `cfg` names (a socket is bound, but accepts no
+    /// clients before [`SerialSink::start`]). `tx`/`dropped` count bytes; a
+    /// socket's accepting thread installs `seccomp` first.
     pub fn open(
         cfg: &SerialConfig,
         tx: Arc<AtomicU64>,
         dropped: Arc<AtomicU64>,
         seccomp: Option<Filter>,
     ) -> Result<Self, SerialError> {
+        let mut acceptor = None;
         let target = match cfg {
             SerialConfig::Stdout => Target::Stdout,
             SerialConfig::Off => Target::Off,
@@ -93,14 +96,32 @@ impl SerialSink {
                     .open(path)
                     .map_err(|e| SerialError::File(path.display().to_string(), e))?,
             ),
-            SerialConfig::Socket { path } => Target::Socket(listen(path, seccomp)?),
+            SerialConfig::Socket { path } => {
+                let err = |e| SerialError::Socket(path.display().to_string(), e);
+                let _ = std::fs::remove_file(path);
+                acceptor = Some((UnixListener::bind(path).map_err(err)?, seccomp));
+                Target::Socket(Arc::new(Mutex::new(Vec::new())))
+            }
         };
         Ok(Self {
             target,
             buf: Vec::with_capacity(256),
             tx,
             dropped,
+            acceptor,
         })
+    }
+
+    /// Starts the socket's accepting thread (nothing for other outputs). The
+    /// VMM calls it once it has entered its jail: the process must have one
+    /// thread until then.
+    pub fn start(&mut self) -> Result<(), SerialError> {
+        if let (Some((listener, seccomp)), Target::Socket(clients)) =
+            (self.acceptor.take(), &self.target)
+        {
+            accept_clients(listener, clients.clone(), seccomp)?;
+        }
+        Ok(())
     }
 
     fn push(&mut self, byte: u8) {
@@ -164,15 +185,16 @@ impl Write for SerialSink {
     }
 }
 
-fn listen(
-    path: &Path,
+fn accept_clients(
+    listener: UnixListener,
+    c: Arc<Mutex<Vec<UnixStream>>>,
     seccomp: Option<Filter>,
-) -> Result<Arc<Mutex<Vec<UnixStream>>>, SerialError> {
-    let err = |e| SerialError::Socket(path.display().to_string(), e);
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(err)?;
-    let clients = Arc::new(Mutex::new(Vec::new()));
-    let c = clients.clone();
+) -> Result<(), SerialError> {
+    let name = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+        .unwrap_or_default();
     std::thread::Builder::new()
         .name("serial-accept".into())
         .spawn(move || {
@@ -190,8 +212,8 @@ fn listen(
                 }
             }
         })
-        .map_err(err)?;
-    Ok(clients)
+        .map_err(|e| SerialError::Socket(name, e))?;
+    Ok(())
 }
 
 /// COM1 on the port bus.
@@ -217,6 +239,11 @@ impl SerialDevice {
         Self {
             uart: Serial::new(SerialIrq(Some(irq)), sink),
         }
+    }
+
+    /// Starts the output's thread, if it has one ([`SerialSink::start`]).
+    pub fn start(&mut self) -> Result<(), SerialError> {
+        self.uart.writer_mut().start()
     }
 
     /// Flushes buffered output (called when the VM stops).
@@ -323,6 +350,7 @@ mod tests {
             Some(Filter::for_thread(ThreadKind::Control).unwrap()),
         )
         .unwrap();
+        sink.start().unwrap();
         let _reader = UnixStream::connect(&path).unwrap();
         // Wait for the accept thread to register the client.
         for _ in 0..200 {

@@ -190,6 +190,12 @@ impl MmioTransport {
         }
     }
 
+    /// The queues as the driver configured them (for the fuzz harness's checks).
+    #[cfg(any(test, feature = "fuzz"))]
+    pub(crate) fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
+
     /// The device's host file descriptor, if it has one.
     pub fn host_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
         self.device.host_fd()

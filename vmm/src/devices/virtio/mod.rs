@@ -9,6 +9,8 @@
 
 pub mod block;
 pub mod chain;
+#[cfg(any(test, feature = "fuzz"))]
+pub mod fuzz;
 pub mod io_thread;
 pub mod mmio;
 pub mod net;

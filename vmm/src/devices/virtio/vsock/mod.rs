@@ -8,7 +8,10 @@
 //! device asks the guest (REQUEST to that port from a fresh host port) and
 //! answers `OK <host port>\n` once the guest accepts, or closes the stream
 //! if it refuses; after that the stream is an ordinary connection. Pending
-//! handshakes are bounded in number, line length and time.
+//! handshakes are bounded in number, line length and time. Control packets
+//! for the guest (RESPONSE, RST, credit updates) are bounded too: while
+//! [`MAX_CONTROL`] of them wait for RX buffers, TX packets stay in their ring
+//! (back-pressure), and TX resumes once RX buffers have drained the queue.
 
 pub mod packet;
 
@@ -20,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use virtio_queue::{Queue, QueueOwnedT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use super::chain::{self, Chain};
@@ -44,6 +47,10 @@ const MAX_PENDING: usize = 16;
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Host-side ports for host-initiated connections start here.
 const FIRST_HOST_PORT: u32 = 1 << 30;
+/// Most control packets waiting for RX buffers. Each TX packet adds at most
+/// one, so a guest that sends without posting RX buffers cannot grow the
+/// queue past this: TX processing stops until it drains.
+pub const MAX_CONTROL: usize = 1024;
 
 /// Errors setting up the device.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +114,8 @@ pub struct Vsock {
     listener: UnixListener,
     pending: Vec<Pending>,
     next_host_port: u32,
+    /// TX packets are waiting because [`Vsock::control`] was full.
+    tx_stalled: bool,
     counters: VsockCounters,
 }
 
@@ -146,6 +155,7 @@ impl Vsock {
             listener,
             pending: Vec::new(),
             next_host_port: FIRST_HOST_PORT,
+            tx_stalled: false,
             counters,
         };
         v.watch(v.listener.as_raw_fd(), (u32::MAX, u32::MAX));
@@ -201,7 +211,7 @@ impl Vsock {
 
     /// Asks the guest to accept a host connection to its `port`.
     fn host_request(&mut self, stream: UnixStream, port: u32) {
-        if self.conns.len() >= MAX_CONNECTIONS {
+        if self.conns.len() >= MAX_CONNECTIONS || self.control.len() >= MAX_CONTROL {
             return;
         }
         let host_port = self.next_host_port;
@@ -388,14 +398,24 @@ impl Vsock {
         }
     }
 
+    /// Handles TX packets while the control queue has room for a reply, at
+    /// most one ring's worth per call.
     fn tx(
         &mut self,
         index: usize,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<bool, QueueError> {
-        let chains = chain::pop_all(index, queue, mem)?;
-        for c in &chains {
+        let mut used = false;
+        self.tx_stalled = false;
+        for _ in 0..queue.size() {
+            if self.control.len() >= MAX_CONTROL {
+                self.tx_stalled = true;
+                break;
+            }
+            let Some(c) = chain::pop_one(index, queue, mem)? else {
+                break;
+            };
             let mut bytes = Vec::new();
             for b in c.buffers.iter().filter(|b| !b.write_only) {
                 let start = bytes.len();
@@ -416,8 +436,9 @@ impl Vsock {
             })?;
             self.handle_guest_packet(&h, payload);
             chain::add_used(queue, mem, c.head, 0)?;
+            used = true;
         }
-        Ok(!chains.is_empty())
+        Ok(used)
     }
 
     fn write_packet(
@@ -568,7 +589,13 @@ impl VirtioDevice for Vsock {
         Some((self.epoll.as_raw_fd(), RX))
     }
     fn pending_queue(&self) -> Option<usize> {
-        (!self.control.is_empty()).then_some(RX)
+        if !self.control.is_empty() {
+            Some(RX)
+        } else if self.tx_stalled {
+            Some(TX)
+        } else {
+            None
+        }
     }
     fn reset(&mut self) {
         let keys: Vec<Key> = self.conns.keys().copied().collect();
@@ -579,6 +606,7 @@ impl VirtioDevice for Vsock {
             self.unwatch(p.stream.as_raw_fd());
         }
         self.control.clear();
+        self.tx_stalled = false;
     }
 }
 
@@ -653,6 +681,75 @@ mod tests {
         };
         v.handle_guest_packet(&stray, &[]);
         assert_eq!(v.control[0].op, OP_RST);
+        std::fs::remove_file(&path).ok();
+    }
+
+    #[test]
+    fn a_guest_without_rx_buffers_cannot_grow_the_control_queue() {
+        use super::super::chain::testing::{self, SIZE, desc, publish};
+        use vm_memory::GuestAddress;
+        let path = std::env::temp_dir().join(format!("runv-vsock-bp-{}.sock", std::process::id()));
+        let mut v = Vsock::new(3, path.clone(), VsockCounters::default()).unwrap();
+        let m = testing::mem();
+        // TX: the same REQUEST, to a port nobody serves, in every slot; each
+        // one earns an RST the guest has no RX buffer for.
+        let mut tx = testing::queue();
+        let req = Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 1,
+            dst_port: 9,
+            kind: TYPE_STREAM,
+            op: OP_REQUEST,
+            ..Default::default()
+        };
+        m.write_slice(&req.encode(), GuestAddress(0x8000)).unwrap();
+        desc(&m, 0, 0x8000, HDR_LEN as u32, 0, 0);
+        for _ in 0..MAX_CONTROL / usize::from(SIZE) + 1 {
+            publish(&m, &[0; SIZE as usize]);
+            v.process_queue(TX, &mut tx, &m).unwrap();
+            assert!(v.control.len() <= MAX_CONTROL);
+        }
+        assert_eq!(v.control.len(), MAX_CONTROL);
+        assert_eq!(
+            tx.next_avail(),
+            MAX_CONTROL as u16,
+            "the rest wait in the ring"
+        );
+        assert_eq!(v.pending_queue(), Some(RX));
+
+        // RX buffers drain the control queue, 16 packets at a time...
+        let (rx_desc, rx_avail, rx_used) = (0x10_0000u64, 0x10_1000u64, 0x10_2000u64);
+        let mut rx = Queue::new(SIZE).unwrap();
+        rx.set_size(SIZE);
+        rx.set_desc_table_address(Some(rx_desc as u32), Some(0));
+        rx.set_avail_ring_address(Some(rx_avail as u32), Some(0));
+        rx.set_used_ring_address(Some(rx_used as u32), Some(0));
+        rx.set_ready(true);
+        for i in 0..u64::from(SIZE) {
+            let at = rx_desc + 16 * i;
+            m.write_obj(0x20_0000 + 64 * i, GuestAddress(at)).unwrap();
+            m.write_obj(64u32, GuestAddress(at + 8)).unwrap();
+            m.write_obj(2u16, GuestAddress(at + 12)).unwrap(); // device-writable
+        }
+        let mut posted = 0u16;
+        while v.pending_queue() == Some(RX) {
+            for i in 0..SIZE {
+                let slot = u64::from(posted.wrapping_add(i) % SIZE);
+                m.write_obj(i, GuestAddress(rx_avail + 4 + 2 * slot))
+                    .unwrap();
+            }
+            posted = posted.wrapping_add(SIZE);
+            m.write_obj(posted, GuestAddress(rx_avail + 2)).unwrap();
+            assert!(v.process_queue(RX, &mut rx, &m).unwrap());
+        }
+        assert!(v.control.is_empty());
+        // ...and then the device asks for TX again, and the waiting packets go.
+        assert_eq!(v.pending_queue(), Some(TX));
+        v.process_queue(TX, &mut tx, &m).unwrap();
+        assert_eq!(tx.next_avail(), (MAX_CONTROL + usize::from(SIZE)) as u16);
+        assert_eq!(v.control.len(), usize::from(SIZE));
+        assert_eq!(v.pending_queue(), Some(RX));
         std::fs::remove_file(&path).ok();
     }
 }
