@@ -107,8 +107,10 @@ pub struct MicroVMSpec {
     pub boot: Boot,
 
     /// Block devices, attached as virtio-blk in list order (`/dev/vda`, `/dev/vdb`, ...).
+    /// At most 12: with 4 interfaces, vsock and the entropy device that fills
+    /// the VMM's 18 virtio-mmio slots.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
+    #[schemars(length(max = 12))]
     #[x_kube(
         merge_strategy = ListMerge::Map(vec!["name".into()]),
         validation = Rule::new("self.all(d, self.exists_one(e, e.name == d.name))")

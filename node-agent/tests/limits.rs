@@ -11,13 +11,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Agent, KillVmmOnDrop, alive, recorded_pid, remove_test_cgroup, vmm_binary};
-use runv_node_agent::host::LinuxHost;
-use runv_node_agent::host::cgroup::{CgroupConfig, own_cgroup};
-use runv_node_agent::runtime::{Runtime, RuntimeConfig, VmRef};
+use runv_node_agent::host::cgroup::own_cgroup;
 use runv_node_agent::testing::{Need, require};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -195,21 +192,7 @@ fn limits_put_the_vmm_in_its_cgroup_and_deletion_removes_it() {
     assert!(alive(pid));
 
     // Delete: what cluster mode runs when the MicroVM goes.
-    let host = LinuxHost::new(None).with_cgroups(&CgroupConfig {
-        parent: parent.clone(),
-        ..CgroupConfig::default()
-    });
-    let rt = Runtime::new(
-        RuntimeConfig::new(root.clone(), vmm.clone()),
-        Arc::new(host),
-    )
-    .unwrap();
-    rt.cleanup(&VmRef {
-        namespace: "default".into(),
-        name: "limited".into(),
-        uid: String::new(),
-    })
-    .unwrap();
+    common::delete_vm(&root, &vmm, None, &parent, "limited");
     assert!(!alive(pid), "the VMM outlived its deletion");
     for (_, dir) in &dirs {
         assert!(!dir.exists(), "{} is left", dir.display());

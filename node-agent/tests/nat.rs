@@ -11,20 +11,18 @@
 //! Needs root, /dev/kvm, /dev/net/tun, `ip` and `iptables`.
 
 mod common;
+#[path = "../../vmm/tests/common/packet.rs"]
+mod packet;
 
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Agent, KillVmmOnDrop, TEST_CGROUP_PARENT, vmm_binary};
-use runv_node_agent::host::LinuxHost;
-use runv_node_agent::host::cgroup::CgroupConfig;
-use runv_node_agent::runtime::{Runtime, RuntimeConfig, VmRef};
+use packet::{ETHERTYPE, PacketSocket};
 use runv_node_agent::testing::{Need, require};
 use runv_node_agent::vmconfig;
 
 const WAIT: Duration = Duration::from_secs(60);
-const ETHERTYPE: u16 = 0x88b5;
 
 /// A network namespace of the test's own, deleted on drop.
 struct Netns(String);
@@ -57,97 +55,6 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
-
-/// A raw packet socket for ethertype 0x88b5 on an interface of the current
-/// thread's network namespace.
-struct PacketSocket {
-    fd: i32,
-    ifindex: i32,
-}
-
-impl PacketSocket {
-    fn open(ifname: &str) -> Self {
-        let c = std::ffi::CString::new(ifname).unwrap();
-        // SAFETY: `c` is a valid NUL-terminated string.
-        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) } as i32;
-        assert!(ifindex > 0, "no interface {ifname}");
-        // SAFETY: plain socket(2) call; the fd is owned by the returned value.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW,
-                i32::from(ETHERTYPE.to_be()),
-            )
-        };
-        assert!(fd >= 0, "{}", std::io::Error::last_os_error());
-        // SAFETY: sockaddr_ll is plain data; zero is a valid starting value.
-        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sa.sll_family = libc::AF_PACKET as u16;
-        sa.sll_protocol = ETHERTYPE.to_be();
-        sa.sll_ifindex = ifindex;
-        // SAFETY: `sa` is a valid sockaddr_ll of the size passed.
-        let rc = unsafe {
-            libc::bind(
-                fd,
-                (&sa as *const libc::sockaddr_ll).cast(),
-                size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 20_000,
-        };
-        // SAFETY: SO_RCVTIMEO takes a timeval of the size passed.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                size_of::<libc::timeval>() as u32,
-            )
-        };
-        Self { fd, ifindex }
-    }
-
-    fn send(&self, frame: &[u8]) {
-        // SAFETY: sockaddr_ll is plain data; zero is a valid starting value.
-        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sa.sll_family = libc::AF_PACKET as u16;
-        sa.sll_ifindex = self.ifindex;
-        sa.sll_halen = 6;
-        sa.sll_addr[..6].copy_from_slice(&frame[..6]);
-        // SAFETY: `frame` and `sa` are valid for the lengths passed.
-        unsafe {
-            libc::sendto(
-                self.fd,
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&sa as *const libc::sockaddr_ll).cast(),
-                size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-    }
-
-    fn recv(&self) -> Option<Vec<u8>> {
-        let mut buf = vec![0u8; 2048];
-        // SAFETY: `buf` is writable for its length.
-        let n = unsafe { libc::recv(self.fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        (n > 0).then(|| {
-            buf.truncate(n as usize);
-            buf
-        })
-    }
-}
-
-impl Drop for PacketSocket {
-    fn drop(&mut self) {
-        // SAFETY: the fd is ours and not used after this.
-        unsafe { libc::close(self.fd) };
     }
 }
 
@@ -331,21 +238,7 @@ fn a_nat_vm_gets_a_tap_on_the_bridge_and_an_address_and_deletion_frees_them() {
     // The agent goes away (kill -9); then the VM is deleted.
     agent.signal(libc::SIGKILL);
     agent.wait(WAIT);
-    let host = LinuxHost::new(Some(ns.0.clone())).with_cgroups(&CgroupConfig {
-        parent: TEST_CGROUP_PARENT.into(),
-        ..CgroupConfig::default()
-    });
-    let rt = Runtime::new(
-        RuntimeConfig::new(root.clone(), vmm.clone()),
-        Arc::new(host),
-    )
-    .unwrap();
-    rt.cleanup(&VmRef {
-        namespace: "default".into(),
-        name: "nat".into(),
-        uid: String::new(),
-    })
-    .unwrap();
+    let rt = common::delete_vm(&root, &vmm, Some(ns.0.clone()), TEST_CGROUP_PARENT, "nat");
     assert!(
         ns.run("ip", &["link", "show", "dev", &tap]).is_none(),
         "the tap is left"

@@ -127,6 +127,7 @@ ap_start64:
 	.endm
 	IRQ_STUB irq_stub_dev, irq_dev
 	IRQ_STUB irq_stub_timer, irq_timer
+	IRQ_STUB irq_stub_ged, irq_ged
 
 	.section .rodata
 	.p2align 3

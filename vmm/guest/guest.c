@@ -8,8 +8,9 @@
  *   reset         i8042 reset (0xfe to port 0x64)
  *   panic         pvpanic (port 0x505)
  *   loop          print "tick N" forever (for pause/resume/kill tests)
- *   idle          print one line, then sleep in `hlt` until the host's power
- *                 button (many VMs on few cores: capacity benchmarks)
+ *   idle          route the ACPI GED's interrupt, print one line, then sleep
+ *                 in `hlt` until the GED reports the host's power button
+ *                 (many VMs on few cores: capacity benchmarks)
  *   bad-virtio    post garbage descriptors to the first virtio-mmio device
  */
 #include "guest.h"
@@ -152,11 +153,55 @@ static u64 mem_from_e820(int kind, u64 info)
 	return total;
 }
 
-/* Walks RSDP → XSDT → FADT/DSDT and MADT, counting LAPICs and virtio devices. */
-static void acpi_check(int kind, u64 info)
+/* The RSDP the boot information points to, or 0. */
+static u64 acpi_rsdp(int kind, u64 info)
 {
 	u64 rsdp = kind == 1 ? *(u64 *)(info + 32) : *(u64 *)(info + 0x70);
-	if (!rsdp || !str_eq((const char *)rsdp, 8, "RSD PTR ")) {
+	return rsdp && str_eq((const char *)rsdp, 8, "RSD PTR ") ? rsdp : 0;
+}
+
+/* The DSDT (through XSDT → FADT), or 0. */
+static u64 acpi_dsdt(u64 rsdp)
+{
+	if (!rsdp)
+		return 0;
+	u64 xsdt = *(u64 *)(rsdp + 24);
+	u32 n = (*(u32 *)(xsdt + 4) - 36) / 8;
+	for (u32 i = 0; i < n && i < 16; i++) {
+		u64 t = *(u64 *)(xsdt + 36 + 8 * i);
+		if (str_eq((const char *)t, 4, "FACP"))
+			return *(u64 *)(t + 140);
+	}
+	return 0;
+}
+
+/*
+ * The GSI of the ACPI Generic Event Device: the first Extended Interrupt
+ * descriptor (0x89, length 6, one interrupt) after its _HID "ACPI0013" in
+ * the DSDT. -1 when there is none.
+ */
+static int acpi_ged_gsi(u64 dsdt)
+{
+	if (!dsdt)
+		return -1;
+	u64 end = dsdt + *(u32 *)(dsdt + 4);
+	u64 p = dsdt;
+	while (p + 8 <= end && !str_eq((const char *)p, 8, "ACPI0013"))
+		p++;
+	for (; p + 9 <= end; p++) {
+		u8 *d = (u8 *)p;
+		if (d[0] == 0x89 && d[1] == 6 && d[2] == 0 && d[4] == 1)
+			return *(u32 *)(p + 5) < 24 ? (int)*(u32 *)(p + 5) : -1;
+	}
+	return -1;
+}
+
+/* Walks RSDP → XSDT → FADT/DSDT and MADT, counting LAPICs and virtio devices
+ * and finding the GED's interrupt. */
+static void acpi_check(int kind, u64 info)
+{
+	u64 rsdp = acpi_rsdp(kind, info);
+	if (!rsdp) {
 		puts("runv-guest: acpi none\n");
 		return;
 	}
@@ -182,6 +227,12 @@ static void acpi_check(int kind, u64 info)
 	putdec(lapics);
 	puts(" virtio=");
 	putdec(virtio);
+	int gsi = acpi_ged_gsi(acpi_dsdt(rsdp));
+	puts(" ged_gsi=");
+	if (gsi < 0)
+		puts("none");
+	else
+		putdec((u64)gsi);
 	puts("\n");
 }
 
@@ -253,10 +304,24 @@ void guest_main(int kind, u64 info)
 		}
 	}
 	if (str_eq(t, len, "idle")) {
-		puts("runv-guest: idle\n");
+		/* The GSI comes from the DSDT, as a kernel's GED driver finds it. */
+		int gsi = acpi_ged_gsi(acpi_dsdt(acpi_rsdp(kind, info)));
+		if (gsi < 0)
+			fail("no ACPI GED interrupt in the DSDT");
 		irq_setup();
-		irq_sleep_until(power_button);
-		puts("runv-guest: power button\n");
+		irq_route_ged((u32)gsi);
+		/* The last output before sleeping: nothing exits to the VMM after it
+		 * until the GED interrupt (or a watchdog wake-up, counted below). */
+		puts("runv-guest: idle ged_gsi=");
+		putdec((u64)gsi);
+		puts("\n");
+		u32 wakes = 0;
+		int via_ged = irq_sleep_ged(1, power_button, &wakes);
+		puts("runv-guest: power button via=");
+		puts(via_ged ? "ged" : "poll");
+		puts(" watchdog=");
+		putdec(wakes);
+		puts("\n");
 		poweroff();
 	}
 	if (str_eq(t, len, "bad-virtio"))

@@ -1,9 +1,11 @@
 /*
- * runv test guest: interrupts. An IDT with two vectors, the local APIC (xAPIC
- * MMIO: enable, EOI, a one-shot timer as a watchdog) and one IOAPIC
- * redirection entry, so a virtio device's completion can be awaited with
- * `hlt` instead of polling. Every wait ends: the watchdog timer fires after
- * about 4 s of host time if the device interrupt never comes.
+ * runv test guest: interrupts. An IDT with three vectors, the local APIC
+ * (xAPIC MMIO: enable, EOI, a timer as a watchdog) and IOAPIC redirection
+ * entries for a virtio device and for the ACPI Generic Event Device (GED), so
+ * a virtio device's completion and the host's power button can be awaited
+ * with `hlt` instead of polling. Every wait has a watchdog timer: a device
+ * wait fails after about 4 s of host time if the interrupt never comes; the
+ * power-button sleep polls port 0x601 every 5 s.
  */
 #include "guest.h"
 
@@ -17,6 +19,10 @@
 #define IOAPIC 0xfec00000ul
 #define VEC_DEV 0x40
 #define VEC_TIMER 0x41
+#define VEC_GED 0x42
+/* The GED event register (read to clear; bit 0 = power button), as the
+ * DSDT's \_SB.GED_ operation region names it. */
+#define GED_EVENT_PORT 0x602
 
 struct gate {
 	u16 off0, sel;
@@ -26,9 +32,9 @@ struct gate {
 } __attribute__((packed));
 
 static struct gate idt[256] __attribute__((aligned(16)));
-extern char irq_stub_dev[], irq_stub_timer[];
+extern char irq_stub_dev[], irq_stub_timer[], irq_stub_ged[];
 
-static volatile u32 dev_count, all_count, timer_fired, rte_in_handler;
+static volatile u32 dev_count, all_count, timer_fired, rte_in_handler, ged_events;
 static u32 late;
 static u64 dev_base;
 static u32 dev_pin;
@@ -64,6 +70,7 @@ void irq_setup(void)
 	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
 	set_gate(VEC_DEV, irq_stub_dev, cs);
 	set_gate(VEC_TIMER, irq_stub_timer, cs);
+	set_gate(VEC_GED, irq_stub_ged, cs);
 	struct __attribute__((packed)) { u16 limit; u64 base; } d = { sizeof(idt) - 1, (u64)idt };
 	__asm__ volatile("lidt %0" : : "m"(d));
 	mmio_write32(LAPIC + LAPIC_SVR, mmio_read32(LAPIC + LAPIC_SVR) | 0x1ff);
@@ -77,6 +84,14 @@ void irq_route(u32 pin, int level, u64 base)
 	dev_pin = pin;
 	ioapic_write(0x10 + 2 * pin + 1, 0);
 	ioapic_write(0x10 + 2 * pin, VEC_DEV | (level ? 1u << 15 : 0));
+}
+
+/* Routes IOAPIC pin `pin` (the GED's GSI) to VEC_GED on APIC 0: level-triggered,
+ * active high, as the GED's Interrupt resource says. */
+void irq_route_ged(u32 pin)
+{
+	ioapic_write(0x10 + 2 * pin + 1, 0);
+	ioapic_write(0x10 + 2 * pin, VEC_GED | (1u << 15));
 }
 
 void irq_mask(u32 pin) { ioapic_write(0x10 + 2 * pin, 1u << 16); }
@@ -98,6 +113,16 @@ void irq_dev(void)
 	if (st & 1)
 		dev_count++;
 	mmio_write32(dev_base + 0x64, st);
+	mmio_write32(LAPIC + LAPIC_EOI, 0);
+}
+
+/*
+ * Called from irq_stub_ged: reading the event register takes the events and
+ * lowers the level-triggered line, so the EOI that follows ends the interrupt.
+ */
+void irq_ged(void)
+{
+	ged_events |= inb(GED_EVENT_PORT);
 	mmio_write32(LAPIC + LAPIC_EOI, 0);
 }
 
@@ -127,20 +152,36 @@ int irq_wait(u32 seen)
 }
 
 /*
- * Sleeps in hlt until done() holds, woken every 100 ms by a periodic local
- * APIC timer (KVM's APIC bus runs at 1 GHz) to check. A sleeping vCPU costs
- * the host nothing between wake-ups.
+ * Sleeps in hlt until the GED interrupt reports an event in `bits`; returns 1
+ * then. No timer wakes the vCPU for this: a sleeping guest costs the host
+ * nothing. The watchdog is a periodic local APIC timer of about 5 s (KVM's APIC
+ * bus runs at 1 GHz; divided by 2): on each of its wake-ups, counted in
+ * *wakes, `poll()` is asked, and a true answer returns 0 (for a host whose
+ * interrupt never came).
  */
-void irq_sleep_until(int (*done)(void))
+int irq_sleep_ged(u32 bits, int (*poll)(void), u32 *wakes)
 {
-	mmio_write32(LAPIC + LAPIC_TIMER_DIV, 0xb); /* divide by 1 */
+	int via_ged;
+	timer_fired = 0;
+	mmio_write32(LAPIC + LAPIC_TIMER_DIV, 0x0); /* divide by 2 */
 	mmio_write32(LAPIC + LAPIC_LVT_TIMER, VEC_TIMER | (1u << 17)); /* periodic */
-	mmio_write32(LAPIC + LAPIC_TIMER_INIT, 100000000u);
+	mmio_write32(LAPIC + LAPIC_TIMER_INIT, 2500000000u);
 	for (;;) {
 		__asm__ volatile("cli" ::: "memory");
-		if (done())
+		if (ged_events & bits) {
+			via_ged = 1;
 			break;
+		}
+		if (timer_fired) {
+			timer_fired = 0;
+			(*wakes)++;
+			if (poll()) {
+				via_ged = 0;
+				break;
+			}
+		}
 		__asm__ volatile("sti; hlt" ::: "memory");
 	}
 	mmio_write32(LAPIC + LAPIC_TIMER_INIT, 0);
+	return via_ged;
 }

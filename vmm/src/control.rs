@@ -261,7 +261,7 @@ mod tests {
         assert_eq!(handle(&shared, &f, Request::SHUTDOWN), Response::Ok);
         // The button reaches a paused guest: it runs again, shutting down.
         assert_eq!(shared.state(), runv_vmm_api::VmState::ShuttingDown);
-        assert!(shared.power_button.load(Ordering::Acquire));
+        assert!(shared.power_button.pressed());
         let rec = shared.wait_exit(Duration::from_secs(5)).unwrap();
         assert_eq!(rec.reason, ExitReason::Killed);
         assert!(rec.message.contains("within 0 s"), "{rec:?}");

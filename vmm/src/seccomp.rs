@@ -162,6 +162,8 @@ const CONTROL_SYSCALLS: &[i64] = &[
     libc::SYS_sendto,
     libc::SYS_writev,
     libc::SYS_fcntl,
+    // FIONBIO, and KVM_SIGNAL_MSI when `shutdown` raises the power button's
+    // GED interrupt.
     libc::SYS_ioctl,
     // `try_clone` of a connection, the resident-memory counter, pause kicks.
     libc::SYS_dup,

@@ -2,9 +2,10 @@
 //! run/pause state, the one exit record, the power button and counters.
 //!
 //! Owns the pause protocol (set state, kick vCPUs, wait until all are parked)
-//! and the "first exit wins" rule. It issues no KVM ioctls.
+//! and the "first exit wins" rule. It issues no KVM ioctls itself (pressing
+//! the power button raises the GED interrupt through the device's line).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use runv_vmm_api::{ExitReason, ExitRecord, VmState};
 
 use crate::counters::Counters;
 use crate::devices::lock;
+use crate::devices::power::PowerButton;
 
 /// Wakes a vCPU thread out of KVM_RUN (a signal in the real VMM).
 pub trait Kicker: Send + Sync {
@@ -22,7 +24,7 @@ pub trait Kicker: Send + Sync {
 pub struct Shared {
     pub started: Instant,
     pub counters: Counters,
-    pub power_button: Arc<AtomicBool>,
+    pub power_button: Arc<PowerButton>,
     vcpus: usize,
     state: Mutex<VmState>,
     state_cv: Condvar,
@@ -54,7 +56,7 @@ impl Shared {
         Self {
             started: Instant::now(),
             counters,
-            power_button: Arc::new(AtomicBool::new(false)),
+            power_button: Arc::new(PowerButton::new()),
             vcpus,
             state: Mutex::new(VmState::Running),
             state_cv: Condvar::new(),
@@ -144,9 +146,10 @@ impl Shared {
         self.state_cv.notify_all();
     }
 
-    /// Asks the guest to power off (sets the power button) and marks the VM.
+    /// Asks the guest to power off (presses the power button: port 0x601 and
+    /// the GED interrupt) and marks the VM.
     pub fn press_power_button(&self) {
-        self.power_button.store(true, Ordering::Release);
+        self.power_button.press();
         let mut s = lock(&self.state);
         if *s == VmState::Running {
             *s = VmState::ShuttingDown;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use runv_vmm_api::config::parse_mac;
+use runv_vmm_api::config::{MAX_VIRTIO_DEVICES, parse_mac};
 use runv_vmm_api::{ExitReason, ExitRecord, VmConfig};
 
 use crate::boot::{self, EntryKind, acpi, cpu, cpuid, mptable, params};
@@ -228,6 +228,16 @@ pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
             shared.power_button.clone(),
         ))),
     )?;
+    pio.insert(
+        power::GED_EVENT_PORT,
+        power::GED_EVENT_LEN,
+        Arc::new(Mutex::new(power::GedEvents::new(
+            shared.power_button.clone(),
+        ))),
+    )?;
+    shared
+        .power_button
+        .connect(IrqLine::new(ioapic.clone(), power::GED_GSI as usize));
     pio.insert(power::PVPANIC_PORT, 1, Arc::new(Mutex::new(power::PvPanic)))?;
     let mut mmio = Bus::new();
     mmio.insert(ioapic::IOAPIC_BASE, ioapic::IOAPIC_LEN, ioapic.clone())?;
@@ -373,6 +383,12 @@ pub fn mmio_slot(i: usize) -> (u64, u32) {
 /// First legacy interrupt line given to virtio-mmio devices.
 const FIRST_VIRTIO_IRQ: u32 = 5;
 
+// One IOAPIC pin per virtio device, from FIRST_VIRTIO_IRQ up to the pin below
+// the ACPI GED's (power::GED_GSI, the last one): the API's MAX_VIRTIO_DEVICES,
+// which VmConfig::validate enforces.
+const _: () = assert!(MAX_VIRTIO_DEVICES == (power::GED_GSI - FIRST_VIRTIO_IRQ) as usize);
+const _: () = assert!(serial::COM1_IRQ < FIRST_VIRTIO_IRQ as usize);
+
 /// The virtio devices `cfg` asks for, in slot order: disks, rng, net, vsock.
 fn virtio_devices(
     cfg: &VmConfig,
@@ -470,4 +486,34 @@ pub fn write_exit_file(path: &Path, record: &ExitRecord) -> std::io::Result<()> 
     f.write_all(b"\n")?;
     drop(f);
     std::fs::rename(tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runv_vmm_api::DiskConfig;
+
+    #[test]
+    fn virtio_slots_stop_below_the_ged_pin() {
+        let (_, last) = mmio_slot(MAX_VIRTIO_DEVICES - 1);
+        assert_eq!(last + 1, power::GED_GSI);
+        let mut cfg = VmConfig::new("k");
+        cfg.rng = true;
+        for i in 0..MAX_VIRTIO_DEVICES - 1 {
+            cfg.disks.push(DiskConfig {
+                path: format!("d{i}").into(),
+                read_only: true,
+            });
+        }
+        assert!(cfg.validate().is_ok());
+        cfg.vsock = Some(runv_vmm_api::VsockConfig {
+            guest_cid: 3,
+            uds_path: "v".into(),
+        });
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("19 virtio devices") && e.contains("at most 18"),
+            "{e}"
+        );
+    }
 }

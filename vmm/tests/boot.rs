@@ -174,8 +174,10 @@ fn guest_brings_up_its_other_vcpus() {
         assert_eq!(out.status.code(), Some(0), "{serial}");
         let want = format!("runv-guest: cpus={vcpus} online={vcpus}\n");
         assert!(
-            serial.contains(&format!("runv-guest: acpi lapics={vcpus} virtio=0\n")),
-            "ACPI MADT lists every vCPU: {serial}"
+            serial.contains(&format!(
+                "runv-guest: acpi lapics={vcpus} virtio=0 ged_gsi=23\n"
+            )),
+            "ACPI MADT lists every vCPU, the DSDT the power button's GED: {serial}"
         );
         eprintln!(
             "{hv}: {vcpus} vCPUs: {}",

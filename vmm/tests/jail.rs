@@ -94,21 +94,6 @@ fn ns(pid: &str, kind: &str) -> PathBuf {
     std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
 }
 
-fn wait_for_serial(c: &mut Control, above: u64) -> u64 {
-    let start = Instant::now();
-    loop {
-        let n = c.counter("serial_tx_bytes_total");
-        if n > above {
-            return n;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "guest output stalled at {n}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 #[test]
 fn a_jailed_vmm_runs_the_guest_as_its_user_inside_its_root() {
     let test = "a_jailed_vmm_runs_the_guest_as_its_user_inside_its_root";
@@ -128,7 +113,7 @@ fn a_jailed_vmm_runs_the_guest_as_its_user_inside_its_root() {
         }
         r => panic!("{r:?}"),
     }
-    let n = wait_for_serial(&mut c, 0);
+    let n = c.wait_serial_past(0);
 
     // Who and where the VMM is now (it answered, so it is past its jail).
     assert_eq!(
@@ -164,7 +149,7 @@ fn a_jailed_vmm_runs_the_guest_as_its_user_inside_its_root() {
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(c.counter("serial_tx_bytes_total"), paused_at);
     assert_eq!(c.ask(Request::Resume), Response::Ok);
-    wait_for_serial(&mut c, paused_at.max(n));
+    c.wait_serial_past(paused_at.max(n));
 
     // Shutdown: the guest powers off; the exit file is written and the
     // control socket removed from inside the jail, at their host paths.

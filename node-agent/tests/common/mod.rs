@@ -206,3 +206,35 @@ pub fn manifest(name: &str, cmdline: &str, policy: &str) -> String {
         test_guest()
     )
 }
+
+/// Deletes the VM `default/NAME` as cluster mode's finalizer does (the
+/// runtime's cleanup: VMM, tap, address, cgroup and state directory), with a
+/// host in network namespace `netns` (None: this one) and VM cgroups under
+/// `cgroup_parent`. Returns the runtime it used.
+pub fn delete_vm(
+    root: &Path,
+    vmm: &Path,
+    netns: Option<String>,
+    cgroup_parent: &str,
+    name: &str,
+) -> runv_node_agent::runtime::Runtime {
+    use runv_node_agent::host::LinuxHost;
+    use runv_node_agent::host::cgroup::CgroupConfig;
+    use runv_node_agent::runtime::{Runtime, RuntimeConfig, VmRef};
+    let host = LinuxHost::new(netns).with_cgroups(&CgroupConfig {
+        parent: cgroup_parent.into(),
+        ..CgroupConfig::default()
+    });
+    let rt = Runtime::new(
+        RuntimeConfig::new(root.to_owned(), vmm.to_owned()),
+        Arc::new(host),
+    )
+    .unwrap();
+    rt.cleanup(&VmRef {
+        namespace: "default".into(),
+        name: name.into(),
+        uid: String::new(),
+    })
+    .unwrap();
+    rt
+}

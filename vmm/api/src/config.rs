@@ -13,6 +13,9 @@ use crate::API_VERSION;
 
 /// Upper bound on vCPUs a config may ask for.
 pub const MAX_VCPUS: u8 = 32;
+/// Most virtio devices (disks, rng, net, vsock) one VM gets: one IOAPIC pin
+/// each, between the serial port's and the ACPI power button's.
+pub const MAX_VIRTIO_DEVICES: usize = 18;
 /// Smallest guest memory accepted, in MiB.
 pub const MIN_MEMORY_MIB: u32 = 8;
 /// Largest guest memory accepted, in MiB: 64 GiB, the most a MicroVM may ask
@@ -35,6 +38,8 @@ pub enum ConfigError {
     Vcpus(u8),
     #[error("memoryMib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, got {0}")]
     Memory(u32),
+    #[error("{0} virtio devices (disks, rng, net, vsock); at most {MAX_VIRTIO_DEVICES} fit")]
+    VirtioDevices(usize),
     #[error("vsock guestCid must be at least 3, got {0}")]
     GuestCid(u32),
     #[error("invalid MAC address {0:?}")]
@@ -299,6 +304,13 @@ impl VmConfig {
             && v.guest_cid < 3
         {
             return Err(ConfigError::GuestCid(v.guest_cid));
+        }
+        let virtio = self.disks.len()
+            + usize::from(self.rng)
+            + self.net.len()
+            + usize::from(self.vsock.is_some());
+        if virtio > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::VirtioDevices(virtio));
         }
         for n in &self.net {
             if n.tap.is_empty() {

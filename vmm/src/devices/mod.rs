@@ -1,7 +1,8 @@
 //! Devices and the buses that route guest port and MMIO accesses to them.
 //!
 //! Owns the [`BusDevice`] trait, the [`Bus`] address map and the legacy
-//! devices (8250 serial, i8042, ACPI sleep control, pvpanic) and the
+//! devices (8250 serial, i8042, ACPI sleep control and the power button's
+//! GED event register, pvpanic) and the
 //! userspace IOAPIC their interrupt lines go to. Devices never
 //! touch KVM; a guest access that ends the VM comes back as a [`GuestEvent`].
 

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use runv_vmm_api::{ExitRecord, Request, Response};
 
+pub mod packet;
+
 /// Returns the hypervisor name, or None when the test should skip.
 pub fn require_kvm(test: &str) -> Option<&'static str> {
     match std::fs::OpenOptions::new()
@@ -145,6 +147,23 @@ impl Control {
 
     pub fn ask(&mut self, req: Request) -> Response {
         self.raw(req.encode().as_bytes())
+    }
+
+    /// Waits (at most 10 s) until the guest's serial output passes `above`
+    /// bytes; returns the count.
+    pub fn wait_serial_past(&mut self, above: u64) -> u64 {
+        let start = Instant::now();
+        loop {
+            let n = self.counter("serial_tx_bytes_total");
+            if n > above {
+                return n;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "guest output stalled at {n}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     pub fn counter(&mut self, name: &str) -> u64 {
