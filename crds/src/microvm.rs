@@ -556,7 +556,8 @@ pub struct ExitStatus {
     /// The VMM's exit code, when it exited rather than being killed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<i32>,
-    /// A CamelCase reason such as `GuestPowerOff`, `GuestReset`, `TripleFault`, `Killed`.
+    /// A CamelCase reason such as `GuestPowerOff`, `GuestReset`, `TripleFault`, `Killed`,
+    /// `OOMKilled` (the VMM's cgroup memory limit was hit).
     pub reason: String,
     /// The VMM's one-line explanation.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -8,7 +8,7 @@
 //!
 //! ```sh
 //! cargo build --release -p runv-vmm -p runv-operator -p runv-node-agent
-//! cargo run --release -p runv-node-agent --example bench -- [--single 10] [--many 100] [--capacity-max 300]
+//! cargo run --release -p runv-node-agent --example bench -- [--single 10] [--many 100] [--capacity-max 300] [--capacity-seconds 900]
 //! ```
 
 use std::collections::BTreeMap;
@@ -198,6 +198,7 @@ async fn main() -> Result<()> {
     let single = arg("--single", 10);
     let many = arg("--many", 100);
     let capacity_max = arg("--capacity-max", 300);
+    let capacity_budget = Duration::from_secs(arg("--capacity-seconds", 900) as u64);
     let (agent_bin, operator_bin, vmm_bin) =
         (bin("runv-agent")?, bin("runv-operator")?, bin("runv-vmm")?);
 
@@ -292,9 +293,15 @@ async fn main() -> Result<()> {
     // Capacity: keep adding 50 VMs while every batch becomes Ready.
     let mut running = lat.len();
     let mut next = many;
+    let capacity_start = Instant::now();
     while running < capacity_max {
+        if capacity_start.elapsed() > capacity_budget {
+            println!("capacity: stopped after {capacity_budget:?} (--capacity-seconds)");
+            break;
+        }
         let batch: Vec<String> = (next..next + 50).map(|i| format!("many-{i}")).collect();
         next += 50;
+        let batch_start = Instant::now();
         let ok = apply_and_time(
             &api,
             &kubeconfig,
@@ -306,10 +313,16 @@ async fn main() -> Result<()> {
         running += ok.len();
         let (vmm_rss, vmms) = vmm_rss_kib();
         println!(
-            "capacity: {running} VMs Ready at once (last batch {}/50); {vmms} runv-vmm processes, {:.1} MiB RSS each, host MemAvailable down {} MiB",
+            "capacity: {running} VMs Ready at once (last batch {}/50 in {:.0} s); {vmms} runv-vmm processes, {:.1} MiB RSS each, host MemAvailable down {} MiB; load {}",
             ok.len(),
+            batch_start.elapsed().as_secs_f64(),
             vmm_rss as f64 / 1024.0 / vmms.max(1) as f64,
-            host_avail_before.saturating_sub(mem_available_kib()) / 1024
+            host_avail_before.saturating_sub(mem_available_kib()) / 1024,
+            std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .split_whitespace()
+                .next()
+                .unwrap_or("?")
         );
         if ok.len() < batch.len() {
             break;

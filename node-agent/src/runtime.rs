@@ -12,13 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
+use runv_crds::conditions as cond;
 use runv_crds::microvm::{InterfaceStatus, PowerState, Toggle};
 use runv_crds::{MicroVMSpec, MicroVMStatus};
 use runv_vmm_api::{Request, VmConfig};
 
 use crate::host::cgroup::CgroupLimits;
 use crate::host::ipam::FileIpam;
-use crate::host::{BridgeSpec, Host, HostError, SpawnRequest};
+use crate::host::{BridgeSpec, ControlTarget, Host, HostError, SpawnRequest, VmmIdentity};
 use crate::jail::{self, JailIdAllocator};
 use crate::reconcile::{Action, Backoff, Decision, Facts, Observed, ObservedExit, decide};
 use crate::state::{self, VmDir, VmRecord};
@@ -67,6 +68,21 @@ impl RuntimeConfig {
 /// The Ready message for limits the node cannot enforce.
 fn limits_message(e: &HostError) -> String {
     format!("spec.isolation.limits cannot be enforced on this node: {e}")
+}
+
+/// How the agent reaches the VMM `id` of the VM in `dir`: its control socket,
+/// checked against `id` and the jail uid in the config it was started with.
+pub fn control_target(dir: &VmDir, id: VmmIdentity) -> ControlTarget {
+    let jail_uid = std::fs::read_to_string(dir.config())
+        .ok()
+        .and_then(|text| serde_json::from_str::<VmConfig>(&text).ok())
+        .and_then(|c| c.jail)
+        .map(|j| j.uid);
+    ControlTarget {
+        socket: dir.control_socket(),
+        vmm: id,
+        jail_uid,
+    }
 }
 
 /// Identifies one VM.
@@ -274,7 +290,15 @@ impl Runtime {
             };
         };
         if self.host.processes().is_alive(id) {
-            let view = self.host.control().view(&dir.control_socket());
+            let mut control_mismatch = None;
+            let view = match self.host.control().view(&control_target(&dir, id)) {
+                Ok(v) => Some(v),
+                Err(e) if e.is_control_mismatch() => {
+                    control_mismatch = Some(e.to_string());
+                    None
+                }
+                Err(_) => None,
+            };
             if record.booted_at_ms.is_none() && view.as_ref().is_some_and(|v| v.serial_bytes > 0) {
                 record.booted_at_ms = Some(ms(now));
                 let _ = dir.write_record(&record);
@@ -289,6 +313,7 @@ impl Runtime {
                 booted_at: record.booted_at_ms.map(from_ms),
                 config_current,
                 shutdown_since: record.shutdown_at_ms.map(from_ms),
+                control_mismatch,
             };
         }
         let exit = dir.read_exit();
@@ -300,7 +325,10 @@ impl Runtime {
             _ => match record.exit_seen_ms {
                 Some(t) => from_ms(t),
                 None => {
+                    // Killed by a signal: by the OOM killer if its cgroup's
+                    // count rose. Decided once, when the exit is first seen.
                     record.exit_seen_ms = Some(ms(now));
+                    record.oom_killed = self.oom_killed_since_start(vm, &record);
                     let _ = dir.write_record(&record);
                     now
                 }
@@ -308,12 +336,74 @@ impl Runtime {
         };
         Observed::NotRunning {
             exit: Some(ObservedExit {
+                oom_killed: exit.is_none() && record.oom_killed,
                 record: exit,
                 at,
                 requested: record.stop_requested,
             }),
             last_generation: Some(record.generation),
         }
+    }
+
+    /// Whether the OOM killer killed a process in the VM's cgroup since its
+    /// last VMM started (the count then is in `record`).
+    fn oom_killed_since_start(&self, vm: &VmRef, record: &VmRecord) -> bool {
+        let Some(before) = record.oom_kills_at_start else {
+            return false;
+        };
+        let name = self
+            .read_cgroup_record(vm)
+            .map_or_else(|| self.cgroup_name(vm), |r| r.name);
+        self.host
+            .cgroups()
+            .oom_kills(&name)
+            .is_some_and(|now| now > before)
+    }
+
+    /// Logs `e` when it says the VM's control socket is not its VMM's.
+    fn log_control_mismatch(vm: &VmRef, e: &HostError) {
+        if let HostError::ControlSocketMismatch {
+            expected_pid,
+            found_pid,
+            ..
+        } = e
+        {
+            tracing::error!(
+                vm = %vm,
+                expected_pid,
+                found_pid,
+                error = %e,
+                "the control socket is not the VMM's: nothing is sent to it"
+            );
+        }
+    }
+
+    /// Sends `request` to the VM's recorded VMM; refuses (and logs) when
+    /// something else serves its control socket.
+    fn send(&self, vm: &VmRef, request: Request) -> Result<(), HostError> {
+        let dir = self.dir(vm);
+        let id = dir.read_record().and_then(|r| r.vmm).ok_or_else(|| {
+            HostError::io(
+                "control socket",
+                dir.control_socket(),
+                std::io::ErrorKind::NotFound.into(),
+            )
+        })?;
+        self.send_to(vm, &dir, id, request)
+    }
+
+    fn send_to(
+        &self,
+        vm: &VmRef,
+        dir: &VmDir,
+        id: VmmIdentity,
+        request: Request,
+    ) -> Result<(), HostError> {
+        let result = self.host.control().send(&control_target(dir, id), request);
+        if let Err(e) = &result {
+            Self::log_control_mismatch(vm, e);
+        }
+        result
     }
 
     /// The addresses of the VM's `Nat` interfaces: `ip=` kernel parameter for the first.
@@ -454,6 +544,12 @@ impl Runtime {
         state::write_atomic(&dir.config(), text.as_bytes())?;
         dir.clear_run_files()?;
         let cgroup = self.prepare_cgroup(vm, spec)?;
+        // The OOM killer's count before this run, to tell an OOM kill later.
+        let oom_kills_at_start = if cgroup.is_empty() {
+            None
+        } else {
+            self.host.cgroups().oom_kills(&self.cgroup_name(vm))
+        };
         let id = self.host.processes().spawn(&SpawnRequest {
             vmm: self.config.vmm.clone(),
             config: dir.config(),
@@ -471,12 +567,16 @@ impl Runtime {
             shutdown_at_ms: None,
             stop_requested: false,
             exit_seen_ms: None,
+            oom_kills_at_start,
+            oom_killed: false,
         })
     }
 
-    /// Ends the VMM now: through its control socket, else SIGKILL. Waits (bounded)
-    /// until it is gone.
-    fn kill(&self, dir: &VmDir) -> Result<(), HostError> {
+    /// Ends the VMM now: through its control socket, else (no answer, or the
+    /// socket is not the VMM's) SIGKILL to the recorded process. Waits
+    /// (bounded) until it is gone.
+    fn kill(&self, vm: &VmRef) -> Result<(), HostError> {
+        let dir = self.dir(vm);
         let Some(mut record) = dir.read_record() else {
             return Ok(());
         };
@@ -486,13 +586,7 @@ impl Runtime {
         record.stop_requested = true;
         dir.write_record(&record)?;
         let procs = self.host.processes();
-        if procs.is_alive(id)
-            && self
-                .host
-                .control()
-                .send(&dir.control_socket(), Request::Kill)
-                .is_ok()
-        {
+        if procs.is_alive(id) && self.send_to(vm, &dir, id, Request::Kill).is_ok() {
             for _ in 0..200 {
                 if !procs.is_alive(id) {
                     return Ok(());
@@ -514,7 +608,7 @@ impl Runtime {
         let dir = self.dir(vm);
         match action {
             Action::Start { .. } => self.start(vm, spec, generation, now),
-            Action::Kill => self.kill(&dir),
+            Action::Kill => self.kill(vm),
             Action::Shutdown => {
                 if let Some(mut record) = dir.read_record() {
                     record.stop_requested = true;
@@ -525,18 +619,10 @@ impl Runtime {
                 let grace = Duration::from_secs(
                     u64::try_from(spec.termination_grace_period_seconds).unwrap_or(0),
                 );
-                self.host
-                    .control()
-                    .send(&dir.control_socket(), Request::shutdown_within(grace))
+                self.send(vm, Request::shutdown_within(grace))
             }
-            Action::Pause => self
-                .host
-                .control()
-                .send(&dir.control_socket(), Request::Pause),
-            Action::Resume => self
-                .host
-                .control()
-                .send(&dir.control_socket(), Request::Resume),
+            Action::Pause => self.send(vm, Request::Pause),
+            Action::Resume => self.send(vm, Request::Resume),
         }
     }
 
@@ -552,6 +638,19 @@ impl Runtime {
         let _ = self.dir(vm).rotate_serial(self.config.serial_limit);
         let mut facts = self.facts(vm, spec);
         let obs = self.observe(vm, spec, now);
+        if let Observed::Running {
+            control_mismatch: Some(why),
+            ..
+        } = &obs
+        {
+            // Once, when it is new (the status keeps saying it): reconciles
+            // may come every 200 ms.
+            let known = cond::find(&previous.conditions, cond::READY)
+                .is_some_and(|c| c.reason == "ControlSocketMismatch");
+            if !known {
+                tracing::error!(vm = %vm, error = %why, "the control socket is not the VMM's: nothing is sent to it");
+            }
+        }
         let first = decide(
             spec,
             generation,
@@ -604,7 +703,7 @@ impl Runtime {
     /// its taps, its addresses, its cgroup and its state directory.
     pub fn cleanup(&self, vm: &VmRef) -> Result<(), RuntimeError> {
         let dir = self.dir(vm);
-        self.kill(&dir)?;
+        self.kill(vm)?;
         self.release_network(vm)?;
         self.release_cgroup(vm)?;
         dir.remove()?;
@@ -648,9 +747,7 @@ impl Runtime {
         record.stop_requested = true;
         dir.write_record(&record)?;
         if self
-            .host
-            .control()
-            .send(&dir.control_socket(), Request::shutdown_within(grace))
+            .send_to(vm, &dir, id, Request::shutdown_within(grace))
             .is_ok()
         {
             let start = std::time::Instant::now();
@@ -661,7 +758,7 @@ impl Runtime {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
-        self.kill(&dir)?;
+        self.kill(vm)?;
         Ok(())
     }
 

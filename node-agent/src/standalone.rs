@@ -135,12 +135,15 @@ pub fn vm_ref(vm: &MicroVM) -> VmRef {
     }
 }
 
-/// Whether a VM will not change any more without someone acting.
+/// Whether a VM will not change any more without someone acting, and no VMM
+/// runs for it (a stalled VM whose VMM still runs, such as one whose control
+/// socket is not its VMM's, is watched until it is stopped).
 pub fn settled(status: &MicroVMStatus) -> bool {
     matches!(
         status.phase,
         Some(Phase::Succeeded | Phase::Failed | Phase::Stopped)
-    ) || cond::is_true(&status.conditions, cond::STALLED)
+    ) || (cond::is_true(&status.conditions, cond::STALLED)
+        && !cond::is_true(&status.conditions, cond::VMM_STARTED))
 }
 
 /// Whether a settled VM ended badly.
@@ -317,31 +320,123 @@ pub fn find_test_guest(exe: &Path) -> Option<PathBuf> {
     best.map(|(_, p)| p)
 }
 
-/// Installs the in-repo test guest where the examples expect it, when a VM
-/// asks for it and it is missing. Returns whether it installed it.
+/// Installs the in-repo test guest where the examples expect it when a VM
+/// asks for it: when it is missing, or older than the one the build made (so
+/// a checkout that changed the guest does not keep running the old one).
+/// Returns whether it wrote the file.
 pub fn provide_test_guest(vms: &[MicroVM], out: &mut dyn Write) -> std::io::Result<bool> {
-    if !vms.iter().any(|v| v.spec.boot.kernel == TEST_GUEST_PATH)
-        || Path::new(TEST_GUEST_PATH).exists()
-    {
+    if !vms.iter().any(|v| v.spec.boot.kernel == TEST_GUEST_PATH) {
         return Ok(false);
     }
+    let dest = Path::new(TEST_GUEST_PATH);
     let Some(built) = std::env::current_exe()
         .ok()
         .and_then(|exe| find_test_guest(&exe))
     else {
-        writeln!(
-            out,
-            "{TEST_GUEST_PATH} does not exist and no built test guest was found (cargo build -p runv-vmm makes one)"
-        )?;
+        if !dest.exists() {
+            writeln!(
+                out,
+                "{TEST_GUEST_PATH} does not exist and no built test guest was found (cargo build -p runv-vmm makes one)"
+            )?;
+        }
         return Ok(false);
     };
-    if let Some(dir) = Path::new(TEST_GUEST_PATH).parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::copy(&built, TEST_GUEST_PATH)?;
+    let Some(what) = install_guest(&built, dest)? else {
+        return Ok(false);
+    };
     writeln!(
         out,
-        "installed the runv test guest at {TEST_GUEST_PATH} (built from vmm/guest)"
+        "{what} the runv test guest at {TEST_GUEST_PATH} (built from vmm/guest)"
     )?;
     Ok(true)
+}
+
+/// Copies `built` to `dest` unless `dest` already holds the same bytes; the
+/// new file replaces the old one atomically (VMMs running the old one have
+/// loaded it already). Returns "installed", "updated" or None.
+fn install_guest(built: &Path, dest: &Path) -> std::io::Result<Option<&'static str>> {
+    let image = std::fs::read(built)?;
+    let what = match std::fs::read(dest) {
+        Ok(old) if old == image => return Ok(None),
+        Ok(_) => "updated",
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "installed",
+        Err(e) => return Err(e),
+    };
+    let dir = dest.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".runv-test-guest.{}", std::process::id()));
+    std::fs::write(&tmp, &image)?;
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    std::fs::rename(&tmp, dest)?;
+    Ok(Some(what))
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::jiff::Timestamp;
+    use runv_crds::MicroVMSpec;
+
+    use super::*;
+    use crate::reconcile::{Backoff, Facts, Observed, decide};
+
+    #[test]
+    fn the_test_guest_is_installed_then_updated_only_when_it_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let built = dir.path().join("built.elf");
+        let dest = dir.path().join("guests/runv-test-guest");
+        std::fs::write(&built, b"guest v1").unwrap();
+        assert_eq!(install_guest(&built, &dest).unwrap(), Some("installed"));
+        assert_eq!(install_guest(&built, &dest).unwrap(), None);
+        std::fs::write(&built, b"guest v2").unwrap();
+        assert_eq!(install_guest(&built, &dest).unwrap(), Some("updated"));
+        assert_eq!(std::fs::read(&dest).unwrap(), b"guest v2");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&dest.metadata().unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o755);
+        assert_eq!(
+            std::fs::read_dir(dest.parent().unwrap()).unwrap().count(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_stalled_vm_is_settled_only_when_no_vmm_runs() {
+        let spec: MicroVMSpec = serde_json::from_str(
+            r#"{"boot":{"kernel":"/k"},"resources":{"vcpus":1,"memory":"64Mi"}}"#,
+        )
+        .unwrap();
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        let status = |obs: &Observed, facts: &Facts| {
+            decide(
+                &spec,
+                1,
+                &MicroVMStatus::default(),
+                obs,
+                facts,
+                &Backoff::default(),
+                now,
+            )
+            .status
+        };
+        let missing = Facts {
+            missing_files: vec![("spec.boot.kernel".into(), "/k".into())],
+            ..Facts::default()
+        };
+        let never = Observed::NotRunning {
+            exit: None,
+            last_generation: None,
+        };
+        let blocked = status(&never, &missing);
+        assert!(settled(&blocked) && failed(&blocked));
+        let hijacked = Observed::Running {
+            started_at: now,
+            paused: false,
+            booted_at: Some(now),
+            config_current: true,
+            shutdown_since: None,
+            control_mismatch: Some("it is a symbolic link".into()),
+        };
+        let running = status(&hijacked, &Facts::default());
+        assert!(cond::is_true(&running.conditions, cond::STALLED));
+        assert!(!settled(&running), "its VMM still runs");
+    }
 }

@@ -67,6 +67,14 @@ pub struct VmRecord {
     /// without an exit file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_seen_ms: Option<i64>,
+    /// The `oom_kill` count of the VM's cgroup when this VMM started (`None`:
+    /// no cgroup of its own, or a kernel without the counter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_kills_at_start: Option<u64>,
+    /// This run ended without an exit file and the count had risen by then:
+    /// the OOM killer ended it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub oom_killed: bool,
 }
 
 /// One VM's directory.
@@ -317,6 +325,8 @@ mod tests {
             shutdown_at_ms: None,
             stop_requested: false,
             exit_seen_ms: None,
+            oom_kills_at_start: Some(0),
+            oom_killed: false,
         };
         d.write_record(&rec).unwrap();
         assert_eq!(d.read_record(), Some(rec.clone()));

@@ -2,7 +2,10 @@
 //! request per line, one JSON response per line, with bounded waits.
 //!
 //! Blocking on purpose: each call is a few hundred bytes on a local socket; the
-//! async agent calls it from `spawn_blocking`. It owns no VM state.
+//! async agent calls it from `spawn_blocking`. It owns no VM state, and it
+//! does not check who listens: the agent connects through
+//! [`crate::host::control`], which makes sure the peer is the VMM it recorded
+//! and hands the connection to [`VmmClient::from_stream`].
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -70,13 +73,21 @@ fn op_name(req: &Request) -> &'static str {
 }
 
 impl VmmClient {
-    /// Connects; every later read and write waits at most `timeout`.
+    /// Connects to whatever listens at `path` (following links, checking no
+    /// peer: for tools and tests); every later read and write waits at most
+    /// `timeout`.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, ClientError> {
         let connect_err = |source| ClientError::Connect {
             path: path.to_owned(),
             source,
         };
         let s = UnixStream::connect(path).map_err(connect_err)?;
+        Self::from_stream(s, timeout)
+    }
+
+    /// A client over a connected stream; every later read and write waits at
+    /// most `timeout`.
+    pub fn from_stream(s: UnixStream, timeout: Duration) -> Result<Self, ClientError> {
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
         Ok(Self {

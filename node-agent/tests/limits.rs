@@ -6,11 +6,17 @@
 //! the VM (the runtime's cleanup, what cluster mode's finalizer runs) kills the
 //! VMM and removes the cgroup and the state directory.
 //!
-//! Needs root (cgroups) and /dev/kvm.
+//! A VMM the kernel's OOM killer ends in its cgroup is reported `OOMKilled`:
+//! shown with the real runtime, cgroups and processes, and a stand-in VMM
+//! that allocates without bound (no mode of the test guest touches more
+//! memory than the VMM was given).
+//!
+//! Needs root (cgroups) and /dev/kvm (the OOM test: root only).
 
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Agent, KillVmmOnDrop, alive, recorded_pid, remove_test_cgroup, vmm_binary};
@@ -207,4 +213,98 @@ fn limits_put_the_vmm_in_its_cgroup_and_deletion_removes_it() {
         },
         started.elapsed().as_secs_f64()
     );
+}
+
+#[test]
+fn a_vmm_the_oom_killer_ends_is_oomkilled() {
+    use runv_crds::microvm::Phase;
+    use runv_crds::{MicroVMSpec, MicroVMStatus};
+    use runv_node_agent::host::LinuxHost;
+    use runv_node_agent::host::cgroup::CgroupConfig;
+    use runv_node_agent::runtime::{Runtime, RuntimeConfig, VmRef};
+
+    if !require("a_vmm_the_oom_killer_ends_is_oomkilled", &[Need::Root]) {
+        return;
+    }
+    let parent = format!("runv-oom-{}", std::process::id());
+    let dirs = expected_dirs(&parent, "default_oom");
+    let _parents = ParentGuard(
+        dirs.iter()
+            .map(|(_, d)| d.parent().unwrap().to_owned())
+            .collect(),
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let vm_dir = root.join("vms/default_oom");
+    struct Cleanup(Option<Runtime>, VmRef);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Some(rt) = &self.0 {
+                let _ = rt.cleanup(&self.1);
+            }
+        }
+    }
+    // The stand-in VMM: `tail` of an endless line keeps all of it in memory.
+    let vmm = tmp.path().join("hungry-vmm");
+    std::fs::write(&vmm, "#!/bin/sh\nexec tail /dev/zero\n").unwrap();
+    std::fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let host = LinuxHost::new(None).with_cgroups(&CgroupConfig {
+        parent: parent.clone(),
+        ..CgroupConfig::default()
+    });
+    let rt = Runtime::new(
+        RuntimeConfig::new(root.clone(), vmm.clone()),
+        Arc::new(host),
+    )
+    .unwrap();
+    let vm = VmRef {
+        namespace: "default".into(),
+        name: "oom".into(),
+        uid: String::new(),
+    };
+    let spec: MicroVMSpec = serde_json::from_value(serde_json::json!({
+        "boot": {"kernel": vmm},
+        "resources": {"vcpus": 1, "memory": "64Mi"},
+        "runPolicy": "Once",
+        "isolation": {"jail": "Disabled", "limits": {"memory": "64Mi"}},
+    }))
+    .unwrap();
+    let guard = Cleanup(Some(rt), vm.clone());
+    let rt = guard.0.as_ref().unwrap();
+    let mut status = MicroVMStatus::default();
+    let start = Instant::now();
+    let mut t = 0;
+    loop {
+        t += 1;
+        let now = k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + t).unwrap();
+        status = rt.reconcile(&vm, &spec, 1, &status, now).status;
+        if status.phase == Some(Phase::Failed) {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "the hungry VMM was not OOM-killed: {status:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let last = status.last_exit.clone().unwrap();
+    assert_eq!(last.reason, "OOMKilled", "{last:?}");
+    let ready = runv_crds::conditions::find(&status.conditions, "Ready").unwrap();
+    assert_eq!(ready.reason, "OOMKilled");
+    // The cgroup's counter says so too, and the run started from its earlier value.
+    let mem = &dirs.last().unwrap().1;
+    let counter = if dirs.len() == 1 {
+        "memory.events"
+    } else {
+        "memory.oom_control"
+    };
+    let kills = runv_node_agent::host::cgroup::parse_oom_kill(&read(mem, counter));
+    assert_eq!(kills, Some(1));
+    let text = std::fs::read_to_string(vm_dir.join("vm.json")).unwrap();
+    assert!(text.contains("\"oomKillsAtStart\": 0"), "{text}");
+    drop(guard);
+    assert!(!vm_dir.exists(), "the state directory is left");
+    for (_, dir) in &dirs {
+        assert!(!dir.exists(), "{} is left", dir.display());
+    }
 }

@@ -23,7 +23,7 @@ use kube::{Client, ResourceExt};
 use runv_crds::{MicroVM, MicroVMStatus};
 
 use crate::metrics::{self, VmSample};
-use crate::runtime::{Runtime, VmRef};
+use crate::runtime::{self, Runtime, VmRef};
 
 /// The field manager of every write the agent makes.
 pub const MANAGER: &str = "runv-agent";
@@ -179,7 +179,9 @@ pub fn samples(ctx: &Context) -> Vec<VmSample> {
             let dir = ctx.runtime.dir(r);
             let id = dir.read_record().and_then(|rec| rec.vmm);
             let usage = id.and_then(|id| host.processes().usage(id));
-            let view = usage.and_then(|_| host.control().view(&dir.control_socket()));
+            let view = usage
+                .zip(id)
+                .and_then(|(_, id)| host.control().view(&runtime::control_target(&dir, id)).ok());
             VmSample {
                 namespace: r.namespace.clone(),
                 name: r.name.clone(),

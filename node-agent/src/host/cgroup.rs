@@ -12,6 +12,10 @@
 //!   `<root>/cpu/<parent>/<vm>/` with `cpu.cfs_period_us` and `cpu.cfs_quota_us`,
 //!   `<root>/memory/<parent>/<vm>/` with `memory.limit_in_bytes`.
 //!
+//! The kernel's OOM killer counts its kills per cgroup (`oom_kill` in v2's
+//! `memory.events`, and in v1's `memory.oom_control` from Linux 4.13): that
+//! counter tells an OOM-killed VMM from one killed otherwise.
+//!
 //! An absolute parent (`/runv`) is taken from each hierarchy's root; a relative
 //! one (`runv-test`) from the agent's own cgroup in that hierarchy
 //! (`/proc/self/cgroup`). The VMM joins its cgroup itself, in the forked child
@@ -298,6 +302,15 @@ impl LinuxCgroups {
     }
 }
 
+/// The `oom_kill` count in the text of v2's `memory.events` or v1's
+/// `memory.oom_control` (lines of `key value`).
+pub fn parse_oom_kill(text: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (key, value) = l.split_once(' ')?;
+        (key == "oom_kill").then(|| value.trim().parse().ok())?
+    })
+}
+
 /// v1 reads an unlimited value as a huge number (`-1` written).
 fn v1_unlimited(now: &str) -> bool {
     now == "-1" || now.parse::<u64>().is_ok_and(|v| v >= 1 << 62)
@@ -392,6 +405,15 @@ impl Cgroups for LinuxCgroups {
             .and_then(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
             .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
             .unwrap_or_default()
+    }
+
+    fn oom_kills(&self, name: &str) -> Option<u64> {
+        check_name(name).ok()?;
+        let file = match self.layout.as_ref().ok()? {
+            Layout::V2 { parent, .. } => parent.join(name).join("memory.events"),
+            Layout::V1 { memory, .. } => memory.join(name).join("memory.oom_control"),
+        };
+        parse_oom_kill(&std::fs::read_to_string(file).ok()?)
     }
 
     fn remove(&self, name: &str) -> Result<(), HostError> {
@@ -512,6 +534,16 @@ mod tests {
             (96u64 << 20).to_string()
         );
         assert_eq!(cg.current("default_web"), Some(want));
+        // The OOM killer's count, where the kernel has it (4.13 and later).
+        assert_eq!(cg.oom_kills("default_web"), None);
+        std::fs::write(
+            tmp.path()
+                .join("memory/runv/default_web/memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        )
+        .unwrap();
+        assert_eq!(cg.oom_kills("default_web"), Some(2));
+        assert_eq!(cg.oom_kills("missing"), None);
         // Unlimited again.
         cg.ensure("default_web", &CgroupLimits::default()).unwrap();
         assert_eq!(cg.current("default_web"), Some(CgroupLimits::default()));
@@ -572,6 +604,20 @@ mod tests {
         assert_eq!(read("runv/default_web/cpu.max"), "50000 100000");
         assert_eq!(read("runv/default_web/memory.max"), "max");
         assert_eq!(cg.current("default_web"), Some(want));
+        std::fs::write(
+            root.join("runv/default_web/memory.events"),
+            "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n",
+        )
+        .unwrap();
+        assert_eq!(cg.oom_kills("default_web"), Some(1));
+    }
+
+    #[test]
+    fn oom_kill_counter_lines() {
+        assert_eq!(parse_oom_kill("oom 3\noom_kill 2\n"), Some(2));
+        assert_eq!(parse_oom_kill("oom_kill_disable 0\nunder_oom 0\n"), None);
+        assert_eq!(parse_oom_kill("oom_kill x\n"), None);
+        assert_eq!(parse_oom_kill(""), None);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! In-memory fakes of the host traits, for reconcile tests without root,
 //! `/dev/kvm`, `/dev/net/tun` or a writable cgroup filesystem. They record what was asked and let a test
-//! make a VMM exit ([`FakeHost::exit`]) or a file appear ([`FakeHost::add_file`]).
+//! make a VMM exit ([`FakeHost::exit`]) or be OOM-killed ([`FakeHost::oom_kill`]),
+//! its control socket be served by another process ([`FakeHost::hijack`]), or a
+//! file appear ([`FakeHost::add_file`]).
 //!
 //! Test support only: nothing here touches the machine.
 
@@ -10,8 +12,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::cgroup::CgroupLimits;
 use super::{
-    BridgeSpec, Cgroups, Control, CopyKind, Disks, Host, HostError, Network, ProcessUsage,
-    Processes, SpawnRequest, VmmIdentity, VmmView,
+    BridgeSpec, Cgroups, Control, ControlTarget, CopyKind, Disks, Host, HostError, Network,
+    ProcessUsage, Processes, SpawnRequest, VmmIdentity, VmmView,
 };
 
 /// Where the fake cgroups "live": `<FAKE_CGROUPS>/<name>/cgroup.procs`.
@@ -24,6 +26,8 @@ pub struct FakeCgroup {
     pub limits: CgroupLimits,
     /// Fake VMM pids in it.
     pub pids: BTreeSet<u32>,
+    /// Processes the OOM killer killed in it (its `oom_kill` counter).
+    pub oom_kills: u64,
 }
 
 /// What the fake host holds.
@@ -49,6 +53,11 @@ pub struct FakeState {
     pub serial: BTreeMap<PathBuf, u64>,
     /// Control requests received: (socket, op).
     pub requests: Vec<(PathBuf, runv_vmm_api::Request)>,
+    /// Every control target asked for (views and requests), in order.
+    pub targets: Vec<ControlTarget>,
+    /// Control sockets another process serves (a link to another VM's
+    /// socket, say): socket → that process's pid.
+    pub socket_peers: BTreeMap<PathBuf, u32>,
     /// When set, spawning fails with this message.
     pub fail_spawn: Option<String>,
     /// cgroups that exist, by name.
@@ -89,6 +98,23 @@ impl FakeHost {
         Self::leave_cgroups(&mut s, pid);
     }
 
+    /// The kernel's OOM killer kills the fake VMM `pid` in its cgroup: the
+    /// cgroup's `oom_kill` counter rises and the process is gone, with no
+    /// exit record.
+    pub fn oom_kill(&self, pid: u32) {
+        let mut s = self.state();
+        for cg in s.cgroups.values_mut().filter(|cg| cg.pids.contains(&pid)) {
+            cg.oom_kills += 1;
+        }
+        s.running.remove(&pid);
+        Self::leave_cgroups(&mut s, pid);
+    }
+
+    /// From now on the process `pid` (not the VM's VMM) serves `socket`.
+    pub fn hijack(&self, socket: &Path, pid: u32) {
+        self.state().socket_peers.insert(socket.to_owned(), pid);
+    }
+
     /// A process that ends leaves its cgroup.
     fn leave_cgroups(s: &mut FakeState, pid: u32) {
         for cg in s.cgroups.values_mut() {
@@ -107,6 +133,32 @@ impl FakeHost {
             .iter()
             .find(|(_, r)| r.config.parent().is_some_and(|d| socket.starts_with(d)))
             .map(|(pid, _)| *pid)
+    }
+
+    /// The running fake VMM behind `target`, checked as the real control
+    /// client checks it: whoever serves the socket must be the recorded VMM.
+    fn reach(s: &mut FakeState, target: &ControlTarget) -> Result<u32, HostError> {
+        s.targets.push(target.clone());
+        let socket = &target.socket;
+        let served_by = s
+            .socket_peers
+            .get(socket)
+            .copied()
+            .or_else(|| Self::socket_running(s, socket));
+        match served_by {
+            None => Err(HostError::io(
+                "connecting to",
+                socket,
+                std::io::ErrorKind::NotFound.into(),
+            )),
+            Some(pid) if pid != target.vmm.pid => Err(HostError::ControlSocketMismatch {
+                socket: socket.clone(),
+                expected_pid: target.vmm.pid,
+                found_pid: Some(pid),
+                found: format!("another process listens on it: pid {pid} (uid 0)"),
+            }),
+            Some(pid) => Ok(pid),
+        }
     }
 
     /// Pids of running fake VMMs.
@@ -263,27 +315,27 @@ impl Network for FakeHost {
 }
 
 impl Control for FakeHost {
-    fn view(&self, socket: &Path) -> Option<VmmView> {
-        let s = self.state();
-        Self::socket_running(&s, socket)?;
+    fn view(&self, target: &ControlTarget) -> Result<VmmView, HostError> {
+        let mut s = self.state();
+        Self::reach(&mut s, target)?;
+        let socket = target.socket.as_path();
         let serial = s.serial.get(socket).copied().unwrap_or(0);
-        Some(VmmView {
+        Ok(VmmView {
             paused: s.paused.contains(socket),
             serial_bytes: serial,
             counters: [("serial_tx_bytes_total".to_owned(), serial)].into(),
         })
     }
 
-    fn send(&self, socket: &Path, request: runv_vmm_api::Request) -> Result<(), HostError> {
+    fn send(
+        &self,
+        target: &ControlTarget,
+        request: runv_vmm_api::Request,
+    ) -> Result<(), HostError> {
         use runv_vmm_api::Request;
         let mut s = self.state();
-        let pid = Self::socket_running(&s, socket).ok_or_else(|| {
-            HostError::io(
-                "control socket",
-                socket,
-                std::io::ErrorKind::NotFound.into(),
-            )
-        })?;
+        let pid = Self::reach(&mut s, target)?;
+        let socket = target.socket.as_path();
         s.requests.push((socket.to_owned(), request.clone()));
         match request {
             Request::Pause => {
@@ -337,6 +389,10 @@ impl Cgroups for FakeHost {
             .get(name)
             .map(|c| c.pids.iter().copied().collect())
             .unwrap_or_default()
+    }
+
+    fn oom_kills(&self, name: &str) -> Option<u64> {
+        self.state().cgroups.get(name).map(|c| c.oom_kills)
     }
 
     fn remove(&self, name: &str) -> Result<(), HostError> {

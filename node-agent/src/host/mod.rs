@@ -1,13 +1,15 @@
 //! Host side effects, behind traits: VMM processes ([`Processes`]), disk images
-//! ([`Disks`]), networking ([`Network`]) and per-VM cgroups ([`Cgroups`]),
-//! plus the node-local IPAM ([`ipam`]).
+//! ([`Disks`]), networking ([`Network`]), per-VM cgroups ([`Cgroups`]) and the
+//! VMMs' control sockets ([`Control`]), plus the node-local IPAM ([`ipam`]).
 //!
 //! Reconcile logic talks to a [`Host`] only, so it runs against the in-memory
 //! fakes in [`fake`] without root, `/dev/kvm` or `/dev/net/tun`. The real Linux
-//! implementations live in [`process`], [`disk`], [`net`] and [`cgroup`]; nothing outside
+//! implementations live in [`process`], [`disk`], [`net`], [`cgroup`] and
+//! [`control`]; nothing outside
 //! this module makes a syscall with a side effect on the node.
 
 pub mod cgroup;
+pub mod control;
 pub mod disk;
 pub mod fake;
 pub mod ipam;
@@ -42,6 +44,19 @@ pub enum HostError {
     /// The process is not the VMM that was recorded (gone, or its pid reused).
     #[error("process {0} is not the recorded VMM")]
     NotOurs(u32),
+    /// A VMM's control socket is not served by the VMM the agent recorded (a
+    /// link, not a socket, or another process listens): nothing was sent.
+    #[error("control socket {} is not the recorded VMM's (pid {expected_pid}): {found}", socket.display())]
+    ControlSocketMismatch {
+        /// The socket.
+        socket: PathBuf,
+        /// The pid of the recorded VMM.
+        expected_pid: u32,
+        /// The pid of the process that listens on it, when one does.
+        found_pid: Option<u32>,
+        /// What was found instead, for people.
+        found: String,
+    },
     /// A name or value the host cannot use.
     #[error("invalid {what}: {value:?}")]
     Invalid {
@@ -81,6 +96,11 @@ impl HostError {
     /// Whether this is a cgroup failure: limits asked for cannot be enforced.
     pub fn is_cgroup(&self) -> bool {
         matches!(self, Self::Cgroup { .. } | Self::CgroupsUnavailable(_))
+    }
+
+    /// Whether a control socket turned out not to be the recorded VMM's.
+    pub fn is_control_mismatch(&self) -> bool {
+        matches!(self, Self::ControlSocketMismatch { .. })
     }
 }
 
@@ -193,12 +213,29 @@ pub struct VmmView {
     pub counters: std::collections::BTreeMap<String, u64>,
 }
 
-/// A VMM's control socket.
+/// Which VMM the agent means to reach through a control socket: the socket
+/// lives in a directory the (jailed) VMM owns, so what listens there is
+/// checked against the VMM the agent recorded before anything is sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlTarget {
+    /// The control socket (`run/ctl.sock` in the VM's directory).
+    pub socket: PathBuf,
+    /// The VMM process recorded for the VM (`vm.json`).
+    pub vmm: VmmIdentity,
+    /// The uid of its jail, when it was started jailed.
+    pub jail_uid: Option<u32>,
+}
+
+/// A VMM's control socket. Every call first checks that the socket is served
+/// by `target.vmm` (see [`control`]); when it is not, it fails with
+/// [`HostError::ControlSocketMismatch`] and sends nothing.
 pub trait Control: Send + Sync {
-    /// State and counters; `None` when the VMM does not answer (yet).
-    fn view(&self, socket: &Path) -> Option<VmmView>;
+    /// State and counters. An error other than a mismatch means the VMM does
+    /// not answer (yet).
+    fn view(&self, target: &ControlTarget) -> Result<VmmView, HostError>;
     /// Sends pause, resume, shutdown or kill.
-    fn send(&self, socket: &Path, request: runv_vmm_api::Request) -> Result<(), HostError>;
+    fn send(&self, target: &ControlTarget, request: runv_vmm_api::Request)
+    -> Result<(), HostError>;
 }
 
 /// Per-VM cgroups under the agent's parent cgroup. A VM's cgroup is named
@@ -215,6 +252,10 @@ pub trait Cgroups: Send + Sync {
     fn current(&self, name: &str) -> Option<cgroup::CgroupLimits>;
     /// The processes in the cgroup.
     fn procs(&self, name: &str) -> Vec<u32>;
+    /// How many processes the kernel's OOM killer has killed in the cgroup
+    /// since it was created (v2 `memory.events`, v1 `memory.oom_control`,
+    /// `oom_kill`); `None` when the cgroup or the counter does not exist.
+    fn oom_kills(&self, name: &str) -> Option<u64>;
     /// Removes the cgroup (a missing one is not an error); fails while a
     /// process is still in it.
     fn remove(&self, name: &str) -> Result<(), HostError>;
@@ -237,7 +278,7 @@ pub trait Host: Send + Sync {
 /// The real Linux host.
 #[derive(Debug, Default)]
 pub struct LinuxHost {
-    control: SocketControl,
+    control: control::SocketControl,
     processes: process::LinuxProcesses,
     disks: disk::LinuxDisks,
     network: net::IpNetwork,
@@ -249,7 +290,7 @@ impl LinuxHost {
     /// the agent's own).
     pub fn new(netns: Option<String>) -> Self {
         Self {
-            control: SocketControl,
+            control: control::SocketControl,
             processes: process::LinuxProcesses,
             disks: disk::LinuxDisks,
             network: net::IpNetwork::new(netns),
@@ -284,46 +325,6 @@ impl Host for LinuxHost {
     }
     fn cgroups(&self) -> &dyn Cgroups {
         &self.cgroups
-    }
-}
-
-/// [`Control`] over the real control socket.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SocketControl;
-
-/// How long one control-socket exchange may take.
-const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-
-impl Control for SocketControl {
-    fn view(&self, socket: &Path) -> Option<VmmView> {
-        let mut c = crate::vmm_client::VmmClient::connect(socket, CONTROL_TIMEOUT).ok()?;
-        let d = c.describe().ok()?;
-        let counters = c.counters().unwrap_or_default();
-        Some(VmmView {
-            paused: d.state == runv_vmm_api::VmState::Paused,
-            serial_bytes: counters.get("serial_tx_bytes_total").copied().unwrap_or(0),
-            counters,
-        })
-    }
-
-    fn send(&self, socket: &Path, request: runv_vmm_api::Request) -> Result<(), HostError> {
-        let to_host = |e: crate::vmm_client::ClientError| {
-            HostError::io(
-                "control socket",
-                socket,
-                std::io::Error::other(e.to_string()),
-            )
-        };
-        let mut c =
-            crate::vmm_client::VmmClient::connect(socket, CONTROL_TIMEOUT).map_err(to_host)?;
-        match c.call(&request).map_err(to_host)? {
-            runv_vmm_api::Response::Error { message } => Err(HostError::io(
-                "control socket",
-                socket,
-                std::io::Error::other(message),
-            )),
-            _ => Ok(()),
-        }
     }
 }
 

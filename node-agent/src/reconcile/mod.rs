@@ -31,6 +31,9 @@ pub struct ObservedExit {
     pub at: Timestamp,
     /// The agent ended this run itself (power state, spec change, deletion).
     pub requested: bool,
+    /// The kernel's OOM killer ended it: it left no exit record and its
+    /// cgroup's `oom_kill` count rose during the run.
+    pub oom_killed: bool,
 }
 
 /// What is on the host for this VM.
@@ -55,6 +58,11 @@ pub enum Observed {
         config_current: bool,
         /// When the agent asked the guest to power off, if it did.
         shutdown_since: Option<Timestamp>,
+        /// Why its control socket is not to be trusted (naming the expected
+        /// and the found process), when a link or another process is behind
+        /// it: nothing is sent there, and what it would say (paused,
+        /// booted) is unknown.
+        control_mismatch: Option<String>,
     },
 }
 
@@ -162,6 +170,8 @@ pub(crate) enum Verdict {
     Failed,
     /// Waiting to restart after an exit.
     BackOff { remaining: Duration, failure: bool },
+    /// Running, but its control socket is not its own: left alone, reported.
+    ControlSocketMismatch { message: String },
     /// Starting now.
     Starting,
     /// Cannot start: something on the node or in the spec must change.
@@ -209,9 +219,15 @@ pub fn decide(
             booted_at,
             config_current,
             shutdown_since,
+            control_mismatch,
             ..
         } => {
-            if want_down {
+            if want_down && control_mismatch.is_some() {
+                // No power button can be pressed through a socket that is not
+                // the VMM's: end the recorded process (by its pid) at once.
+                actions.push(Action::Kill);
+                Verdict::Stopping
+            } else if want_down {
                 let grace = Duration::from_secs(
                     u64::try_from(spec.termination_grace_period_seconds).unwrap_or(0),
                 );
@@ -236,6 +252,15 @@ pub fn decide(
                 actions.push(Action::Kill);
                 actions.push(Action::Start { restart: false });
                 Verdict::Starting
+            } else if let Some(why) = control_mismatch {
+                // Someone must look: the VMM may be compromised. It keeps
+                // running; pause and resume are not sent.
+                requeue = Some(Duration::from_secs(10));
+                Verdict::ControlSocketMismatch {
+                    message: format!(
+                        "the agent sends nothing to a control socket the VMM it started does not serve (the VMM may be compromised): {why}; delete the MicroVM or set powerState: Stopped to kill the VMM"
+                    ),
+                }
             } else if spec.power_state == PowerState::Paused {
                 if !paused {
                     actions.push(Action::Pause);

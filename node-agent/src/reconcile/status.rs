@@ -11,9 +11,11 @@ use runv_vmm_api::{ExitReason, ExitRecord};
 
 use super::{Observed, ObservedExit, Verdict};
 
-/// The CamelCase `lastExit.reason` of an exit (`None`: no record, so killed).
-pub fn exit_reason_name(record: Option<&ExitRecord>) -> &'static str {
+/// The CamelCase `lastExit.reason` of an exit: the exit record's, else
+/// (killed by a signal) `OOMKilled` when the OOM killer did it, else `Killed`.
+pub fn exit_reason_name(record: Option<&ExitRecord>, oom_killed: bool) -> &'static str {
     match record.map(|r| r.reason) {
+        None if oom_killed => "OOMKilled",
         Some(ExitReason::PowerOff) => "GuestPowerOff",
         Some(ExitReason::Reset) => "GuestReset",
         Some(ExitReason::Killed) | None => "Killed",
@@ -30,9 +32,10 @@ pub fn exit_reason_name(record: Option<&ExitRecord>) -> &'static str {
 pub fn exit_status(exit: &ObservedExit) -> ExitStatus {
     ExitStatus {
         code: exit.record.as_ref().map(|r| r.exit_code),
-        reason: exit_reason_name(exit.record.as_ref()).to_owned(),
+        reason: exit_reason_name(exit.record.as_ref(), exit.oom_killed).to_owned(),
         message: Some(match &exit.record {
             Some(r) => r.message.clone(),
+            None if exit.oom_killed => "the kernel's OOM killer ended the VMM: its cgroup ran out of memory (guest memory and the VMM's own count against spec.isolation.limits.memory)".to_owned(),
             None => "the VMM process ended without an exit record (killed by a signal)".to_owned(),
         }),
         time: Time(exit.at),
@@ -212,6 +215,7 @@ pub(crate) fn apply(
                 "EmulationFailure" => "EmulationFailure",
                 "GuestFault" => "GuestFault",
                 "VMMError" => "VMMError",
+                "OOMKilled" => "OOMKilled",
                 _ => "Killed",
             };
             let msg = format!(
@@ -248,6 +252,27 @@ pub(crate) fn apply(
                 ],
             )
         }
+        Verdict::ControlSocketMismatch { message } => (
+            Phase::Running,
+            [
+                started,
+                booted_row,
+                (cond::READY, False, "ControlSocketMismatch", message.clone()),
+                paused_row,
+                (
+                    cond::RECONCILING,
+                    False,
+                    "ControlSocketMismatch",
+                    String::new(),
+                ),
+                (
+                    cond::STALLED,
+                    True,
+                    "ControlSocketMismatch",
+                    message.clone(),
+                ),
+            ],
+        ),
         Verdict::Starting => (
             Phase::Starting,
             [
@@ -380,6 +405,7 @@ pub fn transitions(before: &MicroVMStatus, after: &MicroVMStatus) -> Vec<Transit
                 | "InvalidSpec"
                 | "LimitsNotEnforceable"
                 | "StartFailed"
+                | "ControlSocketMismatch"
         )
     {
         push(

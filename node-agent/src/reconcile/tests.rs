@@ -38,6 +38,7 @@ fn exited(reason: ExitReason, when: i64) -> Observed {
             record: Some(ExitRecord::new(reason, format!("{reason:?}"))),
             at: at(when),
             requested: false,
+            oom_killed: false,
         }),
         last_generation: Some(1),
     }
@@ -50,6 +51,7 @@ fn running(started: i64, booted: Option<i64>, paused: bool) -> Observed {
         booted_at: booted.map(at),
         config_current: true,
         shutdown_since: None,
+        control_mismatch: None,
     }
 }
 
@@ -281,6 +283,7 @@ fn a_vmm_killed_without_an_exit_record_is_a_failure() {
             record: None,
             at: at(3),
             requested: false,
+            oom_killed: false,
         }),
         last_generation: Some(1),
     };
@@ -294,6 +297,109 @@ fn a_vmm_killed_without_an_exit_record_is_a_failure() {
     assert_eq!(ready(&d).1, "Killed");
     let e = d.status.last_exit.unwrap();
     assert_eq!((e.reason.as_str(), e.code), ("Killed", None));
+}
+
+#[test]
+fn an_oom_killed_vmm_is_a_failure_named_so_and_backs_off() {
+    let oom = Observed::NotRunning {
+        exit: Some(ObservedExit {
+            record: None,
+            at: at(3),
+            requested: false,
+            oom_killed: true,
+        }),
+        last_generation: Some(1),
+    };
+    // Once: Failed, with the reason on Ready and in lastExit.
+    let d = run(
+        &spec(RunPolicy::Once, PowerState::Running),
+        &ran_before(0, 0),
+        &oom,
+        4,
+    );
+    assert_eq!(d.status.phase, Some(Phase::Failed));
+    assert_eq!(ready(&d), ("False".into(), "OOMKilled".into()));
+    let e = d.status.last_exit.clone().unwrap();
+    assert_eq!((e.reason.as_str(), e.code), ("OOMKilled", None));
+    assert!(e.message.unwrap().contains("OOM killer"));
+    // Always: backoff as for any failure, the exit named in the Events.
+    let d = run(
+        &spec(RunPolicy::Always, PowerState::Running),
+        &ran_before(0, 0),
+        &oom,
+        4,
+    );
+    assert!(d.actions.is_empty());
+    assert_eq!(ready(&d), ("False".into(), "CrashLoopBackOff".into()));
+    assert!(
+        cond_of(&d.status, cond::READY)
+            .2
+            .contains("the VM that failed; last exit: OOMKilled"),
+        "{:?}",
+        cond_of(&d.status, cond::READY)
+    );
+    let events = transitions(&ran_before(0, 0), &d.status);
+    assert!(
+        events
+            .iter()
+            .any(|t| t.warning && t.reason == "Exited" && t.note.contains("OOMKilled")),
+        "{events:?}"
+    );
+    assert!(events.iter().any(|t| t.reason == "BackOff"), "{events:?}");
+    // A record, if the VMM left one, wins over the counter.
+    assert_eq!(exit_reason_name(None, true), "OOMKilled");
+    assert_eq!(exit_reason_name(None, false), "Killed");
+    let rec = ExitRecord::new(ExitReason::VmmError, "x");
+    assert_eq!(exit_reason_name(Some(&rec), true), "VMMError");
+}
+
+#[test]
+fn a_control_socket_that_is_not_the_vmms_is_reported_and_sent_nothing() {
+    let hijacked = |paused| Observed::Running {
+        started_at: at(0),
+        paused,
+        booted_at: Some(at(1)),
+        config_current: true,
+        shutdown_since: None,
+        control_mismatch: Some("another process listens on it: pid 9 (uid 0)".into()),
+    };
+    // Running or Paused asked: no pause, no resume; Ready=False, Stalled.
+    for power in [PowerState::Running, PowerState::Paused] {
+        let s = spec(RunPolicy::Always, power);
+        let d = run(&s, &ran_before(0, 0), &hijacked(false), 5);
+        assert!(d.actions.is_empty(), "{power:?}: {:?}", d.actions);
+        assert_eq!(d.requeue, Some(Duration::from_secs(10)));
+        assert_eq!(ready(&d), ("False".into(), "ControlSocketMismatch".into()));
+        let (st, reason, msg) = cond_of(&d.status, cond::STALLED);
+        assert_eq!(
+            (st.as_str(), reason.as_str()),
+            ("True", "ControlSocketMismatch")
+        );
+        assert!(msg.contains("pid 9"), "{msg}");
+        let events = transitions(&ran_before(0, 0), &d.status);
+        assert!(
+            events.iter().any(|t| t.warning
+                && t.reason == "ControlSocketMismatch"
+                && t.note.contains("pid 9")),
+            "{events:?}"
+        );
+    }
+    // Stopping: the power button cannot be pressed through it: kill at once
+    // (by pid; the runtime never sends it through that socket).
+    let s = spec(RunPolicy::Always, PowerState::Stopped);
+    let d = run(&s, &ran_before(0, 0), &hijacked(false), 5);
+    assert_eq!(d.actions, vec![Action::Kill]);
+    // A changed spec restarts it as usual.
+    let s = spec(RunPolicy::Always, PowerState::Running);
+    let mut changed = hijacked(false);
+    if let Observed::Running { config_current, .. } = &mut changed {
+        *config_current = false;
+    }
+    let d = run(&s, &ran_before(0, 0), &changed, 5);
+    assert_eq!(
+        d.actions,
+        vec![Action::Kill, Action::Start { restart: false }]
+    );
 }
 
 #[test]
@@ -376,6 +482,7 @@ fn stop_asks_the_guest_then_kills_after_the_grace_period() {
         booted_at: Some(at(1)),
         config_current: true,
         shutdown_since: Some(at(10)),
+        control_mismatch: None,
     };
     let d = run(&s, &d.status, &asked, 25);
     assert!(d.actions.is_empty());
@@ -388,6 +495,7 @@ fn stop_asks_the_guest_then_kills_after_the_grace_period() {
             record: Some(ExitRecord::new(ExitReason::PowerOff, "bye")),
             at: at(31),
             requested: true,
+            oom_killed: false,
         }),
         last_generation: Some(1),
     };
@@ -415,6 +523,7 @@ fn a_requested_stop_does_not_end_a_once_vm() {
             record: Some(ExitRecord::new(ExitReason::Killed, "killed")),
             at: at(5),
             requested: true,
+            oom_killed: false,
         }),
         last_generation: Some(1),
     };
@@ -454,6 +563,7 @@ fn a_changed_spec_restarts_the_vm() {
         booted_at: Some(at(1)),
         config_current: false,
         shutdown_since: None,
+        control_mismatch: None,
     };
     let d = run(&s, &MicroVMStatus::default(), &obs, 5);
     assert_eq!(

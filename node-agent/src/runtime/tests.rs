@@ -514,3 +514,93 @@ fn a_stop_gives_the_vmm_the_grace_period_too() {
         }]
     );
 }
+
+#[test]
+fn an_oom_killed_vmm_is_reported_so_and_restarted_after_backoff() {
+    let e = env();
+    let s = limited(RunPolicy::Always, "1", "64Mi");
+    let d =
+        e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    let dir = e.rt.dir(&vm());
+    assert_eq!(dir.read_record().unwrap().oom_kills_at_start, Some(0));
+    let pid = e.host.running()[0];
+    e.host.oom_kill(pid);
+    let d = e.rt.reconcile(&vm(), &s, 1, &d.status, at(3));
+    let last = d.status.last_exit.clone().unwrap();
+    assert_eq!((last.reason.as_str(), last.code), ("OOMKilled", None));
+    assert_eq!(
+        ready(&d.status),
+        ("False".into(), "CrashLoopBackOff".into())
+    );
+    let events = crate::reconcile::transitions(&MicroVMStatus::default(), &d.status);
+    assert!(
+        events
+            .iter()
+            .any(|t| t.warning && t.reason == "Exited" && t.note.contains("OOMKilled")),
+        "{events:?}"
+    );
+    // An agent restart sees the same exit (kept in vm.json).
+    let again = runtime(&e.rt.config().root, &e.host);
+    let d = again.reconcile(&vm(), &s, 1, &d.status, at(5));
+    assert_eq!(d.status.last_exit.as_ref().unwrap().reason, "OOMKilled");
+    assert_eq!(e.host.state().spawned.len(), 1);
+    // After the backoff it restarts, counting from the cgroup's count now.
+    let d = again.reconcile(&vm(), &s, 1, &d.status, at(13));
+    assert_eq!(e.host.state().spawned.len(), 2);
+    assert_eq!(d.status.restart_count, 1);
+    assert_eq!(dir.read_record().unwrap().oom_kills_at_start, Some(1));
+    // This run is killed otherwise: plain Killed, the earlier OOM kill is not its own.
+    let pid = e.host.running()[0];
+    e.host.exit(pid);
+    let d = again.reconcile(&vm(), &s, 1, &d.status, at(20));
+    assert_eq!(d.status.last_exit.as_ref().unwrap().reason, "Killed");
+}
+
+#[test]
+fn a_control_socket_another_process_serves_is_sent_nothing() {
+    let e = env();
+    let mut s = spec(RunPolicy::Always);
+    let d =
+        e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    let dir = e.rt.dir(&vm());
+    e.host.boot(&dir.control_socket());
+    let d = e.rt.reconcile(&vm(), &s, 1, &d.status, at(1));
+    assert_eq!(d.status.phase, Some(Phase::Running));
+    // Every look checks the VMM the agent recorded, with its jail's uid.
+    let vmm = dir.read_record().unwrap().vmm.unwrap();
+    let jail_uid = jail::read(&dir).unwrap().uid;
+    let target = e.host.state().targets.last().cloned().unwrap();
+    assert_eq!(
+        target,
+        ControlTarget {
+            socket: dir.control_socket(),
+            vmm,
+            jail_uid: Some(jail_uid),
+        }
+    );
+
+    // The VMM replaces its socket with a link to another VM's (pid 4242).
+    e.host.hijack(&dir.control_socket(), 4242);
+    s.power_state = PowerState::Paused;
+    let d = e.rt.reconcile(&vm(), &s, 2, &d.status, at(2));
+    assert_eq!(
+        ready(&d.status),
+        ("False".into(), "ControlSocketMismatch".into())
+    );
+    let msg = &cond::find(&d.status.conditions, cond::READY)
+        .unwrap()
+        .message;
+    assert!(
+        msg.contains("pid 4242") && msg.contains(&format!("pid {}", vmm.pid)),
+        "{msg}"
+    );
+    assert!(cond::is_true(&d.status.conditions, cond::STALLED));
+    assert!(e.host.state().requests.is_empty(), "no pause was sent");
+    assert_eq!(e.host.running(), [vmm.pid], "nothing was killed");
+
+    // Deleting it kills the recorded VMM by its pid, never through the socket.
+    e.rt.cleanup(&vm()).unwrap();
+    let st = e.host.state();
+    assert!(st.requests.is_empty(), "{:?}", st.requests);
+    assert_eq!(st.killed, [vmm.pid]);
+}
