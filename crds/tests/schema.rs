@@ -27,17 +27,18 @@ fn schema_of(
 
 #[test]
 fn committed_crd_yaml_is_fresh() {
+    // crds/yaml/, and the Helm chart's copy, which Helm installs as it is.
     for crd in generate::crds() {
-        let path = repo_root()
-            .join("crds/yaml")
-            .join(generate::file_name(&crd));
-        let committed =
-            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert!(
-            committed == generate::crd_yaml(&crd).unwrap(),
-            "{} is stale: run `cargo run -p runv-crds --bin crdgen` and commit the result",
-            path.display()
-        );
+        for dir in ["crds/yaml", "charts/runv/crds"] {
+            let path = repo_root().join(dir).join(generate::file_name(&crd));
+            let committed = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(
+                committed == generate::crd_yaml(&crd).unwrap(),
+                "{} is stale: run `cargo run -p runv-crds --bin crdgen` and commit the result",
+                path.display()
+            );
+        }
     }
 }
 

@@ -1,5 +1,8 @@
 //! The operator's HTTP endpoints: `/metrics` (Prometheus text), `/healthz`
-//! (the process serves) and `/readyz` (caches synced).
+//! (the process serves) and `/readyz` (a standby waiting for the leader
+//! Lease, or the leader once its caches synced). A standby is ready so that a
+//! Deployment's rolling update can bring up the new replica beside the old
+//! leader, as controller-runtime's readiness does not depend on leadership.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,7 +45,10 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     if s.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ok")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced yet")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "leading, caches not synced yet",
+        )
     }
 }
 

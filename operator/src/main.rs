@@ -88,9 +88,13 @@ async fn main() -> anyhow::Result<()> {
             .context("cannot set up leader election")?;
         let (mut leader, task) = manager.watch().await;
         tracing::info!(%identity, "waiting to become the leader");
+        // A healthy standby is ready (see http.rs); the leader is ready again
+        // once its caches have synced.
+        ready.store(true, std::sync::atomic::Ordering::Relaxed);
         while !*leader.borrow_and_update() {
             leader.changed().await.context("leader election stopped")?;
         }
+        ready.store(false, std::sync::atomic::Ordering::Relaxed);
         tracing::info!("leading");
         _lease_task = Some(task);
         tokio::spawn(async move {

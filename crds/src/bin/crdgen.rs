@@ -1,5 +1,7 @@
-//! Writes the generated CRD YAML (`crds/yaml/`) and the field reference in
-//! `docs/api.md`, or with `--check` fails when the committed copies are stale.
+//! Writes the generated CRD YAML (`crds/yaml/`, and the Helm chart's copy in
+//! `charts/runv/crds/`, which Helm installs as it is) and the field reference
+//! in `docs/api.md`, or with `--check` fails when the committed copies are
+//! stale.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -46,8 +48,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
     let mut outputs = Vec::new();
     for crd in generate::crds() {
-        let path = root.join("crds/yaml").join(generate::file_name(&crd));
-        outputs.push((path, generate::crd_yaml(&crd)?));
+        let yaml = generate::crd_yaml(&crd)?;
+        for dir in ["crds/yaml", "charts/runv/crds"] {
+            let path = root.join(dir).join(generate::file_name(&crd));
+            outputs.push((path, yaml.clone()));
+        }
     }
     let docs_path = root.join("docs/api.md");
     let docs = std::fs::read_to_string(&docs_path)
