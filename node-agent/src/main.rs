@@ -334,8 +334,17 @@ fn real_main() -> anyhow::Result<()> {
                 let client = kube::Client::try_default()
                     .await
                     .context("cannot reach the Kubernetes API (kubeconfig or in-cluster config)")?;
-                let shutdown = async {
-                    let _ = tokio::signal::ctrl_c().await;
+                // SIGTERM (what the kubelet sends a DaemonSet pod) or Ctrl-C:
+                // stop reconciling and return; the VMMs keep running.
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .context("installing the SIGTERM handler")?;
+                let shutdown = async move {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                    tracing::info!("shutting down; the VMs keep running");
                 };
                 cluster::run(client, config, Arc::new(runtime), shutdown).await?;
                 anyhow::Ok(())

@@ -174,7 +174,7 @@ async fn kubectl_drives_microvms_through_operator_and_agent() -> Result<()> {
         agent.signal(libc::SIGKILL);
         agent.wait(Duration::from_secs(10));
         assert!(pids.iter().all(|p| alive(*p)), "a VMM died with the agent");
-        let agent = start_agent(&kubeconfig, &root, &vmm);
+        let mut agent = start_agent(&kubeconfig, &root, &vmm);
         std::thread::sleep(Duration::from_secs(2));
         kubectl(
             &kubeconfig,
@@ -261,6 +261,19 @@ async fn kubectl_drives_microvms_through_operator_and_agent() -> Result<()> {
         kubectl(&kubeconfig, &["delete", "mvm", "loop-0", "--timeout=180s"])?;
         assert!(!alive(new_pid), "the VMM outlived its MicroVM");
         assert!(!guards[0].0.exists(), "the state directory is left");
+        // SIGTERM, as the kubelet stops a DaemonSet pod: the agent exits 0 (not
+        // killed by the signal) and its VMs keep running.
+        agent.signal(libc::SIGTERM);
+        assert_eq!(
+            agent.wait(Duration::from_secs(10)),
+            Some(0),
+            "{}",
+            agent.output()
+        );
+        assert!(
+            pids[1..].iter().all(|p| alive(*p)),
+            "a VMM ended with the agent's SIGTERM"
+        );
         drop(agent);
         drop(guards);
         Ok(())
