@@ -4,7 +4,7 @@
 //! fast, reproducible sweep on every `cargo test`; vmm/fuzz goes deeper.
 
 use super::cases::{
-    END, F_INDIRECT, F_NEXT, F_WRITE, HOLE, VERSION_1, blk_header, desc, desc_table, table,
+    END, F_INDIRECT, F_NEXT, F_WRITE, HOLE, VERSION_1, blk_header, desc, desc_table, start, table,
     vsock_header, write,
 };
 use super::harness::{DISK_SIZE, REGIONS, VSOCK_SERVICE_PORT};
@@ -262,20 +262,7 @@ pub fn random_scenario(r: &mut Prng) -> Scenario {
                 value: 0,
                 width: 4,
             });
-            ops.push(Op::Init {
-                features: VERSION_1,
-            });
-            for (q, &size) in sizes.iter().enumerate() {
-                let desc = desc_table(q as u8);
-                ops.push(Op::Queue {
-                    queue: q as u8,
-                    size,
-                    desc,
-                    avail: desc + 0x1000,
-                    used: desc + 0x2000,
-                });
-            }
-            ops.push(Op::DriverOk);
+            ops.extend(start(&sizes));
             continue;
         }
         let op = match r.below(100) {
