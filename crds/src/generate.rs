@@ -86,7 +86,15 @@ fn walk(path: &str, node: &Value, required: bool, rows: &mut Vec<String>) {
     rows.push(row(path, node, required));
     let (children, prefix) = match node.get("type").and_then(Value::as_str) {
         Some("array") => match node.get("items") {
-            Some(items) => (items, format!("{path}[]")),
+            Some(items) => {
+                // The items get a row of their own when something applies to each
+                // item as a whole: a CEL rule on the item object, or a scalar's bounds.
+                let prefix = format!("{path}[]");
+                if !rules_of(items, false).is_empty() {
+                    rows.push(row(&prefix, items, false));
+                }
+                (items, prefix)
+            }
             None => return,
         },
         _ => (node, path.to_owned()),
@@ -114,6 +122,24 @@ fn row(path: &str, node: &Value, required: bool) -> String {
         .get("default")
         .map(|d| format!("`{d}`"))
         .unwrap_or_default();
+    let rules = rules_of(node, required);
+    let meaning = node
+        .get("description")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .split("\n\n")
+        .next()
+        .unwrap_or_default()
+        .replace('\n', " ");
+    format!(
+        "| `{path}` | {ty} | {default} | {} | {} |",
+        rules.join("; ").replace('|', "\\|"),
+        meaning.replace('|', "\\|")
+    )
+}
+
+/// The constraints of one node, as the Rules column shows them.
+fn rules_of(node: &Value, required: bool) -> Vec<String> {
     let mut rules = Vec::new();
     if required {
         rules.push("required".to_owned());
@@ -133,6 +159,12 @@ fn row(path: &str, node: &Value, required: bool) -> String {
     if let Some(p) = node.get("pattern").and_then(Value::as_str) {
         rules.push(format!("pattern `{p}`"));
     }
+    if let Some(max) = node
+        .get("additionalProperties")
+        .and_then(|v| v.get("maxLength"))
+    {
+        rules.push(format!("value max length {max}"));
+    }
     if let Some(keys) = node.get("x-kubernetes-list-map-keys") {
         rules.push(format!("list keyed by {keys}"));
     }
@@ -142,23 +174,18 @@ fn row(path: &str, node: &Value, required: bool) -> String {
     {
         for rule in cel {
             if let Some(m) = rule.get("message").and_then(Value::as_str) {
-                rules.push(format!("CEL: {m}"));
+                // A rule that reports on a field below this node names it, since the
+                // message is worded relative to that field.
+                match rule.get("fieldPath").and_then(Value::as_str) {
+                    Some(field) => {
+                        rules.push(format!("CEL on `{}`: {m}", field.trim_start_matches('.')))
+                    }
+                    None => rules.push(format!("CEL: {m}")),
+                }
             }
         }
     }
-    let meaning = node
-        .get("description")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .split("\n\n")
-        .next()
-        .unwrap_or_default()
-        .replace('\n', " ");
-    format!(
-        "| `{path}` | {ty} | {default} | {} | {} |",
-        rules.join("; ").replace('|', "\\|"),
-        meaning.replace('|', "\\|")
-    )
+    rules
 }
 
 fn type_of(node: &Value) -> String {
@@ -201,5 +228,25 @@ mod tests {
         assert!(!out.contains("\nold\n"));
         assert!(out.contains("`spec.resources.memory`"));
         assert!(splice_docs("no markers").is_none());
+    }
+
+    #[test]
+    fn rules_on_list_items_and_child_fields_are_listed() {
+        let docs = field_reference();
+        let row = |path: &str| {
+            docs.lines()
+                .find(|l| l.starts_with(&format!("| `{path}` |")))
+                .unwrap_or_else(|| panic!("no row for {path}"))
+                .to_owned()
+        };
+        assert!(
+            row("spec.selector.matchExpressions[]")
+                .contains("CEL on `values`: must be non-empty for In and NotIn"),
+            "{docs}"
+        );
+        assert!(row("spec.disks[]").contains("CEL: exactly one of file or empty must be set"));
+        assert!(row("spec.selector.matchExpressions[].values[]").contains("max length 63"));
+        assert!(row("spec.selector.matchLabels").contains("value max length 63"));
+        assert!(row("spec").contains("CEL on `nodeName`: field is immutable once set"));
     }
 }

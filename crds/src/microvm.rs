@@ -6,7 +6,9 @@
 //! agent observed. Controllers never write the spec. Cross-field rules are
 //! CEL `x-kubernetes-validations` so a bad manifest is refused at apply time
 //! with the field named; every string and list is bounded so the API server's
-//! CEL cost estimator accepts them.
+//! CEL cost estimator accepts them. The error names the full path of the field
+//! and the messages are worded relative to it, since the same rules apply in a
+//! SecureWorkload's `spec.template.spec`.
 
 use std::collections::BTreeMap;
 
@@ -85,15 +87,15 @@ use serde::{Deserialize, Serialize};
 )]
 #[x_kube(
     validation = Rule::new("!has(oldSelf.nodeName) || (has(self.nodeName) && self.nodeName == oldSelf.nodeName)")
-        .message("spec.nodeName is immutable once set: delete and re-create the MicroVM to move it")
+        .message("field is immutable once set: delete and re-create the MicroVM to move it")
         .field_path(".nodeName")
         .reason(Reason::FieldValueInvalid),
     validation = Rule::new("has(self.tenant) == has(oldSelf.tenant) && (!has(self.tenant) || self.tenant == oldSelf.tenant)")
-        .message("spec.tenant is immutable: delete and re-create the MicroVM to change it")
+        .message("field is immutable: delete and re-create the MicroVM to change it")
         .field_path(".tenant")
         .reason(Reason::FieldValueInvalid),
     validation = Rule::new("!has(self.isolation) || !has(self.isolation.limits) || !has(self.isolation.limits.memory) || !isQuantity(self.isolation.limits.memory) || !isQuantity(self.resources.memory) || quantity(self.isolation.limits.memory).compareTo(quantity(self.resources.memory)) >= 0")
-        .message("spec.isolation.limits.memory must be at least spec.resources.memory: the VMM process holds all of the guest's memory")
+        .message("must be at least resources.memory: the VMM process holds all of the guest's memory")
         .field_path(".isolation.limits.memory")
         .reason(Reason::FieldValueInvalid),
 )]
@@ -114,8 +116,8 @@ pub struct MicroVMSpec {
     #[x_kube(
         merge_strategy = ListMerge::Map(vec!["name".into()]),
         validation = Rule::new("self.all(d, self.exists_one(e, e.name == d.name))")
-            .message("spec.disks[].name must be unique within the MicroVM")
-            .reason(Reason::FieldValueDuplicate),
+            .message("names must be unique within the MicroVM")
+            .reason(Reason::FieldValueInvalid),
     )]
     pub disks: Vec<Disk>,
 
@@ -125,8 +127,8 @@ pub struct MicroVMSpec {
     #[x_kube(
         merge_strategy = ListMerge::Map(vec!["name".into()]),
         validation = Rule::new("self.all(i, self.exists_one(j, j.name == i.name))")
-            .message("spec.interfaces[].name must be unique within the MicroVM")
-            .reason(Reason::FieldValueDuplicate),
+            .message("names must be unique within the MicroVM")
+            .reason(Reason::FieldValueInvalid),
     )]
     pub interfaces: Vec<Interface>,
 
@@ -150,12 +152,15 @@ pub struct MicroVMSpec {
 
     /// Only nodes carrying all these labels can run the VM.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 32))]
+    #[schemars(extend(
+        "maxProperties" = 32,
+        "additionalProperties" = { "type": "string", "maxLength": LABEL_VALUE_MAX }
+    ))]
     pub node_selector: BTreeMap<String, String>,
 
     /// Taints of nodes that the VM tolerates, as for Pods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 32), schema_with = "tolerations_schema")]
     pub tolerations: Vec<Toleration>,
 
     /// Pins the VM to this node, bypassing placement. Immutable once set.
@@ -171,6 +176,41 @@ pub struct MicroVMSpec {
     /// Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<Tenant>,
+}
+
+/// Longest label value Kubernetes accepts.
+pub const LABEL_VALUE_MAX: u32 = 63;
+/// Longest qualified name (label or annotation key) Kubernetes accepts: a DNS subdomain
+/// prefix of 253, `/`, and a name of 63.
+pub const QUALIFIED_NAME_MAX: u32 = 317;
+/// Kubernetes' limit on the total size of an object's annotations, which bounds each value.
+pub const ANNOTATIONS_TOTAL_MAX: u32 = 256 * 1024;
+
+/// The schema of `tolerations`: Kubernetes' own `Toleration`, with its strings bounded as
+/// the API server bounds them (a qualified key, a label value, and the short operator
+/// and effect words), so rules over the spec keep a bounded cost.
+fn tolerations_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = <Vec<Toleration>>::json_schema(generator);
+    if let Some(props) = schema
+        .get_mut("items")
+        .and_then(|items| items.get_mut("properties"))
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        for (name, max) in [
+            ("key", QUALIFIED_NAME_MAX),
+            ("value", LABEL_VALUE_MAX),
+            ("operator", 16),
+            ("effect", 16),
+        ] {
+            if let Some(field) = props
+                .get_mut(name)
+                .and_then(serde_json::Value::as_object_mut)
+            {
+                field.insert("maxLength".into(), max.into());
+            }
+        }
+    }
+    schema
 }
 
 /// The tenant a VM belongs to.
@@ -219,10 +259,10 @@ pub struct Resources {
     #[schemars(length(max = 32))]
     #[x_kube(
         validation = Rule::new("isQuantity(self)")
-            .message("spec.resources.memory must be a quantity such as 256Mi or 1Gi")
+            .message("must be a quantity such as 256Mi or 1Gi")
             .reason(Reason::FieldValueInvalid),
         validation = Rule::new("!isQuantity(self) || (quantity(self).compareTo(quantity('16Mi')) >= 0 && quantity(self).compareTo(quantity('64Gi')) <= 0)")
-            .message("spec.resources.memory must be between 16Mi and 64Gi")
+            .message("must be between 16Mi and 64Gi")
             .reason(Reason::FieldValueInvalid),
     )]
     pub memory: String,
@@ -253,7 +293,7 @@ pub struct Boot {
     /// PVH entry when it has one) or a `bzImage`.
     #[schemars(length(min = 1, max = 1024))]
     #[x_kube(validation = Rule::new("self.startsWith('/')")
-        .message("spec.boot.kernel must be an absolute path on the node")
+        .message("must be an absolute path on the node")
         .reason(Reason::FieldValueInvalid))]
     pub kernel: String,
 
@@ -261,7 +301,7 @@ pub struct Boot {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
     #[x_kube(validation = Rule::new("self.startsWith('/')")
-        .message("spec.boot.initrd must be an absolute path on the node")
+        .message("must be an absolute path on the node")
         .reason(Reason::FieldValueInvalid))]
     pub initrd: Option<String>,
 
@@ -277,10 +317,10 @@ pub struct Boot {
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("[has(self.file), has(self.empty)].filter(x, x).size() == 1")
-        .message("spec.disks[]: exactly one of file or empty must be set")
+        .message("exactly one of file or empty must be set")
         .reason(Reason::FieldValueInvalid),
     validation = Rule::new("!has(self.empty) || !self.readOnly")
-        .message("spec.disks[].readOnly cannot be true for an empty disk: nothing could ever be written to it")
+        .message("cannot be true for an empty disk: nothing could ever be written to it")
         .field_path(".readOnly")
         .reason(Reason::FieldValueInvalid),
 )]
@@ -314,7 +354,7 @@ pub struct FileDisk {
     /// Absolute path of the image file on the node.
     #[schemars(length(min = 1, max = 1024))]
     #[x_kube(validation = Rule::new("self.startsWith('/')")
-        .message("spec.disks[].file.path must be an absolute path on the node")
+        .message("must be an absolute path on the node")
         .reason(Reason::FieldValueInvalid))]
     pub path: String,
 }
@@ -327,7 +367,7 @@ pub struct EmptyDisk {
     #[schemars(length(max = 32))]
     #[x_kube(
         validation = Rule::new("isQuantity(self) && quantity(self).compareTo(quantity('1Mi')) >= 0 && quantity(self).compareTo(quantity('2Ti')) <= 0")
-            .message("spec.disks[].empty.size must be a quantity between 1Mi and 2Ti")
+            .message("must be a quantity between 1Mi and 2Ti")
             .reason(Reason::FieldValueInvalid),
     )]
     pub size: String,
@@ -338,11 +378,11 @@ pub struct EmptyDisk {
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("self.type != 'Tap' || has(self.tapDevice)")
-        .message("spec.interfaces[].tapDevice must name an existing tap device when type is Tap")
+        .message("must name an existing tap device when type is Tap")
         .field_path(".tapDevice")
         .reason(Reason::FieldValueRequired),
     validation = Rule::new("self.type == 'Tap' || !has(self.tapDevice)")
-        .message("spec.interfaces[].tapDevice is only allowed when type is Tap")
+        .message("only allowed when type is Tap")
         .field_path(".tapDevice")
         .reason(Reason::FieldValueForbidden),
 )]
@@ -370,8 +410,8 @@ pub struct Interface {
         length(max = 17),
         regex(pattern = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
     )]
-    #[x_kube(validation = Rule::new("self.substring(1, 2).lowerAscii() in ['0', '2', '4', '6', '8', 'a', 'c', 'e']")
-        .message("spec.interfaces[].mac must be a unicast address: the first octet must be even")
+    #[x_kube(validation = Rule::new("!self.matches('^.[13579bdfBDF]')")
+        .message("must be a unicast address: the first octet must be even")
         .reason(Reason::FieldValueInvalid))]
     pub mac: Option<String>,
 }
@@ -464,7 +504,7 @@ pub struct VmmLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))")
-        .message("spec.isolation.limits.cpu must be a positive quantity such as 500m or 2")
+        .message("must be a positive quantity such as 500m or 2")
         .reason(Reason::FieldValueInvalid))]
     pub cpu: Option<String>,
 
@@ -472,7 +512,7 @@ pub struct VmmLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("isQuantity(self)")
-        .message("spec.isolation.limits.memory must be a quantity such as 512Mi")
+        .message("must be a quantity such as 512Mi")
         .reason(Reason::FieldValueInvalid))]
     pub memory: Option<String>,
 }

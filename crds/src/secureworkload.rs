@@ -12,7 +12,9 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::microvm::{MicroVMSpec, Tenant};
+use crate::microvm::{
+    ANNOTATIONS_TOTAL_MAX, LABEL_VALUE_MAX, MicroVMSpec, QUALIFIED_NAME_MAX, Tenant,
+};
 
 /// Desired state of a set of identical microVM replicas.
 // `#[kube(printcolumn(..))]` repeats keys by design, one group per column.
@@ -70,15 +72,15 @@ use crate::microvm::{MicroVMSpec, Tenant};
 )]
 #[x_kube(
     validation = Rule::new("!has(self.selector.matchLabels) || self.selector.matchLabels.all(k, has(self.template.metadata.labels) && k in self.template.metadata.labels && self.template.metadata.labels[k] == self.selector.matchLabels[k])")
-        .message("spec.selector.matchLabels must match spec.template.metadata.labels")
+        .message("matchLabels must match template.metadata.labels")
         .field_path(".selector")
         .reason(Reason::FieldValueInvalid),
     validation = Rule::new("!has(self.template.spec.tenant)")
-        .message("spec.template.spec.tenant cannot be set: set spec.tenant, which the operator copies to each replica")
+        .message("cannot be set: set spec.tenant, which the operator copies to each replica")
         .field_path(".template.spec.tenant")
         .reason(Reason::FieldValueForbidden),
     validation = Rule::new("!has(self.template.spec.nodeName)")
-        .message("spec.template.spec.nodeName cannot be set: the operator places each replica")
+        .message("cannot be set: the operator places each replica")
         .field_path(".template.spec.nodeName")
         .reason(Reason::FieldValueForbidden),
 )]
@@ -93,10 +95,10 @@ pub struct SecureWorkloadSpec {
     /// Immutable.
     #[x_kube(
         validation = Rule::new("self == oldSelf")
-            .message("spec.selector is immutable")
+            .message("field is immutable")
             .reason(Reason::FieldValueInvalid),
         validation = Rule::new("(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)")
-            .message("spec.selector must not be empty: it would select every MicroVM in the namespace")
+            .message("must not be empty: it would select every MicroVM in the namespace")
             .reason(Reason::FieldValueRequired),
     )]
     pub selector: LabelSelector,
@@ -127,7 +129,10 @@ fn default_replicas() -> i32 {
 pub struct LabelSelector {
     /// Labels that must all be present with these values.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 32))]
+    #[schemars(extend(
+        "maxProperties" = 32,
+        "additionalProperties" = { "type": "string", "maxLength": LABEL_VALUE_MAX }
+    ))]
     pub match_labels: BTreeMap<String, String>,
 
     /// Requirements that must all hold.
@@ -140,18 +145,18 @@ pub struct LabelSelector {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)")
-    .message("spec.selector.matchExpressions[].values must be non-empty for In and NotIn, and empty for Exists and DoesNotExist")
+    .message("must be non-empty for In and NotIn, and empty for Exists and DoesNotExist")
     .field_path(".values")
     .reason(Reason::FieldValueInvalid))]
 pub struct LabelSelectorRequirement {
     /// The label key.
-    #[schemars(length(min = 1, max = 317))]
+    #[schemars(length(min = 1, max = QUALIFIED_NAME_MAX))]
     pub key: String,
     /// In, NotIn, Exists or DoesNotExist.
     pub operator: SelectorOperator,
     /// Values for In and NotIn.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), inner(length(max = LABEL_VALUE_MAX)))]
     pub values: Vec<String>,
 }
 
@@ -209,13 +214,22 @@ pub struct MicroVMTemplate {
 pub struct TemplateMetadata {
     /// Labels; must include the selector's matchLabels.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 64))]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "additionalProperties" = { "type": "string", "maxLength": LABEL_VALUE_MAX }
+    ))]
     pub labels: BTreeMap<String, String>,
     /// Annotations.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 64))]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "additionalProperties" = { "type": "string", "maxLength": ANNOTATIONS_TOTAL_MAX }
+    ))]
     pub annotations: BTreeMap<String, String>,
 }
+
+/// Linux's limit on one command-line argument (`MAX_ARG_STRLEN`).
+const ARG_MAX: u32 = 128 * 1024;
 
 /// The container run inside each replica's VM.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -227,12 +241,12 @@ pub struct Container {
 
     /// Entrypoint, replacing the image's ENTRYPOINT.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), inner(length(max = ARG_MAX)))]
     pub command: Vec<String>,
 
     /// Arguments, replacing the image's CMD.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256))]
+    #[schemars(length(max = 256), inner(length(max = ARG_MAX)))]
     pub args: Vec<String>,
 
     /// Environment variables, in addition to the image's.
@@ -241,8 +255,8 @@ pub struct Container {
     #[x_kube(
         merge_strategy = ListMerge::Map(vec!["name".into()]),
         validation = Rule::new("self.all(e, self.exists_one(f, f.name == e.name))")
-            .message("spec.container.env[].name must be unique")
-            .reason(Reason::FieldValueDuplicate),
+            .message("names must be unique")
+            .reason(Reason::FieldValueInvalid),
     )]
     pub env: Vec<EnvVar>,
 
@@ -250,7 +264,7 @@ pub struct Container {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
     #[x_kube(validation = Rule::new("self.startsWith('/')")
-        .message("spec.container.workingDir must be an absolute path")
+        .message("must be an absolute path")
         .reason(Reason::FieldValueInvalid))]
     pub working_dir: Option<String>,
 }
@@ -275,7 +289,7 @@ pub struct EnvVar {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.type == 'RollingUpdate' || !has(self.rollingUpdate)")
-    .message("spec.strategy.rollingUpdate is only allowed when spec.strategy.type is RollingUpdate")
+    .message("only allowed when type is RollingUpdate")
     .field_path(".rollingUpdate")
     .reason(Reason::FieldValueForbidden))]
 pub struct UpdateStrategy {
@@ -301,21 +315,23 @@ pub enum StrategyType {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!(string(self.maxSurge) in ['0', '0%'] && string(self.maxUnavailable) in ['0', '0%'])")
-    .message("spec.strategy.rollingUpdate: maxSurge and maxUnavailable cannot both be 0")
+    .message("maxSurge and maxUnavailable cannot both be 0")
     .reason(Reason::FieldValueInvalid))]
 pub struct RollingUpdate {
     /// Replicas that may be unavailable during the update: a count or a percentage of
     /// `replicas` (rounded down).
     #[serde(default = "default_quarter")]
+    #[schemars(extend("maxLength" = 16))]
     #[x_kube(validation = Rule::new("string(self).matches('^[0-9]+%?$') && (!string(self).endsWith('%') || int(string(self).replace('%', '')) <= 100)")
-        .message("spec.strategy.rollingUpdate.maxUnavailable must be a non-negative count or a percentage up to 100%")
+        .message("must be a non-negative count or a percentage up to 100%")
         .reason(Reason::FieldValueInvalid))]
     pub max_unavailable: IntOrString,
     /// Replicas that may be created above `replicas` during the update: a count or a
     /// percentage (rounded up).
     #[serde(default = "default_quarter")]
+    #[schemars(extend("maxLength" = 16))]
     #[x_kube(validation = Rule::new("string(self).matches('^[0-9]+%?$')")
-        .message("spec.strategy.rollingUpdate.maxSurge must be a non-negative count or a percentage")
+        .message("must be a non-negative count or a percentage")
         .reason(Reason::FieldValueInvalid))]
     pub max_surge: IntOrString,
 }

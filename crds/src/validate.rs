@@ -1,8 +1,15 @@
 //! Offline validation of runv manifests, as the API server would do it at
 //! apply time: the structural OpenAPI schema of the generated CRD (types,
 //! bounds, patterns, unknown fields refused as by `kubectl`'s strict field
-//! validation), then every CEL `x-kubernetes-validations` rule with schema
-//! defaults applied first.
+//! validation), the uniqueness of keys in `x-kubernetes-list-type: map`
+//! lists, then every CEL `x-kubernetes-validations` rule with schema defaults
+//! applied first.
+//!
+//! As on the API server, the CEL rules are skipped only when a schema error
+//! is one that makes them unsafe to run (a wrong type, a missing required
+//! field, a value that is too long or not one of an enum, too many items or
+//! entries, an unknown field); after a pattern, minimum or maximum error they
+//! still run, so every rule must hold up on such values.
 //!
 //! Standalone mode uses this so a bad manifest fails with the same message it
 //! would get from a cluster; tests use it to pin each rule's message. It does
@@ -80,9 +87,13 @@ fn join(errors: &[FieldError]) -> String {
 struct Kind {
     api_version: String,
     kind: String,
+    schema: Value,
     structural: jsonschema::Validator,
     cel: kube::core::cel::CompiledSchema,
 }
+
+/// What the API server adds when it skips the CEL rules because of a blocking error.
+pub const RULES_NOT_CHECKED: &str = "some validation rules were not checked because the object was invalid; correct the existing errors to complete validation";
 
 /// Validates runv objects against the generated CRDs.
 pub struct Validator {
@@ -126,15 +137,23 @@ impl Validator {
                 kind: kind_name.to_owned(),
             })?;
 
-        let mut errors = metadata_errors(obj);
-        errors.extend(kind.structural.iter_errors(obj).map(|e| FieldError {
-            field: dotted(&e.instance_path().to_string()),
-            message: e.to_string(),
-        }));
-        // CEL rules assume a structurally valid object, as the API server's do.
-        if errors.is_empty()
-            && let Err(cel_errors) = self.cel.validate_compiled(&kind.cel, obj, old)
-        {
+        let (mut errors, mut blocking) = metadata_errors(obj);
+        for e in kind.structural.iter_errors(obj) {
+            blocking |= is_blocking(e.kind());
+            errors.push(FieldError {
+                field: dotted(&e.instance_path().to_string()),
+                message: e.to_string(),
+            });
+        }
+        list_map_duplicates(&kind.schema, obj, "", &mut errors);
+        // CEL rules need values of the declared types and sizes, so a blocking error
+        // skips them, as on the API server; other schema errors do not.
+        if blocking {
+            errors.push(FieldError {
+                field: String::new(),
+                message: RULES_NOT_CHECKED.into(),
+            });
+        } else if let Err(cel_errors) = self.cel.validate_compiled(&kind.cel, obj, old) {
             errors.extend(cel_errors.iter().map(|e| FieldError {
                 field: e.field_path.clone(),
                 message: e.message.clone(),
@@ -188,8 +207,9 @@ fn kinds_of(crd: &CustomResourceDefinition) -> Vec<Kind> {
             Some(Kind {
                 api_version: format!("{}/{}", crd.spec.group, v.name),
                 kind: crd.spec.names.kind.clone(),
-                structural,
                 cel: compile_schema(&schema),
+                schema,
+                structural,
             })
         })
         .collect()
@@ -246,8 +266,109 @@ fn rewrite(v: &mut Value) {
     }
 }
 
-/// The checks the API server makes on `metadata` of a namespaced object.
-fn metadata_errors(obj: &Value) -> Vec<FieldError> {
+/// Whether the API server would skip the CEL rules after this schema error. It
+/// skips them after Required, TooLong, TooMany, NotSupported (enum) and wrong-type
+/// errors; an unknown field fails the request before validation under strict field
+/// validation. Pattern, minimum, maximum, minLength and minItems errors are plain
+/// Invalid errors, after which the rules still run.
+pub fn is_blocking(kind: &jsonschema::error::ValidationErrorKind) -> bool {
+    use jsonschema::error::ValidationErrorKind as K;
+    !matches!(
+        kind,
+        K::Pattern { .. }
+            | K::Minimum { .. }
+            | K::Maximum { .. }
+            | K::ExclusiveMinimum { .. }
+            | K::ExclusiveMaximum { .. }
+            | K::MinLength { .. }
+            | K::MinItems { .. }
+            | K::MinProperties { .. }
+            | K::MultipleOf { .. }
+            | K::Format { .. }
+            | K::UniqueItems
+    )
+}
+
+/// The API server's own check of `x-kubernetes-list-type: map` lists: the second
+/// item with the same key values is a `Duplicate value`, shown as the Go map of its
+/// keys (`spec.disks[1]: Duplicate value: map[string]interface {}{"name":"root"}`).
+pub fn list_map_duplicates(
+    schema: &Value,
+    value: &Value,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) {
+    match value {
+        Value::Array(items) => {
+            let Some(item_schema) = schema.get("items") else {
+                return;
+            };
+            let keys: Vec<&str> = schema
+                .get("x-kubernetes-list-map-keys")
+                .and_then(Value::as_array)
+                .map(|k| k.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let is_map =
+                schema.get("x-kubernetes-list-type").and_then(Value::as_str) == Some("map");
+            if is_map && !keys.is_empty() && items.iter().all(|i| i.is_object() || i.is_null()) {
+                let mut seen: Vec<(String, usize)> = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    let key: serde_json::Map<String, Value> = keys
+                        .iter()
+                        .filter_map(|k| Some(((*k).to_owned(), item.get(*k)?.clone())))
+                        .collect();
+                    let id = Value::Object(key.clone()).to_string();
+                    match seen.iter_mut().find(|(s, _)| *s == id) {
+                        Some((_, times)) => {
+                            *times += 1;
+                            if *times == 2 {
+                                errors.push(FieldError {
+                                    field: format!("{path}[{i}]"),
+                                    message: format!("Duplicate value: {}", go_map(&key)),
+                                });
+                            }
+                        }
+                        None => seen.push((id, 1)),
+                    }
+                }
+            }
+            for (i, item) in items.iter().enumerate() {
+                list_map_duplicates(item_schema, item, &format!("{path}[{i}]"), errors);
+            }
+        }
+        Value::Object(fields) => {
+            let props = schema.get("properties").and_then(Value::as_object);
+            let extra = schema.get("additionalProperties").filter(|a| a.is_object());
+            for (name, child) in fields {
+                let child_schema = props.and_then(|p| p.get(name)).or(extra);
+                if let Some(child_schema) = child_schema {
+                    let child_path = if path.is_empty() {
+                        name.clone()
+                    } else {
+                        format!("{path}.{name}")
+                    };
+                    list_map_duplicates(child_schema, child, &child_path, errors);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A key map as Go's `%#v` prints a `map[string]interface{}`: keys sorted, strings quoted.
+fn go_map(key: &serde_json::Map<String, Value>) -> String {
+    let mut entries: Vec<(&String, &Value)> = key.iter().collect();
+    entries.sort_by_key(|(k, _)| *k);
+    let body: Vec<String> = entries
+        .iter()
+        .map(|(k, v)| format!("{}:{v}", Value::String((*k).clone())))
+        .collect();
+    format!("map[string]interface {{}}{{{}}}", body.join(", "))
+}
+
+/// The checks the API server makes on `metadata` of a namespaced object, and whether
+/// one of them is blocking (a missing name).
+fn metadata_errors(obj: &Value) -> (Vec<FieldError>, bool) {
     let name = str_at(&obj["metadata"], "name");
     let generate_name = str_at(&obj["metadata"], "generateName");
     let mut errors = Vec::new();
@@ -256,6 +377,7 @@ fn metadata_errors(obj: &Value) -> Vec<FieldError> {
             field: "metadata.name".into(),
             message: "Required value: name or generateName is required".into(),
         });
+        return (errors, true);
     } else if !name.is_empty() && !is_dns_subdomain(name) {
         errors.push(FieldError {
             field: "metadata.name".into(),
@@ -264,7 +386,7 @@ fn metadata_errors(obj: &Value) -> Vec<FieldError> {
             ),
         });
     }
-    errors
+    (errors, false)
 }
 
 fn is_dns_subdomain(s: &str) -> bool {
@@ -304,6 +426,23 @@ mod tests {
         assert_eq!(dotted("/spec/disks/0/name"), "spec.disks[0].name");
         assert_eq!(dotted(""), "");
         assert_eq!(dotted("/metadata/labels/a~1b"), "metadata.labels.a/b");
+    }
+
+    #[test]
+    fn duplicate_keys_print_as_go_maps() {
+        let key = |v: Value| v.as_object().unwrap().clone();
+        assert_eq!(
+            go_map(&key(serde_json::json!({ "name": "x" }))),
+            r#"map[string]interface {}{"name":"x"}"#
+        );
+        assert_eq!(
+            go_map(&key(serde_json::json!({ "port": 80, "name": "a\"b" }))),
+            r#"map[string]interface {}{"name":"a\"b", "port":80}"#
+        );
+        assert_eq!(
+            go_map(&key(serde_json::json!({}))),
+            "map[string]interface {}{}"
+        );
     }
 
     #[test]

@@ -92,7 +92,9 @@ fn an_invalid_example_is_refused_with_the_field_named() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("MicroVM \"hello\" is invalid: spec.resources.memory: spec.resources.memory must be between 16Mi and 64Gi"),
+        err.contains(
+            "MicroVM \"hello\" is invalid: spec.resources.memory: must be between 16Mi and 64Gi"
+        ),
         "{err}"
     );
 }

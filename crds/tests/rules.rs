@@ -1,7 +1,7 @@
 //! Every validation rule of the generated CRDs, evaluated offline on a valid and
 //! an invalid manifest, with the message the user would see.
 
-use runv_crds::validate::{FieldError, ValidateError, Validator};
+use runv_crds::validate::{FieldError, RULES_NOT_CHECKED, ValidateError, Validator};
 use serde_json::{Value, json};
 
 fn microvm(spec: Value) -> Value {
@@ -89,7 +89,7 @@ fn memory_zero_is_rejected_naming_the_field() {
         &vm,
         None,
         "spec.resources.memory",
-        "spec.resources.memory must be between 16Mi and 64Gi",
+        "must be between 16Mi and 64Gi",
     );
 }
 
@@ -127,7 +127,7 @@ fn kernel_must_be_absolute() {
         &vm,
         None,
         "spec.boot.kernel",
-        "spec.boot.kernel must be an absolute path on the node",
+        "must be an absolute path on the node",
     );
     let vm = microvm(json!({ "boot": { "kernel": "/k", "initrd": "initrd.img" } }));
     assert_rejected(&vm, None, "spec.boot.initrd", "absolute path");
@@ -152,7 +152,14 @@ fn duplicate_disk_names_are_rejected() {
         &vm,
         None,
         "spec.disks",
-        "spec.disks[].name must be unique within the MicroVM",
+        "names must be unique within the MicroVM",
+    );
+    // The list is keyed by name, so the API server reports the second item itself.
+    assert_rejected(
+        &vm,
+        None,
+        "spec.disks[1]",
+        r#"Duplicate value: map[string]interface {}{"name":"root"}"#,
     );
     let vm = microvm(json!({
         "boot": boot(),
@@ -178,6 +185,25 @@ fn disk_needs_exactly_one_source() {
         "disks": [{ "name": "d", "file": { "path": "/a" }, "empty": { "size": "1Gi" } }],
     }));
     assert_rejected(&vm, None, "spec.disks[0]", "exactly one of file or empty");
+}
+
+#[test]
+fn disk_file_path_must_be_absolute() {
+    let vm = microvm(json!({
+        "boot": boot(),
+        "disks": [{ "name": "root", "file": { "path": "images/root.img" } }],
+    }));
+    assert_rejected(
+        &vm,
+        None,
+        "spec.disks[0].file.path",
+        "must be an absolute path on the node",
+    );
+    let vm = microvm(json!({
+        "boot": boot(),
+        "disks": [{ "name": "root", "file": { "path": "/images/root.img" } }],
+    }));
+    assert_valid(&vm, None);
 }
 
 #[test]
@@ -215,7 +241,7 @@ fn tap_interface_names_its_device() {
         &vm,
         None,
         "spec.interfaces[0].tapDevice",
-        "spec.interfaces[].tapDevice must name an existing tap device when type is Tap",
+        "must name an existing tap device when type is Tap",
     );
     let vm = microvm(json!({
         "boot": boot(),
@@ -250,7 +276,35 @@ fn duplicate_interface_names_are_rejected() {
         "boot": boot(),
         "interfaces": [{ "name": "eth0", "type": "Nat" }, { "name": "eth0", "type": "Nat" }],
     }));
-    assert_rejected(&vm, None, "spec.interfaces", "name must be unique");
+    assert_rejected(&vm, None, "spec.interfaces", "names must be unique");
+    assert_rejected(
+        &vm,
+        None,
+        "spec.interfaces[1]",
+        r#"Duplicate value: map[string]interface {}{"name":"eth0"}"#,
+    );
+}
+
+/// Only the second of each run of equal keys is reported, as by the API server.
+#[test]
+fn each_duplicate_key_is_reported_once() {
+    let disk = |name: &str| json!({ "name": name, "empty": { "size": "1Gi" } });
+    let vm = microvm(json!({
+        "boot": boot(),
+        "disks": [disk("a"), disk("b"), disk("a"), disk("a"), disk("b")],
+    }));
+    let dups: Vec<String> = errors(&vm, None)
+        .into_iter()
+        .filter(|e| e.message.starts_with("Duplicate value"))
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(
+        dups,
+        [
+            r#"spec.disks[2]: Duplicate value: map[string]interface {}{"name":"a"}"#,
+            r#"spec.disks[4]: Duplicate value: map[string]interface {}{"name":"b"}"#,
+        ]
+    );
 }
 
 #[test]
@@ -272,6 +326,124 @@ fn mac_must_be_unicast() {
     assert_rejected(&vm, None, "spec.interfaces[0].mac", "does not match");
 }
 
+/// A pattern error does not stop the CEL rules on the API server, so the MAC rule must
+/// hold up on any string, however short: the pattern error is then the only error.
+#[test]
+fn mac_rule_is_safe_on_values_failing_the_pattern() {
+    for bad in ["", "0", "z", "zz:00:00:00:00:00"] {
+        let vm = microvm(json!({
+            "boot": boot(),
+            "interfaces": [{ "name": "eth0", "type": "Nat", "mac": bad }],
+        }));
+        let errs = errors(&vm, None);
+        assert_eq!(errs.len(), 1, "{bad:?}: {errs:?}");
+        assert_eq!(errs[0].field, "spec.interfaces[0].mac");
+        assert!(errs[0].message.contains("does not match"), "{errs:?}");
+    }
+    for odd in [
+        "01:00:00:00:00:01",
+        "0B:00:00:00:00:01",
+        "ff:ff:ff:ff:ff:ff",
+    ] {
+        let vm = microvm(json!({
+            "boot": boot(),
+            "interfaces": [{ "name": "eth0", "type": "Nat", "mac": odd }],
+        }));
+        assert_rejected(
+            &vm,
+            None,
+            "spec.interfaces[0].mac",
+            "must be a unicast address",
+        );
+    }
+    for even in [
+        "02:00:00:00:00:01",
+        "0E:00:00:00:00:01",
+        "aa:00:00:00:00:01",
+    ] {
+        let vm = microvm(json!({
+            "boot": boot(),
+            "interfaces": [{ "name": "eth0", "type": "Nat", "mac": even }],
+        }));
+        assert_valid(&vm, None);
+    }
+}
+
+/// As on the API server, pattern, minimum and maximum errors leave the CEL rules
+/// running, so every broken rule is reported at once.
+#[test]
+fn non_blocking_schema_errors_still_run_the_rules() {
+    let vm = microvm(json!({
+        "boot": boot(),
+        "resources": { "vcpus": 99, "memory": "0" },
+        "disks": [{ "name": "Root", "file": { "path": "root.img" } }],
+    }));
+    assert_rejected(&vm, None, "spec.resources.vcpus", "maximum of 32");
+    assert_rejected(&vm, None, "spec.disks[0].name", "does not match");
+    assert_rejected(
+        &vm,
+        None,
+        "spec.resources.memory",
+        "must be between 16Mi and 64Gi",
+    );
+    assert_rejected(
+        &vm,
+        None,
+        "spec.disks[0].file.path",
+        "must be an absolute path",
+    );
+    assert!(
+        !errors(&vm, None)
+            .iter()
+            .any(|e| e.message == RULES_NOT_CHECKED)
+    );
+}
+
+/// A wrong type, a missing required field, a too-long value, an unknown enum value or
+/// too many items block the rules, as on the API server, which says so.
+#[test]
+fn blocking_schema_errors_skip_the_rules() {
+    let too_many_interfaces: Vec<Value> = ["a", "b", "c", "d", "e"]
+        .map(|n| json!({ "name": n, "type": "Nat" }))
+        .into();
+    let cases = [
+        (
+            "spec.resources.vcpus",
+            json!({ "resources": { "vcpus": "two" } }),
+        ),
+        (
+            "spec.boot",
+            json!({ "boot": { "kernel": null, "initrd": "/i" } }),
+        ),
+        (
+            "spec.boot.cmdline",
+            json!({ "boot": { "cmdline": "x".repeat(2049) } }),
+        ),
+        ("spec.powerState", json!({ "powerState": "Off" })),
+        (
+            "spec.interfaces",
+            json!({ "interfaces": too_many_interfaces }),
+        ),
+    ];
+    for (field, patch) in cases {
+        let mut spec = json!({ "boot": boot(), "resources": { "memory": "0" } });
+        merge(&mut spec, patch);
+        let errs = errors(&microvm(spec), None);
+        assert!(errs.iter().any(|e| e.field == field), "{field}: {errs:?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.field.is_empty() && e.message == RULES_NOT_CHECKED),
+            "{field}: {errs:?}"
+        );
+        assert!(
+            !errs
+                .iter()
+                .any(|e| e.message.contains("between 16Mi and 64Gi")),
+            "{field}: rules ran: {errs:?}"
+        );
+    }
+}
+
 #[test]
 fn pinned_node_name_is_immutable_once_set() {
     let old = microvm(json!({ "boot": boot(), "nodeName": "node-a" }));
@@ -280,7 +452,7 @@ fn pinned_node_name_is_immutable_once_set() {
         &moved,
         Some(&old),
         "spec.nodeName",
-        "spec.nodeName is immutable once set",
+        "field is immutable once set",
     );
     let unpinned = microvm(json!({ "boot": boot() }));
     assert_rejected(&unpinned, Some(&old), "spec.nodeName", "immutable once set");
@@ -302,7 +474,7 @@ fn vmm_memory_limit_covers_guest_memory() {
         &vm,
         None,
         "spec.isolation.limits.memory",
-        "must be at least spec.resources.memory",
+        "must be at least resources.memory",
     );
     let vm = microvm(json!({
         "boot": boot(),
@@ -312,6 +484,25 @@ fn vmm_memory_limit_covers_guest_memory() {
     assert_valid(&vm, None);
     let vm = microvm(json!({ "boot": boot(), "isolation": { "limits": { "cpu": "0" } } }));
     assert_rejected(&vm, None, "spec.isolation.limits.cpu", "positive quantity");
+}
+
+#[test]
+fn vmm_memory_limit_must_be_a_quantity() {
+    let vm = microvm(json!({ "boot": boot(), "isolation": { "limits": { "memory": "plenty" } } }));
+    assert_rejected(
+        &vm,
+        None,
+        "spec.isolation.limits.memory",
+        "must be a quantity such as 512Mi",
+    );
+    // Not a quantity, so the comparison with resources.memory does not apply.
+    assert!(
+        !errors(&vm, None)
+            .iter()
+            .any(|e| e.message.contains("must be at least")),
+    );
+    let vm = microvm(json!({ "boot": boot(), "isolation": { "limits": { "memory": "512Mi" } } }));
+    assert_valid(&vm, None);
 }
 
 #[test]
@@ -376,7 +567,7 @@ fn workload_selector_must_match_template_labels() {
         &swl,
         None,
         "spec.selector",
-        "spec.selector.matchLabels must match spec.template.metadata.labels",
+        "matchLabels must match template.metadata.labels",
     );
 }
 
@@ -394,12 +585,7 @@ fn workload_selector_is_immutable() {
         "template": { "metadata": { "labels": { "app": "web", "tier": "front" } } },
     }));
     assert_valid(&new, None);
-    assert_rejected(
-        &new,
-        Some(&old),
-        "spec.selector",
-        "spec.selector is immutable",
-    );
+    assert_rejected(&new, Some(&old), "spec.selector", "field is immutable");
     // Scaling leaves it alone.
     let scaled = workload(json!({ "replicas": 10 }));
     assert_valid(&scaled, Some(&old));
@@ -417,7 +603,78 @@ fn selector_expression_values() {
         "must be non-empty for In and NotIn",
     );
     let swl = workload(json!({
+        "selector": { "matchExpressions": [{ "key": "app", "operator": "Exists", "values": ["web"] }] },
+    }));
+    assert_rejected(
+        &swl,
+        None,
+        "spec.selector.matchExpressions[0].values",
+        "must be non-empty for In and NotIn, and empty for Exists and DoesNotExist",
+    );
+    let swl = workload(json!({
+        "selector": { "matchExpressions": [{ "key": "app", "operator": "DoesNotExist", "values": ["web"] }] },
+    }));
+    assert_rejected(
+        &swl,
+        None,
+        "spec.selector.matchExpressions[0].values",
+        "empty for Exists and DoesNotExist",
+    );
+    let swl = workload(json!({
         "selector": { "matchExpressions": [{ "key": "app", "operator": "Exists" }] },
+    }));
+    assert_valid(&swl, None);
+    let swl = workload(json!({
+        "selector": { "matchExpressions": [
+            { "key": "app", "operator": "In", "values": ["web", "api"] },
+            { "key": "tier", "operator": "NotIn", "values": ["batch"] },
+            { "key": "canary", "operator": "DoesNotExist" },
+        ] },
+    }));
+    assert_valid(&swl, None);
+}
+
+/// Label values are bounded as Kubernetes bounds them (63 characters), which also
+/// bounds the cost of the rules that compare them.
+#[test]
+fn label_values_are_bounded() {
+    let long = "a".repeat(64);
+    let swl = workload(json!({
+        "selector": { "matchLabels": { "app": long } },
+        "template": { "metadata": { "labels": { "app": long } } },
+    }));
+    assert_rejected(
+        &swl,
+        None,
+        "spec.selector.matchLabels.app",
+        "longer than 63 characters",
+    );
+    assert_rejected(
+        &swl,
+        None,
+        "spec.template.metadata.labels.app",
+        "longer than 63 characters",
+    );
+    let swl = workload(json!({
+        "selector": { "matchExpressions": [{ "key": "app", "operator": "In", "values": [long] }] },
+    }));
+    assert_rejected(
+        &swl,
+        None,
+        "spec.selector.matchExpressions[0].values[0]",
+        "longer than 63 characters",
+    );
+    let vm = microvm(json!({ "boot": boot(), "nodeSelector": { "zone": long } }));
+    assert_rejected(
+        &vm,
+        None,
+        "spec.nodeSelector.zone",
+        "longer than 63 characters",
+    );
+    let ok = "a".repeat(63);
+    let swl = workload(json!({
+        "selector": { "matchLabels": { "app": ok } },
+        "template": { "metadata": { "labels": { "app": ok }, "annotations": { "note": "x".repeat(4096) } } },
     }));
     assert_valid(&swl, None);
 }
@@ -440,7 +697,50 @@ fn workload_template_spec_rules_apply() {
         &swl,
         None,
         "spec.template.spec.resources.memory",
-        "between 16Mi and 64Gi",
+        "must be between 16Mi and 64Gi",
+    );
+}
+
+/// The MicroVM spec's rules are reused in the workload's template, so their messages
+/// are worded relative to the field the error names, and no message names a MicroVM
+/// path that is wrong in the template.
+#[test]
+fn template_errors_name_the_template_fields() {
+    let swl = workload(json!({ "template": { "spec": {
+        "boot": { "kernel": "vmlinux" },
+        "resources": { "memory": "1Gi" },
+        "disks": [{ "name": "d", "readOnly": true, "empty": { "size": "1Gi" } }],
+        "interfaces": [{ "name": "eth0", "type": "Tap" }],
+        "isolation": { "limits": { "memory": "512Mi" } },
+    } } }));
+    let errs = errors(&swl, None);
+    for (field, message) in [
+        (
+            "spec.template.spec.boot.kernel",
+            "must be an absolute path on the node",
+        ),
+        (
+            "spec.template.spec.disks[0].readOnly",
+            "cannot be true for an empty disk",
+        ),
+        (
+            "spec.template.spec.interfaces[0].tapDevice",
+            "must name an existing tap device",
+        ),
+        (
+            "spec.template.spec.isolation.limits.memory",
+            "must be at least resources.memory",
+        ),
+    ] {
+        assert!(
+            errs.iter()
+                .any(|e| e.field == field && e.message.starts_with(message)),
+            "expected {field}: {message}, got {errs:?}"
+        );
+    }
+    assert!(
+        !errs.iter().any(|e| e.message.contains("spec.")),
+        "a message names a path: {errs:?}"
     );
 }
 
@@ -499,7 +799,7 @@ fn recreate_has_no_rolling_update() {
         &swl,
         None,
         "spec.strategy.rollingUpdate",
-        "only allowed when spec.strategy.type is RollingUpdate",
+        "only allowed when type is RollingUpdate",
     );
     assert_valid(
         &workload(json!({ "strategy": { "type": "Recreate" } })),
@@ -512,12 +812,7 @@ fn container_rules() {
     let swl = workload(json!({
         "container": { "image": "x", "env": [{ "name": "A", "value": "1" }, { "name": "A", "value": "2" }] },
     }));
-    assert_rejected(
-        &swl,
-        None,
-        "spec.container.env",
-        "spec.container.env[].name must be unique",
-    );
+    assert_rejected(&swl, None, "spec.container.env", "names must be unique");
     let swl = workload(json!({ "container": { "image": "x", "workingDir": "app" } }));
     assert_rejected(&swl, None, "spec.container.workingDir", "absolute path");
     let swl = workload(json!({ "container": { "image": "" } }));
@@ -534,9 +829,9 @@ fn tenant_is_immutable_and_set_on_the_workload() {
     let old = microvm(json!({ "boot": boot(), "tenant": { "name": "blue" } }));
     let new = microvm(json!({ "boot": boot(), "tenant": { "name": "green" } }));
     assert_valid(&old, None);
-    assert_rejected(&new, Some(&old), "spec.tenant", "spec.tenant is immutable");
+    assert_rejected(&new, Some(&old), "spec.tenant", "field is immutable");
     let none = microvm(json!({ "boot": boot() }));
-    assert_rejected(&none, Some(&old), "spec.tenant", "spec.tenant is immutable");
+    assert_rejected(&none, Some(&old), "spec.tenant", "field is immutable");
     assert_valid(&old, Some(&old));
 
     let swl = workload(json!({ "template": { "spec": { "tenant": { "name": "blue" } } } }));

@@ -270,6 +270,71 @@ fn spec_lists_and_maps_are_bounded() {
     }
 }
 
+/// Every string a CEL rule can reach (anything below a node that carries a rule,
+/// list items and map values included) has a maxLength, so the API server's cost
+/// estimate for the rule is bounded. Map keys cannot carry a bound in a structural
+/// schema; the API server bounds them itself (label and annotation keys are
+/// qualified names) and the maps' maxProperties bounds how many there are.
+#[test]
+fn strings_reachable_by_rules_are_bounded() {
+    fn strings(path: &str, node: &Value, problems: &mut Vec<String>) {
+        let int_or_string = node.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true));
+        let is_string = node.get("type").and_then(Value::as_str) == Some("string");
+        let bounded = node.get("maxLength").is_some() || node.get("enum").is_some();
+        if (is_string || int_or_string) && !bounded {
+            problems.push(format!("{path}: no maxLength"));
+        }
+        if let Some(props) = node.get("properties").and_then(Value::as_object) {
+            for (k, v) in props {
+                strings(&format!("{path}.{k}"), v, problems);
+            }
+        }
+        if let Some(items) = node.get("items") {
+            strings(&format!("{path}[]"), items, problems);
+        }
+        if let Some(values @ Value::Object(_)) = node.get("additionalProperties") {
+            strings(&format!("{path}{{}}"), values, problems);
+        }
+    }
+    fn rule_bearing(path: &str, node: &Value, problems: &mut Vec<String>) {
+        if node.get("x-kubernetes-validations").is_some() {
+            // Everything below is reachable from this node's rules.
+            strings(path, node, problems);
+            return;
+        }
+        if let Some(props) = node.get("properties").and_then(Value::as_object) {
+            for (k, v) in props {
+                rule_bearing(&format!("{path}.{k}"), v, problems);
+            }
+        }
+        if let Some(items) = node.get("items") {
+            rule_bearing(&format!("{path}[]"), items, problems);
+        }
+        if let Some(values @ Value::Object(_)) = node.get("additionalProperties") {
+            rule_bearing(&format!("{path}{{}}"), values, problems);
+        }
+    }
+    for crd in generate::crds() {
+        let mut problems = Vec::new();
+        rule_bearing("", &schema_of(&crd), &mut problems);
+        assert!(
+            problems.is_empty(),
+            "{}: {problems:#?}",
+            crd.spec.names.kind
+        );
+    }
+    // The label bounds are Kubernetes' own: a label value of 63 and a qualified key of 317.
+    let swl = schema_of(&generate::crds()[1]);
+    let selector = &swl["properties"]["spec"]["properties"]["selector"]["properties"];
+    assert_eq!(
+        selector["matchLabels"]["additionalProperties"]["maxLength"],
+        63
+    );
+    let requirement = &selector["matchExpressions"]["items"]["properties"];
+    assert_eq!(requirement["key"]["maxLength"], 317);
+    assert_eq!(requirement["values"]["items"]["maxLength"], 63);
+}
+
 /// The cost check above can fail: a rule over an unbounded list is flagged.
 #[test]
 fn cost_check_flags_unbounded_rules() {

@@ -88,7 +88,7 @@ fn an_invalid_manifest_is_refused_with_the_api_servers_message() {
     assert!(
         agent
             .output()
-            .contains("spec.resources.memory must be between 16Mi and 64Gi"),
+            .contains("spec.resources.memory: must be between 16Mi and 64Gi"),
         "{}",
         agent.output()
     );
