@@ -8,6 +8,7 @@
 //! given; it never stores anything.
 
 use kube::core::cel::{Validator as CelValidator, apply_defaults};
+use runv_crds::validate;
 use serde_json::{Map, Value};
 
 use crate::registry::{ResourceType, Schema};
@@ -259,6 +260,44 @@ fn schema_at<'a>(schema: &'a Value, path: &str) -> Option<&'a Value> {
     Some(cur)
 }
 
+/// The schema node that declares `rule`, found on the way from the root to the
+/// field an error names: the deepest node on that path carrying the rule.
+fn rule_owner<'a>(schema: &'a Value, path: &str, rule: &str) -> Option<&'a Value> {
+    let declares = |node: &Value| {
+        node.get("x-kubernetes-validations")
+            .and_then(Value::as_array)
+            .is_some_and(|rules| rules.iter().any(|r| r["rule"] == rule))
+    };
+    let mut owner = declares(schema).then_some(schema);
+    let mut cur = schema;
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (name, rest) = part.split_once('[').unwrap_or((part, ""));
+        if !name.is_empty() {
+            let Some(next) = cur
+                .get("properties")
+                .and_then(|p| p.get(name))
+                .or_else(|| cur.get("additionalProperties"))
+            else {
+                break;
+            };
+            cur = next;
+            if declares(cur) {
+                owner = Some(cur);
+            }
+        }
+        for _ in rest.matches(']') {
+            let Some(next) = cur.get("items").or_else(|| cur.get("additionalProperties")) else {
+                return owner;
+            };
+            cur = next;
+            if declares(cur) {
+                owner = Some(cur);
+            }
+        }
+    }
+    owner.or_else(|| schema_at(schema, path))
+}
+
 fn dotted(pointer: &str) -> String {
     let mut out = String::new();
     for seg in pointer.split('/').filter(|s| !s.is_empty()) {
@@ -306,14 +345,93 @@ fn schema_causes(schema: &Schema, obj: &Value) -> Vec<Cause> {
                     ),
                     field,
                 },
-                _ => Cause {
-                    reason: "FieldValueInvalid".into(),
-                    message: format!("Invalid value: {}: {}", render_value(e.instance()), e),
+                // The wording of kube-openapi's validation errors, as the API server
+                // turns them into field errors.
+                K::MaxLength { limit } => Cause {
+                    reason: "FieldValueTooLong".into(),
+                    message: format!("Too long: may not be more than {limit} bytes"),
                     field,
                 },
+                K::MaxItems { limit } => Cause {
+                    reason: "FieldValueTooMany".into(),
+                    message: format!(
+                        "Too many: {}: must have at most {limit} items",
+                        e.instance().as_array().map_or(0, Vec::len)
+                    ),
+                    field,
+                },
+                K::Type { kind } => {
+                    let want = match kind {
+                        jsonschema::error::TypeKind::Single(t) => t.to_string(),
+                        jsonschema::error::TypeKind::Multiple(ts) => ts
+                            .iter()
+                            .map(|t| t.to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    };
+                    let got = Value::String(json_type(e.instance()).into());
+                    Cause {
+                        reason: "FieldValueTypeInvalid".into(),
+                        message: format!(
+                            "Invalid value: {}: {field} in body must be of type {want}: {}",
+                            render_value(&got),
+                            render_value(&got)
+                        ),
+                        field,
+                    }
+                }
+                kind => {
+                    let detail = match kind {
+                        K::Pattern { pattern } => format!("should match '{pattern}'"),
+                        K::Minimum { limit } => {
+                            format!("should be greater than or equal to {limit}")
+                        }
+                        K::Maximum { limit } => format!("should be less than or equal to {limit}"),
+                        K::MinLength { limit } => format!("should be at least {limit} chars long"),
+                        K::MinItems { limit } => format!("should have at least {limit} items"),
+                        K::MaxProperties { limit } => {
+                            format!("should have at most {limit} properties")
+                        }
+                        K::MinProperties { limit } => {
+                            format!("should have at least {limit} properties")
+                        }
+                        _ => {
+                            return Cause {
+                                reason: "FieldValueInvalid".into(),
+                                message: format!(
+                                    "Invalid value: {}: {}",
+                                    render_value(e.instance()),
+                                    e
+                                ),
+                                field,
+                            };
+                        }
+                    };
+                    Cause {
+                        reason: "FieldValueInvalid".into(),
+                        message: format!(
+                            "Invalid value: {}: {field} in body {detail}",
+                            render_value(e.instance())
+                        ),
+                        field,
+                    }
+                }
             }
         })
         .collect()
+}
+
+/// The JSON type name of a value, as the API server names it in type errors.
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
 }
 
 /// Prunes, defaults and validates a custom resource. `old` is the stored
@@ -338,11 +456,32 @@ pub fn admit_custom(
     defaulted["metadata"] = meta;
     *obj = defaulted;
     let mut causes = schema_causes(schema, obj);
-    if causes.is_empty()
-        && let Err(errors) = cel.validate_compiled(&schema.cel, obj, old)
-    {
+    // The API server's own check of `x-kubernetes-list-type: map` keys.
+    let mut duplicates = Vec::new();
+    validate::list_map_duplicates(&schema.structural, obj, "", &mut duplicates);
+    causes.extend(duplicates.into_iter().map(|d| Cause {
+        reason: "FieldValueDuplicate".into(),
+        field: d.field,
+        message: d.message,
+    }));
+    // CEL rules need values of the declared types and sizes: a blocking schema error
+    // (required, too long, too many, unsupported, wrong type) skips them and says so,
+    // as kube-apiserver does; pattern and bound errors do not.
+    let blocking = schema
+        .validator
+        .iter_errors(obj)
+        .any(|e| validate::is_blocking(e.kind()));
+    if blocking {
+        causes.push(Cause {
+            reason: "FieldValueInvalid".into(),
+            field: String::new(),
+            message: format!("Invalid value: null: {}", validate::RULES_NOT_CHECKED),
+        });
+    } else if let Err(errors) = cel.validate_compiled(&schema.cel, obj, old) {
         for e in errors.iter() {
-            let ty = schema_at(&schema.structural, &e.field_path)
+            // The value shown is the type of the schema node that declares the rule,
+            // which is not the reported field when the rule has a `fieldPath`.
+            let ty = rule_owner(&schema.structural, &e.field_path, &e.rule)
                 .and_then(|s| s["type"].as_str())
                 .unwrap_or("object");
             let ty = Value::String(ty.into());

@@ -359,6 +359,15 @@ fn crd_causes(obj: &Value, old: Option<&Value>) -> Vec<Cause> {
             }
         }
     }
+    for (i, v) in versions.iter().enumerate() {
+        let path = format!("spec.versions[{i}].schema.openAPIV3Schema");
+        match v["schema"].get("openAPIV3Schema") {
+            Some(schema) if schema.is_object() => {
+                structural_causes(schema, &path, Level::Root, &mut causes);
+            }
+            _ => causes.push(Cause::required(path, "schemas are required")),
+        }
+    }
     if causes.is_empty()
         && let Err(e) = types_of_crd(obj)
     {
@@ -369,6 +378,82 @@ fn crd_causes(obj: &Value, old: Option<&Value>) -> Vec<Cause> {
         ));
     }
     causes
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Root,
+    Field,
+    Item,
+}
+
+/// The structural-schema and CEL checks kube-apiserver makes on a CRD
+/// version's schema, for the parts this server checks: every node has a
+/// `type` (unless it is int-or-string, preserves unknown fields or embeds a
+/// resource), and every `x-kubernetes-validations` rule and
+/// `messageExpression` parses as CEL. Type-checking of CEL, cost limits,
+/// and the other structural rules (no `type` inside `allOf`/`anyOf`/`oneOf`/
+/// `not`, metadata restrictions, defaults that must prune cleanly) are not
+/// checked.
+fn structural_causes(schema: &Value, path: &str, level: Level, causes: &mut Vec<Cause>) {
+    let ext = |k: &str| schema[k] == json!(true);
+    if schema["type"].as_str().unwrap_or_default().is_empty()
+        && !ext("x-kubernetes-int-or-string")
+        && !ext("x-kubernetes-preserve-unknown-fields")
+        && !ext("x-kubernetes-embedded-resource")
+    {
+        causes.push(Cause::required(
+            format!("{path}.type"),
+            match level {
+                Level::Root => "must not be empty at the root",
+                Level::Field => "must not be empty for specified object fields",
+                Level::Item => "must not be empty for specified array items",
+            },
+        ));
+    }
+    if let Some(rules) = schema["x-kubernetes-validations"].as_array() {
+        for (i, rule) in rules.iter().enumerate() {
+            let one = json!({ "x-kubernetes-validations": [rule] });
+            let compiled = kube::core::cel::compile_schema(&one);
+            if let Some(e) = compiled.compilation_errors().first() {
+                let field = if rule["messageExpression"].is_string()
+                    && rule["rule"].is_string()
+                    && e.to_string()
+                        .starts_with("failed to compile messageExpression")
+                {
+                    "messageExpression"
+                } else {
+                    "rule"
+                };
+                causes.push(Cause::invalid(
+                    format!("{path}.x-kubernetes-validations[{i}].{field}"),
+                    &rule[field],
+                    &format!("compilation failed: {e}"),
+                ));
+            }
+        }
+    }
+    if let Some(props) = schema["properties"].as_object() {
+        for (k, v) in props {
+            structural_causes(v, &format!("{path}.properties[{k}]"), Level::Field, causes);
+        }
+    }
+    if schema["additionalProperties"].is_object() {
+        structural_causes(
+            &schema["additionalProperties"],
+            &format!("{path}.additionalProperties"),
+            Level::Field,
+            causes,
+        );
+    }
+    if schema["items"].is_object() {
+        structural_causes(
+            &schema["items"],
+            &format!("{path}.items"),
+            Level::Item,
+            causes,
+        );
+    }
 }
 
 /// After an object is stored: CRDs start serving and get their status.

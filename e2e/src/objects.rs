@@ -100,10 +100,16 @@ pub struct ListQuery {
     pub continue_token: Option<String>,
 }
 
-struct Page {
+/// The objects a paginated list walks: every object of the resource in its
+/// scope at one resourceVersion, in key order, unfiltered, so a continue
+/// token applies the selectors of the request that carries it, as upstream.
+struct Snapshot {
     id: u64,
+    key: String,
+    ns: Option<String>,
     rv: u64,
-    items: Vec<Arc<Value>>,
+    taken: std::time::Instant,
+    items: Arc<Vec<Arc<Value>>>,
 }
 
 /// What the lock guards.
@@ -114,8 +120,8 @@ pub struct State {
     /// Served kinds.
     pub registry: Registry,
     cel: CelValidatorBox,
-    pages: VecDeque<PageBox>,
-    next_page: u64,
+    snapshots: VecDeque<SnapshotBox>,
+    next_snapshot: u64,
     next_uid: u64,
     uid_seed: u64,
     history: usize,
@@ -127,14 +133,21 @@ impl std::fmt::Debug for CelValidatorBox {
         f.write_str("CelValidator")
     }
 }
-struct PageBox(Page);
-impl std::fmt::Debug for PageBox {
+struct SnapshotBox(Snapshot);
+impl std::fmt::Debug for SnapshotBox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Page({})", self.0.id)
+        write!(f, "Snapshot({})", self.0.id)
     }
 }
 
-const MAX_PAGES: usize = 256;
+/// At most this many list snapshots are kept for continue tokens; the
+/// oldest goes first.
+const MAX_SNAPSHOTS: usize = 64;
+/// A continue token works, and can be retried, for this long; then 410.
+/// (Upstream a token lives until etcd compacts its revision, 5 minutes by default.)
+const SNAPSHOT_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+
+const CONTINUE_EXPIRED: &str = "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.";
 
 /// The current time as an RFC 3339 timestamp with second precision.
 pub fn now() -> String {
@@ -204,8 +217,8 @@ impl State {
             store: Store::new(history),
             registry: Registry::builtins(),
             cel: CelValidatorBox(CelValidator::new()),
-            pages: VecDeque::new(),
-            next_page: 0,
+            snapshots: VecDeque::new(),
+            next_snapshot: 0,
             next_uid: 0,
             history,
             uid_seed: std::time::SystemTime::now()
@@ -250,33 +263,50 @@ impl State {
             .ok_or_else(|| not_found(rt, name))
     }
 
-    /// Lists objects; returns items and list metadata.
+    /// Lists objects; returns items and list metadata. With a `limit`, the
+    /// rest is kept as a snapshot that continue tokens page through; a token
+    /// can be used again until the snapshot expires.
     pub fn list(
         &mut self,
         rt: &ResourceType,
         ns: Option<&str>,
         q: &ListQuery,
     ) -> Result<(Vec<Arc<Value>>, Value), ApiError> {
-        let (rv, mut items) = match &q.continue_token {
+        let key = kinds::store_key(rt);
+        let matches = |o: &Value| {
+            // Labels read the same in every version; fields may need conversion.
+            q.labels.matches(&o["metadata"]["labels"])
+                && (q.fields.is_empty() || q.fields.matches(&present(rt, o)))
+        };
+        let now = std::time::Instant::now();
+        self.snapshots
+            .retain(|s| now.duration_since(s.0.taken) < SNAPSHOT_TTL);
+        let (snapshot, rv, all, start) = match &q.continue_token {
             Some(token) => {
-                let (id, _) = token
-                    .split_once(':')
-                    .ok_or_else(|| ApiError::BadRequest("continue key is not valid".into()))?;
-                let id: u64 = id
-                    .parse()
-                    .map_err(|_| ApiError::BadRequest("continue key is not valid".into()))?;
-                let pos = self.pages.iter().position(|p| p.0.id == id).ok_or_else(|| {
-                    ApiError::Gone("The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.".into())
-                })?;
-                let page = self
-                    .pages
-                    .remove(pos)
-                    .map(|p| p.0)
-                    .ok_or(ApiError::NoRoute)?;
-                (page.rv, page.items)
+                let invalid = || ApiError::BadRequest("continue key is not valid".into());
+                let mut parts = token.splitn(3, ':').map(str::parse::<u64>);
+                let Some(Ok(id)) = parts.next() else {
+                    return Err(invalid());
+                };
+                let snap = self
+                    .snapshots
+                    .iter()
+                    .find(|s| s.0.id == id)
+                    .ok_or_else(|| ApiError::Gone(CONTINUE_EXPIRED.into()))?;
+                let (Some(Ok(_)), Some(Ok(pos))) = (parts.next(), parts.next()) else {
+                    return Err(invalid());
+                };
+                if snap.0.key != key || snap.0.ns.as_deref() != ns {
+                    return Err(invalid());
+                }
+                (
+                    Some(id),
+                    snap.0.rv,
+                    snap.0.items.clone(),
+                    (pos as usize).min(snap.0.items.len()),
+                )
             }
-            None => {
-                let key = kinds::store_key(rt);
+            None if q.limit == 0 => {
                 let all = match q.fields.name() {
                     Some(name) => match ns {
                         Some(ns) => self.store.get(&key, ns, name).into_iter().collect(),
@@ -289,31 +319,52 @@ impl State {
                     },
                     None => self.store.list(&key, ns),
                 };
-                let items: Vec<Arc<Value>> = all
-                    .into_iter()
-                    .filter(|o| {
-                        // Labels read the same in every version; fields may need conversion.
-                        q.labels.matches(&o["metadata"]["labels"])
-                            && (q.fields.is_empty() || q.fields.matches(&present(rt, o)))
-                    })
-                    .collect();
-                (self.store.rv(), items)
+                let items: Vec<Arc<Value>> = all.into_iter().filter(|o| matches(o)).collect();
+                let meta = json!({ "resourceVersion": self.store.rv().to_string() });
+                return Ok((items, meta));
             }
+            None => (
+                None,
+                self.store.rv(),
+                Arc::new(self.store.list(&key, ns)),
+                0,
+            ),
         };
+        let limit = if q.limit == 0 { usize::MAX } else { q.limit };
+        let mut items = Vec::new();
+        let mut next = start;
+        while next < all.len() && items.len() < limit {
+            if matches(&all[next]) {
+                items.push(all[next].clone());
+            }
+            next += 1;
+        }
+        let more = all[next..].iter().any(|o| matches(o));
         let mut meta = json!({ "resourceVersion": rv.to_string() });
-        if q.limit > 0 && items.len() > q.limit {
-            let rest = items.split_off(q.limit);
-            self.next_page += 1;
-            let id = self.next_page;
-            meta["continue"] = json!(format!("{id}:{rv}"));
-            meta["remainingItemCount"] = json!(rest.len());
-            self.pages.push_back(PageBox(Page {
-                id,
-                rv,
-                items: rest,
-            }));
-            while self.pages.len() > MAX_PAGES {
-                self.pages.pop_front();
+        if more {
+            let id = match snapshot {
+                Some(id) => id,
+                None => {
+                    self.next_snapshot += 1;
+                    let id = self.next_snapshot;
+                    self.snapshots.push_back(SnapshotBox(Snapshot {
+                        id,
+                        key: key.clone(),
+                        ns: ns.map(String::from),
+                        rv,
+                        taken: now,
+                        items: all.clone(),
+                    }));
+                    while self.snapshots.len() > MAX_SNAPSHOTS {
+                        self.snapshots.pop_front();
+                    }
+                    id
+                }
+            };
+            meta["continue"] = json!(format!("{id}:{rv}:{next}"));
+            // Upstream counts the rest only when nothing filters it.
+            if q.labels.is_empty() && q.fields.is_empty() {
+                meta["remainingItemCount"] = json!(all.len() - next);
             }
         }
         Ok((items, meta))
@@ -532,6 +583,16 @@ impl State {
             body = self.scale_to_object(rt, &old_shown, &body)?;
         } else {
             Self::check_type(rt, &mut body)?;
+        }
+        if rt.namespaced
+            && sub != Sub::Scale
+            && body["metadata"]["namespace"]
+                .as_str()
+                .is_some_and(|n| !n.is_empty() && n != ns)
+        {
+            return Err(ApiError::BadRequest(
+                "the namespace of the provided object does not match the namespace sent on the request".into(),
+            ));
         }
         if body["metadata"]["name"].as_str().is_some_and(|n| n != name) {
             return Err(ApiError::BadRequest(format!(

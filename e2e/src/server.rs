@@ -4,7 +4,9 @@
 //!
 //! Anything not served answers with a Status: 404 for unknown paths, 405 for
 //! verbs a path does not take, 406/415 for media types (protobuf, CBOR) the
-//! server does not speak, 501 for parameters it does not implement.
+//! server does not speak, 501 for the one request shape it does not
+//! implement (`?watch=true` on one object's path). Query parameters it does
+//! not know are ignored, as kube-apiserver ignores them.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -22,9 +24,9 @@ use serde_json::{Value, json};
 use crate::admission::FieldValidation;
 use crate::discovery;
 use crate::objects::{DeleteOpts, ListQuery, PatchType, State, Sub, WriteOpts, present};
-use crate::registry::ResourceType;
-use crate::selectors::{FieldSelector, LabelSelector};
-use crate::status::ApiError;
+use crate::registry::{Builtin, ResourceType};
+use crate::selectors::{FieldRead, FieldSelector, LabelSelector};
+use crate::status::{ApiError, Cause};
 use crate::table::{self, IncludeObject};
 use crate::watch::{self, WatchParams};
 
@@ -354,12 +356,147 @@ fn decode_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
     }
 }
 
+/// How long a list or watch waits for the store to reach a resourceVersion
+/// newer than its latest, as the watch cache does, before answering 504.
+const FRESHNESS_WAIT: Duration = Duration::from_secs(3);
+
+/// kube-apiserver's `ValidateListOptions`: a 422 on `ListOptions.meta.k8s.io`.
+fn validate_list_options(q: &HashMap<String, String>, watch: bool) -> Result<(), ApiError> {
+    let get = |k: &str| q.get(k).map_or("", String::as_str);
+    let rvm = get("resourceVersionMatch");
+    let rv = get("resourceVersion");
+    let cont = get("continue");
+    let send_initial = !get("sendInitialEvents").is_empty();
+    let field = "resourceVersionMatch";
+    let mut causes = Vec::new();
+    if watch {
+        if send_initial && rvm != "NotOlderThan" {
+            causes.push(Cause::forbidden(
+                field,
+                "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+            ));
+        }
+        if !rvm.is_empty() {
+            if !send_initial {
+                causes.push(Cause::forbidden(
+                    field,
+                    "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
+                ));
+            }
+            if rvm != "NotOlderThan" {
+                causes.push(Cause::not_supported(field, &json!(rvm), &["NotOlderThan"]));
+            }
+            if !cont.is_empty() {
+                causes.push(Cause::forbidden(
+                    field,
+                    "resourceVersionMatch is forbidden when continue is provided",
+                ));
+            }
+        }
+    } else {
+        if !rvm.is_empty() {
+            if rv.is_empty() {
+                causes.push(Cause::forbidden(
+                    field,
+                    "resourceVersionMatch is forbidden unless resourceVersion is provided",
+                ));
+            }
+            if !cont.is_empty() {
+                causes.push(Cause::forbidden(
+                    field,
+                    "resourceVersionMatch is forbidden when continue is provided",
+                ));
+            }
+            if rvm != "Exact" && rvm != "NotOlderThan" {
+                causes.push(Cause::not_supported(
+                    field,
+                    &json!(rvm),
+                    &["Exact", "NotOlderThan", ""],
+                ));
+            }
+            if rvm == "Exact" && rv == "0" {
+                causes.push(Cause::forbidden(
+                    field,
+                    "resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\"",
+                ));
+            }
+        }
+        if send_initial {
+            causes.push(Cause::forbidden(
+                "sendInitialEvents",
+                "sendInitialEvents is forbidden for list",
+            ));
+        }
+    }
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Invalid {
+            kind: "ListOptions".into(),
+            group: "meta.k8s.io".into(),
+            name: String::new(),
+            causes,
+        })
+    }
+}
+
+/// The `resourceVersion` parameter: None when unset, else a number.
+fn resource_version(q: &HashMap<String, String>) -> Result<Option<u64>, ApiError> {
+    match q.get("resourceVersion").map(String::as_str) {
+        None | Some("") => Ok(None),
+        Some(v) => v.parse::<u64>().map(Some).map_err(|_| {
+            ApiError::BadRequest(format!(
+                "invalid resource version: resourceVersion: Invalid value: {v:?}: strconv.ParseUint: parsing {v:?}: invalid syntax"
+            ))
+        }),
+    }
+}
+
+/// Waits (without the lock) until the store reaches `rv`, for at most
+/// [`FRESHNESS_WAIT`]; then 504 `Too large resource version`.
+async fn wait_fresh(shared: &Shared, rv: u64) -> Result<(), ApiError> {
+    let mut changes = {
+        let st = lock(shared)?;
+        if st.store.rv() >= rv {
+            return Ok(());
+        }
+        st.store.subscribe()
+    };
+    let deadline = tokio::time::Instant::now() + FRESHNESS_WAIT;
+    loop {
+        let current = lock(shared)?.store.rv();
+        if current >= rv {
+            return Ok(());
+        }
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return Err(ApiError::TooLargeResourceVersion { requested: rv, current });
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                let current = lock(shared)?.store.rv();
+                if current >= rv {
+                    return Ok(());
+                }
+                return Err(ApiError::TooLargeResourceVersion { requested: rv, current });
+            }
+        }
+    }
+}
+
 fn list_query(rt: &ResourceType, q: &HashMap<String, String>) -> Result<ListQuery, ApiError> {
     let labels = LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str))
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let fields = FieldSelector::parse(
+    let builtin = rt.builtin;
+    let fields = FieldSelector::parse_with(
         q.get("fieldSelector").map_or("", String::as_str),
         &rt.selectable,
+        |f| match (builtin, f) {
+            (Builtin::Node, "spec.unschedulable") => FieldRead::BoolOrFalse,
+            (Builtin::CoreEvent, "source") => FieldRead::EventSource,
+            _ => FieldRead::Path,
+        },
     )
     .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let limit = match q.get("limit") {
@@ -377,37 +514,135 @@ fn list_query(rt: &ResourceType, q: &HashMap<String, String>) -> Result<ListQuer
     })
 }
 
+/// `DeleteOptions` from the body, or from the query when there is no body
+/// (as kube-apiserver reads them), validated like `ValidateDeleteOptions`.
+/// `gracePeriodSeconds` must be an integer but has no effect: upstream only
+/// pods delete gracefully, and negative values count as 1.
 fn delete_opts(q: &HashMap<String, String>, body: &[u8]) -> Result<DeleteOpts, ApiError> {
-    let b: Value = if body.is_empty() {
-        json!({})
-    } else {
-        serde_json::from_slice(body)
-            .map_err(|e| ApiError::BadRequest(format!("error decoding DeleteOptions: {e}")))?
+    let decode_err = |field: &str, go_type: &str, v: &Value| {
+        ApiError::BadRequest(format!(
+            "DeleteOptions in version \"v1\" cannot be handled as a DeleteOptions: json: cannot unmarshal {} into Go struct field DeleteOptions.{field} of type {go_type}",
+            match v {
+                Value::String(_) => "string",
+                Value::Array(_) => "array",
+                Value::Object(_) => "object",
+                Value::Bool(_) => "bool",
+                _ => "number",
+            }
+        ))
     };
-    let mut propagation = b["propagationPolicy"]
-        .as_str()
-        .map(String::from)
-        .or_else(|| q.get("propagationPolicy").cloned());
-    if propagation.is_none() {
-        match b["orphanDependents"]
-            .as_bool()
-            .or_else(|| q.get("orphanDependents").map(|v| v == "true"))
-        {
-            Some(true) => propagation = Some("Orphan".into()),
-            Some(false) => propagation = Some("Background".into()),
-            None => {}
+    let (propagation, orphan, grace) = if body.is_empty() {
+        let orphan = match q.get("orphanDependents").map(String::as_str) {
+            None | Some("") => None,
+            Some("true") | Some("1") => Some(true),
+            Some("false") | Some("0") => Some(false),
+            Some(v) => {
+                return Err(ApiError::BadRequest(format!(
+                    "orphanDependents: invalid boolean value {v:?}"
+                )));
+            }
+        };
+        let grace = match q.get("gracePeriodSeconds").filter(|v| !v.is_empty()) {
+            None => None,
+            Some(v) => Some(v.parse::<i64>().map_err(|_| {
+                ApiError::BadRequest(format!("gracePeriodSeconds: invalid integer value {v:?}"))
+            })?),
+        };
+        (
+            q.get("propagationPolicy")
+                .filter(|v| !v.is_empty())
+                .cloned(),
+            orphan,
+            grace,
+        )
+    } else {
+        let b: Value = serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("error decoding DeleteOptions: {e}")))?;
+        if !b.is_object() {
+            return Err(ApiError::BadRequest(
+                "error decoding DeleteOptions: the body must be a JSON object".into(),
+            ));
+        }
+        let propagation = match &b["propagationPolicy"] {
+            Value::Null => None,
+            Value::String(p) => Some(p.clone()),
+            other => {
+                return Err(decode_err(
+                    "propagationPolicy",
+                    "v1.DeletionPropagation",
+                    other,
+                ));
+            }
+        };
+        let orphan = match &b["orphanDependents"] {
+            Value::Null => None,
+            Value::Bool(o) => Some(*o),
+            other => return Err(decode_err("orphanDependents", "bool", other)),
+        };
+        let grace = match &b["gracePeriodSeconds"] {
+            Value::Null => None,
+            Value::Number(n) if n.as_i64().is_some() => n.as_i64(),
+            other => return Err(decode_err("gracePeriodSeconds", "int64", other)),
+        };
+        (propagation, orphan, grace)
+    };
+    // Read and checked only; see the doc comment.
+    let _ = grace;
+    let mut causes = Vec::new();
+    if let (Some(p), Some(_)) = (&propagation, orphan) {
+        causes.push(Cause::invalid(
+            "propagationPolicy",
+            &json!(p),
+            "orphanDependents and deletionPropagation cannot be both set",
+        ));
+    }
+    if let Some(p) = &propagation
+        && !matches!(p.as_str(), "Foreground" | "Background" | "Orphan")
+    {
+        causes.push(Cause::not_supported(
+            "propagationPolicy",
+            &json!(p),
+            &["Foreground", "Background", "Orphan", "nil"],
+        ));
+    }
+    let body_dry: Vec<Value> = if body.is_empty() {
+        Vec::new()
+    } else {
+        serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|b| b["dryRun"].as_array().cloned())
+            .unwrap_or_default()
+    };
+    for d in &body_dry {
+        if d != "All" {
+            causes.push(Cause::not_supported("dryRun", &json!([d]), &["All"]));
         }
     }
-    let dry = b["dryRun"]
-        .as_array()
-        .is_some_and(|a| a.iter().any(|d| d == "All"))
-        || dry_run(q)?;
+    if !causes.is_empty() {
+        return Err(ApiError::Invalid {
+            kind: "DeleteOptions".into(),
+            group: "meta.k8s.io".into(),
+            name: String::new(),
+            causes,
+        });
+    }
+    let propagation = propagation.or(match orphan {
+        Some(true) => Some("Orphan".into()),
+        Some(false) => Some("Background".into()),
+        None => None,
+    });
+    let preconditions = if body.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice::<Value>(body)
+            .map(|b| b["preconditions"].clone())
+            .unwrap_or_default()
+    };
+    let dry = !body_dry.is_empty() || dry_run(q)?;
     Ok(DeleteOpts {
         propagation,
-        uid: b["preconditions"]["uid"].as_str().map(String::from),
-        resource_version: b["preconditions"]["resourceVersion"]
-            .as_str()
-            .map(String::from),
+        uid: preconditions["uid"].as_str().map(String::from),
+        resource_version: preconditions["resourceVersion"].as_str().map(String::from),
         dry_run: dry,
     })
 }
@@ -468,19 +703,23 @@ async fn resource(
         ))
     };
     match (method.clone(), &t.name) {
-        (Method::GET, None) if flag(q, "watch") => watch_response(shared, &t, q, want, include),
+        (Method::GET, None) if flag(q, "watch") => {
+            watch_response(shared, &t, q, want, include).await
+        }
         (Method::GET, None) => {
-            if let Some(rvm) = q.get("resourceVersionMatch").filter(|v| !v.is_empty())
-                && rvm != "NotOlderThan"
-                && rvm != "Exact"
-            {
-                return Err(ApiError::BadRequest(format!(
-                    "resourceVersionMatch {rvm:?} is not supported"
-                )));
-            }
+            validate_list_options(q, false)?;
+            let rv = resource_version(q)?;
             let lq = list_query(&rt, q)?;
+            if lq.continue_token.is_some() && rv.is_some_and(|v| v != 0) {
+                return Err(ApiError::BadRequest(
+                    "specifying resource version is not allowed when using continue".into(),
+                ));
+            }
+            if let Some(rv) = rv.filter(|v| *v > 0) {
+                wait_fresh(shared, rv).await?;
+            }
             let mut st = lock(shared)?;
-            if let Some(rv) = q.get("resourceVersion").and_then(|r| r.parse::<u64>().ok())
+            if let Some(rv) = rv
                 && q.get("resourceVersionMatch").map(String::as_str) == Some("Exact")
                 && rv != st.store.rv()
             {
@@ -515,6 +754,10 @@ async fn resource(
                 obj
             };
             Ok(respond(200, &one_body(&rt, obj, want, include), &[]))
+        }
+        // The all-namespaces path of a namespaced kind serves list and watch only.
+        (Method::POST | Method::DELETE, None) if rt.namespaced && t.ns.is_none() => {
+            Err(not_allowed())
         }
         (Method::POST, None) if t.sub == Sub::Main => {
             let opts = write_opts(q, headers, false)?;
@@ -576,43 +819,47 @@ async fn resource(
     }
 }
 
-fn watch_response(
+async fn watch_response(
     shared: &Arc<Shared>,
     t: &Target,
     q: &HashMap<String, String>,
     want: Want,
     include: IncludeObject,
 ) -> Result<Response, ApiError> {
+    validate_list_options(q, true)?;
     let lq = list_query(&t.rt, q)?;
-    let rv = match q.get("resourceVersion").map(String::as_str) {
-        None | Some("") | Some("0") => None,
-        Some(v) => Some(
-            v.parse::<u64>()
-                .map_err(|_| ApiError::BadRequest(format!("resourceVersion {v:?} is not valid")))?,
-        ),
-    };
+    let rv = resource_version(q)?.filter(|v| *v > 0);
     let send_initial = flag(q, "sendInitialEvents");
-    if send_initial && q.get("resourceVersionMatch").map(String::as_str) != Some("NotOlderThan") {
-        return Err(ApiError::Invalid {
-            kind: "ListOptions".into(),
-            group: "meta.k8s.io".into(),
-            name: String::new(),
-            causes: vec![crate::status::Cause::invalid(
-                "resourceVersionMatch",
-                &json!(""),
-                "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
-            )],
-        });
-    }
-    let timeout = match q.get("timeoutSeconds").map(|s| s.parse::<u64>()) {
-        Some(Ok(s)) => Duration::from_secs(s),
-        Some(Err(_)) => {
-            return Err(ApiError::BadRequest(
-                "timeoutSeconds must be a non-negative integer".into(),
-            ));
-        }
+    // Upstream's default is a random 30 to 60 minutes; 0 means that default,
+    // and a negative value ends the watch at once.
+    let timeout = match q.get("timeoutSeconds").filter(|s| !s.is_empty()) {
         None => Duration::from_secs(1800),
+        Some(s) => match s.parse::<i64>() {
+            Ok(0) => Duration::from_secs(1800),
+            Ok(n) => Duration::from_secs(n.max(0) as u64),
+            Err(_) => {
+                return Err(ApiError::BadRequest(format!(
+                    "timeoutSeconds {s:?} is not an integer"
+                )));
+            }
+        },
     };
+    // A watch that sends the initial state waits for the store to reach the
+    // requested version, as the watch cache does, and otherwise ends with one
+    // ERROR event; a plain watch from a future version gets the changes after it.
+    if send_initial
+        && let Some(rv) = rv
+        && let Err(e) = wait_fresh(shared, rv).await
+    {
+        let mut line = json!({ "type": "ERROR", "object": e.to_status() }).to_string();
+        line.push('\n');
+        let mut resp = Response::new(Body::from(line));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        return Ok(resp);
+    }
     let params = WatchParams {
         rt: t.rt.clone(),
         ns: t.ns.clone(),

@@ -29,6 +29,43 @@ impl Cause {
         }
     }
 
+    /// A cause for a forbidden field, worded like `Forbidden: <detail>`.
+    pub fn forbidden(field: impl Into<String>, detail: &str) -> Self {
+        Self {
+            reason: "FieldValueForbidden".into(),
+            field: field.into(),
+            message: format!("Forbidden: {detail}"),
+        }
+    }
+
+    /// A cause for a value outside a fixed set, worded like
+    /// `Unsupported value: "x": supported values: "a", "b"`.
+    pub fn not_supported(field: impl Into<String>, value: &Value, supported: &[&str]) -> Self {
+        let list: Vec<String> = supported.iter().map(|s| format!("{s:?}")).collect();
+        Self {
+            reason: "FieldValueNotSupported".into(),
+            field: field.into(),
+            message: format!(
+                "Unsupported value: {}: supported values: {}",
+                render_value(value),
+                list.join(", ")
+            ),
+        }
+    }
+
+    /// A cause for a missing field, worded like `Required value: <detail>`.
+    pub fn required(field: impl Into<String>, detail: &str) -> Self {
+        Self {
+            reason: "FieldValueRequired".into(),
+            field: field.into(),
+            message: if detail.is_empty() {
+                "Required value".into()
+            } else {
+                format!("Required value: {detail}")
+            },
+        }
+    }
+
     fn line(&self) -> String {
         if self.field.is_empty() {
             self.message.clone()
@@ -120,6 +157,14 @@ pub enum ApiError {
     /// 501 for a feature this test server does not implement.
     #[error("{0}")]
     NotImplemented(String),
+    /// 504 for a list whose resourceVersion the store did not reach in time.
+    #[error("Timeout: Too large resource version: {requested}, current: {current}")]
+    TooLargeResourceVersion {
+        /// The resourceVersion asked for.
+        requested: u64,
+        /// The store's latest resourceVersion.
+        current: u64,
+    },
     /// 500.
     #[error("{0}")]
     Internal(String),
@@ -149,6 +194,7 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => 415,
             Self::Gone(_) => 410,
             Self::NotImplemented(_) => 501,
+            Self::TooLargeResourceVersion { .. } => 504,
             Self::Internal(_) => 500,
         }
     }
@@ -167,6 +213,7 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => "UnsupportedMediaType",
             Self::Gone(_) => "Expired",
             Self::NotImplemented(_) => "NotImplemented",
+            Self::TooLargeResourceVersion { .. } => "Timeout",
             Self::Internal(_) => "InternalError",
         }
     }
@@ -199,6 +246,13 @@ impl ApiError {
                 "causes": causes.iter().map(|c| json!({
                     "reason": c.reason, "message": c.message, "field": c.field,
                 })).collect::<Vec<_>>(),
+            })),
+            Self::TooLargeResourceVersion { .. } => Some(json!({
+                "causes": [{
+                    "reason": "ResourceVersionTooLarge",
+                    "message": "Too large resource version",
+                }],
+                "retryAfterSeconds": 1,
             })),
             Self::ApplyConflict { causes } => Some(json!({
                 "causes": causes.iter().map(|c| json!({

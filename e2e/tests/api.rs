@@ -686,3 +686,505 @@ async fn watch_selectors_and_streaming_lists() -> Result<()> {
     })
     .await
 }
+
+/// Sends one raw request, without kube-rs's retries of 429/503/504; returns
+/// the status code and the JSON body (or the first line of a watch stream),
+/// `null` when it is not JSON.
+async fn raw(
+    env: &Env,
+    method: &str,
+    path: &str,
+    ct: &str,
+    body: &str,
+) -> Result<(u16, serde_json::Value)> {
+    let mut config = kube::Config::new(env.server.url().parse()?);
+    config.default_retry = false;
+    let client = kube::Client::try_from(config)?;
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", ct)
+        .header("accept", "application/json")
+        .body(body.as_bytes().to_vec())?;
+    let res = client.send(req.map(Into::into)).await?;
+    let code = res.status().as_u16();
+    let bytes = axum::body::to_bytes(axum::body::Body::new(res.into_body()), 1 << 22).await?;
+    let first = bytes.split(|b| *b == b'\n').next().unwrap_or_default();
+    Ok((code, serde_json::from_slice(first).unwrap_or_default()))
+}
+
+async fn get(env: &Env, path: &str) -> Result<(u16, serde_json::Value)> {
+    raw(env, "GET", path, "application/json", "").await
+}
+
+fn message(v: &serde_json::Value) -> &str {
+    v["message"].as_str().unwrap_or_default()
+}
+
+const VMS: &str = "/apis/runv.dev/v1alpha1/namespaces/default/microvms";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn all_namespaces_path_serves_only_list_and_watch() -> Result<()> {
+    bounded(async {
+        let env = Env::start(true).await?;
+        let api = env.microvms();
+        create_microvm(&api, "keep").await?;
+        for method in ["DELETE", "POST"] {
+            let body = serde_json::to_string(&common::microvm("other"))?;
+            let (c, s) = raw(
+                &env,
+                method,
+                "/apis/runv.dev/v1alpha1/microvms",
+                "application/json",
+                &body,
+            )
+            .await?;
+            ensure!(
+                c == 405 && s["kind"] == "Status" && s["reason"] == "MethodNotAllowed",
+                "{method}: {c} {s}"
+            );
+        }
+        ensure!(api.list(&ListParams::default()).await?.items.len() == 1);
+        let (c, s) = get(&env, "/apis/runv.dev/v1alpha1/microvms").await?;
+        ensure!(
+            c == 200 && s["items"].as_array().map(Vec::len) == Some(1),
+            "{c} {s}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delete_options_are_validated_like_the_api_server() -> Result<()> {
+    bounded(async {
+        let env = Env::start(true).await?;
+        let api = env.microvms();
+        create_microvm(&api, "d").await?;
+        let path = format!("{VMS}/d");
+        let (c, s) = raw(
+            &env,
+            "DELETE",
+            &path,
+            "application/json",
+            r#"{"propagationPolicy":"Orphan","orphanDependents":true}"#,
+        )
+        .await?;
+        ensure!(
+            c == 422
+                && s["details"]["kind"] == "DeleteOptions"
+                && s["details"]["group"] == "meta.k8s.io",
+            "{c} {s}"
+        );
+        ensure!(
+            message(&s).contains("orphanDependents and deletionPropagation cannot be both set"),
+            "{s}"
+        );
+        let (c, s) = raw(
+            &env,
+            "DELETE",
+            &path,
+            "application/json",
+            r#"{"propagationPolicy":"Sometimes"}"#,
+        )
+        .await?;
+        ensure!(
+            c == 422 && message(&s).contains("Unsupported value: \"Sometimes\""),
+            "{c} {s}"
+        );
+        let (c, s) = raw(
+            &env,
+            "DELETE",
+            &path,
+            "application/json",
+            r#"{"gracePeriodSeconds":"soon"}"#,
+        )
+        .await?;
+        ensure!(
+            c == 400 && message(&s).contains("gracePeriodSeconds"),
+            "{c} {s}"
+        );
+        let (c, s) = raw(
+            &env,
+            "DELETE",
+            &format!("{path}?gracePeriodSeconds=x"),
+            "application/json",
+            "",
+        )
+        .await?;
+        ensure!(c == 400, "{c} {s}");
+        api.get("d")
+            .await
+            .context("refused deletes keep the object")?;
+        // Any integer grace period is accepted (a negative one counts as 1 upstream);
+        // it has no effect on these kinds.
+        let (c, s) = raw(
+            &env,
+            "DELETE",
+            &path,
+            "application/json",
+            r#"{"gracePeriodSeconds":-5}"#,
+        )
+        .await?;
+        ensure!(c == 200 && s["status"] == "Success", "{c} {s}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn list_options_and_resource_versions_are_validated() -> Result<()> {
+    bounded(async {
+        let env = Env::start(true).await?;
+        let api = env.microvms();
+        create_microvm(&api, "r").await?;
+        for (query, want, text) in [
+            ("resourceVersionMatch=Exact", 422, "resourceVersionMatch is forbidden unless resourceVersion is provided"),
+            ("resourceVersionMatch=NotOlderThan", 422, "resourceVersionMatch is forbidden unless resourceVersion is provided"),
+            ("resourceVersionMatch=Sometimes&resourceVersion=1", 422, "Unsupported value: \"Sometimes\""),
+            ("resourceVersionMatch=Exact&resourceVersion=0", 422, "forbidden for resourceVersion \"0\""),
+            ("resourceVersionMatch=Exact&resourceVersion=abc", 400, "invalid resource version"),
+            ("resourceVersion=abc", 400, "invalid resource version"),
+            ("sendInitialEvents=true", 422, "sendInitialEvents is forbidden for list"),
+            ("watch=true&resourceVersionMatch=NotOlderThan", 422, "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided"),
+            ("watch=true&sendInitialEvents=true", 422, "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan"),
+            ("watch=true&resourceVersion=abc", 400, "invalid resource version"),
+            ("limit=1&continue=1:1:1&resourceVersion=5", 400, "specifying resource version is not allowed when using continue"),
+            ("timeoutSeconds=x&watch=true", 400, "timeoutSeconds"),
+        ] {
+            let (c, s) = get(&env, &format!("{VMS}?{query}")).await?;
+            ensure!(c == want && s["kind"] == "Status" && message(&s).contains(text), "{query}: {c} {s}");
+            if want == 422 {
+                ensure!(s["details"]["kind"] == "ListOptions" && s["details"]["group"] == "meta.k8s.io", "{s}");
+            }
+        }
+        // A version the store has not reached: a short wait, then 504.
+        let (_, list) = get(&env, VMS).await?;
+        let current: u64 = list["metadata"]["resourceVersion"].as_str().unwrap_or_default().parse()?;
+        let started = std::time::Instant::now();
+        let (c, s) = get(&env, &format!("{VMS}?resourceVersion={}&resourceVersionMatch=NotOlderThan", current + 1000)).await?;
+        ensure!(started.elapsed() >= Duration::from_millis(2500), "answered too early");
+        ensure!(c == 504 && s["reason"] == "Timeout", "{c} {s}");
+        ensure!(s["details"]["causes"][0]["reason"] == "ResourceVersionTooLarge", "{s}");
+        ensure!(message(&s).starts_with("Timeout: Too large resource version"), "{s}");
+        // The same list succeeds when a write reaches the version meanwhile.
+        let writer = {
+            let api = api.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                create_microvm(&api, "r2").await
+            })
+        };
+        let (c, s) = get(&env, &format!("{VMS}?resourceVersion={}", current + 1)).await?;
+        writer.await??;
+        ensure!(c == 200 && s["items"].as_array().map(Vec::len) == Some(2), "{c} {s}");
+        // A streaming list that asks for a future version ends with one ERROR event.
+        let (c, s) = get(
+            &env,
+            &format!("{VMS}?watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&resourceVersion={}", current + 1000),
+        )
+        .await?;
+        ensure!(c == 200 && s["type"] == "ERROR" && s["object"]["code"] == 504, "{c} {s}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_timeout_zero_means_the_server_default() -> Result<()> {
+    bounded(async {
+        let env = Env::start(true).await?;
+        let api = env.microvms();
+        let req = http::Request::builder()
+            .uri(format!("{VMS}?watch=true&timeoutSeconds=0"))
+            .body(Vec::new())?;
+        let res = env.client().send(req.map(Into::into)).await?;
+        ensure!(res.status().as_u16() == 200);
+        let mut stream = axum::body::Body::new(res.into_body()).into_data_stream();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        create_microvm(&api, "w").await?;
+        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .context("the watch stayed open but sent nothing")?
+            .context("the watch ended at once")??;
+        let text = String::from_utf8_lossy(&chunk);
+        ensure!(
+            text.contains("\"ADDED\"") && text.contains("\"w\""),
+            "{text}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn continue_tokens_can_be_retried_and_take_the_request_selectors() -> Result<()> {
+    bounded(async {
+        let env = Env::start(true).await?;
+        let api = env.microvms();
+        for i in 0..6 {
+            let mut vm = common::microvm(&format!("c{i}"));
+            vm["metadata"]["labels"] = json!({"n": i.to_string()});
+            api.create(&PostParams::default(), &serde_json::from_value(vm)?)
+                .await?;
+        }
+        let names = |l: kube::core::ObjectList<DynamicObject>| {
+            l.items
+                .into_iter()
+                .filter_map(|o| o.metadata.name)
+                .collect::<Vec<_>>()
+        };
+        let first = api.list(&ListParams::default().limit(2)).await?;
+        ensure!(
+            first.metadata.remaining_item_count == Some(4),
+            "{:?}",
+            first.metadata
+        );
+        let token = first.metadata.continue_.clone().context("a token")?;
+        let again = names(
+            api.list(&ListParams::default().limit(2).continue_token(&token))
+                .await?,
+        );
+        let retried = names(
+            api.list(&ListParams::default().limit(2).continue_token(&token))
+                .await?,
+        );
+        ensure!(
+            again == ["c2", "c3"] && again == retried,
+            "{again:?} {retried:?}"
+        );
+        // The selector of the continuing request applies, as upstream.
+        let odd = api
+            .list(
+                &ListParams::default()
+                    .limit(2)
+                    .continue_token(&token)
+                    .labels("n in (1,3,5)"),
+            )
+            .await?;
+        ensure!(odd.metadata.remaining_item_count.is_none());
+        ensure!(names(odd) == ["c3", "c5"]);
+        // A token from another resource's list is refused.
+        let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+            Api::namespaced(env.client(), "default");
+        let err = cms
+            .list(&ListParams::default().continue_token(&token))
+            .await
+            .expect_err("foreign token");
+        ensure!(code(&err) == Some(400), "{err}");
+        // A negative limit is no limit, as upstream.
+        let (c, s) = get(&env, &format!("{VMS}?limit=-1")).await?;
+        ensure!(
+            c == 200
+                && s["items"].as_array().map(Vec::len) == Some(6)
+                && s["metadata"]["continue"].is_null(),
+            "{s}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn label_selectors_follow_the_upstream_grammar() -> Result<()> {
+    bounded(async {
+        let env = Env::start(true).await?;
+        let api = env.microvms();
+        for (name, n) in [("g1", "1"), ("g5", "5"), ("gx", "x")] {
+            let mut vm = common::microvm(name);
+            vm["metadata"]["labels"] = json!({"n": n, "example.com/t": "v"});
+            api.create(&PostParams::default(), &serde_json::from_value(vm)?)
+                .await?;
+        }
+        let names = |l: kube::core::ObjectList<DynamicObject>| {
+            l.items
+                .into_iter()
+                .filter_map(|o| o.metadata.name)
+                .collect::<Vec<_>>()
+        };
+        ensure!(names(api.list(&ListParams::default().labels("n>2")).await?) == ["g5"]);
+        ensure!(
+            names(
+                api.list(&ListParams::default().labels("n<2,example.com/t==v"))
+                    .await?
+            ) == ["g1"]
+        );
+        ensure!(
+            names(
+                api.list(&ListParams::default().labels("n notin (1,5), !missing"))
+                    .await?
+            ) == ["gx"]
+        );
+        for (sel, text) in [
+            ("a=b=c", "found '=', expected: ',' or 'end of string'"),
+            ("a b", "found 'b', expected: in, notin, =, ==, !=, gt, lt"),
+            ("-a=b", "name part must consist of alphanumeric characters"),
+            (
+                "Example.com/a=b",
+                "prefix part a lowercase RFC 1123 subdomain",
+            ),
+            ("a=-b", "a valid label must be an empty string"),
+            (
+                "n>x",
+                "for 'Gt', 'Lt' operators, the value must be an integer",
+            ),
+            ("!a=b", "found '=', expected: ',' or 'end of string'"),
+            ("a in ()", ""),
+            ("a,", "found '', expected: identifier after ','"),
+            ("a in (b", "found '', expected: ',' or ')'"),
+        ] {
+            let (c, s) = get(
+                &env,
+                &format!(
+                    "{VMS}?labelSelector={}",
+                    sel.replace(' ', "%20")
+                        .replace('>', "%3E")
+                        .replace('=', "%3D")
+                ),
+            )
+            .await?;
+            if sel == "a in ()" {
+                // An empty set holds the empty value upstream: valid, matches nothing.
+                ensure!(
+                    c == 200 && s["items"].as_array().map(Vec::len) == Some(0),
+                    "{sel}: {c} {s}"
+                );
+                continue;
+            }
+            ensure!(
+                c == 400 && s["reason"] == "BadRequest" && message(&s).contains(text),
+                "{sel}: {c} {s}"
+            );
+        }
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn put_refuses_a_body_in_another_namespace() -> Result<()> {
+    bounded(async {
+        let env = Env::start(true).await?;
+        let api = env.microvms();
+        let vm = create_microvm(&api, "ns").await?;
+        let mut body = serde_json::to_value(&vm)?;
+        body["metadata"]["namespace"] = json!("kube-system");
+        let (c, s) = raw(&env, "PUT", &format!("{VMS}/ns"), "application/json", &body.to_string()).await?;
+        ensure!(
+            c == 400 && message(&s) == "the namespace of the provided object does not match the namespace sent on the request",
+            "{c} {s}"
+        );
+        body["metadata"]["namespace"] = json!("default");
+        body["metadata"]["name"] = json!("other");
+        let (c, s) = raw(&env, "PUT", &format!("{VMS}/ns"), "application/json", &body.to_string()).await?;
+        ensure!(c == 400 && message(&s).contains("does not match the name on the URL"), "{c} {s}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crds_with_bad_cel_or_untyped_schemas_are_refused() -> Result<()> {
+    bounded(async {
+        let env = Env::start(false).await?;
+        let crd = |schema: serde_json::Value| {
+            json!({
+                "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                "metadata": {"name": "widgets.example.com"},
+                "spec": {"group": "example.com", "scope": "Namespaced",
+                    "names": {"plural": "widgets", "singular": "widget", "kind": "Widget", "listKind": "WidgetList"},
+                    "versions": [{"name": "v1", "served": true, "storage": true, "schema": {"openAPIV3Schema": schema}}]},
+            })
+        };
+        let path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions";
+        let bad_cel = crd(json!({"type": "object", "properties": {"spec": {"type": "object",
+            "x-kubernetes-validations": [{"rule": "self.size >"}],
+            "properties": {"size": {"type": "integer"}}}}}));
+        let (c, s) = raw(&env, "POST", path, "application/json", &bad_cel.to_string()).await?;
+        ensure!(c == 422, "{c} {s}");
+        ensure!(
+            s["details"]["causes"][0]["field"] == "spec.versions[0].schema.openAPIV3Schema.properties[spec].x-kubernetes-validations[0].rule"
+                && message(&s).contains("compilation failed"),
+            "{s}"
+        );
+        let untyped = crd(json!({"type": "object", "properties": {"spec": {"properties": {"size": {"type": "integer"}}}}}));
+        let (c, s) = raw(&env, "POST", path, "application/json", &untyped.to_string()).await?;
+        ensure!(c == 422 && message(&s).contains("spec.versions[0].schema.openAPIV3Schema.properties[spec].type: Required value: must not be empty for specified object fields"), "{c} {s}");
+        let ok = crd(json!({"type": "object", "properties": {"spec": {"type": "object",
+            "x-kubernetes-validations": [{"rule": "self.size > 0", "message": "positive"}],
+            "properties": {"size": {"type": "integer"}, "any": {"x-kubernetes-int-or-string": true}}}}}));
+        let (c, s) = raw(&env, "POST", path, "application/json", &ok.to_string()).await?;
+        ensure!(c == 201, "{c} {s}");
+        Ok(())
+    })
+    .await
+}
+
+/// The causes of a 422 as `field: message` lines.
+fn causes(body: &serde_json::Value) -> Vec<String> {
+    body["details"]["causes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            format!(
+                "{}: {}",
+                c["field"].as_str().unwrap_or_default(),
+                c["message"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn list_map_keys_and_blocking_errors_decide_which_checks_run() -> Result<()> {
+    bounded(async {
+        let env = Env::start(true).await?;
+        let post = |vm: serde_json::Value| {
+            let env = &env;
+            async move { raw(env, "POST", VMS, "application/json", &vm.to_string()).await }
+        };
+        // A list keyed by name: the server's own duplicate check names the second
+        // item, and the CEL rule on the list says why.
+        let mut vm = common::microvm("dup");
+        vm["spec"]["disks"] = json!([
+            {"name": "root", "empty": {"size": "1Gi"}},
+            {"name": "root", "empty": {"size": "2Gi"}},
+        ]);
+        let (status, body) = post(vm).await?;
+        let got = causes(&body);
+        ensure!(status == 422, "{status} {body}");
+        ensure!(
+            got.contains(&r#"spec.disks[1]: Duplicate value: map[string]interface {}{"name":"root"}"#.to_owned())
+                && got.contains(&r#"spec.disks: Invalid value: "array": names must be unique within the MicroVM"#.to_owned()),
+            "{got:#?}"
+        );
+        // A pattern error is not blocking: the rules still run and report too.
+        let mut vm = common::microvm("pattern");
+        vm["spec"]["interfaces"] = json!([{"name": "eth0", "type": "Nat", "mac": "zz"}]);
+        vm["spec"]["boot"]["initrd"] = json!("relative.img");
+        let (status, body) = post(vm).await?;
+        let got = causes(&body);
+        ensure!(status == 422, "{status} {body}");
+        ensure!(
+            got.iter().any(|c| c.starts_with(r#"spec.interfaces[0].mac: Invalid value: "zz": spec.interfaces[0].mac in body should match '^"#))
+                && got.contains(&r#"spec.boot.initrd: Invalid value: "string": must be an absolute path on the node"#.to_owned()),
+            "{got:#?}"
+        );
+        // A wrong type is blocking: the rules are skipped, and the server says so.
+        let mut vm = common::microvm("blocking");
+        vm["spec"]["resources"]["vcpus"] = json!("two");
+        vm["spec"]["boot"]["initrd"] = json!("relative.img");
+        let (status, body) = post(vm).await?;
+        let got = causes(&body);
+        ensure!(status == 422, "{status} {body}");
+        ensure!(
+            got.contains(&r#"spec.resources.vcpus: Invalid value: "string": spec.resources.vcpus in body must be of type integer: "string""#.to_owned())
+                && got.iter().any(|c| c.contains("some validation rules were not checked"))
+                && !got.iter().any(|c| c.starts_with("spec.boot.initrd")),
+            "{got:#?}"
+        );
+        Ok(())
+    })
+    .await
+}

@@ -3,30 +3,14 @@
 
 mod common;
 
-use std::time::Duration;
-
 use anyhow::{Result, ensure};
-use common::{Env, bounded, code};
+use common::{Env, bounded, code, eventually};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent, Namespace, Node, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use runv_e2e::{Options, TestServer};
 use serde_json::json;
-
-async fn eventually<F, Fut>(what: &str, mut f: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<bool>>,
-{
-    for _ in 0..100 {
-        if f().await? {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    anyhow::bail!("{what} did not happen within 5 s")
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nodes_leases_secrets_and_both_event_apis() -> Result<()> {
@@ -227,6 +211,47 @@ async fn state_survives_a_restart() -> Result<()> {
             "resourceVersion went back"
         );
         server.shutdown().await?;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn field_selectors_read_fields_as_the_kinds_field_sets_do() -> Result<()> {
+    bounded(async {
+        let env = Env::start(false).await?;
+        let client = env.client();
+        let nodes: Api<Node> = Api::all(client.clone());
+        for (name, spec) in [("plain", json!({})), ("cordoned", json!({"unschedulable": true}))] {
+            let n: Node = serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec}))?;
+            nodes.create(&PostParams::default(), &n).await?;
+        }
+        let names = |l: kube::core::ObjectList<Node>| l.items.into_iter().filter_map(|o| o.metadata.name).collect::<Vec<_>>();
+        // An absent spec.unschedulable reads as "false", as upstream's node field set.
+        ensure!(names(nodes.list(&ListParams::default().fields("spec.unschedulable=false")).await?) == ["plain"]);
+        ensure!(names(nodes.list(&ListParams::default().fields("spec.unschedulable!=false")).await?) == ["cordoned"]);
+
+        // A core Event's `source` is source.component, else reportingComponent.
+        let core: Api<CoreEvent> = Api::namespaced(client.clone(), "default");
+        for (name, extra) in [
+            ("by-source", json!({"source": {"component": "kubelet", "host": "n1"}})),
+            ("by-reporter", json!({"reportingComponent": "runv.dev/operator", "reportingInstance": "op-1"})),
+        ] {
+            let mut ev = json!({"metadata": {"name": name}, "involvedObject": {"kind": "Node", "name": "n1"},
+                "reason": "R", "message": "m", "type": "Normal"});
+            for (k, v) in extra.as_object().into_iter().flatten() {
+                ev[k] = v.clone();
+            }
+            core.create(&PostParams::default(), &serde_json::from_value(ev)?).await?;
+        }
+        let evnames = |l: kube::core::ObjectList<CoreEvent>| l.items.into_iter().filter_map(|o| o.metadata.name).collect::<Vec<_>>();
+        ensure!(evnames(core.list(&ListParams::default().fields("source=kubelet")).await?) == ["by-source"]);
+        ensure!(evnames(core.list(&ListParams::default().fields("source=runv.dev/operator")).await?) == ["by-reporter"]);
+        // Unsupported fields and unescaped separators are refused.
+        let err = nodes.list(&ListParams::default().fields("spec.podCIDR=x")).await.expect_err("unsupported");
+        ensure!(code(&err) == Some(400) && err.to_string().contains("field label not supported: spec.podCIDR"), "{err}");
+        let err = nodes.list(&ListParams::default().fields("metadata.name")).await.expect_err("no operator");
+        ensure!(code(&err) == Some(400) && err.to_string().contains("can't understand 'metadata.name'"), "{err}");
         Ok(())
     })
     .await

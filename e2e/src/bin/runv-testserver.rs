@@ -1,5 +1,7 @@
 //! `runv-testserver --port PORT --kubeconfig FILE`: serves the Kubernetes API
-//! test server on 127.0.0.1 until killed, for pointing kubectl at it by hand.
+//! test server on 127.0.0.1 until SIGINT (Ctrl-C) or SIGTERM, for pointing
+//! kubectl at it by hand or from a test. Either signal shuts it down cleanly:
+//! watches end and the state file, if any, is written.
 
 use std::path::PathBuf;
 
@@ -52,7 +54,25 @@ async fn main() -> anyhow::Result<()> {
         server.url(),
         server.kubeconfig_path().display()
     );
-    tokio::signal::ctrl_c().await?;
+    stop_requested().await?;
     server.shutdown().await?;
     Ok(())
+}
+
+/// Returns on the first SIGINT or SIGTERM.
+#[cfg(unix)]
+async fn stop_requested() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        res = tokio::signal::ctrl_c() => res.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// Returns on the first Ctrl-C.
+#[cfg(not(unix))]
+async fn stop_requested() -> anyhow::Result<()> {
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
 }

@@ -83,46 +83,7 @@ impl Env {
 
     /// Runs kubectl with this server's kubeconfig, stdin optional, 60 s at most.
     pub async fn kubectl_in(&self, args: &[&str], stdin: Option<&str>) -> Result<Out> {
-        let path = kubectl_path();
-        if !path.exists() {
-            bail!(
-                "kubectl not found ({}): the e2e suite needs the real kubectl on PATH or in KUBECTL",
-                path.display()
-            );
-        }
-        let mut cmd = tokio::process::Command::new(&path);
-        cmd.arg("--kubeconfig")
-            .arg(self.server.kubeconfig_path())
-            .arg("--cache-dir")
-            .arg(self.dir.path().join("cache"))
-            .args(args)
-            .env_remove("KUBECONFIG")
-            .env("HOME", self.dir.path())
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("running {}", path.display()))?;
-        if let Some(text) = stdin {
-            use tokio::io::AsyncWriteExt;
-            let mut pipe = child.stdin.take().context("kubectl stdin")?;
-            pipe.write_all(text.as_bytes()).await?;
-            drop(pipe);
-        }
-        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-            .await
-            .context("kubectl did not finish within 60 s")??;
-        Ok(Out {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        run_kubectl(self.server.kubeconfig_path(), self.dir.path(), args, stdin).await
     }
 
     /// Runs kubectl without stdin.
@@ -149,6 +110,56 @@ impl Env {
             &ApiResource::from_gvk_with_plural(&gvk, "secureworkloads"),
         )
     }
+}
+
+/// Runs kubectl against `kubeconfig`, with `home` as its home and cache
+/// directory, stdin optional, 60 s at most.
+pub async fn run_kubectl(
+    kubeconfig: &Path,
+    home: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<Out> {
+    let path = kubectl_path();
+    if !path.exists() {
+        bail!(
+            "kubectl not found ({}): the e2e suite needs the real kubectl on PATH or in KUBECTL",
+            path.display()
+        );
+    }
+    let mut cmd = tokio::process::Command::new(&path);
+    cmd.arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--cache-dir")
+        .arg(home.join("cache"))
+        .args(args)
+        .env_remove("KUBECONFIG")
+        .env("HOME", home)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("running {}", path.display()))?;
+    if let Some(text) = stdin {
+        use tokio::io::AsyncWriteExt;
+        let mut pipe = child.stdin.take().context("kubectl stdin")?;
+        pipe.write_all(text.as_bytes()).await?;
+        drop(pipe);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .context("kubectl did not finish within 60 s")??;
+    Ok(Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
 }
 
 /// The MicroVM resource.
@@ -194,4 +205,48 @@ pub fn code(e: &kube::Error) -> Option<u16> {
         kube::Error::Api(s) => Some(s.code),
         _ => None,
     }
+}
+
+/// Polls `f` every 50 ms until it returns true, failing after 5 s.
+pub async fn eventually<F, Fut>(what: &str, mut f: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    for _ in 0..100 {
+        if f().await? {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("{what} did not happen within 5 s")
+}
+
+/// The message of a CEL rule in runv's CRD for `kind` (as the tests' servers
+/// load it): the rule containing `rule` on the schema node at `path`, given as
+/// property names with `[]` for list items, e.g. `["spec", "disks", "[]"]`.
+pub fn rule_message(kind: &str, path: &[&str], rule: &str) -> Result<String> {
+    let crd = runv_crds::generate::crds()
+        .into_iter()
+        .map(serde_json::to_value)
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .find(|c| c["spec"]["names"]["kind"] == kind)
+        .with_context(|| format!("no CRD for {kind}"))?;
+    let mut node = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    for seg in path {
+        node = if *seg == "[]" {
+            &node["items"]
+        } else {
+            &node["properties"][seg]
+        };
+    }
+    node["x-kubernetes-validations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["rule"].as_str().is_some_and(|r| r.contains(rule)))
+        .and_then(|v| v["message"].as_str())
+        .map(str::to_string)
+        .with_context(|| format!("no rule containing {rule:?} at {path:?} of {kind}"))
 }
