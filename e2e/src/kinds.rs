@@ -461,13 +461,39 @@ pub fn after_write(state: &mut State, rt: &ResourceType, stored: &Value) -> Resu
     if rt.builtin != Builtin::Crd || !stored["metadata"]["deletionTimestamp"].is_null() {
         return Ok(());
     }
-    state.registry.add_crd(stored)?;
-    let established = stored["status"]["conditions"].as_array().is_some_and(|c| {
-        c.iter()
-            .any(|c| c["type"] == "Established" && c["status"] == "True")
-    });
+    let conflicts = name_conflicts(state, stored);
+    if conflicts.is_empty() {
+        state.registry.add_crd(stored)?;
+    } else {
+        // As kube-apiserver's naming controller: the CRD is stored but not served.
+        let name = stored["metadata"]["name"].as_str().unwrap_or_default();
+        state.registry.remove_crd(name);
+    }
+    let accepted = |ty: &str| {
+        stored["status"]["conditions"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["type"] == ty && c["status"] == "True"))
+    };
     let names = &stored["spec"]["names"];
-    if !established || stored["status"]["acceptedNames"] != *names {
+    if !conflicts.is_empty() {
+        if accepted("NamesAccepted") || stored["status"]["conditions"].is_null() {
+            let mut obj = stored.clone();
+            let t = now();
+            obj["status"] = json!({
+                "acceptedNames": {"plural": "", "kind": ""},
+                "conditions": [
+                    { "type": "NamesAccepted", "status": "False", "reason": "NameConflict",
+                      "message": conflicts.join(", "), "lastTransitionTime": t },
+                    { "type": "Established", "status": "False", "reason": "NotAccepted",
+                      "message": "not all names are accepted", "lastTransitionTime": t },
+                ],
+                "storedVersions": [],
+            });
+            state.controller_put(rt, obj);
+        }
+        return Ok(());
+    }
+    if !accepted("Established") || stored["status"]["acceptedNames"] != *names {
         let mut obj = stored.clone();
         let t = now();
         let cond = |ty: &str, reason: &str, msg: &str| json!({ "type": ty, "status": "True", "reason": reason, "message": msg, "lastTransitionTime": t });
@@ -489,6 +515,71 @@ pub fn after_write(state: &mut State, rt: &ResourceType, stored: &Value) -> Resu
         state.controller_put(rt, obj);
     }
     Ok(())
+}
+
+/// The names of `crd` that another CRD of its group already serves, worded as
+/// kube-apiserver's naming controller words them: plural, singular and short
+/// names share one namespace, kinds and list kinds another.
+fn name_conflicts(state: &State, crd: &Value) -> Vec<String> {
+    let name = crd["metadata"]["name"].as_str().unwrap_or_default();
+    let group = &crd["spec"]["group"];
+    let mut resources: Vec<String> = Vec::new();
+    let mut kinds: Vec<String> = Vec::new();
+    for other in state
+        .store
+        .list("apiextensions.k8s.io/customresourcedefinitions", None)
+    {
+        if other["metadata"]["name"] == name || other["spec"]["group"] != *group {
+            continue;
+        }
+        // What the other CRD was granted: nothing if its own names were refused.
+        let names = if other["status"]["acceptedNames"].is_object() {
+            &other["status"]["acceptedNames"]
+        } else {
+            &other["spec"]["names"]
+        };
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+        resources.push(text(&names["plural"]));
+        resources.push(text(&names["singular"]));
+        resources.extend(
+            names["shortNames"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(text),
+        );
+        kinds.push(text(&names["kind"]));
+        kinds.push(text(&names["listKind"]));
+    }
+    resources.retain(|r| !r.is_empty());
+    kinds.retain(|k| !k.is_empty());
+    let names = &crd["spec"]["names"];
+    let mut wanted: Vec<(&str, bool)> = vec![
+        (names["plural"].as_str().unwrap_or_default(), true),
+        (names["singular"].as_str().unwrap_or_default(), true),
+    ];
+    wanted.extend(
+        names["shortNames"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(|s| (s, true)),
+    );
+    wanted.push((names["kind"].as_str().unwrap_or_default(), false));
+    wanted.push((names["listKind"].as_str().unwrap_or_default(), false));
+    wanted
+        .into_iter()
+        .filter(|(n, is_resource)| {
+            !n.is_empty()
+                && if *is_resource {
+                    resources.iter().any(|r| r == n)
+                } else {
+                    kinds.iter().any(|k| k == n)
+                }
+        })
+        .map(|(n, _)| format!("{n:?} is already in use"))
+        .collect()
 }
 
 /// After an object is removed: a CRD stops serving and its objects go.

@@ -97,7 +97,13 @@ pub fn load(state: &mut State, path: &Path) -> Result<bool, PersistError> {
         .collect();
     state.reset_objects();
     for (key, obj) in &objects {
-        if key == "apiextensions.k8s.io/customresourcedefinitions" {
+        // A CRD whose names were refused was stored but never served.
+        let refused = obj["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "NamesAccepted" && c["status"] == "False");
+        if key == "apiextensions.k8s.io/customresourcedefinitions" && !refused {
             state
                 .registry
                 .add_crd(obj)

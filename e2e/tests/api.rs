@@ -1115,6 +1115,39 @@ async fn crds_with_bad_cel_or_untyped_schemas_are_refused() -> Result<()> {
             "properties": {"size": {"type": "integer"}, "any": {"x-kubernetes-int-or-string": true}}}}}));
         let (c, s) = raw(&env, "POST", path, "application/json", &ok.to_string()).await?;
         ensure!(c == 201, "{c} {s}");
+        // A second CRD of the group claiming `widget` as a short name is stored, but
+        // its names are refused and it is not served, as by the naming controller.
+        let mut clash = ok.clone();
+        clash["metadata"]["name"] = json!("gadgets.example.com");
+        clash["spec"]["names"] = json!({"plural": "gadgets", "singular": "gadget",
+            "kind": "Gadget", "listKind": "GadgetList", "shortNames": ["widget"]});
+        let (c, s) = raw(&env, "POST", path, "application/json", &clash.to_string()).await?;
+        ensure!(c == 201, "{c} {s}");
+        let (c, s) = get(&env, &format!("{path}/gadgets.example.com")).await?;
+        let conditions = s["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        ensure!(
+            c == 200
+                && conditions.iter().any(|c| c["type"] == "NamesAccepted"
+                    && c["status"] == "False"
+                    && c["reason"] == "NameConflict"
+                    && c["message"] == "\"widget\" is already in use")
+                && conditions.iter().any(|c| c["type"] == "Established" && c["status"] == "False"),
+            "{s}"
+        );
+        let (c, s) = get(&env, "/apis/example.com/v1/namespaces/default/gadgets").await?;
+        ensure!(c == 404, "a CRD whose names were refused is served: {c} {s}");
+        // Fixing the names accepts and serves it.
+        let (c, s) = raw(
+            &env,
+            "PATCH",
+            &format!("{path}/gadgets.example.com"),
+            "application/merge-patch+json",
+            r#"{"spec":{"names":{"shortNames":["gd"]}}}"#,
+        )
+        .await?;
+        ensure!(c == 200, "{c} {s}");
+        let (c, s) = get(&env, "/apis/example.com/v1/namespaces/default/gadgets").await?;
+        ensure!(c == 200, "fixed names are not served: {c} {s}");
         Ok(())
     })
     .await
