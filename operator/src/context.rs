@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::Client;
+use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
+use kube::{Client, ResourceExt};
 use runv_crds::MicroVM;
 use tokio::sync::Mutex;
 
@@ -86,6 +87,9 @@ pub struct Context {
     pub metrics: Metrics,
     /// Settings.
     pub config: Config,
+    /// Nodes seen without an agent Lease, and since when (see
+    /// [`Context::lease_missing_for`]).
+    pub lease_missing: std::sync::Mutex<HashMap<String, Timestamp>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -97,6 +101,55 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
+    /// Waits until the caches every reconcile reads (Nodes, agent Leases,
+    /// MicroVMs) have been filled by their first list; false if a cache's
+    /// watch ended first. kube-runtime only holds a controller until its own
+    /// cache is filled: a MicroVM reconciled against an empty Node cache would
+    /// look bound to a deleted node, and a SecureWorkload against an empty
+    /// MicroVM cache would look like it has no replicas.
+    pub async fn caches_synced(&self) -> bool {
+        let (nodes, leases, vms) = tokio::join!(
+            self.nodes.wait_until_ready(),
+            self.leases.wait_until_ready(),
+            self.microvms.wait_until_ready()
+        );
+        nodes.is_ok() && leases.is_ok() && vms.is_ok()
+    }
+
+    /// How long `node` has had no agent Lease: counted from when this operator
+    /// first saw it without one, or from the Node's creation if that is later.
+    /// A missing Lease thus gets the same grace as an expired one, also right
+    /// after the operator starts.
+    pub fn lease_missing_for(&self, node: &Node, now: Timestamp) -> Duration {
+        let mut seen = self
+            .lease_missing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let first = *seen.entry(node.name_any()).or_insert(now);
+        let since = node
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(first, |created| created.0.max(first));
+        Duration::try_from(now.duration_since(since)).unwrap_or(Duration::ZERO)
+    }
+
+    /// Forgets when `node` was first seen without a Lease (it has one now).
+    pub fn lease_found(&self, node: &str) {
+        self.lease_missing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(node);
+    }
+
+    /// Forgets nodes that are gone.
+    pub fn forget_missing_leases_except(&self, nodes: &std::collections::HashSet<String>) {
+        self.lease_missing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|n, _| nodes.contains(n));
+    }
+
     /// Publishes an events.k8s.io/v1 Event about `reference`. Events are
     /// best-effort: a failure is logged and never fails a reconcile.
     pub async fn publish(

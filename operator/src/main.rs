@@ -74,10 +74,9 @@ async fn main() -> anyhow::Result<()> {
     ));
 
     let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut _lease_task = None;
+    let mut leadership = None;
     if args.leader_elect {
-        let identity = std::env::var("POD_NAME")
-            .unwrap_or_else(|_| format!("runv-operator-{}", std::process::id()));
+        let identity = std::env::var("POD_NAME").unwrap_or_else(|_| default_identity());
         let manager = LeaseManagerBuilder::new(client.clone(), "runv-operator")
             .with_namespace(&args.namespace)
             .with_identity(&identity)
@@ -96,8 +95,9 @@ async fn main() -> anyhow::Result<()> {
         }
         ready.store(false, std::sync::atomic::Ordering::Relaxed);
         tracing::info!("leading");
-        _lease_task = Some(task);
-        tokio::spawn(async move {
+        // Holds the only receiver of the leadership channel: when it ends, the
+        // lease manager releases the Lease.
+        let follower = tokio::spawn(async move {
             while leader.changed().await.is_ok() {
                 if !*leader.borrow_and_update() {
                     break;
@@ -105,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
             }
             let _ = lost_tx.send(());
         });
+        leadership = Some((follower, task));
     } else {
         drop(lost_tx);
     }
@@ -131,10 +132,42 @@ async fn main() -> anyhow::Result<()> {
         () = run::run(client, config, metrics, ready, shutdown) => {}
         r = server => anyhow::bail!("HTTP server stopped: {r:?}"),
     }
+    if let Some((follower, task)) = leadership {
+        // Release the Lease rather than let it expire, so a standby takes over
+        // at once instead of after the Lease duration.
+        follower.abort();
+        match tokio::time::timeout(Duration::from_secs(5), task).await {
+            Ok(Ok(Ok(_))) => tracing::info!("leader Lease released"),
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "cannot release the leader Lease"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "leader election task failed"),
+            Err(_) => tracing::warn!("timed out releasing the leader Lease"),
+        }
+    }
     if lost.load(std::sync::atomic::Ordering::Relaxed) {
         anyhow::bail!("lost leadership");
     }
     Ok(())
+}
+
+/// The leader-election identity without `POD_NAME`: the host name and a
+/// random suffix (a process id alone is 1 in every container).
+fn default_identity() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "runv-operator".to_owned());
+    // RandomState is seeded from the OS's randomness.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    format!("{host}-{:08x}", hasher.finish() as u32)
 }
 
 async fn terminate() {

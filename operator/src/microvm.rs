@@ -134,6 +134,9 @@ pub enum OperatorStatus {
     NodeLost {
         /// The node.
         node: String,
+        /// `NodeLost`, or `PinnedNodeLost` for a VM pinned to a fenced or
+        /// deleted node (it cannot move).
+        reason: &'static str,
         /// What is known of the agent.
         message: String,
     },
@@ -207,18 +210,22 @@ impl OperatorStatus {
                     no_stall,
                 ]
             }
-            OperatorStatus::NodeLost { node, message } => [
+            OperatorStatus::NodeLost {
+                node,
+                reason,
+                message,
+            } => [
                 (
                     cond::SCHEDULED,
                     True,
                     "Placed",
                     format!("placed on node {node}"),
                 ),
-                (cond::VMM_STARTED, Unknown, "NodeLost", message.clone()),
-                (cond::GUEST_BOOTED, Unknown, "NodeLost", message.clone()),
-                (cond::READY, Unknown, "NodeLost", message.clone()),
-                (cond::PAUSED, Unknown, "NodeLost", message.clone()),
-                (cond::RECONCILING, True, "NodeLost", message.clone()),
+                (cond::VMM_STARTED, Unknown, reason, message.clone()),
+                (cond::GUEST_BOOTED, Unknown, reason, message.clone()),
+                (cond::READY, Unknown, reason, message.clone()),
+                (cond::PAUSED, Unknown, reason, message.clone()),
+                (cond::RECONCILING, True, reason, message.clone()),
                 no_stall,
             ],
         }
@@ -348,7 +355,13 @@ async fn place(vm: &MicroVM, ctx: &Context, now: Timestamp) -> Result<Action, Re
     let req = request(vm)?;
 
     let outcome = match &vm.spec.node_name {
-        Some(pinned) => Ok((pinned.clone(), true)),
+        // spec.nodeName bypasses the placer's checks (selector, taints, cordon,
+        // room: the agent refuses what does not fit), but never binds to a node
+        // that is fenced, unknown or whose agent is not alive.
+        Some(pinned) => match pinned_node_unavailable(ctx, pinned, now) {
+            None => Ok((pinned.clone(), true)),
+            Some(why) => Err(why),
+        },
         None => {
             let infos: Vec<_> = ctx
                 .nodes
@@ -389,7 +402,9 @@ async fn place(vm: &MicroVM, ctx: &Context, now: Timestamp) -> Result<Action, Re
                 seen.insert(other_uid);
             }
             assumed.bindings.retain(|uid, _| seen.contains(uid));
-            let decision = placement::place(&req, &infos, &used).map(|n| (n, false));
+            let decision = placement::place(&req, &infos, &used)
+                .map(|n| (n, false))
+                .map_err(|e| e.to_string());
             if let Ok((node, _)) = &decision {
                 tracing::debug!(microvm = %vm.name_any(), %node, bound = used.len(), "placing");
             }
@@ -428,10 +443,9 @@ async fn place(vm: &MicroVM, ctx: &Context, now: Timestamp) -> Result<Action, Re
             publish(ctx, vm, EventType::Normal, "Scheduled", note, "Place").await;
             Ok(Action::await_change())
         }
-        Err(unschedulable) => {
+        Err(message) => {
             drop(assumed);
             ctx.metrics.placement(false);
-            let message = unschedulable.to_string();
             let before = vm
                 .status
                 .as_ref()
@@ -460,8 +474,38 @@ async fn place(vm: &MicroVM, ctx: &Context, now: Timestamp) -> Result<Action, Re
     }
 }
 
+/// Why a VM pinned to `node` cannot be bound to it now, if it cannot. The
+/// message names no durations, so it only changes (and publishes a new
+/// `FailedScheduling` Event) when the node's state does.
+fn pinned_node_unavailable(ctx: &Context, node: &str, now: Timestamp) -> Option<String> {
+    let Some(n) = ctx.nodes.get(&ObjectRef::new(node)) else {
+        return Some(format!(
+            "pinned by spec.nodeName to node {node}, which does not exist or runs no runv agent"
+        ));
+    };
+    if nodes::is_fenced(&n) {
+        return Some(format!(
+            "pinned by spec.nodeName to node {node}, which is fenced"
+        ));
+    }
+    let lease = ctx
+        .leases
+        .get(&ObjectRef::new(&nodes::lease_name(node)).within(&ctx.config.lease_namespace));
+    match nodes::agent_lease(lease.as_deref(), now) {
+        nodes::AgentLease::Current => None,
+        nodes::AgentLease::Missing => Some(format!(
+            "pinned by spec.nodeName to node {node}, which has no runv agent Lease"
+        )),
+        nodes::AgentLease::Expired(_) => Some(format!(
+            "pinned by spec.nodeName to node {node}, whose runv agent Lease has expired"
+        )),
+    }
+}
+
 /// Watches a bound VM's node: marks the VM Unknown when its agent is lost, and
-/// moves an `Always` VM off a fenced (or deleted) node.
+/// moves an `Always` VM off a fenced (or deleted) node. A VM pinned by
+/// `spec.nodeName` cannot move: it stays bound, Unknown, with reason
+/// `PinnedNodeLost`.
 async fn watch_bound(
     vm: &MicroVM,
     node: String,
@@ -472,17 +516,18 @@ async fn watch_bound(
     let lease = ctx
         .leases
         .get(&ObjectRef::new(&nodes::lease_name(&node)).within(&ctx.config.lease_namespace));
-    let expired = nodes::expired_for(lease.as_deref(), now);
-    let fenced = node_obj.as_deref().is_none_or(nodes::is_fenced);
-    let Some(expired) = expired else {
+    let agent = nodes::agent_lease(lease.as_deref(), now);
+    if agent.is_current() {
         return Ok(Action::await_change());
+    }
+    let fenced = node_obj.as_deref().is_none_or(nodes::is_fenced);
+    let why = if node_obj.is_none() {
+        "was deleted"
+    } else {
+        "is fenced"
     };
-    if fenced && vm.spec.run_policy == RunPolicy::Always {
-        let why = if node_obj.is_none() {
-            "was deleted"
-        } else {
-            "is fenced"
-        };
+    let pinned = vm.spec.node_name.is_some();
+    if fenced && vm.spec.run_policy == RunPolicy::Always && !pinned {
         let merge = json!({ "status": { "nodeName": null, "phase": "Pending" } });
         api(vm, ctx)?
             .patch_status(
@@ -505,24 +550,41 @@ async fn watch_bound(
         .await;
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
-    let message = if expired == Duration::MAX {
-        format!("node {node} has no runv agent Lease")
-    } else {
-        format!(
-            "the runv agent on node {node} has not renewed its Lease for {}s",
-            expired.as_secs()
+    let (reason, message) = if fenced && pinned {
+        (
+            "PinnedNodeLost",
+            format!(
+                "node {node} {why} and the VM is pinned to it by spec.nodeName: it cannot move \
+                 elsewhere and stays Unknown until the node is back or the MicroVM is deleted"
+            ),
         )
+    } else {
+        let message = match agent {
+            nodes::AgentLease::Expired(for_) => format!(
+                "the runv agent on node {node} has not renewed its Lease for {}s",
+                for_.as_secs()
+            ),
+            _ => format!("node {node} has no runv agent Lease"),
+        };
+        ("NodeLost", message)
     };
-    let lost_before = vm.status.as_ref().and_then(|s| s.phase) == Some(Phase::Unknown);
-    if !lost_before
+    // Written once per reason: the message's duration alone is no transition.
+    let shown = vm
+        .status
+        .as_ref()
+        .filter(|s| s.phase == Some(Phase::Unknown))
+        .and_then(|s| cond::find(&s.conditions, cond::READY))
+        .map(|c| c.reason.as_str());
+    if shown != Some(reason)
         && let Some(s) = (OperatorStatus::NodeLost {
             node: node.clone(),
+            reason,
             message: message.clone(),
         })
         .to_apply(vm, now)
     {
         apply_status(vm, s, ctx).await?;
-        publish(ctx, vm, EventType::Warning, "NodeLost", message, "Watch").await;
+        publish(ctx, vm, EventType::Warning, reason, message, "Watch").await;
     }
     // Look again when fencing may have happened.
     Ok(Action::requeue(Duration::from_secs(10)))

@@ -34,19 +34,41 @@ pub fn node_of_lease(lease: &str) -> Option<&str> {
     lease.strip_prefix("runv-agent-").filter(|n| !n.is_empty())
 }
 
-/// How long ago the Lease expired; `None` while it is current.
-/// A Lease without a renew time has expired forever.
-pub fn expired_for(lease: Option<&Lease>, now: Timestamp) -> Option<Duration> {
+/// What a node's agent Lease says about the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentLease {
+    /// Renewed within its duration: the agent is alive.
+    Current,
+    /// Expired this long ago.
+    Expired(Duration),
+    /// No Lease, or one that was never renewed: how long it has been missing
+    /// is for the caller to track (see [`crate::context::Context::lease_missing_for`]).
+    Missing,
+}
+
+impl AgentLease {
+    /// Whether the agent is alive.
+    pub fn is_current(self) -> bool {
+        self == AgentLease::Current
+    }
+}
+
+/// The state of a node's agent according to its Lease at `now`.
+pub fn agent_lease(lease: Option<&Lease>, now: Timestamp) -> AgentLease {
     let Some(spec) = lease.and_then(|l| l.spec.as_ref()) else {
-        return Some(Duration::MAX);
+        return AgentLease::Missing;
     };
     let Some(renewed) = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) else {
-        return Some(Duration::MAX);
+        return AgentLease::Missing;
     };
     let duration = i64::from(spec.lease_duration_seconds.unwrap_or(40).max(0));
     let expiry = renewed.0.as_second().saturating_add(duration);
     let now_s = now.as_second();
-    (now_s > expiry).then(|| Duration::from_secs(now_s.abs_diff(expiry)))
+    if now_s > expiry {
+        AgentLease::Expired(Duration::from_secs(now_s.abs_diff(expiry)))
+    } else {
+        AgentLease::Current
+    }
 }
 
 /// Whether the node carries the operator's fencing taint.
@@ -79,7 +101,7 @@ pub fn node_info(node: &Node, lease: Option<&Lease>, now: Timestamp) -> NodeInfo
         taints: taints(node).to_vec(),
         vcpus,
         memory,
-        agent_ready: expired_for(lease, now).is_none(),
+        agent_ready: agent_lease(lease, now).is_current(),
         fenced: is_fenced(node),
         cordoned: node
             .spec
@@ -125,14 +147,15 @@ mod tests {
     #[test]
     fn lease_expiry() {
         let l = lease(1000, 40);
-        assert_eq!(expired_for(Some(&l), at(1040)), None);
+        assert_eq!(agent_lease(Some(&l), at(1040)), AgentLease::Current);
         assert_eq!(
-            expired_for(Some(&l), at(1041)),
-            Some(Duration::from_secs(1))
+            agent_lease(Some(&l), at(1041)),
+            AgentLease::Expired(Duration::from_secs(1))
         );
-        assert_eq!(expired_for(None, at(0)), Some(Duration::MAX));
+        // A missing Lease is not "expired forever": its grace is counted by the caller.
+        assert_eq!(agent_lease(None, at(0)), AgentLease::Missing);
         let empty = Lease::default();
-        assert_eq!(expired_for(Some(&empty), at(0)), Some(Duration::MAX));
+        assert_eq!(agent_lease(Some(&empty), at(0)), AgentLease::Missing);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! the MicroVM and SecureWorkload controllers, and the node monitor that
 //! fences lost nodes and retries pending placements when capacity changes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +23,7 @@ use tokio::sync::{Mutex, mpsc};
 
 use crate::context::{Assumed, Config, Context, MANAGER};
 use crate::metrics::Metrics;
+use crate::nodes::AgentLease;
 use crate::workload::reconcile as workload;
 use crate::{microvm, nodes};
 
@@ -47,7 +48,7 @@ pub async fn run(
     )
     .default_backoff()
     .applied_objects()
-    .for_each(|_| future::ready(()));
+    .for_each(|r| log_watch_error("Node", r));
 
     let (leases_store, leases_writer) = reflector::store::<Lease>();
     let lease_watch = reflector::reflector(
@@ -59,7 +60,7 @@ pub async fn run(
     )
     .default_backoff()
     .applied_objects()
-    .for_each(|_| future::ready(()));
+    .for_each(|r| log_watch_error("Lease", r));
 
     // One watch of MicroVMs feeds the cache and both controllers, without the
     // managedFields no reconcile reads (they are most of an object's size).
@@ -77,7 +78,7 @@ pub async fn run(
     .modify(|vm| vm.managed_fields_mut().clear())
     .reflect_shared(vm_writer)
     .applied_objects()
-    .for_each(|_| future::ready(()));
+    .for_each(|r| log_watch_error("MicroVM", r));
 
     let (trigger_tx, trigger_rx) = mpsc::channel::<ObjectRef<MicroVM>>(4096);
     let vm_controller = Controller::for_shared_stream(for_vms, vm_store.clone())
@@ -98,11 +99,24 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), reporter),
         metrics,
         config,
+        lease_missing: std::sync::Mutex::default(),
     });
 
+    // kube-runtime holds a controller only until its own cache is filled; both
+    // controllers also read the Node, Lease and MicroVM caches, so every
+    // reconcile first waits for those (see Context::caches_synced).
     let vms = vm_controller
         .run(
-            microvm::reconcile,
+            |vm, ctx: Arc<Context>| async move {
+                if !ctx.caches_synced().await {
+                    return Ok(Action::await_change());
+                }
+                // The copy was read before the wait: reconcile the current one.
+                match ctx.microvms.get(&ObjectRef::from_obj(vm.as_ref())) {
+                    Some(vm) => microvm::reconcile(vm, ctx).await,
+                    None => Ok(Action::await_change()),
+                }
+            },
             |_vm, err: &microvm::ReconcileError, ctx: Arc<Context>| {
                 tracing::warn!(error = %err, "MicroVM reconcile failed");
                 ctx.metrics.error(microvm::CONTROLLER, err.metric_reason());
@@ -112,24 +126,38 @@ pub async fn run(
         )
         .for_each(|_| future::ready(()));
 
-    let workloads = Controller::new(
+    let workload_controller = Controller::new(
         Api::<SecureWorkload>::all(client.clone()),
         watcher::Config::default(),
     )
     .owns_shared_stream(for_workloads)
-    .graceful_shutdown_on(shutdown.clone())
-    .run(
-        workload::reconcile,
-        |_swl, err: &workload::ReconcileError, ctx: Arc<Context>| {
-            tracing::warn!(error = %err, "SecureWorkload reconcile failed");
-            ctx.metrics.error(workload::CONTROLLER, err.metric_reason());
-            Action::requeue(Duration::from_secs(5))
-        },
-        ctx.clone(),
-    )
-    .for_each(|_| future::ready(()));
+    .graceful_shutdown_on(shutdown.clone());
+    let workload_store = workload_controller.store();
+    let workload_store_ready = workload_store.clone();
+    let workloads = workload_controller
+        .run(
+            move |swl, ctx: Arc<Context>| {
+                let store = workload_store.clone();
+                async move {
+                    if !ctx.caches_synced().await {
+                        return Ok(Action::await_change());
+                    }
+                    match store.get(&ObjectRef::from_obj(swl.as_ref())) {
+                        Some(swl) => workload::reconcile(swl, ctx).await,
+                        None => Ok(Action::await_change()),
+                    }
+                }
+            },
+            |_swl, err: &workload::ReconcileError, ctx: Arc<Context>| {
+                tracing::warn!(error = %err, "SecureWorkload reconcile failed");
+                ctx.metrics.error(workload::CONTROLLER, err.metric_reason());
+                Action::requeue(Duration::from_secs(5))
+            },
+            ctx.clone(),
+        )
+        .for_each(|r| log_controller_error("SecureWorkload", r));
 
-    let monitor = monitor(ctx.clone(), trigger_tx, ready);
+    let monitor = monitor(ctx.clone(), workload_store_ready, trigger_tx, ready);
 
     tokio::select! {
         _ = node_watch => tracing::error!("node watch ended"),
@@ -149,22 +177,53 @@ type Fingerprint = BTreeMap<String, (bool, bool, bool, u64, u64, usize)>;
 /// that changed.
 async fn monitor(
     ctx: Arc<Context>,
+    workloads: reflector::Store<SecureWorkload>,
     trigger: mpsc::Sender<ObjectRef<MicroVM>>,
     ready: Arc<AtomicBool>,
 ) {
-    let (Ok(()), Ok(()), Ok(())) = tokio::join!(
-        ctx.nodes.wait_until_ready(),
-        ctx.leases.wait_until_ready(),
-        ctx.microvms.wait_until_ready()
-    ) else {
-        return;
-    };
+    let synced = async { tokio::join!(ctx.caches_synced(), workloads.wait_until_ready()) };
+    tokio::pin!(synced);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), &mut synced).await {
+            Ok((true, Ok(()))) => break,
+            Ok(_) => return,
+            Err(_) => {
+                let waiting: Vec<&str> = [
+                    (
+                        "Node",
+                        ctx.nodes.wait_until_ready().now_or_never().is_none(),
+                    ),
+                    (
+                        "Lease",
+                        ctx.leases.wait_until_ready().now_or_never().is_none(),
+                    ),
+                    (
+                        "MicroVM",
+                        ctx.microvms.wait_until_ready().now_or_never().is_none(),
+                    ),
+                    (
+                        "SecureWorkload",
+                        workloads.wait_until_ready().now_or_never().is_none(),
+                    ),
+                ]
+                .into_iter()
+                .filter_map(|(kind, waiting)| waiting.then_some(kind))
+                .collect();
+                tracing::warn!(
+                    ?waiting,
+                    "caches not synced yet: nothing is reconciled until they are"
+                );
+            }
+        }
+    }
+    tracing::info!("caches synced");
     ready.store(true, Ordering::Relaxed);
     let mut last = Fingerprint::new();
     loop {
         let now = Timestamp::now();
         let vms = ctx.microvms.state();
         let mut fp = Fingerprint::new();
+        let mut names = HashSet::new();
         for node in ctx.nodes.state() {
             let name = node.name_any();
             let lease = lease_of(&ctx, &name);
@@ -176,6 +235,7 @@ async fn monitor(
                     microvm::bound_node(vm) == Some(name.as_str()) && microvm::holds_capacity(vm)
                 })
                 .count();
+            names.insert(name.clone());
             fp.insert(
                 name,
                 (
@@ -188,6 +248,7 @@ async fn monitor(
                 ),
             );
         }
+        ctx.forget_missing_leases_except(&names);
         let pending: Vec<_> = vms
             .iter()
             .filter(|vm| {
@@ -219,25 +280,68 @@ async fn monitor(
     }
 }
 
+/// Logs a failed list or watch: the watch retries with backoff, and until its
+/// first list succeeds no reconcile runs, so the cause must be visible.
+fn log_watch_error<T>(kind: &str, r: Result<T, watcher::Error>) -> future::Ready<()> {
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "{kind} watch failed; retrying");
+    }
+    future::ready(())
+}
+
+/// Logs a failed SecureWorkload watch (a controller's own watch; its
+/// reconcile errors are counted and logged by the error policy).
+fn log_controller_error<T, E: std::error::Error, Q: std::error::Error>(
+    kind: &str,
+    r: Result<T, kube::runtime::controller::Error<E, Q>>,
+) -> future::Ready<()> {
+    match r {
+        Err(kube::runtime::controller::Error::QueueError(e)) => {
+            tracing::warn!(error = %e, "{kind} watch failed; retrying");
+        }
+        Err(e) => tracing::debug!(error = %e, "{kind} controller"),
+        Ok(_) => {}
+    }
+    future::ready(())
+}
+
 fn lease_of(ctx: &Context, node: &str) -> Option<Arc<Lease>> {
     ctx.leases
         .get(&ObjectRef::new(&nodes::lease_name(node)).within(&ctx.config.lease_namespace))
 }
 
 /// Adds the fencing taint to a node whose agent has been gone longer than the
-/// grace period, and removes it once the agent renews its Lease again.
+/// grace period, and removes it once the agent renews its Lease again. A
+/// missing Lease counts from when this operator first saw the node without
+/// one (or the node's creation, if later), so it gets the same grace.
+///
+/// The taint list is written with the cached Node's resourceVersion as a
+/// precondition: if the Node changed since (someone added a taint), the API
+/// answers 409 and the next round decides again on the fresh copy, rather than
+/// overwriting the other writer's taints.
 async fn fence(ctx: &Context, node: &Node, lease: Option<&Lease>, now: Timestamp) {
     if !ctx.config.auto_fence {
         return;
     }
-    let expired = nodes::expired_for(lease, now);
+    let name = node.name_any();
+    let gone = match nodes::agent_lease(lease, now) {
+        AgentLease::Current => {
+            ctx.lease_found(&name);
+            None
+        }
+        AgentLease::Expired(for_) => {
+            ctx.lease_found(&name);
+            Some(for_)
+        }
+        AgentLease::Missing => Some(ctx.lease_missing_for(node, now)),
+    };
     let fenced = nodes::is_fenced(node);
     let mut taints = node
         .spec
         .as_ref()
         .and_then(|s| s.taints.clone())
         .unwrap_or_default();
-    let (reason, note) = match expired {
+    let (reason, note) = match gone {
         Some(gone) if !fenced && gone >= ctx.config.fence_after => {
             taints.push(k8s_openapi::api::core::v1::Taint {
                 key: nodes::FENCED_TAINT.into(),
@@ -262,29 +366,38 @@ async fn fence(ctx: &Context, node: &Node, lease: Option<&Lease>, now: Timestamp
         }
         _ => return,
     };
-    let patch = serde_json::json!({ "spec": { "taints": taints } });
+    let patch = serde_json::json!({
+        "metadata": { "resourceVersion": node.resource_version() },
+        "spec": { "taints": taints },
+    });
     let params = PatchParams {
         field_manager: Some(MANAGER.into()),
         ..PatchParams::default()
     };
     match Api::<Node>::all(ctx.client.clone())
-        .patch(&node.name_any(), &params, &Patch::Merge(patch))
+        .patch(&name, &params, &Patch::Merge(patch))
         .await
     {
         Ok(_) => {
-            tracing::warn!(node = %node.name_any(), "{note}");
+            tracing::warn!(node = %name, "{note}");
             let reference = k8s_openapi::api::core::v1::ObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("Node".into()),
-                name: Some(node.name_any()),
+                name: Some(name),
                 uid: node.uid(),
                 ..Default::default()
             };
             ctx.publish(&reference, EventType::Warning, reason, note, "Fence")
                 .await;
         }
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            tracing::debug!(node = %name, "node changed since it was cached; fencing decided again next round");
+        }
         Err(e) => {
-            tracing::warn!(node = %node.name_any(), error = %e, "cannot update fencing taint")
+            tracing::warn!(node = %name, error = %e, "cannot update fencing taint")
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

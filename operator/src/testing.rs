@@ -159,9 +159,12 @@ where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
     let (store, mut writer) = reflector::store();
+    // A full initial list, so the store is ready as a synced cache is.
+    writer.apply_watcher_event(&watcher::Event::Init);
     for o in objs {
-        writer.apply_watcher_event(&watcher::Event::Apply(o));
+        writer.apply_watcher_event(&watcher::Event::InitApply(o));
     }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
     store
 }
 
@@ -198,6 +201,7 @@ pub fn context_on(
         ),
         metrics: Metrics::new(),
         config: Config::default(),
+        lease_missing: Mutex::default(),
     })
 }
 

@@ -310,3 +310,149 @@ async fn lost_node_marks_vms_unknown_then_fences_and_moves_always_vms() -> Resul
     }
     Ok(())
 }
+
+/// Every MicroVM in `default`: name → (node, resourceVersion).
+async fn snapshot(
+    api: &kube::Api<runv_crds::MicroVM>,
+) -> Result<std::collections::BTreeMap<String, (Option<String>, Option<String>)>> {
+    Ok(api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .map(|vm| {
+            (
+                vm.metadata.name.clone().unwrap_or_default(),
+                (
+                    vm.status.and_then(|s| s.node_name),
+                    vm.metadata.resource_version,
+                ),
+            )
+        })
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_operator_acts_only_once_all_its_caches_are_filled() -> Result<()> {
+    let nodes = [("a", 16, "8Gi"), ("b", 16, "8Gi")];
+    let mut cluster = Cluster::start(&nodes, &["--leader-elect=false"]).await?;
+    let swls: kube::Api<runv_crds::SecureWorkload> =
+        kube::Api::namespaced(cluster.client.clone(), "default");
+    let vms = cluster.microvms();
+    swls.create(&PostParams::default(), &workload(3, "web:1"))
+        .await?;
+    vms.create(
+        &PostParams::default(),
+        &microvm("solo", 1, "256Mi", "Always"),
+    )
+    .await?;
+    let long = Duration::from_secs(90);
+    let settled = eventually(long, "the workload and the solo VM to run", || async {
+        let s = swls.get("web").await?.status.unwrap_or_default();
+        let complete = s.available_replicas == 3
+            && conditions::find(&s.conditions, conditions::PROGRESSING)
+                .is_some_and(|c| c.reason == "RolloutComplete");
+        let solo = vms.get("solo").await?.status.unwrap_or_default();
+        let running = solo.phase == Some(runv_crds::microvm::Phase::Running);
+        Ok((complete && running).then_some(()))
+    })
+    .await;
+    if let Err(e) = settled {
+        let status = swls.get("web").await?.status;
+        let states: Vec<_> = vms
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .map(|vm| (vm.metadata.name, vm.status.and_then(|s| s.phase)))
+            .collect();
+        anyhow::bail!("{e}: workload status {status:?}; MicroVMs {states:?}");
+    }
+    // Let the last writes land, then take the operator down and note the state.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.stop_operator();
+    let before = snapshot(&vms).await?;
+    assert_eq!(before.len(), 4, "{before:?}");
+    assert!(
+        before.values().all(|(node, _)| node.is_some()),
+        "{before:?}"
+    );
+    let workload_rv = swls.get("web").await?.metadata.resource_version;
+
+    // The new operator gets its MicroVMs after 2 s but its Nodes and Leases only
+    // after 6 s, and its SecureWorkloads at once: a controller that acted on the
+    // caches it has would see bound VMs on missing nodes (and move the Always
+    // ones) and a workload with no replicas (and rewrite its status).
+    let proxy = common::SlowProxy::start(
+        cluster.server.addr(),
+        vec![
+            ("/microvms", Duration::from_secs(2)),
+            ("/nodes", Duration::from_secs(6)),
+            ("/leases", Duration::from_secs(6)),
+        ],
+    )
+    .await?;
+    let started = std::time::Instant::now();
+    cluster.start_operator(&["--leader-elect=false"], &proxy.kubeconfig)?;
+    cluster.wait_ready(Duration::from_secs(60)).await?;
+    let ready_after = started.elapsed();
+    let released = proxy.released.lock().unwrap().clone();
+    for suffix in ["/nodes", "/leases", "/microvms"] {
+        assert!(
+            released
+                .iter()
+                .any(|(s, at)| *s == suffix && at.duration_since(started) < ready_after),
+            "ready after {ready_after:?} before the {suffix} list was served: {released:?}"
+        );
+    }
+    assert!(
+        ready_after >= Duration::from_secs(6),
+        "ready after {ready_after:?}"
+    );
+    // Give it time to act on anything it would act on.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let after = snapshot(&vms).await?;
+    assert_eq!(before, after, "no MicroVM may be created, moved or written");
+    assert_eq!(
+        swls.get("web").await?.metadata.resource_version,
+        workload_rv,
+        "the workload's status is unchanged"
+    );
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> =
+        kube::Api::all(cluster.client.clone());
+    let moved: Vec<_> = events
+        .list(&ListParams::default())
+        .await?
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("Rescheduling"))
+        .collect();
+    assert!(moved.is_empty(), "{moved:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_leader_releases_its_lease() -> Result<()> {
+    let mut cluster = Cluster::start(&[("n1", 4, "4Gi")], &["--leader-elect=true"]).await?;
+    let pid = cluster.operator_pid();
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(cluster.client.clone(), common::NS);
+    let holder = || async {
+        Ok(leases
+            .get_opt("runv-operator")
+            .await?
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+            .filter(|h| !h.is_empty()))
+    };
+    let identity = eventually(Duration::from_secs(30), "a leader", holder).await?;
+    // Without POD_NAME: the host name and a random suffix, not the process id
+    // (which is 1 in every container).
+    assert_ne!(identity, format!("runv-operator-{pid}"));
+    assert!(identity.len() > 9, "{identity}");
+    cluster.wait_ready(Duration::from_secs(30)).await?;
+    let exit = cluster.terminate_operator(Duration::from_secs(20)).await?;
+    assert!(exit.success(), "{exit}");
+    // Released at once, not left to expire after its 15 s.
+    assert_eq!(holder().await?, None);
+    Ok(())
+}

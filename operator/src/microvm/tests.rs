@@ -174,12 +174,282 @@ async fn a_stale_copy_is_not_placed_when_the_cache_shows_it_bound() {
 
 #[tokio::test]
 async fn pinned_vm_is_bound_to_its_node() {
-    let a = vm("a").pinned("edge-1").build();
-    let (api, ctx) = context(vec![], vec![], vec![a.clone()]);
+    // Pinning bypasses the placer's checks: cordon and room do not matter.
+    let mut edge = node("edge-1", 1, "64Mi");
+    edge.spec.as_mut().unwrap().unschedulable = Some(true);
+    let a = vm("a").size(4, "1Gi").pinned("edge-1").build();
+    let (api, ctx) = context(vec![edge], vec![lease("edge-1", 1)], vec![a.clone()]);
     reconcile(Arc::new(a), ctx).await.unwrap();
     let p = &status_patches(&api)[0];
     assert_eq!(p.body["status"]["nodeName"], "edge-1");
     assert_eq!(condition(&p.body, "Scheduled")["reason"], "Pinned");
+    assert_eq!(api.event_reasons(), ["Scheduled"]);
+}
+
+async fn pinned_and_unavailable(
+    nodes: Vec<k8s_openapi::api::core::v1::Node>,
+    leases: Vec<k8s_openapi::api::coordination::v1::Lease>,
+) -> String {
+    let a = vm("a").pinned("edge-1").policy(RunPolicy::Always).build();
+    let (api, ctx) = context(nodes, leases, vec![a.clone()]);
+    let action = reconcile(Arc::new(a), ctx.clone()).await.unwrap();
+    assert_eq!(action, Action::requeue(ctx.config.retry_unschedulable));
+    let p = &status_patches(&api)[0];
+    assert!(p.body["status"].get("nodeName").is_none(), "{}", p.body);
+    assert_eq!(p.body["status"]["phase"], "Pending");
+    let sched = condition(&p.body, "Scheduled");
+    assert_eq!(sched["status"], "False");
+    assert_eq!(sched["reason"], "Unschedulable");
+    assert_eq!(api.event_reasons(), ["FailedScheduling"]);
+    sched["message"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn pinned_vm_is_not_bound_to_a_fenced_node() {
+    let message = pinned_and_unavailable(
+        vec![fenced(node("edge-1", 4, "2Gi"))],
+        vec![lease("edge-1", 1)],
+    )
+    .await;
+    assert_eq!(
+        message,
+        "pinned by spec.nodeName to node edge-1, which is fenced"
+    );
+}
+
+#[tokio::test]
+async fn pinned_vm_is_not_bound_to_a_node_whose_agent_is_lost() {
+    let message =
+        pinned_and_unavailable(vec![node("edge-1", 4, "2Gi")], vec![lease("edge-1", 100)]).await;
+    assert_eq!(
+        message,
+        "pinned by spec.nodeName to node edge-1, whose runv agent Lease has expired"
+    );
+    let message = pinned_and_unavailable(vec![node("edge-1", 4, "2Gi")], vec![]).await;
+    assert_eq!(
+        message,
+        "pinned by spec.nodeName to node edge-1, which has no runv agent Lease"
+    );
+}
+
+#[tokio::test]
+async fn pinned_vm_is_not_bound_to_an_unknown_node() {
+    let message = pinned_and_unavailable(vec![], vec![]).await;
+    assert_eq!(
+        message,
+        "pinned by spec.nodeName to node edge-1, which does not exist or runs no runv agent"
+    );
+}
+
+#[tokio::test]
+async fn pinned_always_vm_on_a_fenced_node_stays_bound_and_unknown_without_churn() {
+    let a = vm("a")
+        .pinned("n1")
+        .bound("n1", Phase::Running)
+        .policy(RunPolicy::Always)
+        .build();
+    let (api, ctx) = context(
+        vec![fenced(node("n1", 4, "2Gi"))],
+        vec![lease("n1", 900)],
+        vec![a.clone()],
+    );
+    let action = reconcile(Arc::new(a.clone()), ctx).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+    let patches = status_patches(&api);
+    assert_eq!(patches.len(), 1, "{patches:?}");
+    let p = &patches[0];
+    // Applied (not the merge patch that unbinds), still on its node.
+    assert!(p.query.contains("force=true"), "{}", p.query);
+    assert_eq!(p.body["status"]["phase"], "Unknown");
+    assert_eq!(p.body["status"]["nodeName"], "n1");
+    let ready = condition(&p.body, "Ready");
+    assert_eq!(ready["status"], "Unknown");
+    assert_eq!(ready["reason"], "PinnedNodeLost");
+    let message = ready["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("node n1 is fenced and the VM is pinned to it by spec.nodeName"),
+        "{message}"
+    );
+    assert_eq!(api.event_reasons(), ["PinnedNodeLost"]);
+
+    // Once shown, later rounds write and announce nothing.
+    let mut shown = a;
+    shown.status = Some(serde_json::from_value(p.body["status"].clone()).unwrap());
+    let (api, ctx) = context(
+        vec![fenced(node("n1", 4, "2Gi"))],
+        vec![lease("n1", 950)],
+        vec![shown.clone()],
+    );
+    reconcile(Arc::new(shown), ctx).await.unwrap();
+    assert!(api.requests.lock().unwrap().is_empty(), "{:?}", api.calls());
+}
+
+#[tokio::test]
+async fn pinned_vm_on_a_deleted_node_stays_bound() {
+    let a = vm("a")
+        .pinned("gone")
+        .bound("gone", Phase::Running)
+        .policy(RunPolicy::Always)
+        .build();
+    let (api, ctx) = context(vec![], vec![], vec![a.clone()]);
+    reconcile(Arc::new(a), ctx).await.unwrap();
+    let p = &status_patches(&api)[0];
+    assert_eq!(p.body["status"]["nodeName"], "gone");
+    let ready = condition(&p.body, "Ready");
+    assert_eq!(ready["reason"], "PinnedNodeLost");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("node gone was deleted and the VM is pinned"),
+        "{ready}"
+    );
+}
+
+#[tokio::test]
+async fn stopped_vm_is_not_placed_and_says_why() {
+    let mut a = vm("a").build();
+    a.spec.power_state = PowerState::Stopped;
+    let (api, ctx) = context(
+        vec![node("n1", 4, "2Gi")],
+        vec![lease("n1", 1)],
+        vec![a.clone()],
+    );
+    assert_eq!(
+        reconcile(Arc::new(a), ctx).await.unwrap(),
+        Action::await_change()
+    );
+    let p = &status_patches(&api)[0];
+    assert_eq!(p.body["status"]["phase"], "Stopped");
+    assert!(p.body["status"].get("nodeName").is_none());
+    assert_eq!(
+        condition(&p.body, "Scheduled")["message"],
+        "powerState is Stopped: the VM gets a node when it is asked to run"
+    );
+    assert!(api.event_reasons().is_empty());
+}
+
+#[tokio::test]
+async fn stopped_status_already_shown_is_not_rewritten() {
+    let mut a = vm("a").policy(RunPolicy::Halted).build();
+    a.status = OperatorStatus::NotRequested.to_apply(&a, Timestamp::now());
+    let (api, ctx) = context(vec![], vec![], vec![a.clone()]);
+    reconcile(Arc::new(a), ctx).await.unwrap();
+    assert!(api.requests.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_vm_gone_from_the_cache_is_not_placed() {
+    let a = vm("a").build();
+    let (api, ctx) = context(vec![node("n1", 4, "2Gi")], vec![lease("n1", 1)], vec![]);
+    assert_eq!(
+        reconcile(Arc::new(a), ctx).await.unwrap(),
+        Action::await_change()
+    );
+    assert!(api.requests.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_vm_being_deleted_in_the_cache_is_not_placed() {
+    let stale = vm("a").build();
+    let deleting = vm("a").deleting().build();
+    let (api, ctx) = context(
+        vec![node("n1", 4, "2Gi")],
+        vec![lease("n1", 1)],
+        vec![deleting],
+    );
+    assert_eq!(
+        reconcile(Arc::new(stale), ctx).await.unwrap(),
+        Action::requeue(Duration::from_secs(1))
+    );
+    assert!(api.requests.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_new_unschedulable_reason_is_written_and_announced() {
+    let mut a = vm("a").size(1, "4Gi").build();
+    a.status = (OperatorStatus::Unschedulable {
+        message: "0/0 nodes can run it".into(),
+    })
+    .to_apply(&a, Timestamp::now());
+    let (api, ctx) = context(
+        vec![node("n1", 4, "2Gi")],
+        vec![lease("n1", 1)],
+        vec![a.clone()],
+    );
+    reconcile(Arc::new(a), ctx).await.unwrap();
+    let p = &status_patches(&api)[0];
+    assert_eq!(
+        condition(&p.body, "Scheduled")["message"],
+        "0/1 nodes can run it (1 vCPUs, 4096 MiB): 1 have too little free memory"
+    );
+    assert_eq!(api.event_reasons(), ["FailedScheduling"]);
+}
+
+#[tokio::test]
+async fn vm_on_a_node_without_a_lease_is_lost_with_that_message() {
+    let a = vm("a").bound("n1", Phase::Running).build();
+    let (api, ctx) = context(vec![node("n1", 4, "2Gi")], vec![], vec![a.clone()]);
+    reconcile(Arc::new(a), ctx).await.unwrap();
+    let p = &status_patches(&api)[0];
+    assert_eq!(p.body["status"]["phase"], "Unknown");
+    assert_eq!(
+        condition(&p.body, "Ready")["message"],
+        "node n1 has no runv agent Lease"
+    );
+    assert_eq!(api.event_reasons(), ["NodeLost"]);
+}
+
+#[tokio::test]
+async fn vm_already_unknown_is_not_rewritten_as_time_passes() {
+    let mut a = vm("a").bound("n1", Phase::Running).build();
+    a.status = (OperatorStatus::NodeLost {
+        node: "n1".into(),
+        reason: "NodeLost",
+        message: "the runv agent on node n1 has not renewed its Lease for 5s".into(),
+    })
+    .to_apply(&a, Timestamp::now());
+    let (api, ctx) = context(
+        vec![node("n1", 4, "2Gi")],
+        vec![lease("n1", 100)],
+        vec![a.clone()],
+    );
+    assert_eq!(
+        reconcile(Arc::new(a), ctx).await.unwrap(),
+        Action::requeue(Duration::from_secs(10))
+    );
+    assert!(api.requests.lock().unwrap().is_empty(), "{:?}", api.calls());
+}
+
+#[tokio::test]
+async fn a_refused_move_is_an_error_and_announces_nothing() {
+    let api = MockApi::with(Arc::new(|r: &crate::testing::Recorded| {
+        if r.is_event() {
+            (http::StatusCode::CREATED, r.body.clone())
+        } else {
+            (
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({
+                    "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": "etcd is down", "reason": "InternalError", "code": 500
+                }),
+            )
+        }
+    }));
+    let a = vm("a")
+        .bound("n1", Phase::Unknown)
+        .policy(RunPolicy::Always)
+        .build();
+    let ctx = context_on(
+        &api,
+        vec![fenced(node("n1", 4, "2Gi"))],
+        vec![lease("n1", 900)],
+        vec![a.clone()],
+    );
+    let err = reconcile(Arc::new(a), ctx).await.unwrap_err();
+    assert_eq!(err.metric_reason(), "ApiStatus");
+    assert_eq!(status_patches(&api).len(), 1);
+    assert!(api.event_reasons().is_empty());
 }
 
 #[tokio::test]

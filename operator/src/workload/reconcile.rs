@@ -103,6 +103,9 @@ async fn reconcile_inner(swl: &SecureWorkload, ctx: &Context) -> Result<Action, 
     let views: Vec<plan::Replica> = owned.iter().map(|vm| replica::view(vm)).collect();
 
     let mut failure = None;
+    // A request whose answer never came: reported like a refusal, the status is
+    // still written, and the reconcile then fails so that it is retried soon.
+    let mut transport = None;
     let strat = strategy(swl);
     if let Ok(strat) = strat {
         let step = plan::plan(desired, strat, &hash, &views);
@@ -113,7 +116,7 @@ async fn reconcile_inner(swl: &SecureWorkload, ctx: &Context) -> Result<Action, 
             ..PostParams::default()
         };
         for name in names {
-            match vms
+            let (message, permanent) = match vms
                 .create(&post, &replica::replica(swl, &hash, name.clone()))
                 .await
             {
@@ -125,32 +128,41 @@ async fn reconcile_inner(swl: &SecureWorkload, ctx: &Context) -> Result<Action, 
                         "SuccessfulCreate",
                         format!("Created MicroVM {name}"),
                     )
-                    .await
+                    .await;
+                    continue;
                 }
                 // A cache that lags can propose a name that exists; the next round sees it.
-                Err(kube::Error::Api(s)) if s.code == 409 => {}
-                Err(kube::Error::Api(s)) => {
-                    let message = format!("cannot create MicroVM {name}: {}", s.message);
-                    publish(
-                        ctx,
-                        swl,
-                        EventType::Warning,
-                        "FailedCreate",
-                        message.clone(),
-                    )
-                    .await;
-                    failure = Some(Failure {
-                        reason: "FailedCreate",
-                        message,
-                        permanent: matches!(s.code, 400 | 422),
-                    });
-                    break;
+                Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                Err(kube::Error::Api(s)) => (
+                    format!("cannot create MicroVM {name}: {}", s.message),
+                    matches!(s.code, 400 | 422),
+                ),
+                Err(e) => {
+                    let message = format!("cannot create MicroVM {name}: {e}");
+                    transport = Some(e);
+                    (message, false)
                 }
-                Err(e) => return Err(e.into()),
-            }
+            };
+            publish(
+                ctx,
+                swl,
+                EventType::Warning,
+                "FailedCreate",
+                message.clone(),
+            )
+            .await;
+            failure = Some(Failure {
+                reason: "FailedCreate",
+                message,
+                permanent,
+            });
+            break;
         }
         for name in step.delete {
-            match vms.delete(&name, &DeleteParams::background()).await {
+            if transport.is_some() {
+                break;
+            }
+            let message = match vms.delete(&name, &DeleteParams::background()).await {
                 Ok(_) => {
                     publish(
                         ctx,
@@ -159,19 +171,33 @@ async fn reconcile_inner(swl: &SecureWorkload, ctx: &Context) -> Result<Action, 
                         "SuccessfulDelete",
                         format!("Deleted MicroVM {name}"),
                     )
-                    .await
+                    .await;
+                    continue;
                 }
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => continue,
                 Err(kube::Error::Api(s)) => {
-                    failure = Some(Failure {
-                        reason: "FailedDelete",
-                        message: format!("cannot delete MicroVM {name}: {}", s.message),
-                        permanent: false,
-                    });
-                    break;
+                    format!("cannot delete MicroVM {name}: {}", s.message)
                 }
-                Err(e) => return Err(e.into()),
-            }
+                Err(e) => {
+                    let message = format!("cannot delete MicroVM {name}: {e}");
+                    transport = Some(e);
+                    message
+                }
+            };
+            publish(
+                ctx,
+                swl,
+                EventType::Warning,
+                "FailedDelete",
+                message.clone(),
+            )
+            .await;
+            failure = Some(Failure {
+                reason: "FailedDelete",
+                message,
+                permanent: false,
+            });
+            break;
         }
     }
 
@@ -198,6 +224,9 @@ async fn reconcile_inner(swl: &SecureWorkload, ctx: &Context) -> Result<Action, 
                 &Patch::Apply(body),
             )
             .await?;
+    }
+    if let Some(e) = transport {
+        return Err(e.into());
     }
     Ok(if done {
         Action::requeue(Duration::from_secs(300))

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -37,10 +38,7 @@ pub struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if let Some(mut child) = self.operator.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.stop_operator();
         self.agents.abort();
     }
 }
@@ -56,6 +54,21 @@ impl Cluster {
     /// Starts the server, creates `nodes` runv nodes (vCPUs, memory), starts
     /// their agents and the operator with `operator_args`.
     pub async fn start(nodes: &[(&str, u32, &str)], operator_args: &[&str]) -> Result<Self> {
+        let mut cluster = Self::without_operator(nodes).await?;
+        let kubeconfig = cluster.server.kubeconfig_path().to_owned();
+        cluster.start_operator(operator_args, &kubeconfig)?;
+        // Let the operator list and start watching before a test creates
+        // anything: the test server does not replay to a watch the events
+        // between the list's resourceVersion and the watch request, which a
+        // kube-apiserver does.
+        cluster.wait_ready(Duration::from_secs(60)).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok(cluster)
+    }
+
+    /// The server, the nodes and their agents, but no operator yet (see
+    /// [`Cluster::start_operator`]).
+    pub async fn without_operator(nodes: &[(&str, u32, &str)]) -> Result<Self> {
         let mut opts = Options::default();
         for crd in runv_crds::generate::crds() {
             opts.preload.push(serde_json::to_value(crd)?);
@@ -78,33 +91,79 @@ impl Cluster {
             live.lock().unwrap().insert((*name).to_owned());
         }
         let agents = tokio::spawn(simulate_agents(client.clone(), live.clone()));
-        let metrics_port = free_port();
+        Ok(Self {
+            server,
+            client,
+            operator: None,
+            metrics_port: free_port(),
+            live,
+            agents,
+        })
+    }
+
+    /// Starts the operator (after stopping one still running) with
+    /// `operator_args`, talking to the API server named in `kubeconfig`.
+    pub fn start_operator(&mut self, operator_args: &[&str], kubeconfig: &Path) -> Result<()> {
+        self.stop_operator();
         let log = std::env::temp_dir().join(format!(
             "runv-operator-test-{}.log",
-            std::process::id() as u64 * 1000 + u64::from(metrics_port)
+            u64::from(std::process::id()) * 1000 + u64::from(self.metrics_port)
         ));
         let operator = Command::new(env!("CARGO_BIN_EXE_runv-operator"))
-            .env("KUBECONFIG", server.kubeconfig_path())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
+            .env_remove("POD_NAME")
             .args([
                 "--namespace",
                 NS,
                 "--http-addr",
-                &format!("127.0.0.1:{metrics_port}"),
+                &format!("127.0.0.1:{}", self.metrics_port),
             ])
             .args(operator_args)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)?,
+            )
             .spawn()
             .context("starting runv-operator")?;
-        Ok(Self {
-            server,
-            client,
-            operator: Some(operator),
-            metrics_port,
-            live,
-            agents,
-        })
+        self.operator = Some(operator);
+        Ok(())
+    }
+
+    /// Kills the operator (SIGKILL), if it runs.
+    pub fn stop_operator(&mut self) {
+        if let Some(mut child) = self.operator.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the operator as the kubelet does (SIGTERM) and waits until it exits.
+    pub async fn terminate_operator(
+        &mut self,
+        limit: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let mut child = self.operator.take().context("no operator running")?;
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -TERM failed: {status}");
+        }
+        let start = std::time::Instant::now();
+        while start.elapsed() < limit {
+            if let Some(exit) = child.try_wait()? {
+                return Ok(exit);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("the operator did not exit within {limit:?} of SIGTERM")
     }
 
     /// The operator process id.
@@ -114,9 +173,31 @@ impl Cluster {
 
     /// The operator's `/metrics` text.
     pub async fn metrics(&self) -> Result<String> {
+        self.get("/metrics").await
+    }
+
+    /// The HTTP status of the operator's `/readyz`.
+    pub async fn readyz(&self) -> Result<u16> {
+        let response = self.get("/readyz").await?;
+        response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .with_context(|| format!("no status line in {response:?}"))
+    }
+
+    /// Waits until the operator's `/readyz` answers 200.
+    pub async fn wait_ready(&self, limit: Duration) -> Result<()> {
+        eventually(limit, "the operator to be ready", || async {
+            Ok((self.readyz().await.ok() == Some(200)).then_some(()))
+        })
+        .await
+    }
+
+    async fn get(&self, path: &str) -> Result<String> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
             .await?;
         let mut out = String::new();
         s.read_to_string(&mut out).await?;
@@ -301,4 +382,111 @@ pub async fn wait_bound(api: &Api<MicroVM>, n: usize, limit: Duration) -> Result
         Ok((bound_count(&list.items) == n).then_some(()))
     })
     .await
+}
+
+/// A TCP proxy in front of the API server that holds back the initial list
+/// (not the watch) of chosen resources, to start the operator with caches
+/// that fill at different times.
+pub struct SlowProxy {
+    /// A kubeconfig pointing at the proxy.
+    pub kubeconfig: std::path::PathBuf,
+    /// (path suffix, when the held-back list was let through).
+    pub released: Arc<Mutex<Vec<(&'static str, std::time::Instant)>>>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: TempDir,
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A directory removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl SlowProxy {
+    /// Proxies to `upstream`, holding each list whose path ends with one of the
+    /// suffixes (`/nodes`, `/leases`, ...) for its delay.
+    pub async fn start(
+        upstream: std::net::SocketAddr,
+        delays: Vec<(&'static str, Duration)>,
+    ) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let dir = std::env::temp_dir().join(format!(
+            "runv-slow-proxy-{}-{}",
+            std::process::id(),
+            addr.port()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, runv_e2e::kubeconfig(&format!("http://{addr}")))?;
+        let released = Arc::new(Mutex::new(Vec::new()));
+        let log = released.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                tokio::spawn(forward(client, server, delays.clone(), log.clone()));
+            }
+        });
+        Ok(Self {
+            kubeconfig,
+            released,
+            task,
+            _dir: TempDir(dir),
+        })
+    }
+}
+
+async fn forward(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    delays: Vec<(&'static str, Duration)>,
+    released: Arc<Mutex<Vec<(&'static str, std::time::Instant)>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_server, mut to_server) = server.into_split();
+    let back = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from_client.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        // A request head arrives in one read; hyper neither pipelines nor splits it.
+        let line = String::from_utf8_lossy(&buf[..n.min(2048)]);
+        let target = line
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("GET "))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_default();
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        if !query.contains("watch=")
+            && let Some((suffix, delay)) = delays.iter().find(|(s, _)| path.ends_with(s))
+        {
+            tokio::time::sleep(*delay).await;
+            released
+                .lock()
+                .unwrap()
+                .push((suffix, std::time::Instant::now()));
+        }
+        if to_server.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to_server.shutdown().await;
+    let _ = back.await;
 }

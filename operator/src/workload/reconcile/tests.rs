@@ -213,7 +213,7 @@ async fn refused_template_is_a_replica_failure_and_stalls() {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 json!({
                     "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 422, "reason": "Invalid",
-                    "message": "MicroVM.runv.dev \"web-x-0\" is invalid: spec.resources.memory: Invalid value: \"string\": spec.resources.memory must be between 16Mi and 64Gi"
+                    "message": "MicroVM.runv.dev \"web-x-0\" is invalid: spec.resources.memory: Invalid value: \"string\": must be between 16Mi and 64Gi"
                 }),
             )
         } else {
@@ -225,12 +225,9 @@ async fn refused_template_is_a_replica_failure_and_stalls() {
     let failure = condition(&status, "ReplicaFailure");
     assert_eq!(failure["status"], "True");
     assert_eq!(failure["reason"], "FailedCreate");
-    assert!(
-        failure["message"]
-            .as_str()
-            .unwrap()
-            .contains("spec.resources.memory must be between 16Mi and 64Gi")
-    );
+    assert!(failure["message"].as_str().unwrap().contains(
+        "spec.resources.memory: Invalid value: \"string\": must be between 16Mi and 64Gi"
+    ));
     assert_eq!(condition(&status, "Stalled")["status"], "True");
     assert_eq!(condition(&status, "Stalled")["reason"], "InvalidTemplate");
     assert_eq!(api.event_reasons(), ["FailedCreate"]);
@@ -251,4 +248,165 @@ async fn replicas_of_other_owners_are_ignored() {
     assert_eq!(posts.len(), 1);
     assert_eq!(posts[0].body["metadata"]["name"], format!("web-{hash}-1"));
     assert!(deletes(&api).is_empty());
+}
+
+fn status_error(code: u16, reason: &str) -> (StatusCode, Value) {
+    (
+        StatusCode::from_u16(code).unwrap(),
+        json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
+            "reason": reason, "message": format!("{reason} (test)")
+        }),
+    )
+}
+
+/// A mock that answers POSTs and DELETEs of MicroVMs with `answer`, and
+/// everything else as the stored workload.
+fn answering(swl: &SecureWorkload, answer: fn(&Recorded) -> (StatusCode, Value)) -> MockApi {
+    let swl_json = serde_json::to_value(swl).unwrap();
+    MockApi::with(Arc::new(move |r: &Recorded| {
+        if r.is_event() {
+            (StatusCode::CREATED, r.body.clone())
+        } else if r.path.contains("/microvms") && (r.method == "POST" || r.method == "DELETE") {
+            answer(r)
+        } else {
+            (StatusCode::OK, swl_json.clone())
+        }
+    }))
+}
+
+#[tokio::test]
+async fn a_workload_being_deleted_is_left_to_the_garbage_collector() {
+    let mut swl = workload(3, json!({}));
+    swl.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+    let api = mock(&swl);
+    assert_eq!(
+        reconcile_with(&swl, vec![], &api).await,
+        Action::await_change()
+    );
+    assert!(api.requests.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn invalid_strategy_stalls_and_touches_no_replica() {
+    let swl = workload(
+        2,
+        json!({ "type": "RollingUpdate", "rollingUpdate": { "maxSurge": "lots", "maxUnavailable": 0 } }),
+    );
+    let api = mock(&swl);
+    let action = reconcile_with(&swl, vec![], &api).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+    assert!(creates(&api).is_empty() && deletes(&api).is_empty());
+    let status = status_of(&api);
+    let stalled = condition(&status, "Stalled");
+    assert_eq!(stalled["status"], "True");
+    assert_eq!(stalled["reason"], "InvalidStrategy");
+    assert!(
+        stalled["message"].as_str().unwrap().contains("maxSurge"),
+        "{stalled}"
+    );
+    assert_eq!(condition(&status, "Reconciling")["status"], "True");
+}
+
+#[tokio::test]
+async fn a_name_taken_meanwhile_is_skipped_quietly() {
+    let swl = workload(2, json!({}));
+    let api = answering(&swl, |r| {
+        if r.body["metadata"]["name"].as_str().unwrap().ends_with("-0") {
+            status_error(409, "AlreadyExists")
+        } else {
+            (StatusCode::CREATED, r.body.clone())
+        }
+    });
+    reconcile_with(&swl, vec![], &api).await;
+    assert_eq!(creates(&api).len(), 2);
+    assert_eq!(api.event_reasons(), ["SuccessfulCreate"]);
+    assert_eq!(
+        condition(&status_of(&api), "ReplicaFailure")["status"],
+        "False"
+    );
+}
+
+#[tokio::test]
+async fn a_lost_create_answer_still_writes_the_status_then_fails() {
+    let swl = workload(2, json!({}));
+    // 200 with a body that is no MicroVM: the outcome is unknown to the client.
+    let api = answering(&swl, |_| (StatusCode::OK, json!("not an object")));
+    let ctx = context_on(&api, vec![], vec![], vec![]);
+    let err = reconcile(Arc::new(swl.clone()), ctx).await.unwrap_err();
+    assert_eq!(err.metric_reason(), "ApiTransport");
+    assert_eq!(creates(&api).len(), 1, "stops at the first failure");
+    let status = status_of(&api);
+    let failure = condition(&status, "ReplicaFailure");
+    assert_eq!(failure["status"], "True");
+    assert_eq!(failure["reason"], "FailedCreate");
+    assert_eq!(condition(&status, "Stalled")["status"], "False");
+    assert_eq!(api.event_reasons(), ["FailedCreate"]);
+}
+
+#[tokio::test]
+async fn a_replica_already_gone_is_not_a_failure() {
+    let swl = workload(0, json!({}));
+    let hash = template_hash(&swl);
+    let owned = vec![replica(&swl, &format!("web-{hash}-0"), &hash, true)];
+    let api = answering(&swl, |_| status_error(404, "NotFound"));
+    reconcile_with(&swl, owned, &api).await;
+    assert_eq!(deletes(&api), [format!("web-{hash}-0")]);
+    assert!(api.event_reasons().is_empty());
+    assert_eq!(
+        condition(&status_of(&api), "ReplicaFailure")["status"],
+        "False"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_delete_is_a_replica_failure_with_an_event() {
+    let swl = workload(0, json!({}));
+    let hash = template_hash(&swl);
+    let owned: Vec<_> = (0..2)
+        .map(|i| replica(&swl, &format!("web-{hash}-{i}"), &hash, true))
+        .collect();
+    let api = answering(&swl, |_| status_error(403, "Forbidden"));
+    let action = reconcile_with(&swl, owned, &api).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+    assert_eq!(deletes(&api).len(), 1, "stops at the first failure");
+    let status = status_of(&api);
+    let failure = condition(&status, "ReplicaFailure");
+    assert_eq!(failure["status"], "True");
+    assert_eq!(failure["reason"], "FailedDelete");
+    assert_eq!(condition(&status, "Stalled")["status"], "False");
+    assert_eq!(api.event_reasons(), ["FailedDelete"]);
+}
+
+#[tokio::test]
+async fn a_lost_delete_answer_still_writes_the_status_then_fails() {
+    let swl = workload(0, json!({}));
+    let hash = template_hash(&swl);
+    let owned = vec![replica(&swl, &format!("web-{hash}-0"), &hash, true)];
+    let api = answering(&swl, |_| (StatusCode::OK, json!("not an object")));
+    let ctx = context_on(&api, vec![], vec![], owned);
+    let err = reconcile(Arc::new(swl.clone()), ctx).await.unwrap_err();
+    assert_eq!(err.metric_reason(), "ApiTransport");
+    assert_eq!(
+        condition(&status_of(&api), "ReplicaFailure")["reason"],
+        "FailedDelete"
+    );
+    assert_eq!(api.event_reasons(), ["FailedDelete"]);
+}
+
+#[tokio::test]
+async fn requeues_soon_while_progressing_and_rarely_once_complete() {
+    let swl = workload(1, json!({}));
+    let api = mock(&swl);
+    assert_eq!(
+        reconcile_with(&swl, vec![], &api).await,
+        Action::requeue(Duration::from_secs(10))
+    );
+    let hash = template_hash(&swl);
+    let owned = vec![replica(&swl, &format!("web-{hash}-0"), &hash, true)];
+    let api = mock(&swl);
+    assert_eq!(
+        reconcile_with(&swl, owned, &api).await,
+        Action::requeue(Duration::from_secs(300))
+    );
 }
