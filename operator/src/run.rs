@@ -169,7 +169,23 @@ pub async fn run(
 }
 
 /// What the placer's view of the cluster looks like, to notice when it changes.
-type Fingerprint = BTreeMap<String, (bool, bool, bool, u64, u64, usize)>;
+/// Per node: agent ready, fenced, cordoned, vCPUs, memory, VMs holding capacity,
+/// and a hash of the labels and taints that nodeSelectors and tolerations read.
+type Fingerprint = BTreeMap<String, (bool, bool, bool, u64, u64, usize, u64)>;
+
+/// A hash of what placement reads from a node besides capacity and health: its
+/// labels (nodeSelector, tenant) and taints (tolerations).
+fn placement_labels_hash(node: &Node) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    node.labels().hash(&mut h);
+    if let Some(taints) = node.spec.as_ref().and_then(|s| s.taints.as_ref()) {
+        for t in taints {
+            (&t.key, &t.value, &t.effect).hash(&mut h);
+        }
+    }
+    h.finish()
+}
 
 /// Every two seconds: fence nodes whose agent is gone past the grace period,
 /// unfence recovered ones, update the queue depth, and when node state or used
@@ -245,6 +261,7 @@ async fn monitor(
                     info.vcpus,
                     info.memory,
                     used,
+                    placement_labels_hash(&node),
                 ),
             );
         }
@@ -261,7 +278,8 @@ async fn monitor(
             .placement_queue_depth
             .set(i64::try_from(pending.len()).unwrap_or(i64::MAX));
         if fp != last {
-            // Nodes whose readiness, fencing or capacity changed, or that came or went.
+            // Nodes whose readiness, fencing, capacity, labels or taints changed, or
+            // that came or went.
             let changed: Vec<&String> = fp
                 .keys()
                 .chain(last.keys())

@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 
-use super::fence;
+use super::{fence, placement_labels_hash};
 use crate::context::{Config, Context};
 use crate::testing::{MockApi, Recorded, context_on, fenced, lease, node};
 
@@ -197,4 +197,34 @@ async fn a_fenced_node_with_a_dead_agent_is_left_as_it_is() {
     let n = fenced(node("n1", 4, "2Gi"));
     fence(&ctx, &n, Some(&lease("n1", 10_000)), Timestamp::now()).await;
     assert!(api.requests.lock().unwrap().is_empty());
+}
+
+#[test]
+fn the_monitor_notices_label_and_taint_changes() {
+    // A node that starts matching a nodeSelector or toleration must retry the
+    // pending VMs at once, not at their next timed requeue.
+    let base = node("n1", 4, "8Gi");
+    let same = node("n1", 4, "8Gi");
+    assert_eq!(placement_labels_hash(&base), placement_labels_hash(&same));
+    let mut labelled = base.clone();
+    labelled
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert("disk".into(), "ssd".into());
+    assert_ne!(
+        placement_labels_hash(&base),
+        placement_labels_hash(&labelled)
+    );
+    let mut tainted = base.clone();
+    tainted.spec.get_or_insert_with(Default::default).taints = Some(vec![Taint {
+        key: "dedicated".into(),
+        value: Some("gpu".into()),
+        effect: "NoSchedule".into(),
+        ..Taint::default()
+    }]);
+    assert_ne!(
+        placement_labels_hash(&base),
+        placement_labels_hash(&tainted)
+    );
 }
