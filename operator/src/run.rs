@@ -65,8 +65,11 @@ pub async fn run(
     // One watch of MicroVMs feeds the cache and both controllers, without the
     // managedFields no reconcile reads (they are most of an object's size).
     let (vm_store, vm_writer) = reflector::store_shared::<MicroVM>(1024);
-    let (Some(for_vms), Some(for_workloads)) = (vm_writer.subscribe(), vm_writer.subscribe())
-    else {
+    let (Some(for_vms), Some(for_workloads), Some(for_orphans)) = (
+        vm_writer.subscribe(),
+        vm_writer.subscribe(),
+        vm_writer.subscribe(),
+    ) else {
         tracing::error!("a shared store always has subscribers");
         return;
     };
@@ -126,13 +129,31 @@ pub async fn run(
         )
         .for_each(|_| future::ready(()));
 
+    // A SecureWorkload hears of its own replicas through their ownerReference,
+    // and of an orphan its selector selects through `adopt`, so it adopts it at
+    // once rather than at its next timed requeue.
+    let (adopt_tx, adopt_rx) = mpsc::channel::<ObjectRef<SecureWorkload>>(1024);
     let workload_controller = Controller::new(
         Api::<SecureWorkload>::all(client.clone()),
         watcher::Config::default(),
     )
     .owns_shared_stream(for_workloads)
+    .reconcile_on(futures::stream::unfold(adopt_rx, |mut rx| async move {
+        rx.recv().await.map(|r| (r, rx))
+    }))
     .graceful_shutdown_on(shutdown.clone());
     let workload_store = workload_controller.store();
+    let orphans = {
+        let workloads = workload_store.clone();
+        for_orphans.for_each(move |vm| {
+            let state = workloads.state();
+            for adopter in crate::workload::claim::adopters(&vm, state.iter().map(AsRef::as_ref)) {
+                // A full channel means a reconcile is queued already.
+                let _ = adopt_tx.try_send(adopter);
+            }
+            future::ready(())
+        })
+    };
     let workload_store_ready = workload_store.clone();
     let workloads = workload_controller
         .run(
@@ -165,6 +186,7 @@ pub async fn run(
         _ = vm_watch => tracing::error!("MicroVM watch ended"),
         _ = future::join(vms, workloads) => tracing::info!("controllers stopped"),
         _ = monitor => tracing::error!("node monitor ended"),
+        _ = orphans => tracing::error!("MicroVM stream for adoption ended"),
     }
 }
 

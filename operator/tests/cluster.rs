@@ -239,6 +239,146 @@ async fn secureworkload_scales_rolls_and_cascades() -> Result<()> {
     Ok(())
 }
 
+/// Whether `vm` has `uid` as its controller (with blockOwnerDeletion).
+fn controlled_by(vm: &runv_crds::MicroVM, uid: &str) -> bool {
+    vm.metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.uid == uid && o.controller == Some(true) && o.block_owner_deletion == Some(true))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secureworkload_adopts_matching_orphans_and_releases_relabelled_replicas() -> Result<()> {
+    use runv_operator::workload::replica::{HASH_LABEL, template_hash};
+    let cluster = Cluster::start(&[("a", 32, "8Gi")], &["--leader-elect=false"]).await?;
+    let swls: kube::Api<runv_crds::SecureWorkload> =
+        kube::Api::namespaced(cluster.client.clone(), "default");
+    let vms = cluster.microvms();
+    let limit = Duration::from_secs(60);
+    let swl = workload(3, "web:1");
+    let hash = template_hash(&swl);
+
+    // Two orphans the selector selects, on the current template. Once placed,
+    // the operator's MicroVM cache holds them.
+    let orphans = ["stray-0", "stray-1"];
+    for name in orphans {
+        let mut vm = microvm(name, 1, "128Mi", "Always");
+        vm.metadata.labels = Some(
+            [
+                ("app".to_owned(), "web".to_owned()),
+                (HASH_LABEL.to_owned(), hash.clone()),
+            ]
+            .into(),
+        );
+        vms.create(&PostParams::default(), &vm).await?;
+    }
+    common::wait_bound(&vms, 2, limit).await?;
+
+    // A workload of 3 adopts both and creates one: never more than 3 MicroVMs.
+    let uid = swls
+        .create(&PostParams::default(), &swl)
+        .await?
+        .metadata
+        .uid
+        .unwrap_or_default();
+    let most = std::sync::atomic::AtomicUsize::new(0);
+    eventually(
+        limit,
+        "3 owned replicas, the orphans among them",
+        || async {
+            let list = vms.list(&ListParams::default()).await?.items;
+            most.fetch_max(list.len(), std::sync::atomic::Ordering::Relaxed);
+            let owned = list.iter().filter(|vm| controlled_by(vm, &uid)).count();
+            let status = swls.get("web").await?.status.unwrap_or_default();
+            Ok((list.len() == 3 && owned == 3 && status.replicas == 3).then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(most.into_inner(), 3, "a replica was created for an orphan");
+    for name in orphans {
+        assert!(
+            controlled_by(&vms.get(name).await?, &uid),
+            "{name} not adopted"
+        );
+    }
+
+    // A created replica relabelled out of the selector is released, not
+    // deleted, and replaced.
+    let created = vms
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .map(|vm| vm.metadata.name.unwrap_or_default())
+        .find(|n| !orphans.contains(&n.as_str()))
+        .expect("a created replica");
+    vms.patch(
+        &created,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(
+            &serde_json::json!({ "metadata": { "labels": { "app": "debug" } } }),
+        ),
+    )
+    .await?;
+    eventually(
+        limit,
+        "the relabelled replica released and replaced",
+        || async {
+            let list = vms.list(&ListParams::default()).await?.items;
+            let released = list
+                .iter()
+                .find(|vm| vm.metadata.name.as_deref() == Some(&created));
+            let free = released.is_some_and(|vm| {
+                vm.metadata
+                    .owner_references
+                    .as_ref()
+                    .is_none_or(Vec::is_empty)
+                    && vm.metadata.deletion_timestamp.is_none()
+            });
+            let owned = list
+                .iter()
+                .filter(|vm| controlled_by(vm, &uid) && vm.metadata.deletion_timestamp.is_none())
+                .count();
+            let status = swls.get("web").await?.status.unwrap_or_default();
+            Ok((free && owned == 3 && list.len() == 4 && status.replicas == 3).then_some(()))
+        },
+    )
+    .await?;
+
+    // An orphan created while the workload is settled is claimed at once (the
+    // workload's own requeue is minutes away): adopted as a fourth replica, one
+    // of the four is then scaled away.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut late = microvm("stray-late", 1, "128Mi", "Always");
+    late.metadata.labels = Some(
+        [
+            ("app".to_owned(), "web".to_owned()),
+            (HASH_LABEL.to_owned(), hash.clone()),
+        ]
+        .into(),
+    );
+    vms.create(&PostParams::default(), &late).await?;
+    eventually(
+        Duration::from_secs(8),
+        "the late orphan adopted or scaled away",
+        || async {
+            let list = vms.list(&ListParams::default()).await?.items;
+            let late = list
+                .iter()
+                .find(|vm| vm.metadata.name.as_deref() == Some("stray-late"));
+            let claimed = late.is_none_or(|vm| controlled_by(vm, &uid));
+            let owned = list
+                .iter()
+                .filter(|vm| controlled_by(vm, &uid) && vm.metadata.deletion_timestamp.is_none())
+                .count();
+            Ok((claimed && owned == 3).then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_node_marks_vms_unknown_then_fences_and_moves_always_vms() -> Result<()> {
     let cluster = Cluster::start(

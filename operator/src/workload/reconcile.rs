@@ -1,5 +1,6 @@
-//! The SecureWorkload reconcile: read the owned replicas from the cache, plan
-//! one step, create and delete replicas, and apply the status.
+//! The SecureWorkload reconcile: claim the replicas among the cached MicroVMs
+//! (adopting and releasing by selector, see [`super::claim`]), plan one step,
+//! create and delete replicas, and apply the status.
 //!
 //! Replicas are deleted in the background; Kubernetes' garbage collector
 //! deletes them all when the SecureWorkload goes, so it needs no finalizer.
@@ -18,12 +19,16 @@ use runv_crds::secureworkload::StrategyType;
 use runv_crds::{MicroVM, SecureWorkload, SecureWorkloadStatus};
 use serde_json::json;
 
+use super::claim::{self, ClaimError};
 use super::plan::{self, BoundError, Strategy};
 use super::replica;
 use crate::context::{Context, MANAGER};
 
 /// Controller name in metrics and logs.
 pub const CONTROLLER: &str = "secureworkload";
+
+/// How soon a reconcile whose ownerReferences patch lost a race (409) runs again.
+pub const CONFLICT_RETRY: Duration = Duration::from_secs(2);
 
 /// Why a SecureWorkload reconcile failed.
 #[derive(Debug, thiserror::Error)]
@@ -92,8 +97,42 @@ async fn reconcile_inner(swl: &SecureWorkload, ctx: &Context) -> Result<Action, 
     let vms: Api<MicroVM> = Api::namespaced(ctx.client.clone(), &ns);
     let hash = replica::template_hash(swl);
     let desired = u32::try_from(swl.spec.replicas).unwrap_or(0);
+    let swls: Api<SecureWorkload> = Api::namespaced(ctx.client.clone(), &ns);
     let all = ctx.microvms.state();
-    let owned: Vec<&Arc<MicroVM>> = all.iter().filter(|vm| replica::owned_by(vm, swl)).collect();
+    // Adopt matching orphans and release what the selector no longer selects
+    // before counting; if that did not settle, neither create nor delete on a
+    // count that may be wrong (as a ReplicaSet does).
+    let claimed = claim::claim(swl, &all, &vms, &swls).await;
+    for name in &claimed.adopted {
+        publish(
+            ctx,
+            swl,
+            EventType::Normal,
+            "Adopted",
+            format!("Adopted MicroVM {name}: it matches the selector and had no controller"),
+        )
+        .await;
+    }
+    for name in &claimed.released {
+        publish(
+            ctx,
+            swl,
+            EventType::Normal,
+            "Released",
+            format!("Released MicroVM {name}: it no longer matches the selector"),
+        )
+        .await;
+    }
+    match claimed.error {
+        None => {}
+        Some(ClaimError::Conflict) => return Ok(Action::requeue(CONFLICT_RETRY)),
+        Some(ClaimError::OwnerGone(why)) => {
+            tracing::info!(reason = %why, "adopting nothing");
+            return Ok(Action::await_change());
+        }
+        Some(ClaimError::Api(e)) => return Err(e.into()),
+    }
+    let owned = claimed.owned;
     // Names in use by any MicroVM of the namespace, so a replica never collides.
     let taken: Vec<String> = all
         .iter()
@@ -217,13 +256,12 @@ async fn reconcile_inner(swl: &SecureWorkload, ctx: &Context) -> Result<Action, 
             "kind": SecureWorkload::kind(&()),
             "status": status,
         });
-        Api::<SecureWorkload>::namespaced(ctx.client.clone(), &ns)
-            .patch_status(
-                &swl.name_any(),
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(body),
-            )
-            .await?;
+        swls.patch_status(
+            &swl.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await?;
     }
     if let Some(e) = transport {
         return Err(e.into());

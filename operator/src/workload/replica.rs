@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 use runv_crds::conditions as cond;
 use runv_crds::microvm::Phase;
@@ -52,6 +52,40 @@ pub fn selector_string(sel: &LabelSelector) -> String {
     parts.join(",")
 }
 
+/// Whether `sel` selects an object with `labels`, as a Kubernetes label selector
+/// does: every `matchLabels` pair is present and every requirement holds. An
+/// empty selector selects everything (the schema forbids one).
+pub fn selects(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    sel.match_labels
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v))
+        && sel.match_expressions.iter().all(|r| {
+            let value = labels.get(&r.key);
+            match r.operator {
+                SelectorOperator::In => value.is_some_and(|v| r.values.contains(v)),
+                SelectorOperator::NotIn => value.is_none_or(|v| !r.values.contains(v)),
+                SelectorOperator::Exists => value.is_some(),
+                SelectorOperator::DoesNotExist => value.is_none(),
+            }
+        })
+}
+
+/// The ownerReference that makes `swl` a replica's controller: `controller` and
+/// `blockOwnerDeletion` true. None while `swl` has no uid.
+pub fn controller_ref(swl: &SecureWorkload) -> Option<OwnerReference> {
+    swl.controller_owner_ref(&()).map(|mut o| {
+        o.block_owner_deletion = Some(true);
+        o
+    })
+}
+
+/// The controller ownerReference of `vm`, if it has one.
+pub fn controller_of(vm: &MicroVM) -> Option<&OwnerReference> {
+    vm.owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true))
+}
+
 /// The name of replica `ordinal` of template `hash`.
 pub fn replica_name(swl: &SecureWorkload, hash: &str, ordinal: usize) -> String {
     format!("{}-{hash}-{ordinal}", swl.name_any())
@@ -84,10 +118,7 @@ pub fn replica(swl: &SecureWorkload, hash: &str, name: String) -> MicroVM {
             namespace: swl.namespace(),
             labels: Some(labels),
             annotations: Some(annotations),
-            owner_references: swl.controller_owner_ref(&()).map(|mut o| {
-                o.block_owner_deletion = Some(true);
-                vec![o]
-            }),
+            owner_references: controller_ref(swl).map(|o| vec![o]),
             ..ObjectMeta::default()
         },
         spec,
@@ -98,11 +129,7 @@ pub fn replica(swl: &SecureWorkload, hash: &str, name: String) -> MicroVM {
 /// Whether `vm` is controlled by `swl`.
 pub fn owned_by(vm: &MicroVM, swl: &SecureWorkload) -> bool {
     let Some(uid) = swl.uid() else { return false };
-    vm.namespace() == swl.namespace()
-        && vm
-            .owner_references()
-            .iter()
-            .any(|o| o.controller == Some(true) && o.uid == uid)
+    vm.namespace() == swl.namespace() && controller_of(vm).is_some_and(|o| o.uid == uid)
 }
 
 /// How the planner sees a replica.
@@ -210,5 +237,57 @@ mod tests {
             ],
         };
         assert_eq!(selector_string(&sel), "app=web,tier in (a,b),!canary");
+    }
+
+    #[test]
+    fn selector_matching_follows_kubernetes() {
+        let req = |key: &str, operator, values: &[&str]| LabelSelectorRequirement {
+            key: key.into(),
+            operator,
+            values: values.iter().map(|v| (*v).to_owned()).collect(),
+        };
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let sel = LabelSelector {
+            match_labels: [("app".to_owned(), "web".to_owned())].into(),
+            match_expressions: vec![
+                req("tier", SelectorOperator::In, &["a", "b"]),
+                req("env", SelectorOperator::NotIn, &["dev"]),
+                req("canary", SelectorOperator::DoesNotExist, &[]),
+            ],
+        };
+        assert!(selects(&sel, &labels(&[("app", "web"), ("tier", "a")])));
+        assert!(selects(
+            &sel,
+            &labels(&[("app", "web"), ("tier", "b"), ("env", "prod"), ("x", "y")])
+        ));
+        assert!(
+            !selects(&sel, &labels(&[("tier", "a")])),
+            "matchLabels key missing"
+        );
+        assert!(!selects(&sel, &labels(&[("app", "api"), ("tier", "a")])));
+        assert!(
+            !selects(&sel, &labels(&[("app", "web")])),
+            "In needs the label"
+        );
+        assert!(!selects(&sel, &labels(&[("app", "web"), ("tier", "c")])));
+        assert!(!selects(
+            &sel,
+            &labels(&[("app", "web"), ("tier", "a"), ("env", "dev")])
+        ));
+        assert!(!selects(
+            &sel,
+            &labels(&[("app", "web"), ("tier", "a"), ("canary", "")])
+        ));
+        let exists = LabelSelector {
+            match_labels: BTreeMap::new(),
+            match_expressions: vec![req("canary", SelectorOperator::Exists, &[])],
+        };
+        assert!(selects(&exists, &labels(&[("canary", "")])));
+        assert!(!selects(&exists, &labels(&[("app", "web")])));
     }
 }

@@ -410,3 +410,266 @@ async fn requeues_soon_while_progressing_and_rarely_once_complete() {
         Action::requeue(Duration::from_secs(300))
     );
 }
+
+// Adoption and release by selector.
+
+const VMS: &str = "/apis/runv.dev/v1alpha1/namespaces/default/microvms";
+
+/// A mock knowing the workload and these MicroVMs.
+fn mock_with(swl: &SecureWorkload, vms: &[MicroVM]) -> MockApi {
+    let mut objects = vec![serde_json::to_value(swl).unwrap()];
+    objects.extend(vms.iter().map(|v| serde_json::to_value(v).unwrap()));
+    MockApi::new(objects)
+}
+
+/// PATCHes of MicroVMs: (name, body).
+fn vm_patches(api: &MockApi) -> Vec<(String, Value)> {
+    api.calls()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.path.starts_with(&format!("{VMS}/")))
+        .map(|r| (r.path.rsplit('/').next().unwrap().to_owned(), r.body))
+        .collect()
+}
+
+/// GETs of the workload itself (the fresh read before adopting).
+fn workload_reads(api: &MockApi) -> usize {
+    api.calls()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with("/secureworkloads/web"))
+        .count()
+}
+
+/// A MicroVM without any owner, labelled for `web` with template `hash`.
+fn orphan(name: &str, hash: &str) -> MicroVM {
+    vm(name).label("app", "web").label(HASH_LABEL, hash).build()
+}
+
+#[tokio::test]
+async fn an_orphan_matching_the_selector_is_adopted_and_counted() {
+    let swl = workload(2, json!({}));
+    let hash = template_hash(&swl);
+    let stray = orphan("stray", &hash);
+    let owned = replica(&swl, &format!("web-{hash}-0"), &hash, true);
+    let api = mock_with(&swl, std::slice::from_ref(&stray));
+    reconcile_with(&swl, vec![owned, stray], &api).await;
+    assert_eq!(workload_reads(&api), 1, "the workload is read afresh once");
+    let patches = vm_patches(&api);
+    assert_eq!(patches.len(), 1, "{patches:?}");
+    assert_eq!(patches[0].0, "stray");
+    assert_eq!(
+        patches[0].1,
+        json!({
+            "metadata": {
+                "uid": "uid-stray",
+                "resourceVersion": "1",
+                "ownerReferences": [{
+                    "apiVersion": "runv.dev/v1alpha1",
+                    "kind": "SecureWorkload",
+                    "name": "web",
+                    "uid": "swl-uid",
+                    "controller": true,
+                    "blockOwnerDeletion": true
+                }]
+            }
+        })
+    );
+    let patch = api
+        .calls()
+        .into_iter()
+        .find(|r| r.method == "PATCH" && r.path == format!("{VMS}/stray"))
+        .unwrap();
+    assert!(
+        patch.query.contains("fieldManager=runv-operator"),
+        "{}",
+        patch.query
+    );
+    // Counted in the same round: two replicas, none created.
+    assert!(creates(&api).is_empty());
+    assert!(deletes(&api).is_empty());
+    let status = status_of(&api);
+    assert_eq!(status["replicas"], 2);
+    assert_eq!(status["updatedReplicas"], 2);
+    assert_eq!(api.event_reasons(), ["Adopted"]);
+}
+
+#[tokio::test]
+async fn an_adopted_orphan_of_another_template_is_an_old_revision() {
+    let swl = workload(1, json!({}));
+    let stray = vm("stray").label("app", "web").build();
+    let api = mock_with(&swl, std::slice::from_ref(&stray));
+    reconcile_with(&swl, vec![stray], &api).await;
+    assert_eq!(vm_patches(&api).len(), 1);
+    // Rolled like any old replica: a surge replica on the current template first.
+    let posts = creates(&api);
+    assert_eq!(posts.len(), 1);
+    assert!(deletes(&api).is_empty());
+    let status = status_of(&api);
+    assert_eq!(status["replicas"], 1);
+    assert_eq!(status["updatedReplicas"], 0);
+}
+
+#[tokio::test]
+async fn an_orphan_with_another_controller_is_not_adopted() {
+    let swl = workload(1, json!({}));
+    let hash = template_hash(&swl);
+    let mut other = workload(1, json!({}));
+    other.metadata.uid = Some("other-uid".into());
+    other.metadata.name = Some("other".into());
+    let foreign = vm("foreign")
+        .label("app", "web")
+        .label(HASH_LABEL, &hash)
+        .owned_by(&other)
+        .build();
+    let api = mock_with(&swl, std::slice::from_ref(&foreign));
+    reconcile_with(&swl, vec![foreign], &api).await;
+    assert!(vm_patches(&api).is_empty());
+    assert_eq!(workload_reads(&api), 0);
+    assert_eq!(creates(&api).len(), 1, "it still needs its own replica");
+}
+
+#[tokio::test]
+async fn an_orphan_being_deleted_is_not_adopted() {
+    let swl = workload(1, json!({}));
+    let hash = template_hash(&swl);
+    let mut dying = orphan("dying", &hash);
+    dying.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+    let api = mock_with(&swl, std::slice::from_ref(&dying));
+    reconcile_with(&swl, vec![dying], &api).await;
+    assert!(vm_patches(&api).is_empty());
+    assert_eq!(creates(&api).len(), 1);
+}
+
+#[tokio::test]
+async fn an_orphan_the_selector_does_not_select_is_not_adopted() {
+    let swl = workload(1, json!({}));
+    let other = vm("api-0").label("app", "api").build();
+    let api = mock_with(&swl, std::slice::from_ref(&other));
+    reconcile_with(&swl, vec![other], &api).await;
+    assert!(vm_patches(&api).is_empty());
+    assert_eq!(creates(&api).len(), 1);
+}
+
+#[tokio::test]
+async fn a_workload_being_deleted_adopts_nothing() {
+    let swl = workload(2, json!({}));
+    let hash = template_hash(&swl);
+    let stray = orphan("stray", &hash);
+
+    // Seen deleting in the cache: nothing at all.
+    let mut deleting = swl.clone();
+    deleting.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+    let api = mock_with(&deleting, std::slice::from_ref(&stray));
+    let action = reconcile_with(&deleting, vec![stray.clone()], &api).await;
+    assert_eq!(action, Action::await_change());
+    assert!(api.requests.lock().unwrap().is_empty());
+
+    // Deleting only in the fresh read: no adoption, nor any create or delete.
+    let api = mock_with(&deleting, std::slice::from_ref(&stray));
+    let action = reconcile_with(&swl, vec![stray.clone()], &api).await;
+    assert_eq!(action, Action::await_change());
+    assert_eq!(workload_reads(&api), 1);
+    assert!(vm_patches(&api).is_empty());
+    assert!(creates(&api).is_empty() && deletes(&api).is_empty());
+
+    // Replaced by a namesake (another uid) in the fresh read: likewise.
+    let mut namesake = swl.clone();
+    namesake.metadata.uid = Some("new-uid".into());
+    let api = mock_with(&namesake, std::slice::from_ref(&stray));
+    let action = reconcile_with(&swl, vec![stray], &api).await;
+    assert_eq!(action, Action::await_change());
+    assert!(vm_patches(&api).is_empty());
+    assert!(creates(&api).is_empty());
+}
+
+#[tokio::test]
+async fn a_replica_relabelled_out_of_the_selector_is_released_and_replaced() {
+    let swl = workload(2, json!({}));
+    let hash = template_hash(&swl);
+    let kept = replica(&swl, &format!("web-{hash}-0"), &hash, true);
+    let debug = vm(&format!("web-{hash}-1"))
+        .owned_by(&swl)
+        .label(HASH_LABEL, &hash)
+        .label("app", "debug")
+        .build();
+    let api = mock_with(&swl, std::slice::from_ref(&debug));
+    reconcile_with(&swl, vec![kept, debug], &api).await;
+    assert_eq!(workload_reads(&api), 0, "releasing needs no fresh read");
+    assert_eq!(
+        vm_patches(&api),
+        [(
+            format!("web-{hash}-1"),
+            json!({
+                "metadata": {
+                    "uid": format!("uid-web-{hash}-1"),
+                    "resourceVersion": "1",
+                    "ownerReferences": null
+                }
+            })
+        )]
+    );
+    // Its name stays taken: the replacement gets the next free one.
+    let posts = creates(&api);
+    assert_eq!(posts.len(), 1);
+    assert_eq!(posts[0].body["metadata"]["name"], format!("web-{hash}-2"));
+    assert!(deletes(&api).is_empty());
+    assert_eq!(status_of(&api)["replicas"], 1);
+    assert_eq!(api.event_reasons(), ["Released", "SuccessfulCreate"]);
+}
+
+#[tokio::test]
+async fn a_released_replica_already_gone_is_not_an_error() {
+    let swl = workload(0, json!({}));
+    let hash = template_hash(&swl);
+    let debug = vm("gone")
+        .owned_by(&swl)
+        .label(HASH_LABEL, &hash)
+        .label("app", "debug")
+        .build();
+    // The mock knows only the workload: the patch gets a 404.
+    let api = mock(&swl);
+    reconcile_with(&swl, vec![debug], &api).await;
+    assert_eq!(vm_patches(&api).len(), 1);
+    assert!(api.event_reasons().is_empty());
+    assert_eq!(status_of(&api)["replicas"], 0);
+}
+
+#[tokio::test]
+async fn a_conflicting_adoption_requeues_without_acting() {
+    let swl = workload(3, json!({}));
+    let hash = template_hash(&swl);
+    let swl_json = serde_json::to_value(&swl).unwrap();
+    let api = MockApi::with(Arc::new(move |r: &Recorded| {
+        if r.is_event() {
+            (StatusCode::CREATED, r.body.clone())
+        } else if r.method == "PATCH" && r.path.starts_with(&format!("{VMS}/")) {
+            status_error(409, "Conflict")
+        } else if r.method == "POST" {
+            (StatusCode::CREATED, r.body.clone())
+        } else {
+            (StatusCode::OK, swl_json.clone())
+        }
+    }));
+    let action = reconcile_with(&swl, vec![orphan("stray", &hash)], &api).await;
+    assert_eq!(action, Action::requeue(CONFLICT_RETRY));
+    assert_eq!(vm_patches(&api).len(), 1);
+    assert!(creates(&api).is_empty() && deletes(&api).is_empty());
+    assert!(api.event_reasons().is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_fresh_read_adopts_nothing_and_fails() {
+    let swl = workload(1, json!({}));
+    let hash = template_hash(&swl);
+    let api = MockApi::with(Arc::new(|r: &Recorded| {
+        if r.is_event() {
+            (StatusCode::CREATED, r.body.clone())
+        } else {
+            status_error(500, "InternalError")
+        }
+    }));
+    let ctx = context_on(&api, vec![], vec![], vec![orphan("stray", &hash)]);
+    let err = reconcile(Arc::new(swl), ctx).await.unwrap_err();
+    assert_eq!(err.metric_reason(), "ApiStatus");
+    assert!(vm_patches(&api).is_empty());
+    assert!(creates(&api).is_empty());
+}
