@@ -10,9 +10,10 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use runv_crds::MicroVM;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 
 use crate::metrics::Metrics;
 use crate::placement::Bound;
@@ -90,6 +91,72 @@ pub struct Context {
     /// Nodes seen without an agent Lease, and since when (see
     /// [`Context::lease_missing_for`]).
     pub lease_missing: std::sync::Mutex<HashMap<String, Timestamp>>,
+    /// Whether the Node, Lease and MicroVM caches have been filled.
+    pub synced: Synced,
+}
+
+/// Whether each cache has been filled by its first list, as its watch stream
+/// reports it (`watcher::Event::InitDone`, see [`mark_synced`]).
+///
+/// Not `Store::wait_until_ready`: kube-runtime keeps a store's readiness in a
+/// oneshot receiver with a single waker, so when several tasks await one store
+/// only the last to poll it is woken and the others wait forever. A controller
+/// already awaits its own store that way; nothing else may.
+#[derive(Clone, Debug)]
+pub struct Synced {
+    /// The Node cache.
+    pub nodes: watch::Receiver<bool>,
+    /// The agent Lease cache.
+    pub leases: watch::Receiver<bool>,
+    /// The MicroVM cache.
+    pub microvms: watch::Receiver<bool>,
+}
+
+impl Synced {
+    /// Flags already set, for caches that are filled from the start.
+    pub fn already() -> Self {
+        Self {
+            nodes: watch::channel(true).1,
+            leases: watch::channel(true).1,
+            microvms: watch::channel(true).1,
+        }
+    }
+
+    /// Waits until all three caches are filled; false if a watch ended first.
+    pub async fn wait(&self) -> bool {
+        for flag in [&self.nodes, &self.leases, &self.microvms] {
+            // Each result is dropped at once: its guard must not live across an await.
+            if flag.clone().wait_for(|s| *s).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The caches not filled yet, for logs.
+    pub fn waiting(&self) -> Vec<&'static str> {
+        [
+            ("Node", &self.nodes),
+            ("Lease", &self.leases),
+            ("MicroVM", &self.microvms),
+        ]
+        .into_iter()
+        .filter(|(_, rx)| !*rx.borrow())
+        .map(|(kind, _)| kind)
+        .collect()
+    }
+}
+
+/// An `inspect` step for a reflector's event stream that sets `flag` once the
+/// store has applied the first list (and again after each relist).
+pub fn mark_synced<K>(
+    flag: watch::Sender<bool>,
+) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) {
+    move |event| {
+        if let Ok(watcher::Event::InitDone) = event {
+            flag.send_replace(true);
+        }
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -108,12 +175,7 @@ impl Context {
     /// look bound to a deleted node, and a SecureWorkload against an empty
     /// MicroVM cache would look like it has no replicas.
     pub async fn caches_synced(&self) -> bool {
-        let (nodes, leases, vms) = tokio::join!(
-            self.nodes.wait_until_ready(),
-            self.leases.wait_until_ready(),
-            self.microvms.wait_until_ready()
-        );
-        nodes.is_ok() && leases.is_ok() && vms.is_ok()
+        self.synced.wait().await
     }
 
     /// How long `node` has had no agent Lease: counted from when this operator
@@ -169,6 +231,54 @@ impl Context {
         };
         if let Err(e) = self.recorder.publish(&ev, reference).await {
             tracing::warn!(error = %e, "cannot publish event");
+        }
+    }
+}
+
+#[cfg(test)]
+mod synced_tests {
+    use std::time::Duration;
+
+    use tokio::sync::watch;
+
+    use super::{Synced, mark_synced};
+
+    #[tokio::test]
+    async fn every_waiter_is_woken_when_the_caches_fill() {
+        let (nodes, nodes_rx) = watch::channel(false);
+        let (leases, leases_rx) = watch::channel(false);
+        let (vms, vms_rx) = watch::channel(false);
+        let synced = Synced {
+            nodes: nodes_rx,
+            leases: leases_rx,
+            microvms: vms_rx,
+        };
+        // Several tasks wait at once, as the monitor and every reconcile do.
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let synced = synced.clone();
+                tokio::spawn(async move { synced.wait().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        assert_eq!(synced.waiting(), ["Node", "Lease", "MicroVM"]);
+        let mut mark_nodes = mark_synced::<()>(nodes);
+        mark_nodes(&Ok(kube::runtime::watcher::Event::InitApply(())));
+        assert_eq!(
+            synced.waiting(),
+            ["Node", "Lease", "MicroVM"],
+            "not before InitDone"
+        );
+        mark_nodes(&Ok(kube::runtime::watcher::Event::InitDone));
+        mark_synced::<()>(leases)(&Ok(kube::runtime::watcher::Event::InitDone));
+        mark_synced::<()>(vms)(&Ok(kube::runtime::watcher::Event::InitDone));
+        assert!(synced.waiting().is_empty());
+        for waiter in waiters {
+            let woken = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+            assert!(
+                matches!(woken, Ok(Ok(true))),
+                "a waiter was not woken: {woken:?}"
+            );
         }
     }
 }

@@ -19,9 +19,9 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use runv_crds::{MicroVM, SecureWorkload};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, mpsc, watch};
 
-use crate::context::{Assumed, Config, Context, MANAGER};
+use crate::context::{Assumed, Config, Context, MANAGER, Synced, mark_synced};
 use crate::metrics::Metrics;
 use crate::nodes::AgentLease;
 use crate::workload::reconcile as workload;
@@ -38,6 +38,17 @@ pub async fn run(
 ) {
     let shutdown = shutdown.shared();
 
+    // Each cache reports when its first list is in (see context::Synced).
+    let (nodes_synced, nodes_synced_rx) = watch::channel(false);
+    let (leases_synced, leases_synced_rx) = watch::channel(false);
+    let (vms_synced, vms_synced_rx) = watch::channel(false);
+    let (workloads_synced, workloads_synced_rx) = watch::channel(false);
+    let synced = Synced {
+        nodes: nodes_synced_rx,
+        leases: leases_synced_rx,
+        microvms: vms_synced_rx,
+    };
+
     let (nodes_store, nodes_writer) = reflector::store::<Node>();
     let node_watch = reflector::reflector(
         nodes_writer,
@@ -47,6 +58,7 @@ pub async fn run(
         ),
     )
     .default_backoff()
+    .inspect(mark_synced(nodes_synced))
     .applied_objects()
     .for_each(|r| log_watch_error("Node", r));
 
@@ -59,6 +71,7 @@ pub async fn run(
         ),
     )
     .default_backoff()
+    .inspect(mark_synced(leases_synced))
     .applied_objects()
     .for_each(|r| log_watch_error("Lease", r));
 
@@ -80,6 +93,7 @@ pub async fn run(
     .default_backoff()
     .modify(|vm| vm.managed_fields_mut().clear())
     .reflect_shared(vm_writer)
+    .inspect(mark_synced(vms_synced))
     .applied_objects()
     .for_each(|r| log_watch_error("MicroVM", r));
 
@@ -103,6 +117,7 @@ pub async fn run(
         metrics,
         config,
         lease_missing: std::sync::Mutex::default(),
+        synced,
     });
 
     // kube-runtime holds a controller only until its own cache is filled; both
@@ -133,15 +148,24 @@ pub async fn run(
     // and of an orphan its selector selects through `adopt`, so it adopts it at
     // once rather than at its next timed requeue.
     let (adopt_tx, adopt_rx) = mpsc::channel::<ObjectRef<SecureWorkload>>(1024);
-    let workload_controller = Controller::new(
+    // The SecureWorkload cache is built here rather than by Controller::new so
+    // that its first list can be noticed without awaiting the store, which
+    // the controller itself awaits (see context::Synced).
+    let (workload_store, workload_writer) = reflector::store::<SecureWorkload>();
+    let workload_watch = watcher(
         Api::<SecureWorkload>::all(client.clone()),
         watcher::Config::default(),
     )
-    .owns_shared_stream(for_workloads)
-    .reconcile_on(futures::stream::unfold(adopt_rx, |mut rx| async move {
-        rx.recv().await.map(|r| (r, rx))
-    }))
-    .graceful_shutdown_on(shutdown.clone());
+    .default_backoff()
+    .reflect(workload_writer)
+    .inspect(mark_synced(workloads_synced))
+    .applied_objects();
+    let workload_controller = Controller::for_stream(workload_watch, workload_store)
+        .owns_shared_stream(for_workloads)
+        .reconcile_on(futures::stream::unfold(adopt_rx, |mut rx| async move {
+            rx.recv().await.map(|r| (r, rx))
+        }))
+        .graceful_shutdown_on(shutdown.clone());
     let workload_store = workload_controller.store();
     let orphans = {
         let workloads = workload_store.clone();
@@ -154,7 +178,6 @@ pub async fn run(
             future::ready(())
         })
     };
-    let workload_store_ready = workload_store.clone();
     let workloads = workload_controller
         .run(
             move |swl, ctx: Arc<Context>| {
@@ -178,7 +201,7 @@ pub async fn run(
         )
         .for_each(|r| log_controller_error("SecureWorkload", r));
 
-    let monitor = monitor(ctx.clone(), workload_store_ready, trigger_tx, ready);
+    let monitor = monitor(ctx.clone(), workloads_synced_rx, trigger_tx, ready);
 
     tokio::select! {
         _ = node_watch => tracing::error!("node watch ended"),
@@ -215,38 +238,24 @@ fn placement_labels_hash(node: &Node) -> u64 {
 /// that changed.
 async fn monitor(
     ctx: Arc<Context>,
-    workloads: reflector::Store<SecureWorkload>,
+    workloads_synced: watch::Receiver<bool>,
     trigger: mpsc::Sender<ObjectRef<MicroVM>>,
     ready: Arc<AtomicBool>,
 ) {
-    let synced = async { tokio::join!(ctx.caches_synced(), workloads.wait_until_ready()) };
+    let synced = async {
+        let mut workloads = workloads_synced.clone();
+        ctx.caches_synced().await && workloads.wait_for(|s| *s).await.is_ok()
+    };
     tokio::pin!(synced);
     loop {
         match tokio::time::timeout(Duration::from_secs(10), &mut synced).await {
-            Ok((true, Ok(()))) => break,
-            Ok(_) => return,
+            Ok(true) => break,
+            Ok(false) => return,
             Err(_) => {
-                let waiting: Vec<&str> = [
-                    (
-                        "Node",
-                        ctx.nodes.wait_until_ready().now_or_never().is_none(),
-                    ),
-                    (
-                        "Lease",
-                        ctx.leases.wait_until_ready().now_or_never().is_none(),
-                    ),
-                    (
-                        "MicroVM",
-                        ctx.microvms.wait_until_ready().now_or_never().is_none(),
-                    ),
-                    (
-                        "SecureWorkload",
-                        workloads.wait_until_ready().now_or_never().is_none(),
-                    ),
-                ]
-                .into_iter()
-                .filter_map(|(kind, waiting)| waiting.then_some(kind))
-                .collect();
+                let mut waiting = ctx.synced.waiting();
+                if !*workloads_synced.borrow() {
+                    waiting.push("SecureWorkload");
+                }
                 tracing::warn!(
                     ?waiting,
                     "caches not synced yet: nothing is reconciled until they are"

@@ -201,6 +201,7 @@ pub fn context_on(
         ),
         metrics: Metrics::new(),
         config: Config::default(),
+        synced: crate::context::Synced::already(),
         lease_missing: Mutex::default(),
     })
 }

@@ -57,12 +57,8 @@ impl Cluster {
         let mut cluster = Self::without_operator(nodes).await?;
         let kubeconfig = cluster.server.kubeconfig_path().to_owned();
         cluster.start_operator(operator_args, &kubeconfig)?;
-        // Let the operator list and start watching before a test creates
-        // anything: the test server does not replay to a watch the events
-        // between the list's resourceVersion and the watch request, which a
-        // kube-apiserver does.
-        cluster.wait_ready(Duration::from_secs(60)).await?;
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Tests create objects at once, while the operator is still listing:
+        // its start-up must not miss them.
         Ok(cluster)
     }
 
