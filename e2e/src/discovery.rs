@@ -199,15 +199,56 @@ pub fn openapi_v3_root(reg: &Registry) -> Value {
     json!({ "paths": paths })
 }
 
+/// The OpenAPI v3 schema of a custom resource, as kube-apiserver publishes it
+/// for `kubectl explain`: the CRD's structural schema, with `apiVersion`, `kind`
+/// and `metadata` added where the CRD leaves them out, tagged with its GVK.
+fn custom_resource_schema(t: &ResourceType, structural: &Value) -> Value {
+    let mut schema = structural.clone();
+    if !schema["properties"].is_object() {
+        schema["properties"] = json!({});
+    }
+    let props = &mut schema["properties"];
+    if props.get("apiVersion").is_none() {
+        props["apiVersion"] = json!({ "type": "string", "description": "APIVersion defines the versioned schema of this representation of an object." });
+    }
+    if props.get("kind").is_none() {
+        props["kind"] = json!({ "type": "string", "description": "Kind is a string value representing the REST resource this object represents." });
+    }
+    if props
+        .get("metadata")
+        .is_none_or(|m| m.as_object().is_some_and(|m| m.len() <= 1))
+    {
+        props["metadata"] =
+            json!({ "type": "object", "description": "Standard object's metadata." });
+    }
+    schema["x-kubernetes-group-version-kind"] =
+        json!([{ "group": t.group, "version": t.version, "kind": t.kind }]);
+    schema
+}
+
+/// The name kube-apiserver gives a custom resource's schema: the group's
+/// labels reversed, then version and kind (`dev.runv.v1alpha1.MicroVM`).
+fn schema_name(t: &ResourceType) -> String {
+    let group: Vec<&str> = t.group.split('.').rev().collect();
+    format!("{}.{}.{}", group.join("."), t.version, t.kind)
+}
+
 /// `/openapi/v3/apis/{group}/{version}`: PATCH operations with their GVK and
-/// the `fieldValidation` parameter, no schemas.
+/// the `fieldValidation` parameter, and the schemas of custom resources.
 pub fn openapi_v3_doc(reg: &Registry, group: &str, version: &str) -> Option<Value> {
     let mut paths = serde_json::Map::new();
+    let mut schemas = serde_json::Map::new();
     for t in reg
         .all()
         .iter()
         .filter(|t| t.group == group && t.version == version)
     {
+        if let Some(schema) = &t.schema {
+            schemas.insert(
+                schema_name(t),
+                custom_resource_schema(t, &schema.structural),
+            );
+        }
         let base = if t.namespaced {
             format!(
                 "/{}/namespaces/{{namespace}}/{}",
@@ -246,7 +287,7 @@ pub fn openapi_v3_doc(reg: &Registry, group: &str, version: &str) -> Option<Valu
         "openapi": "3.0.0",
         "info": { "title": "Kubernetes", "version": format!("v1.{KUBE_MINOR}.0") },
         "paths": paths,
-        "components": { "schemas": {} },
+        "components": { "schemas": schemas },
     }))
 }
 

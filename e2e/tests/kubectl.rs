@@ -162,6 +162,38 @@ async fn apply_twice_leaves_the_object_unchanged() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn explain_reads_the_crd_schemas() -> Result<()> {
+    bounded(async {
+        let env = Env::start(true).await?;
+        let out = env
+            .kubectl(&["explain", "mvm.spec.resources"])
+            .await?
+            .ok()?;
+        ensure!(
+            out.contains("KIND:       MicroVM")
+                && out.contains("vcpus\t<integer>")
+                && out.contains("memory\t<string>")
+                && out.contains("from 16Mi to 64Gi"),
+            "{out}"
+        );
+        let out = env
+            .kubectl(&["explain", "swl", "--recursive"])
+            .await?
+            .ok()?;
+        ensure!(
+            out.contains("KIND:       SecureWorkload")
+                && out.contains("metadata\t<Object>")
+                && out.contains("maxUnavailable"),
+            "{out}"
+        );
+        let err = env.kubectl(&["explain", "mvm.spec.nosuchfield"]).await?;
+        ensure!(err.code != 0, "{err:?}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn get_wide_prints_the_printer_columns() -> Result<()> {
     bounded(async {
         let env = Env::start(true).await?;
