@@ -227,14 +227,7 @@ mod tests {
         let (theirs, ours) = unsafe { (libc::getpgid(id.pid as i32), libc::getpgrp()) };
         assert_ne!(theirs, ours);
         // Once the script has run its first command, it has memory of its own.
-        let start = std::time::Instant::now();
-        while !std::fs::read_to_string(dir.path().join("vmm.log"))
-            .unwrap_or_default()
-            .contains("started")
-        {
-            assert!(start.elapsed() < std::time::Duration::from_secs(10));
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        wait_started(dir.path());
         let usage = p.usage(id).expect("usage of a running process");
         assert!(usage.rss_bytes > 0, "{usage:?}");
         // A different start time is a different process, never ours to kill.
@@ -249,6 +242,18 @@ mod tests {
         p.kill(id).unwrap(); // idempotent
         let log = std::fs::read_to_string(dir.path().join("vmm.log")).unwrap();
         assert!(log.contains("--config"), "{log}");
+    }
+
+    /// Waits (at most 10 s) until the stand-in VMM script has run its first command.
+    fn wait_started(dir: &std::path::Path) {
+        let start = std::time::Instant::now();
+        while !std::fs::read_to_string(dir.join("vmm.log"))
+            .unwrap_or_default()
+            .contains("started")
+        {
+            assert!(start.elapsed() < std::time::Duration::from_secs(10));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     #[test]
@@ -274,14 +279,7 @@ mod tests {
         req.cgroup = vec![procs.clone()];
         let id = LinuxProcesses.spawn(&req).unwrap();
         assert_eq!(std::fs::read_to_string(&procs).unwrap(), "0");
-        let start = std::time::Instant::now();
-        while !std::fs::read_to_string(dir.path().join("vmm.log"))
-            .unwrap_or_default()
-            .contains("started")
-        {
-            assert!(start.elapsed() < std::time::Duration::from_secs(10));
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        wait_started(dir.path());
         LinuxProcesses.kill(id).unwrap();
         // A cgroup that cannot be joined: no process at all, and the error says so.
         req.cgroup = vec![dir.path().join("gone/cgroup.procs")];
