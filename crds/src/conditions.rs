@@ -92,6 +92,55 @@ pub struct Update<'a> {
     pub observed_generation: Option<i64>,
 }
 
+/// One condition a writer sets: typed, so reasons come from
+/// [`crate::contract::Reason`] and never from free strings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Row {
+    /// Condition type.
+    pub type_: &'static str,
+    /// Condition status.
+    pub status: Status,
+    /// Reason.
+    pub reason: crate::contract::Reason,
+    /// Message for people (may be empty).
+    pub message: String,
+}
+
+impl Row {
+    /// A row with an empty message.
+    pub fn new(type_: &'static str, status: Status, reason: crate::contract::Reason) -> Self {
+        Self {
+            type_,
+            status,
+            reason,
+            message: String::new(),
+        }
+    }
+
+    /// The same row with a message.
+    #[must_use]
+    pub fn message(mut self, message: impl Into<String>) -> Self {
+        self.message = message.into();
+        self
+    }
+
+    /// Sets this row in `conditions` (see [`set_condition`]); returns whether
+    /// anything changed.
+    pub fn set(&self, conditions: &mut Vec<Condition>, generation: Option<i64>, now: Time) -> bool {
+        set_condition(
+            conditions,
+            Update {
+                type_: self.type_,
+                status: self.status,
+                reason: self.reason.as_str(),
+                message: &self.message,
+                observed_generation: generation,
+            },
+            now,
+        )
+    }
+}
+
 /// Sets a condition in `conditions`, keyed by type. `lastTransitionTime` is `now`
 /// when the condition is new or its status changes, and kept otherwise. Returns
 /// whether anything changed.

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod conditions;
+pub mod contract;
 pub mod generate;
 pub mod microvm;
 pub mod quantity;

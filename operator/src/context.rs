@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::placement::Bound;
 
 /// Field manager of every write the operator makes.
-pub const MANAGER: &str = "runv-operator";
+pub use runv_crds::contract::OPERATOR_MANAGER as MANAGER;
 
 /// Operator settings.
 #[derive(Clone, Debug)]

@@ -17,13 +17,14 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use runv_crds::conditions::{self as cond, Status, Update};
-use runv_crds::microvm::{Phase, PowerState, RunPolicy};
+use runv_crds::conditions::{self as cond, Row, Status};
+use runv_crds::contract::{self, Binding, Reason};
+use runv_crds::microvm::{Phase, RunPolicy};
 use runv_crds::quantity::QuantityError;
 use runv_crds::{MicroVM, MicroVMStatus};
 use serde_json::json;
 
-use crate::context::{Context, MANAGER};
+use crate::context::{Assumed, Context, MANAGER};
 use crate::nodes;
 use crate::placement::{self, Bound, Request, TenantRef};
 
@@ -56,9 +57,9 @@ impl ReconcileError {
     }
 }
 
-/// Whether the VM wants a node now.
+/// Whether the VM wants a node now ([`contract::wants_to_run`]).
 pub fn wants_to_run(vm: &MicroVM) -> bool {
-    vm.spec.run_policy != RunPolicy::Halted && vm.spec.power_state != PowerState::Stopped
+    contract::wants_to_run(&vm.spec)
 }
 
 /// Whether a bound VM still holds its node's capacity.
@@ -114,6 +115,12 @@ pub fn bound(vm: &MicroVM, node: &str) -> Bound {
 }
 
 /// The status the operator writes at one of its transitions.
+///
+/// The operator writes `nodeName` and `Scheduled` always, and the lifecycle
+/// fields (phase, observedGeneration, the other six conditions) only where
+/// [`runv_crds::contract::ownership`] gives them to it: while the VM is
+/// unbound (including the bind itself, the handoff to the agent) and while
+/// its node is lost. It never writes the agent's run record.
 #[derive(Clone, Debug, PartialEq)]
 pub enum OperatorStatus {
     /// Bound to a node, waiting for its agent.
@@ -136,7 +143,7 @@ pub enum OperatorStatus {
         node: String,
         /// `NodeLost`, or `PinnedNodeLost` for a VM pinned to a fenced or
         /// deleted node (it cannot move).
-        reason: &'static str,
+        reason: Reason,
         /// What is known of the agent.
         message: String,
     },
@@ -161,52 +168,60 @@ impl OperatorStatus {
         }
     }
 
-    /// The seven MicroVM conditions: (type, status, reason, message).
-    fn conditions(&self, vm: &MicroVM) -> [(&'static str, Status, &'static str, String); 7] {
+    /// The VM's binding when the operator writes this: a bind is decided on
+    /// an unbound VM; node loss on a VM bound to a lost node.
+    pub fn binding(&self) -> Binding {
+        match self {
+            OperatorStatus::NodeLost { .. } => Binding::OnLostNode,
+            _ => Binding::Unbound,
+        }
+    }
+
+    /// The seven MicroVM conditions.
+    fn rows(&self, vm: &MicroVM) -> [Row; 7] {
         use Status::{False, True, Unknown};
-        let not_paused = (cond::PAUSED, False, "NotPaused", String::new());
-        let no_stall = (cond::STALLED, False, "Progressing", String::new());
+        let not_paused = Row::new(cond::PAUSED, False, Reason::NotPaused);
+        let no_stall = Row::new(cond::STALLED, False, Reason::Progressing);
         match self {
             OperatorStatus::Scheduled { node, pinned } => {
-                let (reason, msg) = if *pinned {
-                    ("Pinned", format!("pinned to node {node} by spec.nodeName"))
+                let scheduled = if *pinned {
+                    Row::new(cond::SCHEDULED, True, Reason::Pinned)
+                        .message(format!("pinned to node {node} by spec.nodeName"))
                 } else {
-                    ("Placed", format!("placed on node {node}"))
+                    Row::new(cond::SCHEDULED, True, Reason::Placed)
+                        .message(format!("placed on node {node}"))
                 };
                 let waiting = format!("waiting for the runv agent on node {node}");
                 [
-                    (cond::SCHEDULED, True, reason, msg),
-                    (cond::VMM_STARTED, False, "Pending", waiting.clone()),
-                    (cond::GUEST_BOOTED, False, "Pending", String::new()),
-                    (cond::READY, False, "Starting", waiting),
+                    scheduled,
+                    Row::new(cond::VMM_STARTED, False, Reason::Pending).message(waiting.clone()),
+                    Row::new(cond::GUEST_BOOTED, False, Reason::Pending),
+                    Row::new(cond::READY, False, Reason::Starting).message(waiting),
                     not_paused,
-                    (cond::RECONCILING, True, "Starting", String::new()),
+                    Row::new(cond::RECONCILING, True, Reason::Starting),
                     no_stall,
                 ]
             }
             OperatorStatus::Unschedulable { message } => [
-                (cond::SCHEDULED, False, "Unschedulable", message.clone()),
-                (cond::VMM_STARTED, False, "NotScheduled", String::new()),
-                (cond::GUEST_BOOTED, False, "NotScheduled", String::new()),
-                (cond::READY, False, "Unschedulable", message.clone()),
+                Row::new(cond::SCHEDULED, False, Reason::Unschedulable).message(message.clone()),
+                Row::new(cond::VMM_STARTED, False, Reason::NotScheduled),
+                Row::new(cond::GUEST_BOOTED, False, Reason::NotScheduled),
+                Row::new(cond::READY, False, Reason::Unschedulable).message(message.clone()),
                 not_paused,
-                (cond::RECONCILING, True, "WaitingForNode", String::new()),
+                Row::new(cond::RECONCILING, True, Reason::WaitingForNode),
                 no_stall,
             ],
             OperatorStatus::NotRequested => {
-                let why = if vm.spec.run_policy == RunPolicy::Halted {
-                    "runPolicy is Halted"
-                } else {
-                    "powerState is Stopped"
-                };
+                let why = contract::not_requested(&vm.spec)
+                    .map_or("the VM does not ask to run", |n| n.message());
                 let msg = format!("{why}: the VM gets a node when it is asked to run");
                 [
-                    (cond::SCHEDULED, False, "NotRequested", msg.clone()),
-                    (cond::VMM_STARTED, False, "NotRequested", String::new()),
-                    (cond::GUEST_BOOTED, False, "NotRequested", String::new()),
-                    (cond::READY, True, "Stopped", msg),
+                    Row::new(cond::SCHEDULED, False, Reason::NotRequested).message(msg.clone()),
+                    Row::new(cond::VMM_STARTED, False, Reason::NotRequested),
+                    Row::new(cond::GUEST_BOOTED, False, Reason::NotRequested),
+                    Row::new(cond::READY, True, Reason::Stopped).message(msg),
                     not_paused,
-                    (cond::RECONCILING, False, "Reconciled", String::new()),
+                    Row::new(cond::RECONCILING, False, Reason::Reconciled),
                     no_stall,
                 ]
             }
@@ -215,24 +230,21 @@ impl OperatorStatus {
                 reason,
                 message,
             } => [
-                (
-                    cond::SCHEDULED,
-                    True,
-                    "Placed",
-                    format!("placed on node {node}"),
-                ),
-                (cond::VMM_STARTED, Unknown, reason, message.clone()),
-                (cond::GUEST_BOOTED, Unknown, reason, message.clone()),
-                (cond::READY, Unknown, reason, message.clone()),
-                (cond::PAUSED, Unknown, reason, message.clone()),
-                (cond::RECONCILING, True, reason, message.clone()),
+                Row::new(cond::SCHEDULED, True, Reason::Placed)
+                    .message(format!("placed on node {node}")),
+                Row::new(cond::VMM_STARTED, Unknown, *reason).message(message.clone()),
+                Row::new(cond::GUEST_BOOTED, Unknown, *reason).message(message.clone()),
+                Row::new(cond::READY, Unknown, *reason).message(message.clone()),
+                Row::new(cond::PAUSED, Unknown, *reason).message(message.clone()),
+                Row::new(cond::RECONCILING, True, *reason).message(message.clone()),
                 no_stall,
             ],
         }
     }
 
     /// The status to apply, keeping transition times of unchanged conditions;
-    /// `None` when the VM already shows exactly this.
+    /// `None` when the VM already shows exactly this. Only the operator's
+    /// fields are set (see [`operator_body`]).
     pub fn to_apply(&self, vm: &MicroVM, now: Timestamp) -> Option<MicroVMStatus> {
         let current = vm.status.clone().unwrap_or_default();
         let generation = vm.metadata.generation;
@@ -240,34 +252,41 @@ impl OperatorStatus {
         let mut changed = current.phase != Some(self.phase())
             || current.node_name.as_deref() != self.node()
             || current.observed_generation != generation;
-        for (type_, status, reason, message) in self.conditions(vm) {
-            changed |= cond::set_condition(
-                &mut conditions,
-                Update {
-                    type_,
-                    status,
-                    reason,
-                    message: &message,
-                    observed_generation: generation,
-                },
-                Time(now),
-            );
+        for row in self.rows(vm) {
+            changed |= row.set(&mut conditions, generation, Time(now));
         }
-        changed.then(|| {
-            // Only the operator's fields: server-side apply keeps the agent's.
-            let ours: HashSet<&str> = cond::MICROVM_CONDITIONS.into_iter().collect();
-            MicroVMStatus {
-                phase: Some(self.phase()),
-                node_name: self.node().map(str::to_owned),
-                observed_generation: generation,
-                conditions: conditions
-                    .into_iter()
-                    .filter(|c| ours.contains(c.type_.as_str()))
-                    .collect(),
-                ..MicroVMStatus::default()
-            }
+        changed.then(|| MicroVMStatus {
+            phase: Some(self.phase()),
+            node_name: self.node().map(str::to_owned),
+            observed_generation: generation,
+            conditions,
+            ..MicroVMStatus::default()
         })
     }
+
+    /// The server-side apply body of [`Self::to_apply`]'s status.
+    pub fn body(&self, vm: &MicroVM, now: Timestamp) -> Option<serde_json::Value> {
+        self.to_apply(vm, now).map(|s| operator_body(&s))
+    }
+}
+
+/// The fields of `status` the operator applies: phase, nodeName,
+/// observedGeneration and the conditions, never the agent's run record
+/// (`restartCount` and the rest), which an apply of the whole status type
+/// would reset.
+pub fn operator_body(status: &MicroVMStatus) -> serde_json::Value {
+    let mut body = serde_json::Map::new();
+    if let Some(phase) = status.phase {
+        body.insert("phase".into(), json!(phase));
+    }
+    if let Some(node) = &status.node_name {
+        body.insert("nodeName".into(), json!(node));
+    }
+    if let Some(generation) = status.observed_generation {
+        body.insert("observedGeneration".into(), json!(generation));
+    }
+    body.insert("conditions".into(), json!(status.conditions));
+    serde_json::Value::Object(body)
 }
 
 fn api(vm: &MicroVM, ctx: &Context) -> Result<Api<MicroVM>, ReconcileError> {
@@ -286,7 +305,7 @@ async fn apply_status(
     let body = json!({
         "apiVersion": MicroVM::api_version(&()),
         "kind": MicroVM::kind(&()),
-        "status": status,
+        "status": operator_body(&status),
     });
     api(vm, ctx)?
         .patch_status(
@@ -353,7 +372,6 @@ async fn place(vm: &MicroVM, ctx: &Context, now: Timestamp) -> Result<Action, Re
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let req = request(vm)?;
-
     let outcome = match &vm.spec.node_name {
         // spec.nodeName bypasses the placer's checks (selector, taints, cordon,
         // room: the agent refuses what does not fit), but never binds to a node
@@ -362,78 +380,21 @@ async fn place(vm: &MicroVM, ctx: &Context, now: Timestamp) -> Result<Action, Re
             None => Ok((pinned.clone(), true)),
             Some(why) => Err(why),
         },
-        None => {
-            let infos: Vec<_> = ctx
-                .nodes
-                .state()
-                .iter()
-                .filter(|n| nodes::is_runv_node(n))
-                .map(|n| {
-                    let lease = ctx.leases.get(
-                        &ObjectRef::new(&nodes::lease_name(&n.name_any()))
-                            .within(&ctx.config.lease_namespace),
-                    );
-                    nodes::node_info(n, lease.as_deref(), now)
-                })
-                .collect();
-            let mut seen = HashSet::new();
-            let mut used = Vec::new();
-            for other in ctx.microvms.state() {
-                let Some(other_uid) = other.uid() else {
-                    continue;
-                };
-                match bound_node(&other) {
-                    Some(node) => {
-                        assumed.bindings.remove(&other_uid);
-                        if holds_capacity(&other) {
-                            used.push(bound(&other, node));
-                        }
-                    }
-                    None => {
-                        if assumed.holds(&other_uid) {
-                            if let Some((b, _)) = assumed.bindings.get(&other_uid) {
-                                used.push(b.clone());
-                            }
-                        } else {
-                            assumed.bindings.remove(&other_uid);
-                        }
-                    }
-                }
-                seen.insert(other_uid);
-            }
-            assumed.bindings.retain(|uid, _| seen.contains(uid));
-            let decision = placement::place(&req, &infos, &used)
-                .map(|n| (n, false))
-                .map_err(|e| e.to_string());
-            if let Ok((node, _)) = &decision {
-                tracing::debug!(microvm = %vm.name_any(), %node, bound = used.len(), "placing");
-            }
-            decision
-        }
+        None => choose(ctx, &mut assumed, &req, now).map(|n| (n, false)),
     };
-
     match outcome {
         Ok((node, pinned)) => {
-            let status = OperatorStatus::Scheduled {
-                node: node.clone(),
-                pinned,
-            };
             // Assume first: a write whose answer is lost may still have happened.
             assumed
                 .bindings
                 .insert(uid.clone(), (bound(vm, &node), std::time::Instant::now()));
-            if let Some(s) = status.to_apply(vm, now) {
-                match apply_status(vm, s, ctx).await {
-                    Ok(()) => {}
-                    Err(e @ ReconcileError::Api(kube::Error::Api(_))) => {
-                        // The API refused it: nothing was bound.
-                        assumed.bindings.remove(&uid);
-                        return Err(e);
-                    }
-                    Err(e) => return Err(e),
-                }
+            let written = bind(vm, ctx, &node, pinned, now).await;
+            if let Err(ReconcileError::Api(kube::Error::Api(_))) = &written {
+                // The API refused it: nothing was bound.
+                assumed.bindings.remove(&uid);
             }
             drop(assumed);
+            written?;
             ctx.metrics.placement(true);
             let note = if pinned {
                 format!("Bound to node {node} (spec.nodeName)")
@@ -445,33 +406,116 @@ async fn place(vm: &MicroVM, ctx: &Context, now: Timestamp) -> Result<Action, Re
         }
         Err(message) => {
             drop(assumed);
-            ctx.metrics.placement(false);
-            let before = vm
-                .status
-                .as_ref()
-                .and_then(|s| cond::find(&s.conditions, cond::SCHEDULED))
-                .map(|c| c.message.clone());
-            if let Some(s) = (OperatorStatus::Unschedulable {
-                message: message.clone(),
-            })
-            .to_apply(vm, now)
-            {
-                apply_status(vm, s, ctx).await?;
-            }
-            if before.as_deref() != Some(message.as_str()) {
-                publish(
-                    ctx,
-                    vm,
-                    EventType::Warning,
-                    "FailedScheduling",
-                    message,
-                    "Place",
-                )
-                .await;
-            }
-            Ok(Action::requeue(ctx.config.retry_unschedulable))
+            report_unschedulable(vm, ctx, message, now).await
         }
     }
+}
+
+/// The placer's choice for `req` among the runv nodes, against what every
+/// cached VM (and every assumed, not yet cached binding) holds. Prunes
+/// assumptions the cache has confirmed or that belong to VMs gone.
+fn choose(
+    ctx: &Context,
+    assumed: &mut Assumed,
+    req: &Request,
+    now: Timestamp,
+) -> Result<String, String> {
+    let infos: Vec<_> = ctx
+        .nodes
+        .state()
+        .iter()
+        .filter(|n| nodes::is_runv_node(n))
+        .map(|n| {
+            let lease = ctx.leases.get(
+                &ObjectRef::new(&contract::lease_name(&n.name_any()))
+                    .within(&ctx.config.lease_namespace),
+            );
+            nodes::node_info(n, lease.as_deref(), now)
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    let mut used = Vec::new();
+    for other in ctx.microvms.state() {
+        let Some(other_uid) = other.uid() else {
+            continue;
+        };
+        match bound_node(&other) {
+            Some(node) => {
+                assumed.bindings.remove(&other_uid);
+                if holds_capacity(&other) {
+                    used.push(bound(&other, node));
+                }
+            }
+            None if assumed.holds(&other_uid) => {
+                if let Some((b, _)) = assumed.bindings.get(&other_uid) {
+                    used.push(b.clone());
+                }
+            }
+            None => {
+                assumed.bindings.remove(&other_uid);
+            }
+        }
+        seen.insert(other_uid);
+    }
+    assumed.bindings.retain(|uid, _| seen.contains(uid));
+    let decision = placement::place(req, &infos, &used).map_err(|e| e.to_string());
+    if let Ok(node) = &decision {
+        tracing::debug!(%node, bound = used.len(), "placing");
+    }
+    decision
+}
+
+/// Writes the binding to `node` (the handoff of the lifecycle fields to the
+/// node's agent).
+async fn bind(
+    vm: &MicroVM,
+    ctx: &Context,
+    node: &str,
+    pinned: bool,
+    now: Timestamp,
+) -> Result<(), ReconcileError> {
+    let status = OperatorStatus::Scheduled {
+        node: node.to_owned(),
+        pinned,
+    };
+    match status.to_apply(vm, now) {
+        Some(s) => apply_status(vm, s, ctx).await,
+        None => Ok(()),
+    }
+}
+
+/// Shows why no node can take the VM, with an Event when the reason is new.
+async fn report_unschedulable(
+    vm: &MicroVM,
+    ctx: &Context,
+    message: String,
+    now: Timestamp,
+) -> Result<Action, ReconcileError> {
+    ctx.metrics.placement(false);
+    let before = vm
+        .status
+        .as_ref()
+        .and_then(|s| cond::find(&s.conditions, cond::SCHEDULED))
+        .map(|c| c.message.clone());
+    if let Some(s) = (OperatorStatus::Unschedulable {
+        message: message.clone(),
+    })
+    .to_apply(vm, now)
+    {
+        apply_status(vm, s, ctx).await?;
+    }
+    if before.as_deref() != Some(message.as_str()) {
+        publish(
+            ctx,
+            vm,
+            EventType::Warning,
+            "FailedScheduling",
+            message,
+            "Place",
+        )
+        .await;
+    }
+    Ok(Action::requeue(ctx.config.retry_unschedulable))
 }
 
 /// Why a VM pinned to `node` cannot be bound to it now, if it cannot. The
@@ -490,7 +534,7 @@ fn pinned_node_unavailable(ctx: &Context, node: &str, now: Timestamp) -> Option<
     }
     let lease = ctx
         .leases
-        .get(&ObjectRef::new(&nodes::lease_name(node)).within(&ctx.config.lease_namespace));
+        .get(&ObjectRef::new(&contract::lease_name(node)).within(&ctx.config.lease_namespace));
     match nodes::agent_lease(lease.as_deref(), now) {
         nodes::AgentLease::Current => None,
         nodes::AgentLease::Missing => Some(format!(
@@ -515,7 +559,7 @@ async fn watch_bound(
     let node_obj = ctx.nodes.get(&ObjectRef::new(&node));
     let lease = ctx
         .leases
-        .get(&ObjectRef::new(&nodes::lease_name(&node)).within(&ctx.config.lease_namespace));
+        .get(&ObjectRef::new(&contract::lease_name(&node)).within(&ctx.config.lease_namespace));
     let agent = nodes::agent_lease(lease.as_deref(), now);
     if agent.is_current() {
         return Ok(Action::await_change());
@@ -552,7 +596,7 @@ async fn watch_bound(
     }
     let (reason, message) = if fenced && pinned {
         (
-            "PinnedNodeLost",
+            Reason::PinnedNodeLost,
             format!(
                 "node {node} {why} and the VM is pinned to it by spec.nodeName: it cannot move \
                  elsewhere and stays Unknown until the node is back or the MicroVM is deleted"
@@ -566,7 +610,7 @@ async fn watch_bound(
             ),
             _ => format!("node {node} has no runv agent Lease"),
         };
-        ("NodeLost", message)
+        (Reason::NodeLost, message)
     };
     // Written once per reason: the message's duration alone is no transition.
     let shown = vm
@@ -575,7 +619,7 @@ async fn watch_bound(
         .filter(|s| s.phase == Some(Phase::Unknown))
         .and_then(|s| cond::find(&s.conditions, cond::READY))
         .map(|c| c.reason.as_str());
-    if shown != Some(reason)
+    if shown != Some(reason.as_str())
         && let Some(s) = (OperatorStatus::NodeLost {
             node: node.clone(),
             reason,
@@ -584,7 +628,15 @@ async fn watch_bound(
         .to_apply(vm, now)
     {
         apply_status(vm, s, ctx).await?;
-        publish(ctx, vm, EventType::Warning, reason, message, "Watch").await;
+        publish(
+            ctx,
+            vm,
+            EventType::Warning,
+            reason.as_str(),
+            message,
+            "Watch",
+        )
+        .await;
     }
     // Look again when fencing may have happened.
     Ok(Action::requeue(Duration::from_secs(10)))

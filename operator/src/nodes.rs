@@ -15,24 +15,9 @@ use runv_crds::quantity;
 
 use crate::placement::NodeInfo;
 
-/// Label an agent sets on its Node.
-pub const AGENT_LABEL: &str = "runv.dev/agent";
-/// Extended resource: vCPUs offered to microVMs.
-pub const RESOURCE_VCPUS: &str = "runv.dev/vcpus";
-/// Extended resource: memory offered to microVMs, in bytes.
-pub const RESOURCE_MEMORY: &str = "runv.dev/memory";
-/// Taint the operator puts on a node it has fenced.
-pub const FENCED_TAINT: &str = "runv.dev/fenced";
-
-/// The name of a node agent's Lease.
-pub fn lease_name(node: &str) -> String {
-    format!("runv-agent-{node}")
-}
-
-/// The node a Lease name belongs to, if it is an agent Lease.
-pub fn node_of_lease(lease: &str) -> Option<&str> {
-    lease.strip_prefix("runv-agent-").filter(|n| !n.is_empty())
-}
+pub use runv_crds::contract::{
+    AGENT_LABEL, FENCED_TAINT, RESOURCE_MEMORY, RESOURCE_VCPUS, lease_name, node_of_lease,
+};
 
 /// What a node's agent Lease says about the agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +46,8 @@ pub fn agent_lease(lease: Option<&Lease>, now: Timestamp) -> AgentLease {
     let Some(renewed) = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) else {
         return AgentLease::Missing;
     };
-    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(40).max(0));
+    let default = i32::try_from(runv_crds::contract::LEASE_DURATION.as_secs()).unwrap_or(i32::MAX);
+    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(default).max(0));
     let expiry = renewed.0.as_second().saturating_add(duration);
     let now_s = now.as_second();
     if now_s > expiry {
@@ -118,7 +104,7 @@ pub fn is_runv_node(node: &Node) -> bool {
         .labels
         .as_ref()
         .and_then(|l| l.get(AGENT_LABEL))
-        .is_some_and(|v| v == "true")
+        .is_some_and(|v| v == runv_crds::contract::AGENT_LABEL_VALUE)
 }
 
 #[cfg(test)]
@@ -156,14 +142,6 @@ mod tests {
         assert_eq!(agent_lease(None, at(0)), AgentLease::Missing);
         let empty = Lease::default();
         assert_eq!(agent_lease(Some(&empty), at(0)), AgentLease::Missing);
-    }
-
-    #[test]
-    fn lease_names() {
-        assert_eq!(lease_name("n1"), "runv-agent-n1");
-        assert_eq!(node_of_lease("runv-agent-n1"), Some("n1"));
-        assert_eq!(node_of_lease("runv-agent-"), None);
-        assert_eq!(node_of_lease("other"), None);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use runv_crds::MicroVM;
 use serde_json::json;
 
 use super::{Context, FINALIZER, MANAGER, vm_ref};
-use crate::reconcile::{agent_status, transitions};
+use crate::reconcile::{agent_body, agent_status, transitions};
 
 /// Why one reconcile failed.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +75,7 @@ async fn apply(vm: &MicroVM, ctx: &Context) -> Result<Action, ReconcileError> {
         let body = json!({
             "apiVersion": MicroVM::api_version(&()),
             "kind": MicroVM::kind(&()),
-            "status": ours,
+            "status": agent_body(&decision.status),
         });
         api.patch_status(
             &r.name,

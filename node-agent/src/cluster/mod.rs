@@ -26,9 +26,9 @@ use crate::metrics::{self, VmSample};
 use crate::runtime::{self, Runtime, VmRef};
 
 /// The field manager of every write the agent makes.
-pub const MANAGER: &str = "runv-agent";
+pub use runv_crds::contract::AGENT_MANAGER as MANAGER;
 /// The agent's finalizer on MicroVMs bound to its node.
-pub const FINALIZER: &str = "runv.dev/agent-cleanup";
+pub use runv_crds::contract::FINALIZER;
 
 /// Why cluster mode failed.
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +129,7 @@ pub async fn collect_orphans(ctx: &Context) -> Result<usize, ClusterError> {
 /// Lease's duration (self-fencing), and lifts the fence when it can again.
 async fn heartbeat(ctx: Arc<Context>) {
     let mut last_ok = Instant::now();
-    let lease = Duration::from_secs(u64::try_from(node::LEASE_SECONDS).unwrap_or(40));
+    let lease = runv_crds::contract::LEASE_DURATION;
     loop {
         match node::renew(
             &ctx.client,
@@ -161,7 +161,7 @@ async fn heartbeat(ctx: Arc<Context>) {
                 }
             }
         }
-        tokio::time::sleep(node::RENEW_EVERY).await;
+        tokio::time::sleep(runv_crds::contract::LEASE_RENEW_EVERY).await;
     }
 }
 

@@ -1,8 +1,8 @@
-//! The agent's Node and Lease: the label `runv.dev/agent=true`, the extended
-//! resources `runv.dev/vcpus` and `runv.dev/memory` in the Node's capacity and
-//! allocatable, and the Lease `runv-agent-<node>` renewed every 10 s with a
-//! 40 s duration (docs/operations.md). All writes are server-side applies
-//! under the field manager `runv-agent`, so they touch only these fields.
+//! The agent's Node and Lease: the label, the extended resources in the
+//! Node's capacity and allocatable, and the Lease with its timings, all as
+//! [`runv_crds::contract`] defines them (docs/operations.md). All writes are
+//! server-side applies under the agent's field manager, so they touch only
+//! these fields.
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
@@ -12,19 +12,11 @@ use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
+use runv_crds::contract::{
+    AGENT_LABEL, AGENT_LABEL_VALUE, LEASE_DURATION, RESOURCE_MEMORY, RESOURCE_VCPUS, lease_name,
+};
+
 use super::{ClusterError, MANAGER};
-
-/// Label an agent sets on its Node.
-pub const AGENT_LABEL: &str = "runv.dev/agent";
-/// How often the Lease is renewed.
-pub const RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
-/// The Lease's duration.
-pub const LEASE_SECONDS: i32 = 40;
-
-/// The name of a node agent's Lease.
-pub fn lease_name(node: &str) -> String {
-    format!("runv-agent-{node}")
-}
 
 /// What the node offers to microVMs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,13 +58,13 @@ pub async fn register(client: &Client, node: &str, cap: Capacity) -> Result<(), 
         &Patch::Apply(json!({
             "apiVersion": "v1",
             "kind": "Node",
-            "metadata": { "name": node, "labels": { AGENT_LABEL: "true" } },
+            "metadata": { "name": node, "labels": { AGENT_LABEL: AGENT_LABEL_VALUE } },
         })),
     )
     .await?;
     let resources = json!({
-        "runv.dev/vcpus": cap.vcpus.to_string(),
-        "runv.dev/memory": cap.memory.to_string(),
+        RESOURCE_VCPUS: cap.vcpus.to_string(),
+        RESOURCE_MEMORY: cap.memory.to_string(),
     });
     api.patch_status(
         node,
@@ -105,7 +97,7 @@ pub async fn renew(
             "metadata": { "name": lease_name(node), "namespace": namespace },
             "spec": {
                 "holderIdentity": holder,
-                "leaseDurationSeconds": LEASE_SECONDS,
+                "leaseDurationSeconds": LEASE_DURATION.as_secs(),
                 "renewTime": now,
             },
         })),

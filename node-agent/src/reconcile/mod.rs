@@ -15,12 +15,14 @@ mod tests;
 
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
+use runv_crds::contract::{self, ExitReason, NotRequested, Reason};
 use runv_crds::microvm::{PowerState, RunPolicy};
 use runv_crds::{MicroVMSpec, MicroVMStatus};
-use runv_vmm_api::{ExitReason, ExitRecord};
+use runv_vmm_api::{ExitReason as VmmExit, ExitRecord};
 
-pub use status::{Transition, agent_status, exit_reason_name, exit_status, transitions};
+pub use status::{Transition, agent_body, agent_status, exit_reason, exit_status, transitions};
 
 /// How a previous run ended, as found on the host.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -148,9 +150,18 @@ pub struct Decision {
 
 /// Whether an exit is a clean end of the guest (power-off or reset).
 pub fn is_clean(exit: &ObservedExit) -> bool {
-    exit.record.as_ref().is_some_and(|r| {
-        matches!(r.reason, ExitReason::PowerOff | ExitReason::Reset) && r.exit_code == 0
-    })
+    exit.record
+        .as_ref()
+        .is_some_and(|r| matches!(r.reason, VmmExit::PowerOff | VmmExit::Reset) && r.exit_code == 0)
+}
+
+/// Why a VM is down on purpose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StopWhy {
+    /// `runPolicy: Halted` or `powerState: Stopped`.
+    NotRequested(NotRequested),
+    /// `runPolicy: Manual` after its run ended.
+    Manual,
 }
 
 /// Where the VM is headed, before actions.
@@ -163,7 +174,7 @@ pub(crate) enum Verdict {
     /// Being stopped on purpose.
     Stopping,
     /// Down on purpose (power state, Halted, Manual after exit).
-    Stopped { why: &'static str },
+    Stopped { why: StopWhy },
     /// Ended cleanly, not to be restarted.
     Succeeded,
     /// Ended with a failure, not to be restarted.
@@ -175,10 +186,24 @@ pub(crate) enum Verdict {
     /// Starting now.
     Starting,
     /// Cannot start: something on the node or in the spec must change.
-    Blocked {
-        reason: &'static str,
-        message: String,
-    },
+    Blocked { reason: Reason, message: String },
+}
+
+/// What [`decide`] reads.
+struct Inputs<'a> {
+    spec: &'a MicroVMSpec,
+    generation: i64,
+    previous: &'a MicroVMStatus,
+    facts: &'a Facts,
+    backoff: &'a Backoff,
+    now: Timestamp,
+}
+
+/// What [`decide`] is building: the actions and when to look again.
+#[derive(Default)]
+struct Plan {
+    actions: Vec<Action>,
+    requeue: Option<Duration>,
 }
 
 /// Decides what to do with one VM.
@@ -191,199 +216,255 @@ pub fn decide(
     backoff: &Backoff,
     now: Timestamp,
 ) -> Decision {
-    let mut actions = Vec::new();
-    let mut requeue = None;
+    let inputs = Inputs {
+        spec,
+        generation,
+        previous,
+        facts,
+        backoff,
+        now,
+    };
+    let mut plan = Plan::default();
     let mut status = previous.clone();
     status.observed_generation = Some(generation);
-    let halted = spec.run_policy == RunPolicy::Halted;
-    let want_down = halted || spec.power_state == PowerState::Stopped;
-
-    // Record a new exit once.
-    if let Observed::NotRunning {
-        exit: Some(exit), ..
-    } = observed
-    {
-        let last = exit_status(exit);
-        if status
-            .last_exit
-            .as_ref()
-            .is_none_or(|l| l.time != last.time)
-        {
-            status.last_exit = Some(last);
-        }
-    }
-
     let verdict = match observed {
         Observed::Running {
+            started_at,
             paused,
             booted_at,
             config_current,
             shutdown_since,
             control_mismatch,
-            ..
         } => {
-            if want_down && control_mismatch.is_some() {
-                // No power button can be pressed through a socket that is not
-                // the VMM's: end the recorded process (by its pid) at once.
-                actions.push(Action::Kill);
-                Verdict::Stopping
-            } else if want_down {
-                let grace = Duration::from_secs(
-                    u64::try_from(spec.termination_grace_period_seconds).unwrap_or(0),
-                );
-                match shutdown_since {
-                    None if grace.is_zero() => actions.push(Action::Kill),
-                    None => {
-                        actions.push(Action::Shutdown);
-                        requeue = Some(grace);
-                    }
-                    Some(since) => {
-                        let waited = elapsed(*since, now);
-                        if waited >= grace {
-                            actions.push(Action::Kill);
-                        } else {
-                            requeue = Some(grace - waited);
-                        }
-                    }
-                }
-                Verdict::Stopping
-            } else if !config_current {
-                // The spec changed what the VM is: restart it to apply.
-                actions.push(Action::Kill);
-                actions.push(Action::Start { restart: false });
-                Verdict::Starting
-            } else if let Some(why) = control_mismatch {
-                // Someone must look: the VMM may be compromised. It keeps
-                // running; pause and resume are not sent.
-                requeue = Some(Duration::from_secs(10));
-                Verdict::ControlSocketMismatch {
-                    message: format!(
-                        "the agent sends nothing to a control socket the VMM it started does not serve (the VMM may be compromised): {why}; delete the MicroVM or set powerState: Stopped to kill the VMM"
-                    ),
-                }
-            } else if spec.power_state == PowerState::Paused {
-                if !paused {
-                    actions.push(Action::Pause);
-                }
-                Verdict::Paused
-            } else {
-                if *paused {
-                    actions.push(Action::Resume);
-                }
-                if booted_at.is_none() {
-                    // Booting: look again soon, the boot time is as precise as this.
-                    requeue = Some(Duration::from_millis(200));
-                }
-                Verdict::Running {
-                    booted: booted_at.is_some(),
-                }
-            }
+            status.boot_start_time = Some(Time(*started_at));
+            status.boot_duration_millis = booted_at
+                .map(|b| i64::try_from(elapsed(*started_at, b).as_millis()).unwrap_or(i64::MAX));
+            let running = RunningVm {
+                paused: *paused,
+                booted: booted_at.is_some(),
+                config_current: *config_current,
+                shutdown_since: *shutdown_since,
+                control_mismatch: control_mismatch.as_deref(),
+            };
+            decide_running(&inputs, &running, &mut plan)
         }
         Observed::NotRunning {
             exit,
             last_generation,
         } => {
-            let own_exit = exit.as_ref().filter(|e| !e.requested);
-            if want_down {
-                Verdict::Stopped {
-                    why: if halted { "Halted" } else { "Stopped" },
-                }
-            } else {
-                let ran = previous.boot_start_time.is_some() || exit.is_some();
-                let want_start = match (spec.run_policy, own_exit) {
-                    (_, None) => match spec.run_policy {
-                        // Manual: a start asked by a new generation, or the first one.
-                        RunPolicy::Manual => last_generation.is_none_or(|g| g < generation) || !ran,
-                        // Once: it ran and ended (its host state may be gone, its status is not).
-                        RunPolicy::Once => previous.last_exit.is_none(),
-                        _ => true,
-                    },
-                    (RunPolicy::Always, Some(_)) => true,
-                    (RunPolicy::RerunOnFailure, Some(e)) => !is_clean(e),
-                    (RunPolicy::Manual, Some(_)) => last_generation.is_some_and(|g| g < generation),
-                    (RunPolicy::Once | RunPolicy::Halted, Some(_)) => false,
-                };
-                if !want_start {
-                    match (spec.run_policy, own_exit) {
-                        (RunPolicy::Manual, _) => Verdict::Stopped { why: "Manual" },
-                        (_, Some(e)) if is_clean(e) => Verdict::Succeeded,
-                        (_, None)
-                            if previous.last_exit.as_ref().is_some_and(|l| {
-                                matches!(l.reason.as_str(), "GuestPowerOff" | "GuestReset")
-                            }) =>
-                        {
-                            Verdict::Succeeded
-                        }
-                        _ => Verdict::Failed,
-                    }
-                } else if let Some(blocked) = blocked(facts) {
-                    requeue = Some(Duration::from_secs(10));
-                    blocked
-                } else {
-                    let restart = own_exit.is_some()
-                        && matches!(
-                            spec.run_policy,
-                            RunPolicy::Always | RunPolicy::RerunOnFailure
-                        );
-                    let wait = match (restart, own_exit) {
-                        (true, Some(e)) => {
-                            let last_run = previous
-                                .boot_start_time
-                                .as_ref()
-                                .map(|t| elapsed(t.0, e.at));
-                            let delay = backoff.delay(previous.restart_count, last_run);
-                            delay.saturating_sub(elapsed(e.at, now))
-                        }
-                        _ => Duration::ZERO,
-                    };
-                    if wait.is_zero() {
-                        actions.push(Action::Start { restart });
-                        if restart {
-                            status.restart_count = previous.restart_count.saturating_add(1);
-                        }
-                        Verdict::Starting
-                    } else {
-                        requeue = Some(wait);
-                        Verdict::BackOff {
-                            remaining: wait,
-                            failure: own_exit.is_some_and(|e| !is_clean(e)),
-                        }
-                    }
+            // Record a new exit once.
+            if let Some(exit) = exit {
+                let last = exit_status(exit);
+                if status
+                    .last_exit
+                    .as_ref()
+                    .is_none_or(|l| l.time != last.time)
+                {
+                    status.last_exit = Some(last);
                 }
             }
+            decide_not_running(
+                &inputs,
+                exit.as_ref(),
+                *last_generation,
+                &mut plan,
+                &mut status,
+            )
         }
     };
-
-    match observed {
-        Observed::Running {
-            started_at,
-            booted_at,
-            ..
-        } => {
-            status.boot_start_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                *started_at,
-            ));
-            status.boot_duration_millis = booted_at
-                .map(|b| i64::try_from(elapsed(*started_at, b).as_millis()).unwrap_or(i64::MAX));
-        }
-        Observed::NotRunning { .. } => {}
-    }
     status::apply(&mut status, spec, generation, &verdict, observed, now);
     Decision {
-        actions,
+        actions: plan.actions,
         status,
-        requeue,
+        requeue: plan.requeue,
+    }
+}
+
+/// What is known of a running VMM.
+struct RunningVm<'a> {
+    paused: bool,
+    booted: bool,
+    config_current: bool,
+    shutdown_since: Option<Timestamp>,
+    control_mismatch: Option<&'a str>,
+}
+
+/// A VMM runs: stop it, restart it on a new config, or bring it to the
+/// power state the spec asks for.
+fn decide_running(inputs: &Inputs<'_>, vm: &RunningVm<'_>, plan: &mut Plan) -> Verdict {
+    let spec = inputs.spec;
+    let want_down = contract::not_requested(spec).is_some();
+    if want_down && vm.control_mismatch.is_some() {
+        // No power button can be pressed through a socket that is not
+        // the VMM's: end the recorded process (by its pid) at once.
+        plan.actions.push(Action::Kill);
+        return Verdict::Stopping;
+    }
+    if want_down {
+        stop_gracefully(inputs, vm.shutdown_since, plan);
+        return Verdict::Stopping;
+    }
+    if !vm.config_current {
+        // The spec changed what the VM is: restart it to apply.
+        plan.actions.push(Action::Kill);
+        plan.actions.push(Action::Start { restart: false });
+        return Verdict::Starting;
+    }
+    if let Some(why) = vm.control_mismatch {
+        // Someone must look: the VMM may be compromised. It keeps
+        // running; pause and resume are not sent.
+        plan.requeue = Some(Duration::from_secs(10));
+        return Verdict::ControlSocketMismatch {
+            message: format!(
+                "the agent sends nothing to a control socket the VMM it started does not serve (the VMM may be compromised): {why}; delete the MicroVM or set powerState: Stopped to kill the VMM"
+            ),
+        };
+    }
+    if spec.power_state == PowerState::Paused {
+        if !vm.paused {
+            plan.actions.push(Action::Pause);
+        }
+        return Verdict::Paused;
+    }
+    if vm.paused {
+        plan.actions.push(Action::Resume);
+    }
+    if !vm.booted {
+        // Booting: look again soon, the boot time is as precise as this.
+        plan.requeue = Some(Duration::from_millis(200));
+    }
+    Verdict::Running { booted: vm.booted }
+}
+
+/// The power button, then a kill once the grace period has passed.
+fn stop_gracefully(inputs: &Inputs<'_>, shutdown_since: Option<Timestamp>, plan: &mut Plan) {
+    let grace = Duration::from_secs(
+        u64::try_from(inputs.spec.termination_grace_period_seconds).unwrap_or(0),
+    );
+    match shutdown_since {
+        None if grace.is_zero() => plan.actions.push(Action::Kill),
+        None => {
+            plan.actions.push(Action::Shutdown);
+            plan.requeue = Some(grace);
+        }
+        Some(since) => {
+            let waited = elapsed(since, inputs.now);
+            if waited >= grace {
+                plan.actions.push(Action::Kill);
+            } else {
+                plan.requeue = Some(grace - waited);
+            }
+        }
+    }
+}
+
+/// No VMM runs: leave it down, start it, or wait out the restart backoff.
+fn decide_not_running(
+    inputs: &Inputs<'_>,
+    exit: Option<&ObservedExit>,
+    last_generation: Option<i64>,
+    plan: &mut Plan,
+    status: &mut MicroVMStatus,
+) -> Verdict {
+    if let Some(n) = contract::not_requested(inputs.spec) {
+        return Verdict::Stopped {
+            why: StopWhy::NotRequested(n),
+        };
+    }
+    let own_exit = exit.filter(|e| !e.requested);
+    if !wants_start(inputs, exit.is_some(), own_exit, last_generation) {
+        return ended(inputs, own_exit);
+    }
+    if let Some(blocked) = blocked(inputs.facts) {
+        plan.requeue = Some(Duration::from_secs(10));
+        return blocked;
+    }
+    let restart = own_exit.is_some()
+        && matches!(
+            inputs.spec.run_policy,
+            RunPolicy::Always | RunPolicy::RerunOnFailure
+        );
+    let wait = match (restart, own_exit) {
+        (true, Some(e)) => {
+            let last_run = inputs
+                .previous
+                .boot_start_time
+                .as_ref()
+                .map(|t| elapsed(t.0, e.at));
+            let delay = inputs
+                .backoff
+                .delay(inputs.previous.restart_count, last_run);
+            delay.saturating_sub(elapsed(e.at, inputs.now))
+        }
+        _ => Duration::ZERO,
+    };
+    if !wait.is_zero() {
+        plan.requeue = Some(wait);
+        return Verdict::BackOff {
+            remaining: wait,
+            failure: own_exit.is_some_and(|e| !is_clean(e)),
+        };
+    }
+    plan.actions.push(Action::Start { restart });
+    if restart {
+        status.restart_count = inputs.previous.restart_count.saturating_add(1);
+    }
+    Verdict::Starting
+}
+
+/// Whether the run policy asks for a (re)start, given how the last run ended
+/// (`own_exit`: an exit the agent did not ask for).
+fn wants_start(
+    inputs: &Inputs<'_>,
+    exited: bool,
+    own_exit: Option<&ObservedExit>,
+    last_generation: Option<i64>,
+) -> bool {
+    let (spec, previous, generation) = (inputs.spec, inputs.previous, inputs.generation);
+    let ran = previous.boot_start_time.is_some() || exited;
+    match (spec.run_policy, own_exit) {
+        // Manual: a start asked by a new generation, or the first one.
+        (RunPolicy::Manual, None) => last_generation.is_none_or(|g| g < generation) || !ran,
+        // Once: it ran and ended (its host state may be gone, its status is not).
+        (RunPolicy::Once, None) => previous.last_exit.is_none(),
+        (_, None) => true,
+        (RunPolicy::Always, Some(_)) => true,
+        (RunPolicy::RerunOnFailure, Some(e)) => !is_clean(e),
+        (RunPolicy::Manual, Some(_)) => last_generation.is_some_and(|g| g < generation),
+        (RunPolicy::Once | RunPolicy::Halted, Some(_)) => false,
+    }
+}
+
+/// A VM that ran and is not to be started again: how it ended.
+fn ended(inputs: &Inputs<'_>, own_exit: Option<&ObservedExit>) -> Verdict {
+    if inputs.spec.run_policy == RunPolicy::Manual {
+        return Verdict::Stopped {
+            why: StopWhy::Manual,
+        };
+    }
+    let clean = match own_exit {
+        Some(e) => is_clean(e),
+        // Its host state may be gone; its status says how it ended.
+        None => inputs
+            .previous
+            .last_exit
+            .as_ref()
+            .and_then(|l| ExitReason::parse(&l.reason))
+            .is_some_and(ExitReason::is_guest_end),
+    };
+    if clean {
+        Verdict::Succeeded
+    } else {
+        Verdict::Failed
     }
 }
 
 fn blocked(facts: &Facts) -> Option<Verdict> {
     if let Some((field, path)) = facts.missing_files.first() {
-        let reason = if field == "spec.boot.kernel" {
-            "KernelNotFound"
-        } else if field == "spec.boot.initrd" {
-            "InitrdNotFound"
-        } else {
-            "DiskNotFound"
+        let reason = match field.as_str() {
+            "spec.boot.kernel" => Reason::KernelNotFound,
+            "spec.boot.initrd" => Reason::InitrdNotFound,
+            _ => Reason::DiskNotFound,
         };
         return Some(Verdict::Blocked {
             reason,
@@ -392,18 +473,18 @@ fn blocked(facts: &Facts) -> Option<Verdict> {
     }
     if let Some(why) = &facts.invalid {
         return Some(Verdict::Blocked {
-            reason: "InvalidSpec",
+            reason: Reason::InvalidSpec,
             message: why.clone(),
         });
     }
     if let Some(why) = &facts.limits_error {
         return Some(Verdict::Blocked {
-            reason: "LimitsNotEnforceable",
+            reason: Reason::LimitsNotEnforceable,
             message: why.clone(),
         });
     }
     facts.start_error.as_ref().map(|why| Verdict::Blocked {
-        reason: "StartFailed",
+        reason: Reason::StartFailed,
         message: why.clone(),
     })
 }

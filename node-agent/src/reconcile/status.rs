@@ -3,28 +3,31 @@
 //! the Events a status change deserves. Pure.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use std::time::Duration;
+
 use k8s_openapi::jiff::Timestamp;
-use runv_crds::conditions::{self as cond, Status, Update};
+use runv_crds::conditions::{self as cond, Row, Status::False, Status::True};
+use runv_crds::contract::{ExitReason, Reason};
 use runv_crds::microvm::{ExitStatus, Phase};
 use runv_crds::{MicroVMSpec, MicroVMStatus};
-use runv_vmm_api::{ExitReason, ExitRecord};
+use runv_vmm_api::{ExitReason as VmmExit, ExitRecord};
 
-use super::{Observed, ObservedExit, Verdict};
+use super::{Observed, ObservedExit, StopWhy, Verdict};
 
-/// The CamelCase `lastExit.reason` of an exit: the exit record's, else
-/// (killed by a signal) `OOMKilled` when the OOM killer did it, else `Killed`.
-pub fn exit_reason_name(record: Option<&ExitRecord>, oom_killed: bool) -> &'static str {
+/// The `lastExit.reason` of an exit: the exit record's, else (killed by a
+/// signal) `OOMKilled` when the OOM killer did it, else `Killed`.
+pub fn exit_reason(record: Option<&ExitRecord>, oom_killed: bool) -> ExitReason {
     match record.map(|r| r.reason) {
-        None if oom_killed => "OOMKilled",
-        Some(ExitReason::PowerOff) => "GuestPowerOff",
-        Some(ExitReason::Reset) => "GuestReset",
-        Some(ExitReason::Killed) | None => "Killed",
-        Some(ExitReason::TripleFault) => "TripleFault",
-        Some(ExitReason::InternalError) => "InternalError",
-        Some(ExitReason::EmulationFailure) => "EmulationFailure",
-        Some(ExitReason::GuestPanic) => "GuestPanicked",
-        Some(ExitReason::GuestFault) => "GuestFault",
-        Some(ExitReason::VmmError) => "VMMError",
+        None if oom_killed => ExitReason::OOMKilled,
+        Some(VmmExit::PowerOff) => ExitReason::GuestPowerOff,
+        Some(VmmExit::Reset) => ExitReason::GuestReset,
+        Some(VmmExit::Killed) | None => ExitReason::Killed,
+        Some(VmmExit::TripleFault) => ExitReason::TripleFault,
+        Some(VmmExit::InternalError) => ExitReason::InternalError,
+        Some(VmmExit::EmulationFailure) => ExitReason::EmulationFailure,
+        Some(VmmExit::GuestPanic) => ExitReason::GuestPanicked,
+        Some(VmmExit::GuestFault) => ExitReason::GuestFault,
+        Some(VmmExit::VmmError) => ExitReason::VMMError,
     }
 }
 
@@ -32,7 +35,9 @@ pub fn exit_reason_name(record: Option<&ExitRecord>, oom_killed: bool) -> &'stat
 pub fn exit_status(exit: &ObservedExit) -> ExitStatus {
     ExitStatus {
         code: exit.record.as_ref().map(|r| r.exit_code),
-        reason: exit_reason_name(exit.record.as_ref(), exit.oom_killed).to_owned(),
+        reason: exit_reason(exit.record.as_ref(), exit.oom_killed)
+            .as_str()
+            .to_owned(),
         message: Some(match &exit.record {
             Some(r) => r.message.clone(),
             None if exit.oom_killed => "the kernel's OOM killer ended the VMM: its cgroup ran out of memory (guest memory and the VMM's own count against spec.isolation.limits.memory)".to_owned(),
@@ -57,7 +62,259 @@ fn exit_summary(status: &MicroVMStatus) -> String {
     }
 }
 
-type Row = (&'static str, Status, &'static str, String);
+/// The last exit's reason as the status records it.
+fn last_exit_reason(status: &MicroVMStatus) -> Option<ExitReason> {
+    status
+        .last_exit
+        .as_ref()
+        .and_then(|e| ExitReason::parse(&e.reason))
+}
+
+/// What every verdict's rows are built from.
+struct Seen {
+    /// The vCPUs are paused.
+    paused: bool,
+    /// The guest booted.
+    booted: bool,
+    /// "last exit: ..." for messages.
+    last: String,
+    /// How the last run ended, if it did.
+    exit: Option<ExitReason>,
+}
+
+impl Seen {
+    fn paused_row(&self) -> Row {
+        if self.paused {
+            Row::new(cond::PAUSED, True, Reason::Paused).message("the vCPUs are paused")
+        } else {
+            Row::new(cond::PAUSED, False, Reason::NotPaused)
+        }
+    }
+
+    fn booted_row(&self) -> Row {
+        if self.booted {
+            Row::new(cond::GUEST_BOOTED, True, Reason::Booted)
+        } else {
+            Row::new(cond::GUEST_BOOTED, False, Reason::Booting)
+        }
+    }
+
+    /// `GuestBooted` of a VM that is down.
+    fn down_booted(&self) -> Row {
+        let reason = self.exit.map_or(Reason::NotRunning, ExitReason::not_booted);
+        Row::new(cond::GUEST_BOOTED, False, reason)
+    }
+
+    /// `VMMStarted` of a VM whose VMM exited.
+    fn exited(&self) -> Row {
+        Row::new(cond::VMM_STARTED, False, Reason::VMMExited).message(self.last.clone())
+    }
+}
+
+fn started() -> Row {
+    Row::new(cond::VMM_STARTED, True, Reason::Started)
+}
+
+fn reconciled() -> Row {
+    Row::new(cond::RECONCILING, False, Reason::Reconciled)
+}
+
+fn reconciling(reason: Reason) -> Row {
+    Row::new(cond::RECONCILING, True, reason)
+}
+
+fn not_stalled() -> Row {
+    Row::new(cond::STALLED, False, Reason::Progressing)
+}
+
+/// Phase and conditions: what [`apply`] sets.
+type Rows = (Phase, [Row; 6]);
+
+fn ready(status: cond::Status, reason: Reason, message: &str) -> Row {
+    Row::new(cond::READY, status, reason).message(message)
+}
+
+/// Phase and the six agent conditions for `verdict`.
+fn rows(verdict: &Verdict, spec: &MicroVMSpec, seen: &Seen) -> Rows {
+    match verdict {
+        Verdict::Running { booted } => running(*booted, seen),
+        Verdict::Paused => paused(seen),
+        Verdict::Stopping => stopping(seen),
+        Verdict::ControlSocketMismatch { message } => control_mismatch(message, seen),
+        Verdict::Starting => starting(seen),
+        Verdict::Stopped { why } => stopped(*why, seen),
+        Verdict::Succeeded => succeeded(seen),
+        Verdict::Failed => failed(spec, seen),
+        Verdict::BackOff { remaining, failure } => back_off(*remaining, *failure, seen),
+        Verdict::Blocked { reason, message } => blocked(*reason, message, seen),
+    }
+}
+
+fn running(booted: bool, seen: &Seen) -> Rows {
+    let (phase, ready, reconciling_row) = if booted {
+        (
+            Phase::Running,
+            ready(True, Reason::Running, ""),
+            reconciled(),
+        )
+    } else {
+        (
+            Phase::Starting,
+            ready(False, Reason::Booting, "waiting for the guest to boot"),
+            reconciling(Reason::Booting),
+        )
+    };
+    let rows = [
+        started(),
+        seen.booted_row(),
+        ready,
+        seen.paused_row(),
+        reconciling_row,
+        not_stalled(),
+    ];
+    (phase, rows)
+}
+
+fn paused(seen: &Seen) -> Rows {
+    let (ready, reconciling_row) = if seen.paused {
+        (ready(True, Reason::Paused, "paused as asked"), reconciled())
+    } else {
+        (
+            ready(False, Reason::Pausing, ""),
+            reconciling(Reason::Pausing),
+        )
+    };
+    let rows = [
+        started(),
+        seen.booted_row(),
+        ready,
+        seen.paused_row(),
+        reconciling_row,
+        not_stalled(),
+    ];
+    (Phase::Paused, rows)
+}
+
+fn stopping(seen: &Seen) -> Rows {
+    let phase = if seen.paused {
+        Phase::Paused
+    } else {
+        Phase::Running
+    };
+    let rows = [
+        started(),
+        seen.booted_row(),
+        ready(False, Reason::Stopping, "the guest was asked to power off"),
+        seen.paused_row(),
+        reconciling(Reason::Stopping),
+        not_stalled(),
+    ];
+    (phase, rows)
+}
+
+fn control_mismatch(message: &str, seen: &Seen) -> Rows {
+    let reason = Reason::ControlSocketMismatch;
+    let rows = [
+        started(),
+        seen.booted_row(),
+        ready(False, reason, message),
+        seen.paused_row(),
+        Row::new(cond::RECONCILING, False, reason),
+        Row::new(cond::STALLED, True, reason).message(message),
+    ];
+    (Phase::Running, rows)
+}
+
+fn starting(seen: &Seen) -> Rows {
+    let rows = [
+        Row::new(cond::VMM_STARTED, False, Reason::Starting),
+        Row::new(cond::GUEST_BOOTED, False, Reason::Booting),
+        ready(False, Reason::Starting, ""),
+        seen.paused_row(),
+        reconciling(Reason::Starting),
+        not_stalled(),
+    ];
+    (Phase::Starting, rows)
+}
+
+fn stopped(why: StopWhy, seen: &Seen) -> Rows {
+    let msg = match why {
+        StopWhy::NotRequested(n) => n.message().to_owned(),
+        StopWhy::Manual => format!(
+            "runPolicy is Manual: stays down until a new generation asks to run; {}",
+            seen.last
+        ),
+    };
+    let rows = [
+        Row::new(cond::VMM_STARTED, False, Reason::Stopped).message(msg.clone()),
+        seen.down_booted(),
+        ready(True, Reason::Stopped, &msg),
+        seen.paused_row(),
+        reconciled(),
+        not_stalled(),
+    ];
+    (Phase::Stopped, rows)
+}
+
+fn succeeded(seen: &Seen) -> Rows {
+    let msg = format!("the guest ended cleanly; {}", seen.last);
+    let rows = [
+        seen.exited(),
+        seen.down_booted(),
+        ready(True, Reason::Succeeded, &msg),
+        seen.paused_row(),
+        reconciled(),
+        not_stalled(),
+    ];
+    (Phase::Succeeded, rows)
+}
+
+fn failed(spec: &MicroVMSpec, seen: &Seen) -> Rows {
+    let reason = seen.exit.map_or(Reason::Killed, ExitReason::failure);
+    let msg = format!(
+        "the VM failed and runPolicy {:?} does not restart it; {}",
+        spec.run_policy, seen.last
+    );
+    let rows = [
+        seen.exited(),
+        seen.down_booted(),
+        ready(False, reason, &msg),
+        seen.paused_row(),
+        Row::new(cond::RECONCILING, False, Reason::Failed),
+        Row::new(cond::STALLED, True, Reason::Failed).message(msg),
+    ];
+    (Phase::Failed, rows)
+}
+
+fn back_off(remaining: Duration, failure: bool, seen: &Seen) -> Rows {
+    let what = if failure { "failed" } else { "exited" };
+    let msg = format!(
+        "back-off {}s restarting the VM that {what}; {}",
+        remaining.as_secs_f64().ceil(),
+        seen.last
+    );
+    let rows = [
+        seen.exited(),
+        seen.down_booted(),
+        ready(False, Reason::CrashLoopBackOff, &msg),
+        seen.paused_row(),
+        reconciling(Reason::CrashLoopBackOff).message(msg),
+        not_stalled(),
+    ];
+    (Phase::Starting, rows)
+}
+
+fn blocked(reason: Reason, message: &str, seen: &Seen) -> Rows {
+    let rows = [
+        Row::new(cond::VMM_STARTED, False, reason).message(message),
+        Row::new(cond::GUEST_BOOTED, False, Reason::NotRunning),
+        ready(False, reason, message),
+        seen.paused_row(),
+        Row::new(cond::RECONCILING, False, reason),
+        Row::new(cond::STALLED, True, reason).message(message),
+    ];
+    (Phase::Scheduled, rows)
+}
 
 /// Sets phase and the six agent conditions for `verdict`.
 pub(crate) fn apply(
@@ -68,252 +325,28 @@ pub(crate) fn apply(
     observed: &Observed,
     now: Timestamp,
 ) {
-    use Status::{False, True};
     let (paused, booted) = match observed {
         Observed::Running {
             paused, booted_at, ..
         } => (*paused, booted_at.is_some()),
         Observed::NotRunning { .. } => (false, false),
     };
-    let last = exit_summary(status);
-    let exited_reason = status
-        .last_exit
-        .as_ref()
-        .map(|e| match e.reason.as_str() {
-            "GuestPanicked" => "GuestPanicked",
-            "TripleFault" => "TripleFault",
-            _ => "NotRunning",
-        })
-        .unwrap_or("NotRunning");
-    let paused_row: Row = if paused {
-        (cond::PAUSED, True, "Paused", "the vCPUs are paused".into())
-    } else {
-        (cond::PAUSED, False, "NotPaused", String::new())
+    let seen = Seen {
+        paused,
+        booted,
+        last: exit_summary(status),
+        exit: last_exit_reason(status),
     };
-    let started: Row = (cond::VMM_STARTED, True, "Started", String::new());
-    let booted_row: Row = if booted {
-        (cond::GUEST_BOOTED, True, "Booted", String::new())
-    } else {
-        (cond::GUEST_BOOTED, False, "Booting", String::new())
-    };
-    let down_booted: Row = (cond::GUEST_BOOTED, False, exited_reason, String::new());
-    let not_stalled: Row = (cond::STALLED, False, "Progressing", String::new());
-    let reconciled: Row = (cond::RECONCILING, False, "Reconciled", String::new());
-    let (phase, rows): (Phase, [Row; 6]) = match verdict {
-        Verdict::Running { booted: true } => (
-            Phase::Running,
-            [
-                started,
-                booted_row,
-                (cond::READY, True, "Running", String::new()),
-                paused_row,
-                reconciled,
-                not_stalled,
-            ],
-        ),
-        Verdict::Running { booted: false } => (
-            Phase::Starting,
-            [
-                started,
-                booted_row,
-                (
-                    cond::READY,
-                    False,
-                    "Booting",
-                    "waiting for the guest to boot".into(),
-                ),
-                paused_row,
-                (cond::RECONCILING, True, "Booting", String::new()),
-                not_stalled,
-            ],
-        ),
-        Verdict::Paused => (
-            Phase::Paused,
-            [
-                started,
-                booted_row,
-                if paused {
-                    (cond::READY, True, "Paused", "paused as asked".into())
-                } else {
-                    (cond::READY, False, "Pausing", String::new())
-                },
-                paused_row,
-                if paused {
-                    reconciled
-                } else {
-                    (cond::RECONCILING, True, "Pausing", String::new())
-                },
-                not_stalled,
-            ],
-        ),
-        Verdict::Stopping => (
-            if paused {
-                Phase::Paused
-            } else {
-                Phase::Running
-            },
-            [
-                started,
-                booted_row,
-                (
-                    cond::READY,
-                    False,
-                    "Stopping",
-                    "the guest was asked to power off".into(),
-                ),
-                paused_row,
-                (cond::RECONCILING, True, "Stopping", String::new()),
-                not_stalled,
-            ],
-        ),
-        Verdict::Stopped { why } => {
-            let msg = match *why {
-                "Halted" => "runPolicy is Halted".to_owned(),
-                "Manual" => format!(
-                    "runPolicy is Manual: stays down until a new generation asks to run; {last}"
-                ),
-                _ => "powerState is Stopped".to_owned(),
-            };
-            (
-                Phase::Stopped,
-                [
-                    (cond::VMM_STARTED, False, "Stopped", msg.clone()),
-                    down_booted,
-                    (cond::READY, True, "Stopped", msg),
-                    paused_row,
-                    reconciled,
-                    not_stalled,
-                ],
-            )
-        }
-        Verdict::Succeeded => (
-            Phase::Succeeded,
-            [
-                (cond::VMM_STARTED, False, "VMMExited", last.clone()),
-                down_booted,
-                (
-                    cond::READY,
-                    True,
-                    "Succeeded",
-                    format!("the guest ended cleanly; {last}"),
-                ),
-                paused_row,
-                reconciled,
-                not_stalled,
-            ],
-        ),
-        Verdict::Failed => {
-            let reason = status
-                .last_exit
-                .as_ref()
-                .map(|e| e.reason.clone())
-                .unwrap_or_else(|| "Killed".into());
-            let reason: &'static str = match reason.as_str() {
-                "GuestPanicked" => "GuestPanicked",
-                "TripleFault" => "TripleFault",
-                "InternalError" => "InternalError",
-                "EmulationFailure" => "EmulationFailure",
-                "GuestFault" => "GuestFault",
-                "VMMError" => "VMMError",
-                "OOMKilled" => "OOMKilled",
-                _ => "Killed",
-            };
-            let msg = format!(
-                "the VM failed and runPolicy {:?} does not restart it; {last}",
-                spec.run_policy
-            );
-            (
-                Phase::Failed,
-                [
-                    (cond::VMM_STARTED, False, "VMMExited", last.clone()),
-                    down_booted,
-                    (cond::READY, False, reason, msg.clone()),
-                    paused_row,
-                    (cond::RECONCILING, False, "Failed", String::new()),
-                    (cond::STALLED, True, "Failed", msg),
-                ],
-            )
-        }
-        Verdict::BackOff { remaining, failure } => {
-            let what = if *failure { "failed" } else { "exited" };
-            let msg = format!(
-                "back-off {}s restarting the VM that {what}; {last}",
-                remaining.as_secs_f64().ceil()
-            );
-            (
-                Phase::Starting,
-                [
-                    (cond::VMM_STARTED, False, "VMMExited", last.clone()),
-                    down_booted,
-                    (cond::READY, False, "CrashLoopBackOff", msg.clone()),
-                    paused_row,
-                    (cond::RECONCILING, True, "CrashLoopBackOff", msg),
-                    not_stalled,
-                ],
-            )
-        }
-        Verdict::ControlSocketMismatch { message } => (
-            Phase::Running,
-            [
-                started,
-                booted_row,
-                (cond::READY, False, "ControlSocketMismatch", message.clone()),
-                paused_row,
-                (
-                    cond::RECONCILING,
-                    False,
-                    "ControlSocketMismatch",
-                    String::new(),
-                ),
-                (
-                    cond::STALLED,
-                    True,
-                    "ControlSocketMismatch",
-                    message.clone(),
-                ),
-            ],
-        ),
-        Verdict::Starting => (
-            Phase::Starting,
-            [
-                (cond::VMM_STARTED, False, "Starting", String::new()),
-                (cond::GUEST_BOOTED, False, "Booting", String::new()),
-                (cond::READY, False, "Starting", String::new()),
-                paused_row,
-                (cond::RECONCILING, True, "Starting", String::new()),
-                not_stalled,
-            ],
-        ),
-        Verdict::Blocked { reason, message } => (
-            Phase::Scheduled,
-            [
-                (cond::VMM_STARTED, False, reason, message.clone()),
-                (cond::GUEST_BOOTED, False, "NotRunning", String::new()),
-                (cond::READY, False, reason, message.clone()),
-                paused_row,
-                (cond::RECONCILING, False, reason, String::new()),
-                (cond::STALLED, True, reason, message.clone()),
-            ],
-        ),
-    };
+    let (phase, rows) = rows(verdict, spec, &seen);
     status.phase = Some(phase);
-    for (type_, st, reason, message) in rows {
-        cond::set_condition(
-            &mut status.conditions,
-            Update {
-                type_,
-                status: st,
-                reason,
-                message: &message,
-                observed_generation: Some(generation),
-            },
-            Time(now),
-        );
+    for row in rows {
+        row.set(&mut status.conditions, Some(generation), Time(now));
     }
 }
 
-/// The status fields the agent owns, for a server-side apply under its manager:
-/// everything but `nodeName` and the `Scheduled` condition (the operator's).
+/// The status fields the agent owns on its node (see
+/// [`runv_crds::contract::ownership`]): everything but `nodeName` and the
+/// `Scheduled` condition, which are the operator's.
 pub fn agent_status(status: &MicroVMStatus) -> MicroVMStatus {
     MicroVMStatus {
         node_name: None,
@@ -325,6 +358,11 @@ pub fn agent_status(status: &MicroVMStatus) -> MicroVMStatus {
             .collect(),
         ..status.clone()
     }
+}
+
+/// The server-side apply body (the value of `status`) of the agent's fields.
+pub fn agent_body(status: &MicroVMStatus) -> serde_json::Value {
+    serde_json::to_value(agent_status(status)).unwrap_or_default()
 }
 
 /// An Event a status change deserves.
@@ -355,7 +393,7 @@ pub fn transitions(before: &MicroVMStatus, after: &MicroVMStatus) -> Vec<Transit
     if after.last_exit != before.last_exit
         && let Some(e) = &after.last_exit
     {
-        let clean = matches!(e.reason.as_str(), "GuestPowerOff" | "GuestReset");
+        let clean = ExitReason::parse(&e.reason).is_some_and(ExitReason::is_guest_end);
         push(
             !clean,
             "Exited",
@@ -396,27 +434,13 @@ pub fn transitions(before: &MicroVMStatus, after: &MicroVMStatus) -> Vec<Transit
     let ready = (cond_of(before, cond::READY), cond_of(after, cond::READY));
     if let (b, Some(("False", reason, msg))) = ready
         && b.map(|c| c.1) != Some(reason)
-        && matches!(
-            reason,
-            "CrashLoopBackOff"
-                | "KernelNotFound"
-                | "InitrdNotFound"
-                | "DiskNotFound"
-                | "InvalidSpec"
-                | "LimitsNotEnforceable"
-                | "StartFailed"
-                | "ControlSocketMismatch"
-        )
+        && let Some(reason) = Reason::parse(reason).filter(|r| r.warns())
     {
-        push(
-            true,
-            if reason == "CrashLoopBackOff" {
-                "BackOff"
-            } else {
-                reason
-            },
-            msg.to_owned(),
-        );
+        let event = match reason {
+            Reason::CrashLoopBackOff => "BackOff",
+            other => other.as_str(),
+        };
+        push(true, event, msg.to_owned());
     }
     if after.phase != before.phase
         && let Some(p) = after.phase

@@ -80,9 +80,7 @@ fn ready(d: &Decision) -> (String, String) {
 fn ran_before(restarts: i32, started: i64) -> MicroVMStatus {
     MicroVMStatus {
         restart_count: restarts,
-        boot_start_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(
-            started,
-        ))),
+        boot_start_time: Some(Time(at(started))),
         ..MicroVMStatus::default()
     }
 }
@@ -347,10 +345,10 @@ fn an_oom_killed_vmm_is_a_failure_named_so_and_backs_off() {
     );
     assert!(events.iter().any(|t| t.reason == "BackOff"), "{events:?}");
     // A record, if the VMM left one, wins over the counter.
-    assert_eq!(exit_reason_name(None, true), "OOMKilled");
-    assert_eq!(exit_reason_name(None, false), "Killed");
+    assert_eq!(exit_reason(None, true).as_str(), "OOMKilled");
+    assert_eq!(exit_reason(None, false).as_str(), "Killed");
     let rec = ExitRecord::new(ExitReason::VmmError, "x");
-    assert_eq!(exit_reason_name(Some(&rec), true), "VMMError");
+    assert_eq!(exit_reason(Some(&rec), true).as_str(), "VMMError");
 }
 
 #[test]
@@ -623,7 +621,7 @@ fn agent_status_leaves_the_operators_fields_out() {
             message: "",
             observed_generation: Some(1),
         },
-        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(0)),
+        Time(at(0)),
     );
     let ours = agent_status(&status);
     assert_eq!(ours.node_name, None);

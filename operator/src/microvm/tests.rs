@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use runv_crds::microvm::{Phase, RunPolicy};
+use runv_crds::microvm::{Phase, PowerState, RunPolicy};
 
 use super::*;
 use crate::testing::{MockApi, context, context_on, fenced, lease, node, vm};
@@ -405,7 +405,7 @@ async fn vm_already_unknown_is_not_rewritten_as_time_passes() {
     let mut a = vm("a").bound("n1", Phase::Running).build();
     a.status = (OperatorStatus::NodeLost {
         node: "n1".into(),
-        reason: "NodeLost",
+        reason: Reason::NodeLost,
         message: "the runv agent on node n1 has not renewed its Lease for 5s".into(),
     })
     .to_apply(&a, Timestamp::now());
