@@ -112,7 +112,7 @@ pub struct MicroVMSpec {
     /// At most 12: with 4 interfaces, vsock and the entropy device that fills
     /// the VMM's 18 virtio-mmio slots.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 12))]
+    #[schemars(length(max = MAX_DISKS))]
     #[x_kube(
         merge_strategy = ListMerge::Map(vec!["name".into()]),
         validation = Rule::new("self.all(d, self.exists_one(e, e.name == d.name))")
@@ -123,7 +123,7 @@ pub struct MicroVMSpec {
 
     /// Network interfaces, attached as virtio-net in list order. Empty means no network.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 4))]
+    #[schemars(length(max = MAX_INTERFACES))]
     #[x_kube(
         merge_strategy = ListMerge::Map(vec!["name".into()]),
         validation = Rule::new("self.all(i, self.exists_one(j, j.name == i.name))")
@@ -245,13 +245,21 @@ fn default_grace_period() -> i64 {
     30
 }
 
+/// Most disks a MicroVM may have (`spec.disks`). The node agent checks at
+/// compile time that these limits fit the VMM's virtio-mmio slots and vCPU count.
+pub const MAX_DISKS: usize = 12;
+/// Most network interfaces a MicroVM may have (`spec.interfaces`).
+pub const MAX_INTERFACES: usize = 4;
+/// Most vCPUs a MicroVM may have (`spec.resources.vcpus`).
+pub const MAX_VCPUS: u32 = 32;
+
 /// vCPUs and memory of the guest.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Resources {
     /// Number of virtual CPUs, 1 to 32.
     #[serde(default = "default_vcpus")]
-    #[schemars(range(min = 1, max = 32))]
+    #[schemars(range(min = 1, max = MAX_VCPUS))]
     pub vcpus: u32,
 
     /// Guest memory as a Kubernetes quantity (`256Mi`, `1Gi`), from 16Mi to 64Gi.

@@ -10,6 +10,15 @@ use runv_vmm_api::{DiskConfig, JailConfig, NetConfig, SerialConfig, VmConfig, Vs
 use crate::jail::JailIds;
 use crate::state::VmDir;
 
+// Every MicroVM the API accepts fits the VMM: each disk and interface, the
+// entropy device and vsock take one virtio-mmio slot each, and the vCPU limits
+// agree.
+const _: () = assert!(
+    runv_crds::microvm::MAX_DISKS + runv_crds::microvm::MAX_INTERFACES + 2
+        <= runv_vmm_api::config::MAX_VIRTIO_DEVICES
+);
+const _: () = assert!(runv_crds::microvm::MAX_VCPUS == MAX_VCPUS as u32);
+
 /// Why a spec cannot become a VMM config.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum VmConfigError {
