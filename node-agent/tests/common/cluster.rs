@@ -1,0 +1,181 @@
+//! A whole cluster on this host for e2e tests: the Kubernetes API test
+//! server, the real `runv-operator`, and `runv-agent run` for node `n1`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, PostParams};
+use runv_e2e::{Options, TestServer};
+use serde_json::json;
+
+use super::{Agent, vmm_binary};
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A binary of another workspace package, next to runv-agent (built if missing).
+pub fn sibling_binary(package: &str, bin: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_runv-agent")).with_file_name(bin);
+    if !path.is_file() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", package, "--bin", bin])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "cargo build -p {package} failed");
+    }
+    path
+}
+
+/// Runs the real kubectl against `kubeconfig`; its stdout, or an error with
+/// what it printed.
+pub fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<String> {
+    let bin = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let out = Command::new(&bin)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {bin}"))?;
+    if !out.status.success() {
+        bail!(
+            "kubectl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A MicroVM manifest pinned to node n1, restarted always.
+pub fn manifest(name: &str, kernel: &str, cmdline: &str) -> String {
+    format!(
+        "apiVersion: runv.dev/v1alpha1\nkind: MicroVM\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  nodeName: n1\n  resources: {{ vcpus: 1, memory: 64Mi }}\n  boot:\n    kernel: {kernel}\n    cmdline: \"{cmdline}\"\n  runPolicy: Always\n  terminationGracePeriodSeconds: 2\n"
+    )
+}
+
+/// Polls `f` every 100 ms until it says true, for at most `timeout`.
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The test server with the CRDs and the runv namespace, and the operator.
+pub struct Cluster {
+    /// The API.
+    pub server: TestServer,
+    /// `runv-operator`.
+    pub operator: Agent,
+    /// A kubeconfig for the server.
+    pub kubeconfig: PathBuf,
+    /// The agent's root directory.
+    pub root: PathBuf,
+    /// `runv-vmm`.
+    pub vmm: PathBuf,
+    /// Scratch space; removed on drop.
+    pub tmp: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts the server and the operator (not the agent).
+    pub async fn start() -> Result<Self> {
+        let mut opts = Options::default();
+        for crd in runv_crds::generate::crds() {
+            opts.preload.push(serde_json::to_value(crd)?);
+        }
+        let server = TestServer::start(opts).await?;
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "runv-system"}}))?;
+        Api::<Namespace>::all(server.client()?)
+            .create(&PostParams::default(), &ns)
+            .await?;
+        let kubeconfig = server.kubeconfig_path().to_owned();
+        let tmp = tempfile::tempdir()?;
+        let operator_bin = sibling_binary("runv-operator", "runv-operator");
+        let op_addr = format!("127.0.0.1:{}", free_port());
+        let operator = Agent::spawn(
+            &operator_bin,
+            &[
+                "--namespace",
+                "runv-system",
+                "--leader-elect",
+                "false",
+                "--http-addr",
+                &op_addr,
+            ],
+            &[("KUBECONFIG", kubeconfig.as_os_str())],
+        );
+        Ok(Self {
+            server,
+            operator,
+            kubeconfig,
+            root: tmp.path().join("agent"),
+            vmm: vmm_binary(),
+            tmp,
+        })
+    }
+
+    /// Starts `runv-agent run` for node n1.
+    pub fn start_agent(&self) -> Agent {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let root = self.root.display().to_string();
+        let vmm = self.vmm.display().to_string();
+        let args = [
+            "--root",
+            &root,
+            "run",
+            "--node",
+            "n1",
+            "--vmm",
+            &vmm,
+            "--http-addr",
+            &addr,
+            "--vcpus",
+            "64",
+            "--memory",
+            "64Gi",
+        ];
+        Agent::spawn(
+            Path::new(env!("CARGO_BIN_EXE_runv-agent")),
+            &args,
+            &[("KUBECONFIG", self.kubeconfig.as_os_str())],
+        )
+    }
+
+    /// kubectl against this cluster.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        kubectl(&self.kubeconfig, args)
+    }
+
+    /// The state directory of VM `default/name`.
+    pub fn vm_dir(&self, name: &str) -> PathBuf {
+        self.root.join("vms").join(format!("default_{name}"))
+    }
+
+    /// Stops the operator and the server.
+    pub async fn shutdown(mut self) -> Result<()> {
+        self.operator.signal(libc::SIGTERM);
+        let _ = self.operator.wait(Duration::from_secs(10));
+        Ok(self.server.shutdown().await?)
+    }
+}
