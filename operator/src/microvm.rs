@@ -35,7 +35,7 @@ pub const CONTROLLER: &str = "microvm";
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
     /// An API request failed.
-    #[error("API request failed: {0}")]
+    #[error("API request failed")]
     Api(#[from] kube::Error),
     /// The spec holds a quantity the operator cannot use.
     #[error(transparent)]
