@@ -81,8 +81,7 @@ pub struct Running {
     serial: Arc<Mutex<serial::SerialDevice>>,
     /// Installed on the calling thread by [`Running::wait`].
     main_filter: Option<Filter>,
-    // Kept alive for as long as vCPUs run: KVM maps this memory.
-    _mem: Arc<vm_memory::GuestMemoryMmap>,
+    /// Kept for as long as vCPUs run; it owns the guest memory KVM maps.
     _vm: Vm,
 }
 
@@ -108,8 +107,8 @@ pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
     // 1. Guest memory.
     let layout = Layout::new(cfg.memory_mib)?;
     let mem = Arc::new(layout.allocate()?);
-    let vm = Vm::new(IRQCHIP)?;
-    vm.register_memory(&mem)?;
+    let mut vm = Vm::new(IRQCHIP)?;
+    vm.register_memory(mem.clone())?;
 
     // 2. Kernel, 3. initrd and command line.
     let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
@@ -307,13 +306,12 @@ pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
     for v in vcpus {
         let h = vcpu::spawn(v, buses.clone(), shared.clone(), vcpu_filter.clone())
             .map_err(VmmError::Thread)?;
-        kicker.add(&h);
+        kicker.add(h);
     }
     Ok(Running {
         shared,
         serial,
         main_filter,
-        _mem: mem,
         _vm: vm,
     })
 }
