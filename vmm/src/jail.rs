@@ -36,11 +36,13 @@ use runv_vmm_api::JailConfig;
 pub enum JailError {
     #[error("the VMM has {0} threads; the jail must be entered while it has one")]
     Threads(usize),
-    #[error("jail step {step}: {source}")]
+    #[error("jail step {step}")]
     Step {
         step: &'static str,
         source: std::io::Error,
     },
+    #[error("jail check failed")]
+    Config(#[source] runv_vmm_api::ConfigError),
     #[error("jail check failed: {0}")]
     Check(String),
 }
@@ -120,8 +122,7 @@ fn capabilities() -> Result<[CapData; 2], JailError> {
 /// Confines the calling process (see the module docs). Call it once, from
 /// the only thread. On error the process must end: it may be half-confined.
 pub fn enter(jail: &JailConfig) -> Result<(), JailError> {
-    jail.validate()
-        .map_err(|e| JailError::Check(e.to_string()))?;
+    jail.validate().map_err(JailError::Config)?;
     // unshare(CLONE_NEWNS) and chroot affect the calling thread's view only
     // once threads exist, and setresuid(2) through glibc must reach them all:
     // a second thread would stay outside the jail.
@@ -267,7 +268,8 @@ mod tests {
         let mut root_uid = jail();
         root_uid.uid = 0;
         let e = enter(&root_uid).unwrap_err();
-        assert!(e.to_string().contains("jail.uid must not be 0"), "{e}");
+        let text = crate::error_chain(&e);
+        assert!(text.contains("jail.uid must not be 0"), "{text}");
         assert!(!entered());
         assert_ne!(std::env::current_dir().unwrap(), Path::new("/"));
         tx.send(()).unwrap();

@@ -19,30 +19,30 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 /// Errors from KVM ioctls.
 #[derive(Debug, thiserror::Error)]
 pub enum KvmError {
-    #[error("opening /dev/kvm: {0}")]
-    Open(kvm_ioctls::Error),
+    #[error("opening /dev/kvm")]
+    Open(#[source] kvm_ioctls::Error),
     #[error("KVM API version {0} is not 12")]
     ApiVersion(i32),
-    #[error("creating the VM: {0}")]
-    CreateVm(kvm_ioctls::Error),
-    #[error("enabling the split irqchip: {0}")]
-    SplitIrqchip(kvm_ioctls::Error),
-    #[error("creating the in-kernel irqchip: {0}")]
-    Irqchip(kvm_ioctls::Error),
-    #[error("setting the TSS address: {0}")]
-    Tss(kvm_ioctls::Error),
-    #[error("registering guest memory: {0}")]
-    Memory(kvm_ioctls::Error),
-    #[error("reading supported CPUID: {0}")]
-    SupportedCpuid(kvm_ioctls::Error),
-    #[error("creating vCPU {0}: {1}")]
-    CreateVcpu(u8, kvm_ioctls::Error),
-    #[error("vCPU setup ({0}): {1}")]
-    VcpuSetup(&'static str, kvm_ioctls::Error),
-    #[error("building the MSR list: {0}")]
-    MsrList(vmm_sys_util::fam::Error),
-    #[error("KVM_RUN: {0}")]
-    Run(kvm_ioctls::Error),
+    #[error("creating the VM")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("enabling the split irqchip")]
+    SplitIrqchip(#[source] kvm_ioctls::Error),
+    #[error("creating the in-kernel irqchip")]
+    Irqchip(#[source] kvm_ioctls::Error),
+    #[error("setting the TSS address")]
+    Tss(#[source] kvm_ioctls::Error),
+    #[error("registering guest memory")]
+    Memory(#[source] kvm_ioctls::Error),
+    #[error("reading supported CPUID")]
+    SupportedCpuid(#[source] kvm_ioctls::Error),
+    #[error("creating vCPU {0}")]
+    CreateVcpu(u8, #[source] kvm_ioctls::Error),
+    #[error("vCPU setup ({0})")]
+    VcpuSetup(&'static str, #[source] kvm_ioctls::Error),
+    #[error("building the MSR list")]
+    MsrList(#[source] vmm_sys_util::fam::Error),
+    #[error("KVM_RUN")]
+    Run(#[source] kvm_ioctls::Error),
 }
 
 /// Which interrupt controller layout a VM gets.

@@ -194,7 +194,7 @@ fn run_loop(mut vcpu: Vcpu, buses: Buses, shared: Arc<Shared>, c: ExitCounters) 
             Err(KvmError::Run(e)) => {
                 Outcome::Exit(ExitReason::InternalError, format!("KVM_RUN failed: {e}"))
             }
-            Err(e) => Outcome::Exit(ExitReason::VmmError, e.to_string()),
+            Err(e) => Outcome::Exit(ExitReason::VmmError, crate::error_chain(&e)),
         };
         match outcome {
             Outcome::Continue => {}
@@ -235,6 +235,7 @@ pub fn spawn(
             if let Err(e) =
                 crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu, seccomp.as_ref())
             {
+                let e = crate::error_chain(&e);
                 shared.request_exit(ExitReason::VmmError, format!("seccomp: {e}"));
                 return;
             }

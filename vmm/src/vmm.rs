@@ -53,22 +53,24 @@ pub enum VmmError {
     Control(#[from] control::ControlError),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
-    #[error("signal handler: {0}")]
-    Signal(vmm_sys_util::errno::Error),
-    #[error("starting a vCPU thread: {0}")]
-    Thread(std::io::Error),
+    #[error("signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("starting a vCPU thread")]
+    Thread(#[source] std::io::Error),
     #[error(transparent)]
     Block(#[from] BlockError),
     #[error(transparent)]
     Vsock(#[from] VsockError),
     #[error(transparent)]
     Tap(#[from] TapError),
-    #[error("config: {0}")]
-    Config(String),
+    #[error("config")]
+    Config(#[source] runv_vmm_api::ConfigError),
+    #[error("config")]
+    AbsolutePaths(#[source] std::io::Error),
     #[error(transparent)]
     Jail(#[from] crate::jail::JailError),
-    #[error("changing to the jail root {0}: {1}")]
-    JailRoot(String, std::io::Error),
+    #[error("changing to the jail root {0}")]
+    JailRoot(String, #[source] std::io::Error),
 }
 
 /// The interrupt controller layout every VM gets (see docs/vmm-boot.md for the
@@ -140,7 +142,7 @@ pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
 /// the root, which stays valid inside the jail (where the device connects to
 /// `<udsPath>_<port>` for the guest). Returns the config with absolute paths.
 fn work_in_jail_root(cfg: &VmConfig, jail: &JailConfig) -> Result<VmConfig, VmmError> {
-    let absolute = with_absolute_paths(cfg).map_err(|e| VmmError::Config(e.to_string()))?;
+    let absolute = with_absolute_paths(cfg).map_err(VmmError::AbsolutePaths)?;
     std::env::set_current_dir(&jail.root)
         .map_err(|e| VmmError::JailRoot(jail.root.display().to_string(), e))?;
     Ok(absolute)
@@ -440,8 +442,10 @@ impl Running {
     /// installs the main thread's seccomp filter first.
     pub fn wait(&self, mut stop: impl FnMut() -> bool) -> ExitRecord {
         if let Err(e) = crate::seccomp::enter(ThreadKind::Main, self.main_filter.as_ref()) {
-            self.shared
-                .request_exit(ExitReason::VmmError, format!("seccomp: {e}"));
+            self.shared.request_exit(
+                ExitReason::VmmError,
+                format!("seccomp: {}", crate::error_chain(&e)),
+            );
         }
         loop {
             if let Some(r) = self.shared.wait_exit(Duration::from_millis(50)) {
@@ -528,7 +532,7 @@ fn virtio_devices(
     }
     for (i, n) in cfg.net.iter().enumerate() {
         let mac = match &n.mac {
-            Some(m) => parse_mac(m).map_err(|e| VmmError::Config(e.to_string()))?,
+            Some(m) => parse_mac(m).map_err(VmmError::Config)?,
             None => [0x02, 0x72, 0x75, 0x6e, 0x76, i as u8],
         };
         let c = NetCounters {
@@ -550,7 +554,7 @@ fn virtio_devices(
             Some(j) => {
                 let inside = j
                     .inside("vsock.udsPath", &v.uds_path)
-                    .map_err(|e| VmmError::Config(e.to_string()))?;
+                    .map_err(VmmError::Config)?;
                 inside.strip_prefix("/").unwrap_or(&inside).to_owned()
             }
             None => v.uds_path.clone(),
