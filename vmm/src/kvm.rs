@@ -437,7 +437,7 @@ mod tests {
             memory_size: SIZE as u64,
             userspace_addr: host as u64,
         };
-        // SAFETY: the caller's `mem` is declared before the VM handle and so is
+        // SAFETY: callers declare `mem` before every handle of the VM, so it is
         // unmapped only after the last handle has closed and the VM is gone.
         unsafe { fd.set_user_memory_region(r) }
     }
@@ -447,12 +447,13 @@ mod tests {
     /// while another handle keeps the kernel's VM alive.
     #[test]
     fn a_dropped_vm_leaves_no_slot_on_its_memory_when_the_memory_goes() {
+        // Declared before every VM handle, so it outlives them (see `set_slot`).
+        let other = one_region();
         let Some(mut vm) =
             vm_or_skip("a_dropped_vm_leaves_no_slot_on_its_memory_when_the_memory_goes")
         else {
             return;
         };
-        let other = one_region();
         let mem = Arc::new(one_region());
         let weak = Arc::downgrade(&mem);
         vm.register_memory(mem).unwrap();
