@@ -28,10 +28,10 @@ const MAX_CLIENTS: usize = 16;
 /// Errors from setting up the control socket.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("binding {0}: {1}")]
-    Bind(String, std::io::Error),
-    #[error("starting the control thread: {0}")]
-    Thread(std::io::Error),
+    #[error("binding {0}")]
+    Bind(String, #[source] std::io::Error),
+    #[error("starting the control thread")]
+    Thread(#[source] std::io::Error),
 }
 
 /// Static facts for `describe`.
@@ -210,7 +210,10 @@ pub fn serve(
         .name("control".into())
         .spawn(move || {
             if let Err(e) = crate::seccomp::enter(ThreadKind::Control, seccomp.as_ref()) {
-                shared.request_exit(ExitReason::VmmError, format!("seccomp: {e}"));
+                shared.request_exit(
+                    ExitReason::VmmError,
+                    format!("seccomp: {}", crate::error_chain(&e)),
+                );
                 return;
             }
             for conn in listener.incoming() {

@@ -36,11 +36,13 @@ use runv_vmm_api::JailConfig;
 pub enum JailError {
     #[error("the VMM has {0} threads; the jail must be entered while it has one")]
     Threads(usize),
-    #[error("jail step {step}: {source}")]
+    #[error("jail step {step}")]
     Step {
         step: &'static str,
         source: std::io::Error,
     },
+    #[error("jail check failed")]
+    Config(#[source] runv_vmm_api::ConfigError),
     #[error("jail check failed: {0}")]
     Check(String),
 }
@@ -120,8 +122,7 @@ fn capabilities() -> Result<[CapData; 2], JailError> {
 /// Confines the calling process (see the module docs). Call it once, from
 /// the only thread. On error the process must end: it may be half-confined.
 pub fn enter(jail: &JailConfig) -> Result<(), JailError> {
-    jail.validate()
-        .map_err(|e| JailError::Check(e.to_string()))?;
+    jail.validate().map_err(JailError::Config)?;
     // unshare(CLONE_NEWNS) and chroot affect the calling thread's view only
     // once threads exist, and setresuid(2) through glibc must reach them all:
     // a second thread would stay outside the jail.
@@ -130,8 +131,14 @@ pub fn enter(jail: &JailConfig) -> Result<(), JailError> {
         return Err(JailError::Threads(threads));
     }
     let root = cstring("chroot", &jail.root)?;
+    new_namespaces()?;
+    change_root(&root)?;
+    drop_privileges(jail)?;
+    check_confined(jail)
+}
 
-    // 1. Namespaces.
+/// Step 1: new mount, network and IPC namespaces, every mount made private.
+fn new_namespaces() -> Result<(), JailError> {
     // SAFETY: unshare and mount take no pointers but the NUL-terminated "/" and
     // NULLs, which mount(2) accepts for MS_PRIVATE propagation changes.
     unsafe {
@@ -148,10 +155,12 @@ pub fn enter(jail: &JailConfig) -> Result<(), JailError> {
                 libc::MS_REC | libc::MS_PRIVATE,
                 std::ptr::null(),
             ),
-        )?;
+        )
     }
+}
 
-    // 2. The new root.
+/// Step 2: the new root: chroot, `chdir("/")`, umask 077.
+fn change_root(root: &CString) -> Result<(), JailError> {
     // SAFETY: `root` and "/" are NUL-terminated strings that outlive the calls.
     unsafe {
         step("chroot", libc::chroot(root.as_ptr()))?;
@@ -159,9 +168,13 @@ pub fn enter(jail: &JailConfig) -> Result<(), JailError> {
         step("chdir(/)", libc::chdir(c"/".as_ptr()))?;
         libc::umask(0o077);
     }
+    Ok(())
+}
 
-    // 3. Credentials: groups and gid while still root, then the bounding set
-    // (CAP_SETPCAP), then the uid, which drops every remaining capability.
+/// Step 3: credentials: groups and gid while still root, then the bounding set
+/// (CAP_SETPCAP), then the uid, which drops every remaining capability; the
+/// inheritable ones explicitly, and `no_new_privs`.
+fn drop_privileges(jail: &JailConfig) -> Result<(), JailError> {
     // SAFETY: setgroups with a count of 0 reads no memory; the set*id calls and
     // prctl take integers only.
     unsafe {
@@ -196,9 +209,12 @@ pub fn enter(jail: &JailConfig) -> Result<(), JailError> {
     // SAFETY: prctl with integer arguments only.
     step("no_new_privs", unsafe {
         libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    })?;
+    })
+}
 
-    // 4. Checks.
+/// Step 4: checks: the ids are the given ones, no capability is left, and root
+/// cannot be regained.
+fn check_confined(jail: &JailConfig) -> Result<(), JailError> {
     let (mut r, mut e, mut s) = (0, 0, 0);
     // SAFETY: the three out-pointers are valid locals.
     step("getresuid", unsafe {
@@ -252,7 +268,8 @@ mod tests {
         let mut root_uid = jail();
         root_uid.uid = 0;
         let e = enter(&root_uid).unwrap_err();
-        assert!(e.to_string().contains("jail.uid must not be 0"), "{e}");
+        let text = crate::error_chain(&e);
+        assert!(text.contains("jail.uid must not be 0"), "{text}");
         assert!(!entered());
         assert_ne!(std::env::current_dir().unwrap(), Path::new("/"));
         tx.send(()).unwrap();

@@ -19,30 +19,30 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 /// Errors from KVM ioctls.
 #[derive(Debug, thiserror::Error)]
 pub enum KvmError {
-    #[error("opening /dev/kvm: {0}")]
-    Open(kvm_ioctls::Error),
+    #[error("opening /dev/kvm")]
+    Open(#[source] kvm_ioctls::Error),
     #[error("KVM API version {0} is not 12")]
     ApiVersion(i32),
-    #[error("creating the VM: {0}")]
-    CreateVm(kvm_ioctls::Error),
-    #[error("enabling the split irqchip: {0}")]
-    SplitIrqchip(kvm_ioctls::Error),
-    #[error("creating the in-kernel irqchip: {0}")]
-    Irqchip(kvm_ioctls::Error),
-    #[error("setting the TSS address: {0}")]
-    Tss(kvm_ioctls::Error),
-    #[error("registering guest memory: {0}")]
-    Memory(kvm_ioctls::Error),
-    #[error("reading supported CPUID: {0}")]
-    SupportedCpuid(kvm_ioctls::Error),
-    #[error("creating vCPU {0}: {1}")]
-    CreateVcpu(u8, kvm_ioctls::Error),
-    #[error("vCPU setup ({0}): {1}")]
-    VcpuSetup(&'static str, kvm_ioctls::Error),
-    #[error("building the MSR list: {0}")]
-    MsrList(vmm_sys_util::fam::Error),
-    #[error("KVM_RUN: {0}")]
-    Run(kvm_ioctls::Error),
+    #[error("creating the VM")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("enabling the split irqchip")]
+    SplitIrqchip(#[source] kvm_ioctls::Error),
+    #[error("creating the in-kernel irqchip")]
+    Irqchip(#[source] kvm_ioctls::Error),
+    #[error("setting the TSS address")]
+    Tss(#[source] kvm_ioctls::Error),
+    #[error("registering guest memory")]
+    Memory(#[source] kvm_ioctls::Error),
+    #[error("reading supported CPUID")]
+    SupportedCpuid(#[source] kvm_ioctls::Error),
+    #[error("creating vCPU {0}")]
+    CreateVcpu(u8, #[source] kvm_ioctls::Error),
+    #[error("vCPU setup ({0})")]
+    VcpuSetup(&'static str, #[source] kvm_ioctls::Error),
+    #[error("building the MSR list")]
+    MsrList(#[source] vmm_sys_util::fam::Error),
+    #[error("KVM_RUN")]
+    Run(#[source] kvm_ioctls::Error),
 }
 
 /// Which interrupt controller layout a VM gets.
@@ -65,11 +65,18 @@ pub fn hypervisor_name() -> &'static str {
     }
 }
 
-/// A VM: one KVM VM file descriptor.
+/// A VM: one KVM VM file descriptor, and the guest memory registered with it.
+///
+/// The VM owns that memory so that KVM never keeps a slot on an unmapped
+/// range: other handles ([`Interrupts`], [`Vcpu`]) keep the kernel's VM alive
+/// after this value is gone, so `Drop` deletes the slots before the memory is
+/// released (a struct's `drop` runs before its fields are dropped).
 #[derive(Debug)]
 pub struct Vm {
     kvm: Kvm,
     fd: Arc<VmFd>,
+    /// Registered guest memory and the number of slots it occupies (0 to n-1).
+    memory: Option<(Arc<GuestMemoryMmap>, u32)>,
 }
 
 /// Number of IOAPIC routes reserved for the userspace IOAPIC with a split irqchip.
@@ -107,11 +114,18 @@ impl Vm {
         Ok(Self {
             kvm,
             fd: Arc::new(fd),
+            memory: None,
         })
     }
 
-    /// Registers every region of `mem` as a KVM memory slot.
-    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), KvmError> {
+    /// Registers every region of `mem` as a KVM memory slot, once per VM. The
+    /// VM keeps `mem` until its slots are deleted (see [`Vm`]).
+    pub fn register_memory(&mut self, mem: Arc<GuestMemoryMmap>) -> Result<(), KvmError> {
+        if self.memory.is_some() {
+            return Err(KvmError::Memory(kvm_ioctls::Error::new(libc::EEXIST)));
+        }
+        // Held from the first slot on, so a failure part-way deletes what was added.
+        let (mem, slots) = self.memory.insert((mem, 0));
         for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -123,9 +137,11 @@ impl Vm {
                 memory_size: region.len(),
                 userspace_addr: host as u64,
             };
-            // SAFETY: the host range belongs to `mem`, which the caller keeps alive for
-            // as long as the VM exists (the Vmm owns both and drops the VM first).
+            // SAFETY: the host range is `region`'s own mapping, and `self.memory`
+            // holds a reference to it from now on: `Drop for Vm` deletes this slot
+            // before that reference goes, and leaks the memory if KVM refuses.
             unsafe { self.fd.set_user_memory_region(r) }.map_err(KvmError::Memory)?;
+            *slots = slot as u32 + 1;
         }
         Ok(())
     }
@@ -151,6 +167,27 @@ impl Vm {
             .create_vcpu(u64::from(id))
             .map_err(|e| KvmError::CreateVcpu(id, e))?;
         Ok(Vcpu { id, fd })
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let Some((mem, slots)) = self.memory.take() else {
+            return;
+        };
+        for slot in 0..slots {
+            let r = kvm_userspace_memory_region {
+                slot,
+                ..Default::default()
+            };
+            // SAFETY: a zero-sized region deletes the slot: KVM is given no memory
+            // and drops its reference to the range registered for that slot.
+            if unsafe { self.fd.set_user_memory_region(r) }.is_err() {
+                // KVM may still map this memory: it must never be unmapped.
+                std::mem::forget(mem);
+                return;
+            }
+        }
     }
 }
 
@@ -358,5 +395,87 @@ impl Vcpu {
             KvmExit::FailEntry(reason, _) => VcpuExit::FailEntry { reason },
             other => VcpuExit::Other(format!("{other:?}")),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{GuestAddress, MemoryRegionAddress};
+
+    const SIZE: usize = 0x10000;
+
+    /// A VM without an irqchip, or None (with a message) when there is no KVM
+    /// and `RUNV_REQUIRE_KVM=1` is not set.
+    fn vm_or_skip(test: &str) -> Option<Vm> {
+        match Vm::new(IrqchipMode::None) {
+            Ok(vm) => Some(vm),
+            Err(e) if std::env::var("RUNV_REQUIRE_KVM").as_deref() != Ok("1") => {
+                eprintln!("{test}: skipping: {e} (set RUNV_REQUIRE_KVM=1 to fail instead)");
+                None
+            }
+            Err(e) => panic!("{test}: KVM is required (RUNV_REQUIRE_KVM=1): {e}"),
+        }
+    }
+
+    fn one_region() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), SIZE)]).unwrap()
+    }
+
+    /// Puts `mem`'s only region in `slot`, at guest address 0.
+    fn set_slot(fd: &VmFd, slot: u32, mem: &GuestMemoryMmap) -> Result<(), kvm_ioctls::Error> {
+        let host = mem
+            .iter()
+            .next()
+            .unwrap()
+            .get_host_address(MemoryRegionAddress(0))
+            .unwrap();
+        let r = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: SIZE as u64,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: callers declare `mem` before every handle of the VM, so it is
+        // unmapped only after the last handle has closed and the VM is gone.
+        unsafe { fd.set_user_memory_region(r) }
+    }
+
+    /// KVM refuses a slot that overlaps another (EEXIST), which shows whether
+    /// the VM still has a slot on the first memory after the `Vm` is dropped
+    /// while another handle keeps the kernel's VM alive.
+    #[test]
+    fn a_dropped_vm_leaves_no_slot_on_its_memory_when_the_memory_goes() {
+        // Declared before every VM handle, so it outlives them (see `set_slot`).
+        let other = one_region();
+        let Some(mut vm) =
+            vm_or_skip("a_dropped_vm_leaves_no_slot_on_its_memory_when_the_memory_goes")
+        else {
+            return;
+        };
+        let mem = Arc::new(one_region());
+        let weak = Arc::downgrade(&mem);
+        vm.register_memory(mem).unwrap();
+        let fd = vm.fd.clone();
+        let e = set_slot(&fd, 7, &other).unwrap_err();
+        assert_eq!(e.errno(), libc::EEXIST, "the registered range is taken");
+
+        drop(vm);
+        assert!(weak.upgrade().is_none(), "the VM's memory is unmapped");
+        set_slot(&fd, 7, &other).expect("no slot is left on the unmapped range");
+    }
+
+    #[test]
+    fn memory_is_registered_once() {
+        let Some(mut vm) = vm_or_skip("memory_is_registered_once") else {
+            return;
+        };
+        vm.register_memory(Arc::new(one_region())).unwrap();
+        let e = vm.register_memory(Arc::new(one_region())).unwrap_err();
+        assert!(
+            matches!(e, KvmError::Memory(ref e) if e.errno() == libc::EEXIST),
+            "{e}"
+        );
     }
 }

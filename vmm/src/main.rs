@@ -210,7 +210,7 @@ fn main() {
         }
         Err(e) => finish(
             Some(&cfg),
-            &ExitRecord::new(ExitReason::VmmError, e.to_string()),
+            &ExitRecord::new(ExitReason::VmmError, runv_vmm::error_chain(&e)),
         ),
     }
 }

@@ -19,8 +19,10 @@ pub enum MemoryError {
     TooLarge(u32),
     #[error("guest memory of {0} MiB is too small for the boot layout")]
     TooSmall(u32),
-    #[error("allocating guest memory: {0}")]
-    Alloc(String),
+    #[error("allocating guest memory")]
+    Alloc(#[source] vm_memory::mmap::FromRangesError),
+    #[error("allocating guest memory: a range does not fit this host's address space")]
+    HostSize(#[source] std::num::TryFromIntError),
 }
 
 pub const GDT_ADDR: u64 = 0x500;
@@ -164,10 +166,10 @@ impl Layout {
             .map(|(start, len)| {
                 usize::try_from(len)
                     .map(|len| (GuestAddress(start), len))
-                    .map_err(|e| MemoryError::Alloc(e.to_string()))
+                    .map_err(MemoryError::HostSize)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError::Alloc(e.to_string()))
+        GuestMemoryMmap::from_ranges(&ranges).map_err(MemoryError::Alloc)
     }
 }
 

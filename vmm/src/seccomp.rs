@@ -18,10 +18,10 @@ use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 /// Errors from compiling or installing a filter.
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
-    #[error("compiling the filter: {0}")]
-    Compile(String),
-    #[error("installing the filter: {0}")]
-    Apply(String),
+    #[error("compiling the filter")]
+    Compile(#[source] seccompiler::Error),
+    #[error("installing the filter")]
+    Apply(#[source] seccompiler::Error),
 }
 
 /// Which thread a filter is for.
@@ -214,16 +214,16 @@ impl Filter {
             SeccompAction::Allow,
             TargetArch::x86_64,
         )
-        .map_err(|e| SeccompError::Compile(e.to_string()))?;
+        .map_err(|e| SeccompError::Compile(e.into()))?;
         let program: BpfProgram = filter
             .try_into()
-            .map_err(|e: seccompiler::BackendError| SeccompError::Compile(e.to_string()))?;
+            .map_err(|e: seccompiler::BackendError| SeccompError::Compile(e.into()))?;
         Ok(Self { program })
     }
 
     /// Installs the filter on the calling thread (and threads it later creates).
     pub fn apply(&self) -> Result<(), SeccompError> {
-        seccompiler::apply_filter(&self.program).map_err(|e| SeccompError::Apply(e.to_string()))
+        seccompiler::apply_filter(&self.program).map_err(SeccompError::Apply)
     }
 }
 

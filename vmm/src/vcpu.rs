@@ -45,25 +45,30 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 }
 
 /// Kicks vCPU threads with a real-time signal so KVM_RUN returns EINTR.
+///
+/// It keeps the threads' join handles: a thread that is neither joined nor
+/// detached keeps its id valid after it returns (a vCPU thread returns once
+/// the VM ends, while others may still kick).
 #[derive(Debug, Default)]
 pub struct SignalKicker {
-    threads: std::sync::Mutex<Vec<libc::pthread_t>>,
+    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl SignalKicker {
-    pub fn add<T>(&self, h: &JoinHandle<T>) {
-        lock(&self.threads).push(h.as_pthread_t());
+    pub fn add(&self, h: JoinHandle<()>) {
+        lock(&self.threads).push(h);
     }
 }
 
 impl Kicker for SignalKicker {
     fn kick_all(&self) {
-        for &t in lock(&self.threads).iter() {
-            // SAFETY: `t` is the pthread id of a vCPU thread we spawned; vCPU threads
-            // are never joined, so the id stays valid for the life of the process. The
-            // signal has a no-op handler installed before any thread starts.
+        for h in lock(&self.threads).iter() {
+            // SAFETY: the id is of a thread we spawned whose handle `self` holds, so
+            // it is never joined or detached and the id stays valid even after the
+            // thread returned. The signal has a no-op handler, installed before any
+            // vCPU thread starts.
             unsafe {
-                libc::pthread_kill(t, SIGRTMIN() + KICK_SIGNAL_OFFSET);
+                libc::pthread_kill(h.as_pthread_t(), SIGRTMIN() + KICK_SIGNAL_OFFSET);
             }
         }
     }
@@ -189,7 +194,7 @@ fn run_loop(mut vcpu: Vcpu, buses: Buses, shared: Arc<Shared>, c: ExitCounters) 
             Err(KvmError::Run(e)) => {
                 Outcome::Exit(ExitReason::InternalError, format!("KVM_RUN failed: {e}"))
             }
-            Err(e) => Outcome::Exit(ExitReason::VmmError, e.to_string()),
+            Err(e) => Outcome::Exit(ExitReason::VmmError, crate::error_chain(&e)),
         };
         match outcome {
             Outcome::Continue => {}
@@ -230,6 +235,7 @@ pub fn spawn(
             if let Err(e) =
                 crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu, seccomp.as_ref())
             {
+                let e = crate::error_chain(&e);
                 shared.request_exit(ExitReason::VmmError, format!("seccomp: {e}"));
                 return;
             }

@@ -7,14 +7,18 @@
 //! no thread exists until after it.
 
 use std::io::Write;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use runv_vmm_api::config::{MAX_VIRTIO_DEVICES, parse_mac};
-use runv_vmm_api::{ExitReason, ExitRecord, VmConfig};
+use runv_vmm_api::{ExitReason, ExitRecord, JailConfig, VmConfig};
+use vm_memory::GuestMemoryMmap;
 
-use crate::boot::{self, EntryKind, acpi, cpu, cpuid, mptable, params};
+use crate::boot::{
+    self, EntryKind, InitrdPlacement, KernelEntry, acpi, cpu, cpuid, mptable, params,
+};
 use crate::control::{self, Facts};
 use crate::counters::Counters;
 use crate::devices::ioapic::{self, Ioapic, IrqLine, Msi, MsiSink};
@@ -26,7 +30,7 @@ use crate::devices::virtio::net::{Net, NetCounters, Tap, TapError};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockCounters, VsockError};
 use crate::devices::{Bus, i8042, lock, power, serial};
-use crate::kvm::{Interrupts, IrqchipMode, KvmError, Vm, hypervisor_name};
+use crate::kvm::{Interrupts, IrqchipMode, KvmError, Vcpu, Vm, hypervisor_name};
 use crate::memory::{Layout, MMIO_SLOT, MMIO_START};
 use crate::seccomp::{Filter, ThreadKind};
 use crate::state::Shared;
@@ -49,22 +53,24 @@ pub enum VmmError {
     Control(#[from] control::ControlError),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
-    #[error("signal handler: {0}")]
-    Signal(vmm_sys_util::errno::Error),
-    #[error("starting a vCPU thread: {0}")]
-    Thread(std::io::Error),
+    #[error("signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("starting a vCPU thread")]
+    Thread(#[source] std::io::Error),
     #[error(transparent)]
     Block(#[from] BlockError),
     #[error(transparent)]
     Vsock(#[from] VsockError),
     #[error(transparent)]
     Tap(#[from] TapError),
-    #[error("config: {0}")]
-    Config(String),
+    #[error("config")]
+    Config(#[source] runv_vmm_api::ConfigError),
+    #[error("config")]
+    AbsolutePaths(#[source] std::io::Error),
     #[error(transparent)]
     Jail(#[from] crate::jail::JailError),
-    #[error("changing to the jail root {0}: {1}")]
-    JailRoot(String, std::io::Error),
+    #[error("changing to the jail root {0}")]
+    JailRoot(String, #[source] std::io::Error),
 }
 
 /// The interrupt controller layout every VM gets (see docs/vmm-boot.md for the
@@ -81,38 +87,89 @@ pub struct Running {
     serial: Arc<Mutex<serial::SerialDevice>>,
     /// Installed on the calling thread by [`Running::wait`].
     main_filter: Option<Filter>,
-    // Kept alive for as long as vCPUs run: KVM maps this memory.
-    _mem: Arc<vm_memory::GuestMemoryMmap>,
+    /// Kept for as long as vCPUs run; it owns the guest memory KVM maps.
     _vm: Vm,
 }
 
 /// Builds the VM, enters its jail when the config has one, and starts its
-/// threads (the vCPUs wait for a `resume` when `startPaused` is set).
+/// threads (the vCPUs wait for a `resume` when `startPaused` is set). Each
+/// numbered step of docs/vmm-boot.md is one function, called in order here.
 pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
-    // A jailed VMM works in its jail root from the start: relative config
-    // paths are resolved first, and the vsock socket is bound by its path
-    // relative to the root, which stays valid inside the jail (where the
-    // device connects to `<udsPath>_<port>` for the guest).
     let absolute;
     let cfg = match &cfg.jail {
         Some(jail) => {
-            absolute = with_absolute_paths(cfg).map_err(|e| VmmError::Config(e.to_string()))?;
-            std::env::set_current_dir(&jail.root)
-                .map_err(|e| VmmError::JailRoot(jail.root.display().to_string(), e))?;
+            absolute = work_in_jail_root(cfg, jail)?;
             &absolute
         }
         None => cfg,
     };
+    // Read before the jail, which hides /sys.
     let hypervisor = hypervisor_name();
-    let shared_counters = Counters::default();
-    // 1. Guest memory.
+    let counters = Counters::default();
+    let (layout, mem, vm) = guest_memory(cfg)?;
+    let loaded = load_kernel_and_initrd(cfg, &mem, &layout)?;
+    let virtio = virtio_devices(cfg, &counters)?;
+    let cmdline_len = write_cmdline(cfg, &mem, virtio.len())?;
+    let boot_info = write_boot_info(cfg, &mem, &layout, &loaded, cmdline_len, virtio.len())?;
+    let vcpus = create_vcpus(cfg, &vm, loaded.kernel, boot_info, hypervisor)?;
+    let shared = Arc::new(Shared::with_counters(vcpus.len(), counters));
+    if cfg.start_paused {
+        shared.start_paused();
+    }
+    let devices = build_devices(cfg, &vm, &mem, &shared, virtio)?;
+    let control = bind_control_and_enter_jail(cfg)?;
+    let facts = Facts {
+        vcpus: cfg.vcpus,
+        memory_mib: cfg.memory_mib,
+        kernel: cfg.kernel.display().to_string(),
+        cmdline: cfg.cmdline.clone(),
+        hypervisor: hypervisor.into(),
+        memory: Some(mem),
+        shutdown_grace: cfg.shutdown_grace(),
+    };
+    let serial = devices.serial.clone();
+    let main_filter = start_threads(cfg, &shared, devices, control.map(|l| (l, facts)), vcpus)?;
+    Ok(Running {
+        shared,
+        serial,
+        main_filter,
+        _vm: vm,
+    })
+}
+
+/// A jailed VMM works in its jail root from the start: relative config paths
+/// are resolved first, and the vsock socket is bound by its path relative to
+/// the root, which stays valid inside the jail (where the device connects to
+/// `<udsPath>_<port>` for the guest). Returns the config with absolute paths.
+fn work_in_jail_root(cfg: &VmConfig, jail: &JailConfig) -> Result<VmConfig, VmmError> {
+    let absolute = with_absolute_paths(cfg).map_err(VmmError::AbsolutePaths)?;
+    std::env::set_current_dir(&jail.root)
+        .map_err(|e| VmmError::JailRoot(jail.root.display().to_string(), e))?;
+    Ok(absolute)
+}
+
+/// Step 1: guest memory, registered with a new VM.
+fn guest_memory(cfg: &VmConfig) -> Result<(Layout, Arc<GuestMemoryMmap>, Vm), VmmError> {
     let layout = Layout::new(cfg.memory_mib)?;
     let mem = Arc::new(layout.allocate()?);
-    let vm = Vm::new(IRQCHIP)?;
-    vm.register_memory(&mem)?;
+    let mut vm = Vm::new(IRQCHIP)?;
+    vm.register_memory(mem.clone())?;
+    Ok((layout, mem, vm))
+}
 
-    // 2. Kernel, 3. initrd and command line.
-    let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
+/// What steps 2 and 3 loaded into guest memory.
+struct Loaded {
+    kernel: KernelEntry,
+    initrd: Option<InitrdPlacement>,
+}
+
+/// Steps 2 and 3 (kernel, initrd).
+fn load_kernel_and_initrd(
+    cfg: &VmConfig,
+    mem: &GuestMemoryMmap,
+    layout: &Layout,
+) -> Result<Loaded, VmmError> {
+    let kernel = boot::load_kernel(mem, &cfg.kernel)?;
     let initrd = match &cfg.initrd {
         Some(p) => {
             let max = kernel
@@ -120,22 +177,40 @@ pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
                 .map(|h| u64::from(h.initrd_addr_max))
                 .filter(|&m| m != 0)
                 .unwrap_or(DEFAULT_INITRD_ADDR_MAX);
-            Some(boot::load_initrd(&mem, &layout, p, max)?)
+            Some(boot::load_initrd(mem, layout, p, max)?)
         }
         None => None,
     };
-    // Device discovery on the command line (kernels with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
-    let virtio = virtio_devices(cfg, &shared_counters)?;
+    Ok(Loaded { kernel, initrd })
+}
+
+/// Step 3: the command line, with one `virtio_mmio.device=` per device (kernels
+/// with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES find them so); returns its length.
+fn write_cmdline(
+    cfg: &VmConfig,
+    mem: &GuestMemoryMmap,
+    virtio_count: usize,
+) -> Result<u64, VmmError> {
     let mut cmdline = cfg.cmdline.clone();
-    for (i, _) in virtio.iter().enumerate() {
+    for i in 0..virtio_count {
         let (addr, irq) = mmio_slot(i);
         cmdline.push_str(&format!(" virtio_mmio.device=4K@{addr:#x}:{irq}"));
     }
-    let cmdline_len = boot::write_cmdline(&mem, cmdline.trim_start())?;
+    Ok(boot::write_cmdline(mem, cmdline.trim_start())?)
+}
 
-    // 4. Boot information and tables.
+/// Step 4: boot information and tables; returns the address the boot vCPU is
+/// handed (`hvm_start_info` or the zero page).
+fn write_boot_info(
+    cfg: &VmConfig,
+    mem: &GuestMemoryMmap,
+    layout: &Layout,
+    loaded: &Loaded,
+    cmdline_len: u64,
+    virtio_count: usize,
+) -> Result<u64, VmmError> {
     let e820 = layout.e820();
-    let acpi_devices: Vec<acpi::MmioDevice> = (0..virtio.len())
+    let acpi_devices: Vec<acpi::MmioDevice> = (0..virtio_count)
         .map(|i| {
             let (addr, irq) = mmio_slot(i);
             acpi::MmioDevice {
@@ -145,22 +220,32 @@ pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
             }
         })
         .collect();
-    let rsdp = acpi::write(&mem, cfg.vcpus, &acpi_devices)?;
+    let rsdp = acpi::write(mem, cfg.vcpus, &acpi_devices)?;
+    let kernel = loaded.kernel;
     let boot_info = match kernel.kind {
-        EntryKind::Pvh => params::write_pvh_start_info(&mem, initrd, &e820, Some(rsdp))?,
+        EntryKind::Pvh => params::write_pvh_start_info(mem, loaded.initrd, &e820, Some(rsdp))?,
         EntryKind::Linux64 => params::write_zero_page(
-            &mem,
+            mem,
             kernel.setup_header,
             cmdline_len,
-            initrd,
+            loaded.initrd,
             &e820,
             Some(rsdp),
         )?,
     };
-    cpu::write_tables(&mem, kernel.kind)?;
-    mptable::write(&mem, cfg.vcpus)?;
+    cpu::write_tables(mem, kernel.kind)?;
+    mptable::write(mem, cfg.vcpus)?;
+    Ok(boot_info)
+}
 
-    // 5. vCPUs: CPUID, MSRs, LAPIC, registers.
+/// Step 5: vCPUs: CPUID, MSRs, LAPIC, and the boot vCPU's registers.
+fn create_vcpus(
+    cfg: &VmConfig,
+    vm: &Vm,
+    kernel: KernelEntry,
+    boot_info: u64,
+    hypervisor: &str,
+) -> Result<Vec<Vcpu>, VmmError> {
     let policy = cpuid::resolve(cfg.cpu_policy, hypervisor);
     let supported = vm.supported_cpuid()?;
     let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
@@ -184,26 +269,41 @@ pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
         }
         vcpus.push(vcpu);
     }
+    Ok(vcpus)
+}
 
-    // Seccomp allowlists, one per thread kind, installed by each thread at its start.
-    let filter = |kind| -> Result<Option<Filter>, VmmError> {
-        Ok(if cfg.seccomp {
-            Some(Filter::for_thread(kind)?)
-        } else {
-            None
-        })
-    };
+/// The seccomp allowlist of one thread kind, when the config asks for
+/// seccomp; each thread installs its own at its start.
+fn seccomp_filter(cfg: &VmConfig, kind: ThreadKind) -> Result<Option<Filter>, VmmError> {
+    Ok(if cfg.seccomp {
+        Some(Filter::for_thread(kind)?)
+    } else {
+        None
+    })
+}
 
-    // 6. Devices.
-    let shared = Arc::new(Shared::with_counters(vcpus.len(), shared_counters));
-    if cfg.start_paused {
-        shared.start_paused();
-    }
+/// The devices of step 6, as the threads of step 8 need them.
+struct Devices {
+    serial: Arc<Mutex<serial::SerialDevice>>,
+    buses: Buses,
+    /// Virtio devices with a host fd, for the host I/O thread.
+    watched: Vec<Watched>,
+}
+
+/// Step 6: devices: the IOAPIC, the serial port, the other port I/O devices and
+/// the virtio-mmio transports.
+fn build_devices(
+    cfg: &VmConfig,
+    vm: &Vm,
+    mem: &Arc<GuestMemoryMmap>,
+    shared: &Shared,
+    virtio: Vec<Box<dyn VirtioDevice>>,
+) -> Result<Devices, VmmError> {
     let sink = serial::SerialSink::open(
         &cfg.serial,
         shared.counters.get("serial_tx_bytes_total"),
         shared.counters.get("serial_dropped_bytes_total"),
-        filter(ThreadKind::Control)?,
+        seccomp_filter(cfg, ThreadKind::Control)?,
     )?;
     let ioapic = Arc::new(Mutex::new(Ioapic::new(Box::new(KvmMsiSink {
         irq: vm.interrupts(),
@@ -214,6 +314,26 @@ pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
         sink,
         IrqLine::new(ioapic.clone(), serial::COM1_IRQ),
     )));
+    let pio = port_io_bus(shared, &serial, &ioapic)?;
+    let (mmio, watched) = mmio_bus(mem, shared, &ioapic, virtio)?;
+    Ok(Devices {
+        serial,
+        buses: Buses {
+            pio,
+            mmio,
+            ioapic: Some(ioapic),
+        },
+        watched,
+    })
+}
+
+/// The port I/O bus: COM1, the i8042, ACPI sleep control and GED events
+/// (whose power button raises its IOAPIC line), pvpanic.
+fn port_io_bus(
+    shared: &Shared,
+    serial: &Arc<Mutex<serial::SerialDevice>>,
+    ioapic: &Arc<Mutex<Ioapic>>,
+) -> Result<Bus, VmmError> {
     let mut pio = Bus::new();
     pio.insert(serial::COM1_BASE, serial::COM1_LEN, serial.clone())?;
     pio.insert(
@@ -221,24 +341,30 @@ pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
         i8042::I8042_LEN,
         Arc::new(Mutex::new(i8042::I8042)),
     )?;
+    let button = &shared.power_button;
     pio.insert(
         power::SLEEP_CTL_PORT,
         power::SLEEP_CTL_LEN,
-        Arc::new(Mutex::new(power::SleepControl::new(
-            shared.power_button.clone(),
-        ))),
+        Arc::new(Mutex::new(power::SleepControl::new(button.clone()))),
     )?;
     pio.insert(
         power::GED_EVENT_PORT,
         power::GED_EVENT_LEN,
-        Arc::new(Mutex::new(power::GedEvents::new(
-            shared.power_button.clone(),
-        ))),
+        Arc::new(Mutex::new(power::GedEvents::new(button.clone()))),
     )?;
-    shared
-        .power_button
-        .connect(IrqLine::new(ioapic.clone(), power::GED_GSI as usize));
+    button.connect(IrqLine::new(ioapic.clone(), power::GED_GSI as usize));
     pio.insert(power::PVPANIC_PORT, 1, Arc::new(Mutex::new(power::PvPanic)))?;
+    Ok(pio)
+}
+
+/// The MMIO bus: the IOAPIC and one virtio-mmio transport per device, in
+/// slot order; also returns the transports whose device has a host fd.
+fn mmio_bus(
+    mem: &Arc<GuestMemoryMmap>,
+    shared: &Shared,
+    ioapic: &Arc<Mutex<Ioapic>>,
+    virtio: Vec<Box<dyn VirtioDevice>>,
+) -> Result<(Bus, Vec<Watched>), VmmError> {
     let mut mmio = Bus::new();
     mmio.insert(ioapic::IOAPIC_BASE, ioapic::IOAPIC_LEN, ioapic.clone())?;
     let mut watched = Vec::new();
@@ -263,14 +389,12 @@ pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
         }
         mmio.insert(addr, MMIO_SLOT, transport)?;
     }
-    let buses = Buses {
-        pio,
-        mmio,
-        ioapic: Some(ioapic),
-    };
+    Ok((mmio, watched))
+}
 
-    // 7. Control socket (bound), then the jail: from here on the process
-    // opens nothing on the host.
+/// Step 7: the control socket (bound), then the jail: from here on the process
+/// opens nothing on the host.
+fn bind_control_and_enter_jail(cfg: &VmConfig) -> Result<Option<UnixListener>, VmmError> {
     let control = cfg
         .control_socket
         .as_deref()
@@ -279,43 +403,37 @@ pub fn start(cfg: &VmConfig) -> Result<Running, VmmError> {
     if let Some(jail) = &cfg.jail {
         crate::jail::enter(jail)?;
     }
+    Ok(control)
+}
 
-    // 8. Threads: serial socket acceptor, control socket, host I/O, vCPUs.
-    lock(&serial).start()?;
-    if let Some(listener) = control {
-        control::serve(
-            listener,
-            shared.clone(),
-            Facts {
-                vcpus: cfg.vcpus,
-                memory_mib: cfg.memory_mib,
-                kernel: cfg.kernel.display().to_string(),
-                cmdline: cfg.cmdline.clone(),
-                hypervisor: hypervisor.into(),
-                memory: Some(mem.clone()),
-                shutdown_grace: cfg.shutdown_grace(),
-            },
-            filter(ThreadKind::Control)?,
-        )?;
+/// Step 8: threads: serial socket acceptor, control socket, host I/O, vCPUs.
+/// Returns the main thread's seccomp filter, for [`Running::wait`].
+fn start_threads(
+    cfg: &VmConfig,
+    shared: &Arc<Shared>,
+    devices: Devices,
+    control: Option<(UnixListener, Facts)>,
+    vcpus: Vec<Vcpu>,
+) -> Result<Option<Filter>, VmmError> {
+    lock(&devices.serial).start()?;
+    if let Some((listener, facts)) = control {
+        let filter = seccomp_filter(cfg, ThreadKind::Control)?;
+        control::serve(listener, shared.clone(), facts, filter)?;
     }
-    io_thread::spawn(watched, shared.clone(), filter(ThreadKind::Io)?).map_err(VmmError::Thread)?;
-    let main_filter = filter(ThreadKind::Main)?;
-    let vcpu_filter = filter(ThreadKind::Vcpu)?;
+    let io_filter = seccomp_filter(cfg, ThreadKind::Io)?;
+    io_thread::spawn(devices.watched, shared.clone(), io_filter).map_err(VmmError::Thread)?;
+    let main_filter = seccomp_filter(cfg, ThreadKind::Main)?;
+    let vcpu_filter = seccomp_filter(cfg, ThreadKind::Vcpu)?;
     vcpu::install_kick_handler().map_err(VmmError::Signal)?;
     let kicker = Arc::new(SignalKicker::default());
     shared.set_kicker(kicker.clone());
     for v in vcpus {
-        let h = vcpu::spawn(v, buses.clone(), shared.clone(), vcpu_filter.clone())
-            .map_err(VmmError::Thread)?;
-        kicker.add(&h);
+        let buses = devices.buses.clone();
+        let h =
+            vcpu::spawn(v, buses, shared.clone(), vcpu_filter.clone()).map_err(VmmError::Thread)?;
+        kicker.add(h);
     }
-    Ok(Running {
-        shared,
-        serial,
-        main_filter,
-        _mem: mem,
-        _vm: vm,
-    })
+    Ok(main_filter)
 }
 
 impl Running {
@@ -324,8 +442,10 @@ impl Running {
     /// installs the main thread's seccomp filter first.
     pub fn wait(&self, mut stop: impl FnMut() -> bool) -> ExitRecord {
         if let Err(e) = crate::seccomp::enter(ThreadKind::Main, self.main_filter.as_ref()) {
-            self.shared
-                .request_exit(ExitReason::VmmError, format!("seccomp: {e}"));
+            self.shared.request_exit(
+                ExitReason::VmmError,
+                format!("seccomp: {}", crate::error_chain(&e)),
+            );
         }
         loop {
             if let Some(r) = self.shared.wait_exit(Duration::from_millis(50)) {
@@ -412,7 +532,7 @@ fn virtio_devices(
     }
     for (i, n) in cfg.net.iter().enumerate() {
         let mac = match &n.mac {
-            Some(m) => parse_mac(m).map_err(|e| VmmError::Config(e.to_string()))?,
+            Some(m) => parse_mac(m).map_err(VmmError::Config)?,
             None => [0x02, 0x72, 0x75, 0x6e, 0x76, i as u8],
         };
         let c = NetCounters {
@@ -434,7 +554,7 @@ fn virtio_devices(
             Some(j) => {
                 let inside = j
                     .inside("vsock.udsPath", &v.uds_path)
-                    .map_err(|e| VmmError::Config(e.to_string()))?;
+                    .map_err(VmmError::Config)?;
                 inside.strip_prefix("/").unwrap_or(&inside).to_owned()
             }
             None => v.uds_path.clone(),

@@ -25,12 +25,12 @@ pub const MAX_MEMORY_MIB: u32 = 64 * 1024;
 /// Errors from reading or validating a [`VmConfig`].
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("invalid JSON: {0}")]
+    #[error("invalid JSON")]
     Json(#[from] serde_json::Error),
     #[error("unsupported apiVersion {found:?}, expected {API_VERSION:?}")]
     ApiVersion { found: String },
@@ -468,7 +468,10 @@ mod tests {
         let e =
             VmConfig::from_json(r#"{"apiVersion":"runv.dev/vmm/v1alpha1","kernel":"/k","cpus":2}"#)
                 .unwrap_err();
-        assert!(e.to_string().contains("unknown field"), "{e}");
+        let ConfigError::Json(json) = &e else {
+            panic!("{e:?}")
+        };
+        assert!(json.to_string().contains("unknown field"), "{json}");
         let e = VmConfig::from_json(
             r#"{"apiVersion":"runv.dev/vmm/v1alpha1","kernel":"/k","vcpus":0}"#,
         )

@@ -32,6 +32,34 @@ pub enum ExitReason {
 }
 
 impl ExitReason {
+    /// Every reason, in declaration order.
+    pub const ALL: [Self; 9] = [
+        Self::PowerOff,
+        Self::Reset,
+        Self::Killed,
+        Self::TripleFault,
+        Self::InternalError,
+        Self::EmulationFailure,
+        Self::GuestPanic,
+        Self::GuestFault,
+        Self::VmmError,
+    ];
+
+    /// The reason's name in the exit record (its serialized form).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::PowerOff => "powerOff",
+            Self::Reset => "reset",
+            Self::Killed => "killed",
+            Self::TripleFault => "tripleFault",
+            Self::InternalError => "internalError",
+            Self::EmulationFailure => "emulationFailure",
+            Self::GuestPanic => "guestPanic",
+            Self::GuestFault => "guestFault",
+            Self::VmmError => "vmmError",
+        }
+    }
+
     /// The process exit code for this reason: 0 for orderly ends.
     pub fn exit_code(self) -> i32 {
         match self {
@@ -83,6 +111,32 @@ mod tests {
             ExitReason::VmmError,
         ] {
             assert_ne!(r.exit_code(), 0, "{r:?}");
+        }
+    }
+
+    /// Where `r` sits in `ALL`; the match has no wildcard, so a new variant
+    /// does not compile until it is given a place.
+    fn position(r: ExitReason) -> usize {
+        match r {
+            ExitReason::PowerOff => 0,
+            ExitReason::Reset => 1,
+            ExitReason::Killed => 2,
+            ExitReason::TripleFault => 3,
+            ExitReason::InternalError => 4,
+            ExitReason::EmulationFailure => 5,
+            ExitReason::GuestPanic => 6,
+            ExitReason::GuestFault => 7,
+            ExitReason::VmmError => 8,
+        }
+    }
+
+    #[test]
+    fn all_lists_every_reason_and_as_str_is_its_serialized_name() {
+        for (i, r) in ExitReason::ALL.into_iter().enumerate() {
+            assert_eq!(position(r), i, "{r:?}");
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(json, format!("\"{}\"", r.as_str()));
+            assert_eq!(serde_json::from_str::<ExitReason>(&json).unwrap(), r);
         }
     }
 

@@ -206,9 +206,7 @@ pub fn write(mem: &GuestMemoryMmap, cpus: u8, devices: &[MmioDevice]) -> Result<
     let tables = build(ACPI_ADDR, cpus, devices);
     for (addr, bytes) in &tables {
         if addr + bytes.len() as u64 > HIGH_RAM_START {
-            return Err(BootError::Cmdline(
-                "ACPI tables do not fit below 1 MiB".into(),
-            ));
+            return Err(BootError::AcpiTooLarge);
         }
         mem.write_slice(bytes, GuestAddress(*addr))?;
     }

@@ -27,17 +27,19 @@ use crate::memory::{CMDLINE_ADDR, CMDLINE_MAX, HIGH_RAM_START, Layout};
 /// Errors from loading the kernel, initrd and boot information.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    #[error("opening {0}: {1}")]
-    Open(String, std::io::Error),
-    #[error("loading the kernel: {0}")]
-    Kernel(linux_loader::loader::Error),
+    #[error("opening {0}")]
+    Open(String, #[source] std::io::Error),
+    #[error("loading the kernel")]
+    Kernel(#[source] linux_loader::loader::Error),
     #[error("kernel is neither an ELF nor a bzImage")]
     UnknownFormat,
-    #[error("command line: {0}")]
-    Cmdline(String),
+    #[error("command line")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    #[error("ACPI tables do not fit below 1 MiB")]
+    AcpiTooLarge,
     #[error("initrd of {0} bytes does not fit in guest memory")]
     InitrdTooLarge(u64),
-    #[error("writing boot data to guest memory: {0}")]
+    #[error("writing boot data to guest memory")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
 }
 
@@ -124,15 +126,11 @@ pub fn load_initrd(
 
 /// Validates and writes the NUL-terminated command line at [`CMDLINE_ADDR`].
 pub fn write_cmdline(mem: &GuestMemoryMmap, text: &str) -> Result<u64, BootError> {
-    let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(BootError::Cmdline)?;
     if !text.is_empty() {
-        cmdline
-            .insert_str(text)
-            .map_err(|e| BootError::Cmdline(e.to_string()))?;
+        cmdline.insert_str(text).map_err(BootError::Cmdline)?;
     }
-    let c = cmdline
-        .as_cstring()
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let c = cmdline.as_cstring().map_err(BootError::Cmdline)?;
     let bytes = c.as_bytes_with_nul();
     mem.write_slice(bytes, GuestAddress(CMDLINE_ADDR))?;
     Ok(bytes.len() as u64)

@@ -25,10 +25,10 @@ pub const SINK_BUFFER: usize = 4096;
 /// Errors from opening the serial output.
 #[derive(Debug, thiserror::Error)]
 pub enum SerialError {
-    #[error("opening serial file {0}: {1}")]
-    File(String, io::Error),
-    #[error("listening on serial socket {0}: {1}")]
-    Socket(String, io::Error),
+    #[error("opening serial file {0}")]
+    File(String, #[source] io::Error),
+    #[error("listening on serial socket {0}")]
+    Socket(String, #[source] io::Error),
 }
 
 /// IOAPIC pin of COM1 (ISA IRQ 4, identity-mapped in the MADT and MP table).

@@ -126,9 +126,7 @@ pub fn add_used(
     head: u16,
     len: u32,
 ) -> Result<(), QueueError> {
-    queue
-        .add_used(mem, head, len)
-        .map_err(|e| QueueError::Memory(e.to_string()))
+    queue.add_used(mem, head, len).map_err(QueueError::UsedRing)
 }
 
 #[cfg(test)]
@@ -274,7 +272,10 @@ mod tests {
         let mut q = queue();
         m.write_obj(0u16, GuestAddress(AVAIL + 2)).unwrap();
         m.write_obj(1000u16, GuestAddress(AVAIL + 2)).unwrap();
-        assert_eq!(pop_all(0, &mut q, &m), Err(QueueError::AvailIndex));
+        assert!(matches!(
+            pop_all(0, &mut q, &m),
+            Err(QueueError::AvailIndex)
+        ));
     }
 
     #[test]
@@ -282,6 +283,9 @@ mod tests {
         let m = mem();
         let mut q = queue();
         q.set_desc_table_address(Some(0xfff0_0000), Some(0x10));
-        assert_eq!(pop_all(3, &mut q, &m), Err(QueueError::InvalidQueue(3)));
+        assert!(matches!(
+            pop_all(3, &mut q, &m),
+            Err(QueueError::InvalidQueue(3))
+        ));
     }
 }

@@ -43,7 +43,10 @@ pub fn spawn(
         .name("virtio-io".into())
         .spawn(move || {
             if let Err(e) = crate::seccomp::enter(ThreadKind::Io, seccomp.as_ref()) {
-                shared.request_exit(ExitReason::VmmError, format!("seccomp: {e}"));
+                shared.request_exit(
+                    ExitReason::VmmError,
+                    format!("seccomp: {}", crate::error_chain(&e)),
+                );
                 return;
             }
             run(watched, shared)

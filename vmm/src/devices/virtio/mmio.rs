@@ -205,8 +205,9 @@ impl MmioTransport {
         self.faults.fetch_add(1, Ordering::Relaxed);
         self.status |= STATUS_NEEDS_RESET;
         Some(GuestEvent::DeviceFault(format!(
-            "virtio device type {}: {e}",
-            self.device.device_type()
+            "virtio device type {}: {}",
+            self.device.device_type(),
+            crate::error_chain(&e)
         )))
     }
 

@@ -30,7 +30,7 @@ pub const TYPE_RNG: u32 = 4;
 pub const TYPE_VSOCK: u32 = 19;
 
 /// Errors a guest can cause while a queue is processed.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("queue {0} is not valid (ring addresses outside guest memory or misaligned)")]
     InvalidQueue(usize),
@@ -38,8 +38,10 @@ pub enum QueueError {
     AvailIndex,
     #[error("descriptor chain is malformed: {0}")]
     Malformed(String),
-    #[error("guest memory access failed: {0}")]
-    Memory(String),
+    #[error("guest memory access failed")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+    #[error("guest memory access failed")]
+    UsedRing(#[source] virtio_queue::Error),
 }
 
 /// A virtio device model behind a transport.

@@ -37,8 +37,8 @@ const DEVICE_ID: &[u8] = b"runv-blk";
 /// Errors opening the backing file.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    #[error("opening disk {0}: {1}")]
-    Open(String, std::io::Error),
+    #[error("opening disk {0}")]
+    Open(String, #[source] std::io::Error),
 }
 
 /// Storage behind a block device.
@@ -136,7 +136,7 @@ impl Block {
         if !status.write_only || status.len < 1 {
             return Err(QueueError::Malformed("bad status buffer".into()));
         }
-        let mem_err = |e: vm_memory::GuestMemoryError| QueueError::Memory(e.to_string());
+        let mem_err = QueueError::Memory;
         let kind: u32 = mem.read_obj(head.addr).map_err(mem_err)?;
         let sector: u64 = mem.read_obj(head.addr.unchecked_add(8)).map_err(mem_err)?;
         let mut written = 0u32;

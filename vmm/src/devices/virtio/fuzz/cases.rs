@@ -131,14 +131,30 @@ fn blk_request(kind: u32, sector: u64, len: u32, data_flags: u16) -> Vec<Op> {
     ]
 }
 
-/// The hand-made tricky inputs, by name.
-pub fn tricky() -> Vec<(&'static str, Expect, Scenario)> {
+/// A hand-made case: its name (and seed file's), what it must lead to, the input.
+pub type Case = (&'static str, Expect, Scenario);
+
+/// The hand-made tricky inputs, by name, in a fixed order.
+pub fn tricky() -> Vec<Case> {
+    [
+        good_traffic(),
+        loops_and_long_chains(),
+        wild_addresses_and_rings(),
+        lengths_and_indirect_tables(),
+        ring_indices_and_transport_misuse(),
+        block_and_net_protocol(),
+        vsock_protocol(),
+    ]
+    .concat()
+}
+
+/// Well-formed traffic on every device: the baseline the others break.
+fn good_traffic() -> Vec<Case> {
     use DeviceKind::*;
     use Expect::*;
     let mut out = Vec::new();
     let mut add =
         |name, expect, device, ops: Vec<Op>| out.push((name, expect, scenario(device, ops)));
-
     // Well-formed traffic on every device: the baseline the others break.
     let mut ops = start(&[16]);
     ops.extend(blk_request(1, 2, 1024, 0));
@@ -191,7 +207,16 @@ pub fn tricky() -> Vec<(&'static str, Expect, Scenario)> {
     ops.push(Op::HostConnect { port: 77 });
     ops.push(Op::HostKick { queue: 0 });
     add("vsock-good-connect-rw-reply", Used, Vsock, ops);
+    out
+}
 
+/// Descriptor loops, and chains longer than the queue or a full ring of them.
+fn loops_and_long_chains() -> Vec<Case> {
+    use DeviceKind::*;
+    use Expect::*;
+    let mut out = Vec::new();
+    let mut add =
+        |name, expect, device, ops: Vec<Op>| out.push((name, expect, scenario(device, ops)));
     // Descriptor loops: a self-loop, a two-cycle, and a loop in an indirect table.
     for device in [Block, Rng, Net, Vsock] {
         let q = if device == Net || device == Vsock {
@@ -251,7 +276,16 @@ pub fn tricky() -> Vec<(&'static str, Expect, Scenario)> {
     });
     ops.push(Op::Notify { queue: 1 });
     add("full-ring-twice-net-tx", Used, Net, ops);
+    out
+}
 
+/// Buffers and rings at addresses outside memory, misaligned or overlapping.
+fn wild_addresses_and_rings() -> Vec<Case> {
+    use DeviceKind::*;
+    use Expect::*;
+    let mut out = Vec::new();
+    let mut add =
+        |name, expect, device, ops: Vec<Op>| out.push((name, expect, scenario(device, ops)));
     // Addresses past the end of memory, in the hole, straddling edges, wrapping.
     for (name, addr, len) in [
         ("addr-past-end", END, 16),
@@ -321,7 +355,16 @@ pub fn tricky() -> Vec<(&'static str, Expect, Scenario)> {
     ops.extend(kick(0, &[0, 1, 0, 1]));
     ops.extend(kick(0, &[1, 1]));
     add("rings-overlap-and-self-overwrite", Survive, Rng, ops);
+    out
+}
 
+/// Zero and huge lengths, and indirect descriptor tables.
+fn lengths_and_indirect_tables() -> Vec<Case> {
+    use DeviceKind::*;
+    use Expect::*;
+    let mut out = Vec::new();
+    let mut add =
+        |name, expect, device, ops: Vec<Op>| out.push((name, expect, scenario(device, ops)));
     // Zero and huge lengths.
     let mut ops = start(&[16]);
     ops.push(desc(0, 0, u64::MAX, 0, F_WRITE, 0));
@@ -388,7 +431,16 @@ pub fn tricky() -> Vec<(&'static str, Expect, Scenario)> {
     ops.push(desc(0, 0, HI, 0xffff0, F_INDIRECT, 0));
     ops.extend(kick(0, &[0]));
     add("indirect-table-of-65535", Survive, Rng, ops);
+    out
+}
 
+/// Ring indices out of range and misuse of the transport.
+fn ring_indices_and_transport_misuse() -> Vec<Case> {
+    use DeviceKind::*;
+    use Expect::*;
+    let mut out = Vec::new();
+    let mut add =
+        |name, expect, device, ops: Vec<Op>| out.push((name, expect, scenario(device, ops)));
     // Ring indices: heads out of range, an available index far ahead.
     let mut ops = start(&[16]);
     ops.extend(kick(0, &[300, 16, u16::MAX]));
@@ -444,7 +496,16 @@ pub fn tricky() -> Vec<(&'static str, Expect, Scenario)> {
     ops.push(desc(0, 0, BUF, 16, F_WRITE, 0));
     ops.extend(kick(0, &[0]));
     add("transport-misuse-fault-reset-reuse", Survive, Rng, ops);
+    out
+}
 
+/// Block and net protocol errors.
+fn block_and_net_protocol() -> Vec<Case> {
+    use DeviceKind::*;
+    use Expect::*;
+    let mut out = Vec::new();
+    let mut add =
+        |name, expect, device, ops: Vec<Op>| out.push((name, expect, scenario(device, ops)));
     // Block-specific: wrong directions, no status, sector overflow, read-only writes.
     let mut ops = start(&[16]);
     ops.extend(blk_request(0, 0, 512, 0));
@@ -477,7 +538,16 @@ pub fn tricky() -> Vec<(&'static str, Expect, Scenario)> {
     ops.push(desc(1, 0, BUF, 4, 0, 0));
     ops.extend(kick(1, &[0]));
     add("net-frame-too-big-and-short-tx", Used, Net, ops);
+    out
+}
 
+/// Vsock protocol errors and a TX flood.
+fn vsock_protocol() -> Vec<Case> {
+    use DeviceKind::*;
+    use Expect::*;
+    let mut out = Vec::new();
+    let mut add =
+        |name, expect, device, ops: Vec<Op>| out.push((name, expect, scenario(device, ops)));
     // Vsock: a header claiming more payload than its buffers, a short
     // packet, an RX buffer the device may not write, and host data with
     // RX buffers too small to hold a header.

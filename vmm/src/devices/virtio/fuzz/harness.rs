@@ -328,17 +328,7 @@ impl Harness {
             Op::Write { addr, bytes } => {
                 let _ = self.mem.write_slice(bytes, GuestAddress(*addr));
             }
-            Op::Init { features } => self.write_regs(&[
-                (0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER),
-                (0x24, 0),
-                (0x20, *features as u32),
-                (0x24, 1),
-                (0x20, (*features >> 32) as u32),
-                (
-                    0x70,
-                    STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
-                ),
-            ])?,
+            Op::Init { features } => self.init(*features)?,
             Op::Queue {
                 queue,
                 size,
@@ -367,31 +357,8 @@ impl Harness {
                 len,
                 flags,
                 next,
-            } => {
-                if let Some((table, _, _)) = self.rings(*queue) {
-                    let mut d = [0u8; 16];
-                    d[0..8].copy_from_slice(&addr.to_le_bytes());
-                    d[8..12].copy_from_slice(&len.to_le_bytes());
-                    d[12..14].copy_from_slice(&flags.to_le_bytes());
-                    d[14..16].copy_from_slice(&next.to_le_bytes());
-                    let at = table.wrapping_add(u64::from(*index) * 16);
-                    let _ = self.mem.write_slice(&d, GuestAddress(at));
-                }
-            }
-            Op::Publish { queue, heads } => {
-                if let Some((_, avail, size)) = self.rings(*queue) {
-                    let idx_at = GuestAddress(avail.wrapping_add(2));
-                    let idx: u16 = self.mem.read_obj(idx_at).unwrap_or(0);
-                    for (k, h) in heads.iter().enumerate() {
-                        let slot = u64::from(idx.wrapping_add(k as u16) % size);
-                        let at = avail.wrapping_add(4 + 2 * slot);
-                        let _ = self.mem.write_obj(*h, GuestAddress(at));
-                    }
-                    let _ = self
-                        .mem
-                        .write_obj(idx.wrapping_add(heads.len() as u16), idx_at);
-                }
-            }
+            } => self.write_desc(*queue, *index, &descriptor(*addr, *len, *flags, *next)),
+            Op::Publish { queue, heads } => self.publish(*queue, heads),
             Op::AvailIdx { queue, idx } => {
                 if let Some((_, avail, _)) = self.rings(*queue) {
                     let _ = self
@@ -422,36 +389,83 @@ impl Harness {
                 let q = usize::from(*queue);
                 self.run_device(true, |t| t.host_kick(q).err())?;
             }
-            Op::HostData { bytes } => match &mut self.host {
-                Host::Net(inbox) => {
-                    let mut inbox = crate::devices::lock(inbox);
-                    if inbox.len() < 64 {
-                        inbox.push_back(bytes.clone());
-                    }
-                }
-                Host::Vsock(v) => {
-                    v.pump();
-                    for s in &mut v.streams {
-                        let _ = s.write(bytes);
-                    }
-                }
-                Host::None => {}
-            },
-            Op::HostConnect { port } => {
-                if let Host::Vsock(v) = &mut self.host
-                    && v.streams.len() < VsockHost::MAX_STREAMS
-                    && let Ok(mut s) = UnixStream::connect(v.dir.join("v.sock"))
-                {
-                    let _ = s.set_nonblocking(true);
-                    let _ = s.write_all(format!("CONNECT {port}\n").as_bytes());
-                    v.streams.push(s);
-                }
-            }
+            Op::HostData { bytes } => self.host_data(bytes),
+            Op::HostConnect { port } => self.host_connect(*port),
         }
         if let Host::Vsock(v) = &mut self.host {
             v.pump();
         }
         Ok(())
+    }
+
+    /// Feature negotiation up to FEATURES_OK.
+    fn init(&mut self, features: u64) -> Result<(), Violation> {
+        self.write_regs(&[
+            (0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER),
+            (0x24, 0),
+            (0x20, features as u32),
+            (0x24, 1),
+            (0x20, (features >> 32) as u32),
+            (
+                0x70,
+                STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+            ),
+        ])
+    }
+
+    /// Writes descriptor `index` of queue `queue`'s table.
+    fn write_desc(&mut self, queue: u8, index: u16, d: &[u8; 16]) {
+        if let Some((table, _, _)) = self.rings(queue) {
+            let at = table.wrapping_add(u64::from(index) * 16);
+            let _ = self.mem.write_slice(d, GuestAddress(at));
+        }
+    }
+
+    /// Appends `heads` to queue `queue`'s available ring and bumps its index.
+    fn publish(&mut self, queue: u8, heads: &[u16]) {
+        if let Some((_, avail, size)) = self.rings(queue) {
+            let idx_at = GuestAddress(avail.wrapping_add(2));
+            let idx: u16 = self.mem.read_obj(idx_at).unwrap_or(0);
+            for (k, h) in heads.iter().enumerate() {
+                let slot = u64::from(idx.wrapping_add(k as u16) % size);
+                let at = avail.wrapping_add(4 + 2 * slot);
+                let _ = self.mem.write_obj(*h, GuestAddress(at));
+            }
+            let _ = self
+                .mem
+                .write_obj(idx.wrapping_add(heads.len() as u16), idx_at);
+        }
+    }
+
+    /// Host traffic towards the guest: a frame for net, stream bytes for vsock.
+    fn host_data(&mut self, bytes: &[u8]) {
+        match &mut self.host {
+            Host::Net(inbox) => {
+                let mut inbox = crate::devices::lock(inbox);
+                if inbox.len() < 64 {
+                    inbox.push_back(bytes.to_vec());
+                }
+            }
+            Host::Vsock(v) => {
+                v.pump();
+                for s in &mut v.streams {
+                    let _ = s.write(bytes);
+                }
+            }
+            Host::None => {}
+        }
+    }
+
+    /// A host-initiated vsock connection to guest port `port`.
+    fn host_connect(&mut self, port: u32) {
+        if let Host::Vsock(v) = &mut self.host
+            && v.streams.len() < VsockHost::MAX_STREAMS
+            && let Ok(mut s) = UnixStream::connect(v.dir.join("v.sock"))
+        {
+            let _ = s.set_nonblocking(true);
+            let _ = s.write_all(format!("CONNECT {port}\n").as_bytes());
+            v.streams.push(s);
+        }
     }
 
     /// Copies all of guest memory, run by run.
@@ -698,6 +712,16 @@ fn covered(merged: &[(u64, u64)], r: (u64, u64)) -> bool {
 fn overlaps(merged: &[(u64, u64)], r: (u64, u64)) -> bool {
     let i = merged.partition_point(|m| m.1 <= r.0);
     merged.get(i).is_some_and(|m| m.0 < r.1)
+}
+
+/// A split-ring descriptor as guest bytes.
+fn descriptor(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
+    let mut d = [0u8; 16];
+    d[0..8].copy_from_slice(&addr.to_le_bytes());
+    d[8..12].copy_from_slice(&len.to_le_bytes());
+    d[12..14].copy_from_slice(&flags.to_le_bytes());
+    d[14..16].copy_from_slice(&next.to_le_bytes());
+    d
 }
 
 #[cfg(test)]

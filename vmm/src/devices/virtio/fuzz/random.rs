@@ -203,6 +203,33 @@ fn good_chain(r: &mut Prng, device: DeviceKind, q: u8, size: u64) -> Vec<Op> {
 pub fn random_scenario(r: &mut Prng) -> Scenario {
     let device = DeviceKind::ALL[r.below(DeviceKind::ALL.len() as u64) as usize];
     let nq = queue_count(device);
+    let (sizes, mut ops) = random_init(r, nq);
+    let steps = 1 + r.below(40);
+    for _ in 0..steps {
+        let q = r.below(nq) as u8;
+        let size = effective_size(device, q, sizes[usize::from(q)]);
+        if r.chance(35) {
+            ops.extend(good_chain(r, device, q, size));
+            continue;
+        }
+        if r.chance(3) {
+            // The driver resets the device and starts over.
+            ops.push(Op::Reg {
+                offset: 0x70,
+                value: 0,
+                width: 4,
+            });
+            ops.extend(start(&sizes));
+            continue;
+        }
+        ops.push(random_op(r, device, q, size));
+    }
+    Scenario { device, ops }
+}
+
+/// Mostly a proper initialization (features, `nq` queues of random sizes,
+/// DRIVER_OK): the queue sizes asked for, and the operations.
+fn random_init(r: &mut Prng, nq: u64) -> (Vec<u16>, Vec<Op>) {
     let mut sizes = vec![0u16; nq as usize];
     let mut ops = Vec::new();
     if r.chance(95) {
@@ -234,111 +261,110 @@ pub fn random_scenario(r: &mut Prng) -> Scenario {
     if r.chance(95) {
         ops.push(Op::DriverOk);
     }
-    let steps = 1 + r.below(40);
-    for _ in 0..steps {
-        let q = r.below(nq) as u8;
-        // What the transport made of the size: a valid one (a power of two
-        // up to the device's maximum) or, when refused, the maximum.
-        let max = match device {
-            DeviceKind::Rng => 64,
-            DeviceKind::Vsock if q == 2 => 64,
-            _ => 256,
-        };
-        let asked = sizes[usize::from(q)];
-        let size = if asked.is_power_of_two() && asked <= max {
-            asked
-        } else {
-            max
-        };
-        let size = u64::from(size);
-        if r.chance(35) {
-            ops.extend(good_chain(r, device, q, size));
-            continue;
-        }
-        if r.chance(3) {
-            // The driver resets the device and starts over.
-            ops.push(Op::Reg {
-                offset: 0x70,
-                value: 0,
-                width: 4,
-            });
-            ops.extend(start(&sizes));
-            continue;
-        }
-        let op = match r.below(100) {
-            0..=34 => {
-                let flags = if r.chance(90) {
-                    (r.next_u64() as u16)
-                        & (F_NEXT | F_WRITE | F_INDIRECT)
-                        & !(if r.chance(70) { F_INDIRECT } else { 0 })
-                } else {
-                    r.next_u64() as u16
-                };
-                let index = if r.chance(90) {
-                    r.below(size)
-                } else {
-                    r.next_u64()
-                } as u16;
-                let next = if r.chance(85) {
-                    r.below(size)
-                } else {
-                    r.next_u64()
-                } as u16;
-                desc(q, index, address(r), length(r), flags, next)
-            }
-            35..=46 => write(address(r), payload(r, device)),
-            47..=61 => {
-                let n = match r.below(10) {
-                    0 => r.below(MAX_HEADS as u64),
-                    _ => 1 + r.below(4),
-                };
-                let heads = (0..n)
-                    .map(|_| if r.chance(95) { r.below(size) } else { r.next_u64() } as u16)
-                    .collect();
-                Op::Publish { queue: q, heads }
-            }
-            62..=81 => Op::Notify {
-                queue: if r.chance(95) {
-                    u32::from(q)
-                } else {
-                    r.next_u64() as u32
-                },
+    (sizes, ops)
+}
+
+/// What the transport made of the size `asked` for queue `q`: a valid one
+/// (a power of two up to the device's maximum) or, when refused, the maximum.
+fn effective_size(device: DeviceKind, q: u8, asked: u16) -> u64 {
+    let max = match device {
+        DeviceKind::Rng => 64,
+        DeviceKind::Vsock if q == 2 => 64,
+        _ => 256,
+    };
+    let size = if asked.is_power_of_two() && asked <= max {
+        asked
+    } else {
+        max
+    };
+    u64::from(size)
+}
+
+/// One driver or host action other than a good chain or a reset, on queue
+/// `q` of `size` entries.
+fn random_op(r: &mut Prng, device: DeviceKind, q: u8, size: u64) -> Op {
+    match r.below(100) {
+        0..=34 => random_desc(r, q, size),
+        35..=46 => write(address(r), payload(r, device)),
+        47..=61 => random_publish(r, q, size),
+        62..=81 => Op::Notify {
+            queue: if r.chance(95) {
+                u32::from(q)
+            } else {
+                r.next_u64() as u32
             },
-            82..=86 => Op::HostKick { queue: q },
-            87..=91 => Op::HostData {
-                bytes: (0..r.below(1600)).map(|_| r.next_u64() as u8).collect(),
+        },
+        82..=86 => Op::HostKick { queue: q },
+        87..=91 => Op::HostData {
+            bytes: (0..r.below(1600)).map(|_| r.next_u64() as u8).collect(),
+        },
+        92..=93 => Op::HostConnect {
+            port: {
+                let any = r.next_u64() as u32;
+                r.pick(&[VSOCK_SERVICE_PORT, 80, any])
             },
-            92..=93 => Op::HostConnect {
-                port: {
-                    let any = r.next_u64() as u32;
-                    r.pick(&[VSOCK_SERVICE_PORT, 80, any])
-                },
-            },
-            94..=96 => Op::Reg {
-                offset: {
-                    let any = r.below(0x1000) as u16;
-                    r.pick(&[0x30, 0x38, 0x44, 0x50, 0x64, 0x70, 0x80, 0x100, any])
-                },
-                value: if r.chance(50) {
-                    r.below(8)
-                } else {
-                    r.next_u64()
-                },
-                width: r.pick(&[4, 4, 4, 1, 2, 8, 0]),
-            },
-            97 => Op::Read {
-                offset: r.below(0x1000) as u16,
-                width: r.below(9) as u8,
-            },
-            98 => Op::AvailIdx {
-                queue: q,
-                idx: r.next_u64() as u16,
-            },
-            _ => Op::DriverOk,
-        };
-        ops.push(op);
+        },
+        94..=96 => random_reg(r),
+        97 => Op::Read {
+            offset: r.below(0x1000) as u16,
+            width: r.below(9) as u8,
+        },
+        98 => Op::AvailIdx {
+            queue: q,
+            idx: r.next_u64() as u16,
+        },
+        _ => Op::DriverOk,
     }
-    Scenario { device, ops }
+}
+
+/// A descriptor with mostly sane flags and indices, anywhere.
+fn random_desc(r: &mut Prng, q: u8, size: u64) -> Op {
+    let flags = if r.chance(90) {
+        (r.next_u64() as u16)
+            & (F_NEXT | F_WRITE | F_INDIRECT)
+            & !(if r.chance(70) { F_INDIRECT } else { 0 })
+    } else {
+        r.next_u64() as u16
+    };
+    let index = if r.chance(90) {
+        r.below(size)
+    } else {
+        r.next_u64()
+    } as u16;
+    let next = if r.chance(85) {
+        r.below(size)
+    } else {
+        r.next_u64()
+    } as u16;
+    desc(q, index, address(r), length(r), flags, next)
+}
+
+/// A few heads (now and then up to [`MAX_HEADS`]), mostly in range.
+fn random_publish(r: &mut Prng, q: u8, size: u64) -> Op {
+    let n = match r.below(10) {
+        0 => r.below(MAX_HEADS as u64),
+        _ => 1 + r.below(4),
+    };
+    let heads = (0..n)
+        .map(|_| if r.chance(95) { r.below(size) } else { r.next_u64() } as u16)
+        .collect();
+    Op::Publish { queue: q, heads }
+}
+
+/// A register write, mostly to a register that matters.
+fn random_reg(r: &mut Prng) -> Op {
+    Op::Reg {
+        offset: {
+            let any = r.below(0x1000) as u16;
+            r.pick(&[0x30, 0x38, 0x44, 0x50, 0x64, 0x70, 0x80, 0x100, any])
+        },
+        value: if r.chance(50) {
+            r.below(8)
+        } else {
+            r.next_u64()
+        },
+        width: r.pick(&[4, 4, 4, 1, 2, 8, 0]),
+    }
 }
 
 /// Mutates an encoded input the way a byte-level fuzzer does.

@@ -95,7 +95,7 @@ impl Net {
                 let start = frame.len();
                 frame.resize(start + b.len as usize, 0);
                 mem.read_slice(&mut frame[start..], b.addr)
-                    .map_err(|e| QueueError::Memory(e.to_string()))?;
+                    .map_err(QueueError::Memory)?;
             }
             if frame.len() > HDR_LEN && frame.len() - HDR_LEN <= MAX_FRAME {
                 match self.io.send(&frame[HDR_LEN..]) {
@@ -138,7 +138,7 @@ impl Net {
             let n = (b.len as usize).min(left);
             let chunk: Vec<u8> = src.by_ref().take(n).collect();
             mem.write_slice(&chunk, b.addr)
-                .map_err(|e| QueueError::Memory(e.to_string()))?;
+                .map_err(QueueError::Memory)?;
             left -= n;
         }
         Ok(Some(total as u32))

@@ -10,12 +10,12 @@ use std::os::fd::{AsRawFd, RawFd};
 pub enum TapError {
     #[error("tap name {0:?} is empty or longer than 15 bytes")]
     Name(String),
-    #[error("opening /dev/net/tun: {0}")]
-    Open(std::io::Error),
-    #[error("attaching to tap {0}: {1}")]
-    Attach(String, std::io::Error),
-    #[error("bringing tap {0} up: {1}")]
-    Up(String, std::io::Error),
+    #[error("opening /dev/net/tun")]
+    Open(#[source] std::io::Error),
+    #[error("attaching to tap {0}")]
+    Attach(String, #[source] std::io::Error),
+    #[error("bringing tap {0} up")]
+    Up(String, #[source] std::io::Error),
 }
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;

@@ -61,8 +61,7 @@ impl VirtioDevice for Rng {
                 if !getrandom(&mut buf) {
                     break;
                 }
-                mem.write_slice(&buf, b.addr)
-                    .map_err(|e| QueueError::Memory(e.to_string()))?;
+                mem.write_slice(&buf, b.addr).map_err(QueueError::Memory)?;
                 given += n;
             }
             self.bytes.fetch_add(u64::from(given), Ordering::Relaxed);

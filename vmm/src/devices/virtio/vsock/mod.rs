@@ -55,10 +55,10 @@ pub const MAX_CONTROL: usize = 1024;
 /// Errors setting up the device.
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
-    #[error("creating the epoll set: {0}")]
-    Epoll(std::io::Error),
-    #[error("listening on {0}: {1}")]
-    Listen(String, std::io::Error),
+    #[error("creating the epoll set")]
+    Epoll(#[source] std::io::Error),
+    #[error("listening on {0}")]
+    Listen(String, #[source] std::io::Error),
 }
 
 /// Counters.
@@ -421,7 +421,7 @@ impl Vsock {
                 let start = bytes.len();
                 bytes.resize(start + b.len as usize, 0);
                 mem.read_slice(&mut bytes[start..], b.addr)
-                    .map_err(|e| QueueError::Memory(e.to_string()))?;
+                    .map_err(QueueError::Memory)?;
             }
             let hdr: [u8; HDR_LEN] = bytes
                 .get(..HDR_LEN)
@@ -452,7 +452,7 @@ impl Vsock {
             .first()
             .filter(|b| b.write_only && b.len as usize >= HDR_LEN + payload.len())
             .ok_or_else(|| QueueError::Malformed("vsock RX buffer too small".into()))?;
-        let mem_err = |e: vm_memory::GuestMemoryError| QueueError::Memory(e.to_string());
+        let mem_err = QueueError::Memory;
         mem.write_slice(&h.encode(), b.addr).map_err(mem_err)?;
         let at = b
             .addr
