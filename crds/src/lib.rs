@@ -3,8 +3,8 @@
 //!
 //! This crate owns the wire types every component shares (the operator, the
 //! node agent, the test server and users' manifests), the CRD generation, the
-//! condition vocabulary and the offline validation of manifests. It makes no
-//! API calls and has no opinion on how resources are reconciled.
+//! condition vocabulary, the offline validation of manifests, and the retry
+//! policy every controller shares ([`retry`]). It makes no API calls.
 
 #![forbid(unsafe_code)]
 
@@ -13,6 +13,7 @@ pub mod contract;
 pub mod generate;
 pub mod microvm;
 pub mod quantity;
+pub mod retry;
 pub mod secureworkload;
 pub mod validate;
 

@@ -2,9 +2,46 @@
 //! format, named `runv_vm_*` after KubeVirt's `kubevirt_vmi_*`, labelled
 //! `namespace`, `name` and `node`. Rendering is pure: the caller gathers
 //! [`VmSample`]s (process usage, VMM counters, status) and this module formats.
+//! The controller's failed reconciles are counted in [`ReconcileErrors`] and
+//! exported as `runv_agent_reconcile_errors_total`, by reason.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::sync::{Mutex, PoisonError};
+
+/// Failed reconciles of the agent's MicroVM controller, by a short, bounded reason.
+#[derive(Debug, Default)]
+pub struct ReconcileErrors(Mutex<BTreeMap<&'static str, u64>>);
+
+impl ReconcileErrors {
+    /// Counts one failure.
+    pub fn inc(&self, reason: &'static str) {
+        let mut counts = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        *counts.entry(reason).or_insert(0) += 1;
+    }
+
+    /// The counter family in the Prometheus text format, labelled `node`
+    /// and `reason`.
+    pub fn render(&self, node: &str) -> String {
+        let name = "runv_agent_reconcile_errors_total";
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP {name} Failed reconciles of MicroVMs on the node, by reason."
+        );
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let counts = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for (reason, n) in counts.iter() {
+            let _ = writeln!(
+                out,
+                "{name}{{node=\"{}\",reason=\"{}\"}} {n}",
+                escape(node),
+                escape(reason)
+            );
+        }
+        out
+    }
+}
 
 /// What is known of one VM at scrape time.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -189,5 +226,26 @@ mod tests {
         );
         assert!(idle.contains("name=\"a\\\"b\""));
         assert!(!idle.contains("runv_vm_cpu_usage_seconds_total{"));
+    }
+
+    #[test]
+    fn reconcile_errors_are_counted_by_reason() {
+        let errors = ReconcileErrors::default();
+        let empty = errors.render("n1");
+        assert!(empty.contains("# TYPE runv_agent_reconcile_errors_total counter"));
+        assert!(!empty.contains("runv_agent_reconcile_errors_total{"));
+        errors.inc("Api");
+        errors.inc("Api");
+        errors.inc("Cleanup");
+        let text = errors.render("n1");
+        for line in [
+            "runv_agent_reconcile_errors_total{node=\"n1\",reason=\"Api\"} 2",
+            "runv_agent_reconcile_errors_total{node=\"n1\",reason=\"Cleanup\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|x| x == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
     }
 }

@@ -1,5 +1,5 @@
 //! What every reconcile shares: the client, the caches, the placement lock,
-//! the event recorder, metrics and settings.
+//! the event recorder, metrics, the error policy's failure counts and settings.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -9,10 +9,11 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
-use runv_crds::MicroVM;
+use runv_crds::retry::Retry;
+use runv_crds::{MicroVM, SecureWorkload};
 use tokio::sync::{Mutex, watch};
 
 use crate::metrics::Metrics;
@@ -93,6 +94,10 @@ pub struct Context {
     pub lease_missing: std::sync::Mutex<HashMap<String, Timestamp>>,
     /// Whether the Node, Lease and MicroVM caches have been filled.
     pub synced: Synced,
+    /// Failed MicroVM reconciles in a row, for the error policy's backoff.
+    pub microvm_retry: Retry<ObjectRef<MicroVM>>,
+    /// Failed SecureWorkload reconciles in a row, likewise.
+    pub workload_retry: Retry<ObjectRef<SecureWorkload>>,
 }
 
 /// Whether each cache has been filled by its first list, as its watch stream

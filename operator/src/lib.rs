@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod context;
+pub mod fencing;
 pub mod http;
 pub mod metrics;
 pub mod microvm;

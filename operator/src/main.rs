@@ -2,16 +2,19 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use kube::Client;
-use kube_lease_manager::LeaseManagerBuilder;
+use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
+use runv_crds::retry::Chain;
 use runv_operator::context::Config;
 use runv_operator::metrics::Metrics;
 use runv_operator::{http, run};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -48,8 +51,46 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    init_logging(args.log_format);
+    let client = Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API (kubeconfig or in-cluster config)")?;
+    let metrics = Metrics::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let server = tokio::spawn(http::serve(
+        args.http_addr,
+        http::router(metrics.clone(), ready.clone()),
+    ));
+    let (leadership, lost_rx) = if args.leader_elect {
+        Some(Leadership::acquire(&client, &args.namespace, &ready).await?)
+    } else {
+        None
+    }
+    .unzip();
+    let config = Config {
+        lease_namespace: args.namespace,
+        fence_after: Duration::from_secs(args.fence_after_seconds),
+        auto_fence: args.auto_fence,
+        ..Config::default()
+    };
+    let lost = Arc::new(AtomicBool::new(false));
+    let shutdown = shutdown(lost_rx, lost.clone());
+    tokio::select! {
+        () = run::run(client, config, metrics, ready, shutdown) => {}
+        r = server => anyhow::bail!("HTTP server stopped: {r:?}"),
+    }
+    if let Some(leadership) = leadership {
+        leadership.release().await;
+    }
+    if lost.load(Ordering::Relaxed) {
+        anyhow::bail!("lost leadership");
+    }
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    match args.log_format {
+    match format {
         LogFormat::Text => tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
             .with_env_filter(filter)
@@ -62,23 +103,26 @@ async fn main() -> anyhow::Result<()> {
             .with_env_filter(filter)
             .init(),
     }
+}
 
-    let client = Client::try_default()
-        .await
-        .context("cannot reach the Kubernetes API (kubeconfig or in-cluster config)")?;
-    let metrics = Metrics::new();
-    let ready = Arc::new(AtomicBool::new(false));
-    let server = tokio::spawn(http::serve(
-        args.http_addr,
-        http::router(metrics.clone(), ready.clone()),
-    ));
+/// This replica leads: the task that follows the leader-election Lease and
+/// the one that notices when leadership is lost.
+struct Leadership {
+    follower: JoinHandle<()>,
+    task: JoinHandle<Result<LeaseManager, kube_lease_manager::LeaseManagerError>>,
+}
 
-    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut leadership = None;
-    if args.leader_elect {
+impl Leadership {
+    /// Waits until this replica holds the leader-election Lease; the
+    /// receiver hears when it is lost.
+    async fn acquire(
+        client: &Client,
+        namespace: &str,
+        ready: &AtomicBool,
+    ) -> anyhow::Result<(Self, oneshot::Receiver<()>)> {
         let identity = std::env::var("POD_NAME").unwrap_or_else(|_| default_identity());
         let manager = LeaseManagerBuilder::new(client.clone(), "runv-operator")
-            .with_namespace(&args.namespace)
+            .with_namespace(namespace)
             .with_identity(&identity)
             .with_duration(15)
             .with_grace(5)
@@ -89,12 +133,13 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(%identity, "waiting to become the leader");
         // A healthy standby is ready (see http.rs); the leader is ready again
         // once its caches have synced.
-        ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        ready.store(true, Ordering::Relaxed);
         while !*leader.borrow_and_update() {
             leader.changed().await.context("leader election stopped")?;
         }
-        ready.store(false, std::sync::atomic::Ordering::Relaxed);
+        ready.store(false, Ordering::Relaxed);
         tracing::info!("leading");
+        let (lost_tx, lost_rx) = oneshot::channel::<()>();
         // Holds the only receiver of the leadership channel: when it ends, the
         // lease manager releases the Lease.
         let follower = tokio::spawn(async move {
@@ -105,48 +150,42 @@ async fn main() -> anyhow::Result<()> {
             }
             let _ = lost_tx.send(());
         });
-        leadership = Some((follower, task));
-    } else {
-        drop(lost_tx);
+        Ok((Self { follower, task }, lost_rx))
     }
 
-    let config = Config {
-        lease_namespace: args.namespace,
-        fence_after: Duration::from_secs(args.fence_after_seconds),
-        auto_fence: args.auto_fence,
-        ..Config::default()
-    };
-    let lost = Arc::new(AtomicBool::new(false));
-    let lost_flag = lost.clone();
-    let shutdown = async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, shutting down"),
-            _ = terminate() => tracing::info!("terminated, shutting down"),
-            Ok(()) = lost_rx => {
-                tracing::error!("lost leadership, shutting down");
-                lost_flag.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-    };
-    tokio::select! {
-        () = run::run(client, config, metrics, ready, shutdown) => {}
-        r = server => anyhow::bail!("HTTP server stopped: {r:?}"),
-    }
-    if let Some((follower, task)) = leadership {
-        // Release the Lease rather than let it expire, so a standby takes over
-        // at once instead of after the Lease duration.
-        follower.abort();
-        match tokio::time::timeout(Duration::from_secs(5), task).await {
+    /// Releases the Lease rather than let it expire, so a standby takes over
+    /// at once instead of after the Lease duration.
+    async fn release(self) {
+        self.follower.abort();
+        match tokio::time::timeout(Duration::from_secs(5), self.task).await {
             Ok(Ok(Ok(_))) => tracing::info!("leader Lease released"),
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "cannot release the leader Lease"),
+            Ok(Ok(Err(e))) => tracing::warn!(error = %Chain(&e), "cannot release the leader Lease"),
             Ok(Err(e)) => tracing::warn!(error = %e, "leader election task failed"),
             Err(_) => tracing::warn!("timed out releasing the leader Lease"),
         }
     }
-    if lost.load(std::sync::atomic::Ordering::Relaxed) {
-        anyhow::bail!("lost leadership");
+}
+
+/// Resolves on SIGINT, SIGTERM or, if `lost` resolves, lost leadership
+/// (which it records in `lost_flag`).
+async fn shutdown(lost: Option<oneshot::Receiver<()>>, lost_flag: Arc<AtomicBool>) {
+    let lost = async move {
+        // Without leader election nothing is lost.
+        let Some(lost) = lost else {
+            return std::future::pending().await;
+        };
+        if lost.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, shutting down"),
+        _ = terminate() => tracing::info!("terminated, shutting down"),
+        () = lost => {
+            tracing::error!("lost leadership, shutting down");
+            lost_flag.store(true, Ordering::Relaxed);
+        }
     }
-    Ok(())
 }
 
 /// The leader-election identity without `POD_NAME`: the host name and a

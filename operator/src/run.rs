@@ -8,24 +8,26 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, future};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, ReflectHandle, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
+use runv_crds::retry::{Chain, Retry};
 use runv_crds::{MicroVM, SecureWorkload};
+use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, mpsc, watch};
 
-use crate::context::{Assumed, Config, Context, MANAGER, Synced, mark_synced};
+use crate::context::{Assumed, Config, Context, Synced, mark_synced};
 use crate::metrics::Metrics;
-use crate::nodes::AgentLease;
-use crate::workload::reconcile as workload;
-use crate::{microvm, nodes};
+use crate::workload::{claim, reconcile as workload};
+use crate::{fencing, microvm, nodes};
 
 /// Runs the operator until `shutdown` resolves. `ready` becomes true once the
 /// caches have synced.
@@ -37,72 +39,21 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let shutdown = shutdown.shared();
-
     // Each cache reports when its first list is in (see context::Synced).
     let (nodes_synced, nodes_synced_rx) = watch::channel(false);
     let (leases_synced, leases_synced_rx) = watch::channel(false);
     let (vms_synced, vms_synced_rx) = watch::channel(false);
     let (workloads_synced, workloads_synced_rx) = watch::channel(false);
-    let synced = Synced {
-        nodes: nodes_synced_rx,
-        leases: leases_synced_rx,
-        microvms: vms_synced_rx,
-    };
-
-    let (nodes_store, nodes_writer) = reflector::store::<Node>();
-    let node_watch = reflector::reflector(
-        nodes_writer,
-        watcher(
-            Api::<Node>::all(client.clone()),
-            watcher::Config::default().labels(&format!("{}=true", nodes::AGENT_LABEL)),
-        ),
-    )
-    .default_backoff()
-    .inspect(mark_synced(nodes_synced))
-    .applied_objects()
-    .for_each(|r| log_watch_error("Node", r));
-
-    let (leases_store, leases_writer) = reflector::store::<Lease>();
-    let lease_watch = reflector::reflector(
-        leases_writer,
-        watcher(
-            Api::<Lease>::namespaced(client.clone(), &config.lease_namespace),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .inspect(mark_synced(leases_synced))
-    .applied_objects()
-    .for_each(|r| log_watch_error("Lease", r));
-
-    // One watch of MicroVMs feeds the cache and both controllers, without the
-    // managedFields no reconcile reads (they are most of an object's size).
-    let (vm_store, vm_writer) = reflector::store_shared::<MicroVM>(1024);
-    let (Some(for_vms), Some(for_workloads), Some(for_orphans)) = (
-        vm_writer.subscribe(),
-        vm_writer.subscribe(),
-        vm_writer.subscribe(),
-    ) else {
+    let node_filter = watcher::Config::default().labels(&format!("{}=true", nodes::AGENT_LABEL));
+    let (nodes_store, node_watch) =
+        cache("Node", Api::all(client.clone()), node_filter, nodes_synced);
+    let leases = Api::namespaced(client.clone(), &config.lease_namespace);
+    let (leases_store, lease_watch) =
+        cache("Lease", leases, watcher::Config::default(), leases_synced);
+    let Some(vms) = MicroVMWatch::start(&client, vms_synced) else {
         tracing::error!("a shared store always has subscribers");
         return;
     };
-    let vm_watch = watcher(
-        Api::<MicroVM>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(|vm| vm.managed_fields_mut().clear())
-    .reflect_shared(vm_writer)
-    .inspect(mark_synced(vms_synced))
-    .applied_objects()
-    .for_each(|r| log_watch_error("MicroVM", r));
-
-    let (trigger_tx, trigger_rx) = mpsc::channel::<ObjectRef<MicroVM>>(4096);
-    let vm_controller = Controller::for_shared_stream(for_vms, vm_store.clone())
-        .reconcile_on(futures::stream::unfold(trigger_rx, |mut rx| async move {
-            rx.recv().await.map(|r| (r, rx))
-        }))
-        .graceful_shutdown_on(shutdown.clone());
     let reporter = Reporter {
         controller: "runv.dev/operator".into(),
         instance: std::env::var("POD_NAME").ok(),
@@ -111,112 +62,276 @@ pub async fn run(
         client: client.clone(),
         nodes: nodes_store,
         leases: leases_store,
-        microvms: vm_store,
+        microvms: vms.store,
         placer: Mutex::new(Assumed::default()),
         recorder: Recorder::new(client.clone(), reporter),
         metrics,
         config,
         lease_missing: std::sync::Mutex::default(),
-        synced,
+        synced: Synced {
+            nodes: nodes_synced_rx,
+            leases: leases_synced_rx,
+            microvms: vms_synced_rx,
+        },
+        microvm_retry: Retry::default(),
+        workload_retry: Retry::default(),
     });
-
-    // kube-runtime holds a controller only until its own cache is filled; both
-    // controllers also read the Node, Lease and MicroVM caches, so every
-    // reconcile first waits for those (see Context::caches_synced).
-    let vms = vm_controller
-        .run(
-            |vm, ctx: Arc<Context>| async move {
-                if !ctx.caches_synced().await {
-                    return Ok(Action::await_change());
-                }
-                // The copy was read before the wait: reconcile the current one.
-                match ctx.microvms.get(&ObjectRef::from_obj(vm.as_ref())) {
-                    Some(vm) => microvm::reconcile(vm, ctx).await,
-                    None => Ok(Action::await_change()),
-                }
-            },
-            |_vm, err: &microvm::ReconcileError, ctx: Arc<Context>| {
-                tracing::warn!(error = %err, "MicroVM reconcile failed");
-                ctx.metrics.error(microvm::CONTROLLER, err.metric_reason());
-                Action::requeue(Duration::from_secs(5))
-            },
-            ctx.clone(),
-        )
-        .for_each(|_| future::ready(()));
-
-    // A SecureWorkload hears of its own replicas through their ownerReference,
-    // and of an orphan its selector selects through `adopt`, so it adopts it at
-    // once rather than at its next timed requeue.
-    let (adopt_tx, adopt_rx) = mpsc::channel::<ObjectRef<SecureWorkload>>(1024);
-    // The SecureWorkload cache is built here rather than by Controller::new so
-    // that its first list can be noticed without awaiting the store, which
-    // the controller itself awaits (see context::Synced).
-    let (workload_store, workload_writer) = reflector::store::<SecureWorkload>();
-    let workload_watch = watcher(
-        Api::<SecureWorkload>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(workload_writer)
-    .inspect(mark_synced(workloads_synced))
-    .applied_objects();
-    let workload_controller = Controller::for_stream(workload_watch, workload_store)
-        .owns_shared_stream(for_workloads)
-        .reconcile_on(futures::stream::unfold(adopt_rx, |mut rx| async move {
-            rx.recv().await.map(|r| (r, rx))
-        }))
-        .graceful_shutdown_on(shutdown.clone());
-    let workload_store = workload_controller.store();
-    let orphans = {
-        let workloads = workload_store.clone();
-        for_orphans.for_each(move |vm| {
-            let state = workloads.state();
-            for adopter in crate::workload::claim::adopters(&vm, state.iter().map(AsRef::as_ref)) {
-                // A full channel means a reconcile is queued already.
-                let _ = adopt_tx.try_send(adopter);
-            }
-            future::ready(())
-        })
-    };
-    let workloads = workload_controller
-        .run(
-            move |swl, ctx: Arc<Context>| {
-                let store = workload_store.clone();
-                async move {
-                    if !ctx.caches_synced().await {
-                        return Ok(Action::await_change());
-                    }
-                    match store.get(&ObjectRef::from_obj(swl.as_ref())) {
-                        Some(swl) => workload::reconcile(swl, ctx).await,
-                        None => Ok(Action::await_change()),
-                    }
-                }
-            },
-            |_swl, err: &workload::ReconcileError, ctx: Arc<Context>| {
-                tracing::warn!(error = %err, "SecureWorkload reconcile failed");
-                ctx.metrics.error(workload::CONTROLLER, err.metric_reason());
-                Action::requeue(Duration::from_secs(5))
-            },
-            ctx.clone(),
-        )
-        .for_each(|r| log_controller_error("SecureWorkload", r));
-
-    let monitor = monitor(ctx.clone(), workloads_synced_rx, trigger_tx, ready);
-
+    let (trigger, microvms) = microvm_controller(vms.for_vms, ctx.clone(), shutdown.clone());
+    let workloads = WorkloadController::start(
+        &client,
+        vms.for_workloads,
+        vms.for_orphans,
+        workloads_synced,
+        ctx.clone(),
+        shutdown,
+    );
+    let monitor = monitor(ctx, workloads_synced_rx, trigger, ready);
     tokio::select! {
         _ = node_watch => tracing::error!("node watch ended"),
         _ = lease_watch => tracing::error!("lease watch ended"),
-        _ = vm_watch => tracing::error!("MicroVM watch ended"),
-        _ = future::join(vms, workloads) => tracing::info!("controllers stopped"),
+        _ = vms.watch => tracing::error!("MicroVM watch ended"),
+        _ = future::join(microvms, workloads.controller) => tracing::info!("controllers stopped"),
         _ = monitor => tracing::error!("node monitor ended"),
-        _ = orphans => tracing::error!("MicroVM stream for adoption ended"),
+        _ = workloads.orphans => tracing::error!("MicroVM stream for adoption ended"),
     }
 }
 
-/// What the placer's view of the cluster looks like, to notice when it changes.
-/// Per node: agent ready, fenced, cordoned, vCPUs, memory, VMs holding capacity,
-/// and a hash of the labels and taints that nodeSelectors and tolerations read.
-type Fingerprint = BTreeMap<String, (bool, bool, bool, u64, u64, usize, u64)>;
+/// A cache of `api`'s objects that `synced` reports filled, and the watch
+/// that keeps it (to be polled).
+fn cache<K>(
+    kind: &'static str,
+    api: Api<K>,
+    config: watcher::Config,
+    synced: watch::Sender<bool>,
+) -> (Store<K>, BoxFuture<'static, ()>)
+where
+    K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (store, writer) = reflector::store::<K>();
+    let watch = reflector::reflector(writer, watcher(api, config))
+        .default_backoff()
+        .inspect(mark_synced(synced))
+        .applied_objects()
+        .for_each(move |r| log_watch_error(kind, r))
+        .boxed();
+    (store, watch)
+}
+
+/// One watch of MicroVMs that feeds the cache and both controllers, without
+/// the managedFields no reconcile reads (they are most of an object's size).
+struct MicroVMWatch {
+    store: Store<MicroVM>,
+    watch: BoxFuture<'static, ()>,
+    for_vms: ReflectHandle<MicroVM>,
+    for_workloads: ReflectHandle<MicroVM>,
+    for_orphans: ReflectHandle<MicroVM>,
+}
+
+impl MicroVMWatch {
+    fn start(client: &Client, synced: watch::Sender<bool>) -> Option<Self> {
+        let (store, writer) = reflector::store_shared::<MicroVM>(1024);
+        let (for_vms, for_workloads, for_orphans) = (
+            writer.subscribe()?,
+            writer.subscribe()?,
+            writer.subscribe()?,
+        );
+        let watch = watcher(
+            Api::<MicroVM>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .modify(|vm| vm.managed_fields_mut().clear())
+        .reflect_shared(writer)
+        .inspect(mark_synced(synced))
+        .applied_objects()
+        .for_each(|r| log_watch_error("MicroVM", r))
+        .boxed();
+        Some(Self {
+            store,
+            watch,
+            for_vms,
+            for_workloads,
+            for_orphans,
+        })
+    }
+}
+
+/// The MicroVM controller, reconciling also what the monitor sends on the
+/// returned channel.
+fn microvm_controller(
+    vms: ReflectHandle<MicroVM>,
+    ctx: Arc<Context>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> (mpsc::Sender<ObjectRef<MicroVM>>, BoxFuture<'static, ()>) {
+    let (trigger, triggered) = mpsc::channel::<ObjectRef<MicroVM>>(4096);
+    let controller = Controller::for_shared_stream(vms, ctx.microvms.clone())
+        .reconcile_on(receiver_stream(triggered))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile_microvm, microvm_error_policy, ctx)
+        .for_each(|_| future::ready(()))
+        .boxed();
+    (trigger, controller)
+}
+
+/// kube-runtime holds a controller only until its own cache is filled; both
+/// controllers also read the Node, Lease and MicroVM caches, so every
+/// reconcile first waits for those (see Context::caches_synced). The copy
+/// handed in was read before the wait: the current one is reconciled.
+async fn reconcile_microvm(
+    vm: Arc<MicroVM>,
+    ctx: Arc<Context>,
+) -> Result<Action, microvm::ReconcileError> {
+    if !ctx.caches_synced().await {
+        return Ok(Action::await_change());
+    }
+    let key = ObjectRef::from_obj(vm.as_ref());
+    let result = match ctx.microvms.get(&key) {
+        Some(vm) => microvm::reconcile(vm, ctx.clone()).await,
+        None => Ok(Action::await_change()),
+    };
+    if result.is_ok() {
+        ctx.microvm_retry.succeeded(&key);
+    }
+    result
+}
+
+fn microvm_error_policy(
+    vm: Arc<MicroVM>,
+    err: &microvm::ReconcileError,
+    ctx: Arc<Context>,
+) -> Action {
+    ctx.metrics.error(microvm::CONTROLLER, err.metric_reason());
+    retry_after(&ctx.microvm_retry, ObjectRef::from_obj(vm.as_ref()), err)
+}
+
+/// The SecureWorkload controller and the task that wakes it for orphans its
+/// selector selects.
+struct WorkloadController {
+    controller: BoxFuture<'static, ()>,
+    orphans: BoxFuture<'static, ()>,
+}
+
+impl WorkloadController {
+    fn start(
+        client: &Client,
+        owned: ReflectHandle<MicroVM>,
+        orphans: ReflectHandle<MicroVM>,
+        synced: watch::Sender<bool>,
+        ctx: Arc<Context>,
+        shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+    ) -> Self {
+        // A SecureWorkload hears of its own replicas through their
+        // ownerReference, and of an orphan its selector selects through
+        // `adopt`, so it adopts it at once rather than at its next timed requeue.
+        let (adopt, adopt_rx) = mpsc::channel::<ObjectRef<SecureWorkload>>(1024);
+        // The cache is built here rather than by Controller::new so that its
+        // first list can be noticed without awaiting the store, which the
+        // controller itself awaits (see context::Synced).
+        let (store, writer) = reflector::store::<SecureWorkload>();
+        let watch = watcher(
+            Api::<SecureWorkload>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(writer)
+        .inspect(mark_synced(synced))
+        .applied_objects();
+        let controller = Controller::for_stream(watch, store)
+            .owns_shared_stream(owned)
+            .reconcile_on(receiver_stream(adopt_rx))
+            .graceful_shutdown_on(shutdown);
+        let store = controller.store();
+        let workloads = store.clone();
+        let orphans = orphans
+            .for_each(move |vm| {
+                let state = workloads.state();
+                for adopter in claim::adopters(&vm, state.iter().map(AsRef::as_ref)) {
+                    // A full channel means a reconcile is queued already.
+                    let _ = adopt.try_send(adopter);
+                }
+                future::ready(())
+            })
+            .boxed();
+        let controller = controller
+            .run(
+                move |swl, ctx| reconcile_workload(swl, ctx, store.clone()),
+                workload_error_policy,
+                ctx,
+            )
+            .for_each(|r| log_controller_error("SecureWorkload", r))
+            .boxed();
+        Self {
+            controller,
+            orphans,
+        }
+    }
+}
+
+/// As [`reconcile_microvm`], for a SecureWorkload.
+async fn reconcile_workload(
+    swl: Arc<SecureWorkload>,
+    ctx: Arc<Context>,
+    store: Store<SecureWorkload>,
+) -> Result<Action, workload::ReconcileError> {
+    if !ctx.caches_synced().await {
+        return Ok(Action::await_change());
+    }
+    let key = ObjectRef::from_obj(swl.as_ref());
+    let result = match store.get(&key) {
+        Some(swl) => workload::reconcile(swl, ctx.clone()).await,
+        None => Ok(Action::await_change()),
+    };
+    if result.is_ok() {
+        ctx.workload_retry.succeeded(&key);
+    }
+    result
+}
+
+fn workload_error_policy(
+    swl: Arc<SecureWorkload>,
+    err: &workload::ReconcileError,
+    ctx: Arc<Context>,
+) -> Action {
+    ctx.metrics.error(workload::CONTROLLER, err.metric_reason());
+    retry_after(&ctx.workload_retry, ObjectRef::from_obj(swl.as_ref()), err)
+}
+
+/// Logs a failed reconcile and retries the object after its backoff.
+fn retry_after<K: kube::Resource<DynamicType = ()>>(
+    retry: &Retry<ObjectRef<K>>,
+    key: ObjectRef<K>,
+    err: &(dyn std::error::Error + 'static),
+) -> Action {
+    let object = key.to_string();
+    let delay = retry.failed(key);
+    tracing::warn!(%object, error = %Chain(err), retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The stream of what `rx` receives.
+fn receiver_stream<T: Send + 'static>(
+    rx: mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
+}
+
+/// What the placer sees of one node, to notice when it changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct NodeView {
+    agent_ready: bool,
+    fenced: bool,
+    cordoned: bool,
+    vcpus: u64,
+    memory: u64,
+    /// MicroVMs bound to it that hold capacity.
+    used: usize,
+    /// What nodeSelectors and tolerations read (see [`placement_labels_hash`]).
+    labels_hash: u64,
+}
+
+/// The placer's view of the cluster, by node name.
+type Fingerprint = BTreeMap<String, NodeView>;
 
 /// A hash of what placement reads from a node besides capacity and health: its
 /// labels (nodeSelector, tenant) and taints (tolerations).
@@ -275,7 +390,7 @@ async fn monitor(
             let name = node.name_any();
             let lease = lease_of(&ctx, &name);
             let info = nodes::node_info(&node, lease.as_deref(), now);
-            fence(&ctx, &node, lease.as_deref(), now).await;
+            fencing::fence(&ctx, &node, lease.as_deref(), now).await;
             let used = vms
                 .iter()
                 .filter(|vm| {
@@ -285,15 +400,15 @@ async fn monitor(
             names.insert(name.clone());
             fp.insert(
                 name,
-                (
-                    info.agent_ready,
-                    info.fenced,
-                    info.cordoned,
-                    info.vcpus,
-                    info.memory,
+                NodeView {
+                    agent_ready: info.agent_ready,
+                    fenced: info.fenced,
+                    cordoned: info.cordoned,
+                    vcpus: info.vcpus,
+                    memory: info.memory,
                     used,
-                    placement_labels_hash(&node),
-                ),
+                    labels_hash: placement_labels_hash(&node),
+                },
             );
         }
         ctx.forget_missing_leases_except(&names);
@@ -333,7 +448,7 @@ async fn monitor(
 /// first list succeeds no reconcile runs, so the cause must be visible.
 fn log_watch_error<T>(kind: &str, r: Result<T, watcher::Error>) -> future::Ready<()> {
     if let Err(e) = r {
-        tracing::warn!(error = %e, "{kind} watch failed; retrying");
+        tracing::warn!(error = %Chain(&e), "{kind} watch failed; retrying");
     }
     future::ready(())
 }
@@ -346,7 +461,7 @@ fn log_controller_error<T, E: std::error::Error, Q: std::error::Error>(
 ) -> future::Ready<()> {
     match r {
         Err(kube::runtime::controller::Error::QueueError(e)) => {
-            tracing::warn!(error = %e, "{kind} watch failed; retrying");
+            tracing::warn!(error = %Chain(&e), "{kind} watch failed; retrying");
         }
         Err(e) => tracing::debug!(error = %e, "{kind} controller"),
         Ok(_) => {}
@@ -357,95 +472,6 @@ fn log_controller_error<T, E: std::error::Error, Q: std::error::Error>(
 fn lease_of(ctx: &Context, node: &str) -> Option<Arc<Lease>> {
     ctx.leases
         .get(&ObjectRef::new(&nodes::lease_name(node)).within(&ctx.config.lease_namespace))
-}
-
-/// Adds the fencing taint to a node whose agent has been gone longer than the
-/// grace period, and removes it once the agent renews its Lease again. A
-/// missing Lease counts from when this operator first saw the node without
-/// one (or the node's creation, if later), so it gets the same grace.
-///
-/// The taint list is written with the cached Node's resourceVersion as a
-/// precondition: if the Node changed since (someone added a taint), the API
-/// answers 409 and the next round decides again on the fresh copy, rather than
-/// overwriting the other writer's taints.
-async fn fence(ctx: &Context, node: &Node, lease: Option<&Lease>, now: Timestamp) {
-    if !ctx.config.auto_fence {
-        return;
-    }
-    let name = node.name_any();
-    let gone = match nodes::agent_lease(lease, now) {
-        AgentLease::Current => {
-            ctx.lease_found(&name);
-            None
-        }
-        AgentLease::Expired(for_) => {
-            ctx.lease_found(&name);
-            Some(for_)
-        }
-        AgentLease::Missing => Some(ctx.lease_missing_for(node, now)),
-    };
-    let fenced = nodes::is_fenced(node);
-    let mut taints = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.taints.clone())
-        .unwrap_or_default();
-    let (reason, note) = match gone {
-        Some(gone) if !fenced && gone >= ctx.config.fence_after => {
-            taints.push(k8s_openapi::api::core::v1::Taint {
-                key: nodes::FENCED_TAINT.into(),
-                effect: "NoExecute".into(),
-                time_added: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
-                value: None,
-            });
-            (
-                "NodeFenced",
-                format!(
-                    "runv agent gone for more than {}s: node fenced, Always MicroVMs move elsewhere",
-                    ctx.config.fence_after.as_secs()
-                ),
-            )
-        }
-        None if fenced => {
-            taints.retain(|t| t.key != nodes::FENCED_TAINT);
-            (
-                "NodeUnfenced",
-                "runv agent is back: fencing taint removed".to_owned(),
-            )
-        }
-        _ => return,
-    };
-    let patch = serde_json::json!({
-        "metadata": { "resourceVersion": node.resource_version() },
-        "spec": { "taints": taints },
-    });
-    let params = PatchParams {
-        field_manager: Some(MANAGER.into()),
-        ..PatchParams::default()
-    };
-    match Api::<Node>::all(ctx.client.clone())
-        .patch(&name, &params, &Patch::Merge(patch))
-        .await
-    {
-        Ok(_) => {
-            tracing::warn!(node = %name, "{note}");
-            let reference = k8s_openapi::api::core::v1::ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Node".into()),
-                name: Some(name),
-                uid: node.uid(),
-                ..Default::default()
-            };
-            ctx.publish(&reference, EventType::Warning, reason, note, "Fence")
-                .await;
-        }
-        Err(kube::Error::Api(s)) if s.code == 409 => {
-            tracing::debug!(node = %name, "node changed since it was cached; fencing decided again next round");
-        }
-        Err(e) => {
-            tracing::warn!(node = %name, error = %e, "cannot update fencing taint")
-        }
-    }
 }
 
 #[cfg(test)]

@@ -203,6 +203,8 @@ pub fn context_on(
         config: Config::default(),
         synced: crate::context::Synced::already(),
         lease_missing: Mutex::default(),
+        microvm_retry: Default::default(),
+        workload_retry: Default::default(),
     })
 }
 

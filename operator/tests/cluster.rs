@@ -519,36 +519,37 @@ async fn a_restarted_operator_acts_only_once_all_its_caches_are_filled() -> Resu
     );
     let workload_rv = swls.get("web").await?.metadata.resource_version;
 
-    // The new operator gets its MicroVMs after 2 s but its Nodes and Leases only
-    // after 6 s, and its SecureWorkloads at once: a controller that acted on the
-    // caches it has would see bound VMs on missing nodes (and move the Always
-    // ones) and a workload with no replicas (and rewrite its status).
-    let proxy = common::SlowProxy::start(
-        cluster.server.addr(),
-        vec![
-            ("/microvms", Duration::from_secs(2)),
-            ("/nodes", Duration::from_secs(6)),
-            ("/leases", Duration::from_secs(6)),
-        ],
-    )
-    .await?;
-    let started = std::time::Instant::now();
+    // The new operator gets its SecureWorkloads at once, its MicroVMs next and
+    // its Nodes and Leases last: a controller that acted on the caches it has
+    // would see bound VMs on missing nodes (and move the Always ones) and a
+    // workload with no replicas (and rewrite its status).
+    let lists = ["/microvms", "/nodes", "/leases"];
+    let proxy = common::GatedProxy::start(cluster.server.addr(), lists.to_vec()).await?;
     cluster.start_operator(&["--leader-elect=false"], &proxy.kubeconfig)?;
-    cluster.wait_ready(Duration::from_secs(60)).await?;
-    let ready_after = started.elapsed();
-    let released = proxy.released.lock().unwrap().clone();
-    for suffix in ["/nodes", "/leases", "/microvms"] {
-        assert!(
-            released
-                .iter()
-                .any(|(s, at)| *s == suffix && at.duration_since(started) < ready_after),
-            "ready after {ready_after:?} before the {suffix} list was served: {released:?}"
-        );
-    }
-    assert!(
-        ready_after >= Duration::from_secs(6),
-        "ready after {ready_after:?}"
+    let all_asked = || async {
+        let asked = proxy.asked();
+        Ok(lists.iter().all(|l| asked.contains(l)).then_some(()))
+    };
+    eventually(Duration::from_secs(30), "the operator to list", all_asked).await?;
+    let answering = || async { Ok(cluster.readyz().await.ok()) };
+    let code = eventually(Duration::from_secs(30), "/readyz to answer", answering).await?;
+    assert_ne!(code, 200, "ready with none of its lists served");
+    proxy.release("/microvms");
+    let microvms_served = || async { Ok(proxy.served().contains(&"/microvms").then_some(())) };
+    eventually(Duration::from_secs(30), "the MicroVM list", microvms_served).await?;
+    // Give it time to act on the MicroVMs alone, as a broken operator would.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_ne!(
+        cluster.readyz().await?,
+        200,
+        "ready without Nodes and Leases"
     );
+    assert_eq!(snapshot(&vms).await?, before, "acted on MicroVMs alone");
+    proxy.release("/nodes");
+    proxy.release("/leases");
+    cluster.wait_ready(Duration::from_secs(60)).await?;
+    let served = proxy.served();
+    assert!(lists.iter().all(|l| served.contains(l)), "{served:?}");
     // Give it time to act on anything it would act on.
     tokio::time::sleep(Duration::from_secs(8)).await;
     let after = snapshot(&vms).await?;

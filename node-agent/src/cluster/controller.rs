@@ -9,9 +9,11 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::finalizer::{Error as FinalizerError, Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use runv_crds::MicroVM;
+use runv_crds::retry::Chain;
 use serde_json::json;
 
 use super::{Context, FINALIZER, MANAGER, vm_ref};
@@ -21,7 +23,7 @@ use crate::reconcile::{agent_body, agent_status, transitions};
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
     /// An API request failed.
-    #[error("API request failed: {0}")]
+    #[error("API request failed")]
     Api(#[from] kube::Error),
     /// The finalizer helper failed.
     #[error("finalizer: {0}")]
@@ -39,20 +41,44 @@ pub async fn reconcile(vm: Arc<MicroVM>, ctx: Arc<Context>) -> Result<Action, Re
     let ns = vm.namespace().unwrap_or_default();
     let api: Api<MicroVM> = Api::namespaced(ctx.client.clone(), &ns);
     let ctx2 = ctx.clone();
-    finalizer(&api, FINALIZER, vm, |event| async move {
+    let key = ObjectRef::from_obj(vm.as_ref());
+    let action = finalizer(&api, FINALIZER, vm, |event| async move {
         match event {
             Finalizer::Apply(vm) => apply(&vm, &ctx2).await,
             Finalizer::Cleanup(vm) => cleanup(&vm, &ctx2).await,
         }
     })
     .await
-    .map_err(|e| ReconcileError::Finalizer(e.to_string()))
+    .map_err(|e| match e {
+        // The step's own error, so its reason is counted, not "Finalizer".
+        FinalizerError::ApplyFailed(e) | FinalizerError::CleanupFailed(e) => e,
+        e => ReconcileError::Finalizer(e.to_string()),
+    })?;
+    ctx.retry.succeeded(&key);
+    Ok(action)
 }
 
-/// Requeue after a failure.
-pub fn error_policy(_vm: Arc<MicroVM>, err: &ReconcileError, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(error = %err, "reconcile failed");
-    Action::requeue(Duration::from_secs(5))
+/// Counts the failure and retries the VM after its backoff
+/// (`runv_crds::retry`, shared with the operator's controllers).
+pub fn error_policy(vm: Arc<MicroVM>, err: &ReconcileError, ctx: Arc<Context>) -> Action {
+    ctx.errors.inc(err.metric_reason());
+    let key = ObjectRef::from_obj(vm.as_ref());
+    let object = key.to_string();
+    let delay = ctx.retry.failed(key);
+    tracing::warn!(%object, error = %Chain(err), retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+impl ReconcileError {
+    /// A bounded reason for metrics.
+    pub fn metric_reason(&self) -> &'static str {
+        match self {
+            ReconcileError::Api(_) => "Api",
+            ReconcileError::Finalizer(_) => "Finalizer",
+            ReconcileError::Task(_) => "Task",
+            ReconcileError::Cleanup(_) => "Cleanup",
+        }
+    }
 }
 
 async fn apply(vm: &MicroVM, ctx: &Context) -> Result<Action, ReconcileError> {

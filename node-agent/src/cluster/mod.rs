@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 use futures::{FutureExt, StreamExt};
 use kube::api::{Api, ListParams};
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Client, ResourceExt};
+use runv_crds::retry::Retry;
 use runv_crds::{MicroVM, MicroVMStatus};
 
 use crate::metrics::{self, VmSample};
@@ -75,6 +77,10 @@ pub struct Context {
     pub fenced: AtomicBool,
     /// The last status reported per VM, for metrics.
     pub statuses: Mutex<BTreeMap<VmRef, MicroVMStatus>>,
+    /// Failed reconciles in a row per MicroVM, for the error policy's backoff.
+    pub retry: Retry<ObjectRef<MicroVM>>,
+    /// Failed reconciles, by reason, for metrics.
+    pub errors: metrics::ReconcileErrors,
 }
 
 impl std::fmt::Debug for Context {
@@ -208,10 +214,11 @@ async fn serve(ctx: Arc<Context>) -> Result<(), ClusterError> {
                 let ctx = metrics_ctx.clone();
                 async move {
                     let node = ctx.config.node.clone();
-                    let text =
-                        tokio::task::spawn_blocking(move || metrics::render(&node, &samples(&ctx)))
-                            .await
-                            .unwrap_or_default();
+                    let text = tokio::task::spawn_blocking(move || {
+                        metrics::render(&node, &samples(&ctx)) + &ctx.errors.render(&node)
+                    })
+                    .await
+                    .unwrap_or_default();
                     ([("content-type", "text/plain; version=0.0.4")], text)
                 }
             }),
@@ -242,6 +249,8 @@ pub async fn run(
         config,
         fenced: AtomicBool::new(false),
         statuses: Mutex::new(BTreeMap::new()),
+        retry: Retry::default(),
+        errors: metrics::ReconcileErrors::default(),
     });
     // Before reporting ready: nothing runs here that is not bound here.
     collect_orphans(&ctx).await?;

@@ -134,16 +134,45 @@ pub fn release_patch(swl: &SecureWorkload, vm: &MicroVM) -> Value {
 }
 
 /// Why a claim round did not settle every MicroVM.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ClaimError {
     /// A patch lost a race with another write (409): try again soon, from a
     /// fresher cache.
+    #[error("a MicroVM changed while it was being claimed")]
     Conflict,
     /// The fresh read shows the workload being deleted, gone or replaced:
     /// nothing was adopted and nothing more is to be done for it.
-    OwnerGone(String),
+    #[error("SecureWorkload {name} {why}")]
+    OwnerGone {
+        /// The workload.
+        name: String,
+        /// What became of it.
+        why: OwnerGone,
+    },
     /// A request failed.
-    Api(kube::Error),
+    #[error("API request failed")]
+    Api(#[source] kube::Error),
+}
+
+/// What became of a workload that may not adopt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OwnerGone {
+    /// A namesake with this uid replaced it.
+    Replaced(String),
+    /// It is being deleted.
+    Deleting,
+    /// It is gone.
+    Deleted,
+}
+
+impl std::fmt::Display for OwnerGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OwnerGone::Replaced(uid) => write!(f, "was replaced (uid {uid} now)"),
+            OwnerGone::Deleting => f.write_str("is being deleted"),
+            OwnerGone::Deleted => f.write_str("is gone"),
+        }
+    }
 }
 
 /// The outcome of a claim round.
@@ -166,7 +195,7 @@ impl Claimed {
         let rank = |e: &ClaimError| match e {
             ClaimError::Api(_) => 2,
             ClaimError::Conflict => 1,
-            ClaimError::OwnerGone(_) => 0,
+            ClaimError::OwnerGone { .. } => 0,
         };
         if self.error.as_ref().is_none_or(|old| rank(&e) > rank(old)) {
             self.error = Some(e);
@@ -178,18 +207,19 @@ impl Claimed {
 /// and is not being deleted.
 async fn can_adopt(swl: &SecureWorkload, api: &Api<SecureWorkload>) -> Result<(), ClaimError> {
     let name = swl.name_any();
+    let gone = |why| {
+        Err(ClaimError::OwnerGone {
+            name: name.clone(),
+            why,
+        })
+    };
     match api.get(&name).await {
-        Ok(fresh) if fresh.uid() != swl.uid() => Err(ClaimError::OwnerGone(format!(
-            "SecureWorkload {name} was replaced (uid {} now)",
-            fresh.uid().unwrap_or_default()
-        ))),
-        Ok(fresh) if fresh.metadata.deletion_timestamp.is_some() => Err(ClaimError::OwnerGone(
-            format!("SecureWorkload {name} is being deleted"),
-        )),
+        Ok(fresh) if fresh.uid() != swl.uid() => {
+            gone(OwnerGone::Replaced(fresh.uid().unwrap_or_default()))
+        }
+        Ok(fresh) if fresh.metadata.deletion_timestamp.is_some() => gone(OwnerGone::Deleting),
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Err(ClaimError::OwnerGone(format!(
-            "SecureWorkload {name} is gone"
-        ))),
+        Err(kube::Error::Api(s)) if s.code == 404 => gone(OwnerGone::Deleted),
         Err(e) => Err(ClaimError::Api(e)),
     }
 }

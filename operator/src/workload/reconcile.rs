@@ -30,11 +30,16 @@ pub const CONTROLLER: &str = "secureworkload";
 /// How soon a reconcile whose ownerReferences patch lost a race (409) runs again.
 pub const CONFLICT_RETRY: Duration = Duration::from_secs(2);
 
+/// How soon a workload whose rollout is complete is looked at again.
+const SETTLED_RECHECK: Duration = Duration::from_secs(300);
+/// How soon a workload still rolling out is looked at again.
+const ROLLOUT_RECHECK: Duration = Duration::from_secs(10);
+
 /// Why a SecureWorkload reconcile failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
     /// An API request failed.
-    #[error("API request failed: {0}")]
+    #[error("API request failed")]
     Api(#[from] kube::Error),
     /// The object has no namespace (never true for a stored SecureWorkload).
     #[error("SecureWorkload has no namespace")]
@@ -70,13 +75,56 @@ pub fn strategy(swl: &SecureWorkload) -> Result<Strategy, BoundError> {
     }
 }
 
+/// What failed: the reason of the ReplicaFailure condition and its Event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FailureReason {
+    FailedCreate,
+    FailedDelete,
+}
+
+impl FailureReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::FailedCreate => "FailedCreate",
+            FailureReason::FailedDelete => "FailedDelete",
+        }
+    }
+}
+
 /// A failure to create or delete a replica, for the ReplicaFailure condition.
 #[derive(Debug)]
 struct Failure {
-    reason: &'static str,
+    reason: FailureReason,
     message: String,
     /// The API refused the replica itself (invalid template); retrying won't help.
     permanent: bool,
+}
+
+/// A replica that could not be created or deleted.
+#[derive(Debug)]
+struct Refusal {
+    failure: Failure,
+    /// The request's answer never came (rather than a refusal by the API).
+    transport: Option<kube::Error>,
+}
+
+/// What this round's creates and deletes came to.
+#[derive(Debug, Default)]
+struct Outcome {
+    /// The last failure, for the status.
+    failure: Option<Failure>,
+    /// A request whose answer never came: reported like a refusal, the status
+    /// is still written, and the reconcile then fails so that it is retried soon.
+    transport: Option<kube::Error>,
+}
+
+impl Outcome {
+    fn record(&mut self, r: Refusal) {
+        self.failure = Some(r.failure);
+        if r.transport.is_some() {
+            self.transport = r.transport;
+        }
+    }
 }
 
 /// Reconciles one SecureWorkload.
@@ -95,182 +143,349 @@ async fn reconcile_inner(swl: &SecureWorkload, ctx: &Context) -> Result<Action, 
     }
     let ns = swl.namespace().ok_or(ReconcileError::NoNamespace)?;
     let vms: Api<MicroVM> = Api::namespaced(ctx.client.clone(), &ns);
-    let hash = replica::template_hash(swl);
-    let desired = u32::try_from(swl.spec.replicas).unwrap_or(0);
     let swls: Api<SecureWorkload> = Api::namespaced(ctx.client.clone(), &ns);
     let all = ctx.microvms.state();
     // Adopt matching orphans and release what the selector no longer selects
     // before counting; if that did not settle, neither create nor delete on a
     // count that may be wrong (as a ReplicaSet does).
     let claimed = claim::claim(swl, &all, &vms, &swls).await;
-    for name in &claimed.adopted {
-        publish(
-            ctx,
-            swl,
-            EventType::Normal,
-            "Adopted",
-            format!("Adopted MicroVM {name}: it matches the selector and had no controller"),
-        )
-        .await;
-    }
-    for name in &claimed.released {
-        publish(
-            ctx,
-            swl,
-            EventType::Normal,
-            "Released",
-            format!("Released MicroVM {name}: it no longer matches the selector"),
-        )
-        .await;
-    }
+    announce_claims(ctx, swl, &claimed).await;
     match claimed.error {
         None => {}
         Some(ClaimError::Conflict) => return Ok(Action::requeue(CONFLICT_RETRY)),
-        Some(ClaimError::OwnerGone(why)) => {
-            tracing::info!(reason = %why, "adopting nothing");
+        Some(gone @ ClaimError::OwnerGone { .. }) => {
+            tracing::info!(reason = %gone, "adopting nothing");
             return Ok(Action::await_change());
         }
         Some(ClaimError::Api(e)) => return Err(e.into()),
     }
-    let owned = claimed.owned;
+    let hash = replica::template_hash(swl);
+    let desired = u32::try_from(swl.spec.replicas).unwrap_or(0);
+    let views: Vec<plan::Replica> = claimed.owned.iter().map(|vm| replica::view(vm)).collect();
+    let strat = strategy(swl);
+    let outcome = match strat {
+        Ok(strat) => {
+            let step = plan::plan(desired, strat, &hash, &views);
+            carry_out(ctx, swl, &vms, &all, &hash, step).await
+        }
+        Err(_) => Outcome::default(),
+    };
+    let counts = plan::counts(&hash, &views);
+    let done =
+        plan::complete(desired, &counts, &views) && outcome.failure.is_none() && strat.is_ok();
+    let failure = outcome.failure.as_ref();
+    let status = status(swl, &strat, &counts, done, failure, Timestamp::now());
+    if swl.status.as_ref() != Some(&status) {
+        apply_status(&swls, swl, &status).await?;
+    }
+    if let Some(e) = outcome.transport {
+        return Err(e.into());
+    }
+    Ok(Action::requeue(if done {
+        SETTLED_RECHECK
+    } else {
+        ROLLOUT_RECHECK
+    }))
+}
+
+/// Announces the MicroVMs adopted and released this round.
+async fn announce_claims(ctx: &Context, swl: &SecureWorkload, claimed: &claim::Claimed) {
+    for name in &claimed.adopted {
+        let note = format!("Adopted MicroVM {name}: it matches the selector and had no controller");
+        publish(ctx, swl, EventType::Normal, "Adopted", note).await;
+    }
+    for name in &claimed.released {
+        let note = format!("Released MicroVM {name}: it no longer matches the selector");
+        publish(ctx, swl, EventType::Normal, "Released", note).await;
+    }
+}
+
+/// Creates and deletes the replicas `step` asks for, stopping at the first
+/// create and the first delete that fail, and at any unanswered request.
+async fn carry_out(
+    ctx: &Context,
+    swl: &SecureWorkload,
+    vms: &Api<MicroVM>,
+    all: &[Arc<MicroVM>],
+    hash: &str,
+    step: plan::Plan,
+) -> Outcome {
     // Names in use by any MicroVM of the namespace, so a replica never collides.
     let taken: Vec<String> = all
         .iter()
         .filter(|vm| vm.namespace() == swl.namespace())
         .map(|vm| vm.name_any())
         .collect();
-    let views: Vec<plan::Replica> = owned.iter().map(|vm| replica::view(vm)).collect();
-
-    let mut failure = None;
-    // A request whose answer never came: reported like a refusal, the status is
-    // still written, and the reconcile then fails so that it is retried soon.
-    let mut transport = None;
-    let strat = strategy(swl);
-    if let Ok(strat) = strat {
-        let step = plan::plan(desired, strat, &hash, &views);
-        let taken: Vec<&str> = taken.iter().map(String::as_str).collect();
-        let names = replica::free_names(swl, &hash, &taken, step.create as usize);
-        let post = PostParams {
-            field_manager: Some(MANAGER.into()),
-            ..PostParams::default()
-        };
-        for name in names {
-            let (message, permanent) = match vms
-                .create(&post, &replica::replica(swl, &hash, name.clone()))
-                .await
-            {
-                Ok(_) => {
-                    publish(
-                        ctx,
-                        swl,
-                        EventType::Normal,
-                        "SuccessfulCreate",
-                        format!("Created MicroVM {name}"),
-                    )
-                    .await;
-                    continue;
-                }
-                // A cache that lags can propose a name that exists; the next round sees it.
-                Err(kube::Error::Api(s)) if s.code == 409 => continue,
-                Err(kube::Error::Api(s)) => (
-                    format!("cannot create MicroVM {name}: {}", s.message),
-                    matches!(s.code, 400 | 422),
-                ),
-                Err(e) => {
-                    let message = format!("cannot create MicroVM {name}: {e}");
-                    transport = Some(e);
-                    (message, false)
-                }
-            };
-            publish(
-                ctx,
-                swl,
-                EventType::Warning,
-                "FailedCreate",
-                message.clone(),
-            )
-            .await;
-            failure = Some(Failure {
-                reason: "FailedCreate",
-                message,
-                permanent,
-            });
-            break;
-        }
-        for name in step.delete {
-            if transport.is_some() {
-                break;
-            }
-            let message = match vms.delete(&name, &DeleteParams::background()).await {
-                Ok(_) => {
-                    publish(
-                        ctx,
-                        swl,
-                        EventType::Normal,
-                        "SuccessfulDelete",
-                        format!("Deleted MicroVM {name}"),
-                    )
-                    .await;
-                    continue;
-                }
-                Err(kube::Error::Api(s)) if s.code == 404 => continue,
-                Err(kube::Error::Api(s)) => {
-                    format!("cannot delete MicroVM {name}: {}", s.message)
-                }
-                Err(e) => {
-                    let message = format!("cannot delete MicroVM {name}: {e}");
-                    transport = Some(e);
-                    message
-                }
-            };
-            publish(
-                ctx,
-                swl,
-                EventType::Warning,
-                "FailedDelete",
-                message.clone(),
-            )
-            .await;
-            failure = Some(Failure {
-                reason: "FailedDelete",
-                message,
-                permanent: false,
-            });
+    let taken: Vec<&str> = taken.iter().map(String::as_str).collect();
+    let mut out = Outcome::default();
+    for name in replica::free_names(swl, hash, &taken, step.create as usize) {
+        if let Some(refusal) = create_replica(ctx, swl, vms, hash, name).await {
+            out.record(refusal);
             break;
         }
     }
+    for name in step.delete {
+        if out.transport.is_some() {
+            break;
+        }
+        if let Some(refusal) = delete_replica(ctx, swl, vms, name).await {
+            out.record(refusal);
+            break;
+        }
+    }
+    out
+}
 
-    let counts = plan::counts(&hash, &views);
-    let done = plan::complete(desired, &counts, &views) && failure.is_none() && strat.is_ok();
-    let status = status(
-        swl,
-        &strat,
-        &counts,
-        done,
-        failure.as_ref(),
-        Timestamp::now(),
-    );
-    if swl.status.as_ref() != Some(&status) {
-        let body = json!({
-            "apiVersion": SecureWorkload::api_version(&()),
-            "kind": SecureWorkload::kind(&()),
-            "status": status,
-        });
-        swls.patch_status(
-            &swl.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(body),
+/// Creates replica `name`, announcing the outcome; `None` when it exists now.
+async fn create_replica(
+    ctx: &Context,
+    swl: &SecureWorkload,
+    vms: &Api<MicroVM>,
+    hash: &str,
+    name: String,
+) -> Option<Refusal> {
+    let post = PostParams {
+        field_manager: Some(MANAGER.into()),
+        ..PostParams::default()
+    };
+    let (message, permanent, transport) = match vms
+        .create(&post, &replica::replica(swl, hash, name.clone()))
+        .await
+    {
+        Ok(_) => {
+            let note = format!("Created MicroVM {name}");
+            publish(ctx, swl, EventType::Normal, "SuccessfulCreate", note).await;
+            return None;
+        }
+        // A cache that lags can propose a name that exists; the next round sees it.
+        Err(kube::Error::Api(s)) if s.code == 409 => return None,
+        Err(kube::Error::Api(s)) => (
+            format!("cannot create MicroVM {name}: {}", s.message),
+            matches!(s.code, 400 | 422),
+            None,
+        ),
+        Err(e) => (format!("cannot create MicroVM {name}: {e}"), false, Some(e)),
+    };
+    Some(
+        refuse(
+            ctx,
+            swl,
+            FailureReason::FailedCreate,
+            message,
+            permanent,
+            transport,
         )
-        .await?;
+        .await,
+    )
+}
+
+/// Deletes replica `name` in the background, announcing the outcome; `None`
+/// when it is gone or going.
+async fn delete_replica(
+    ctx: &Context,
+    swl: &SecureWorkload,
+    vms: &Api<MicroVM>,
+    name: String,
+) -> Option<Refusal> {
+    let (message, transport) = match vms.delete(&name, &DeleteParams::background()).await {
+        Ok(_) => {
+            let note = format!("Deleted MicroVM {name}");
+            publish(ctx, swl, EventType::Normal, "SuccessfulDelete", note).await;
+            return None;
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => return None,
+        Err(kube::Error::Api(s)) => (format!("cannot delete MicroVM {name}: {}", s.message), None),
+        Err(e) => (format!("cannot delete MicroVM {name}: {e}"), Some(e)),
+    };
+    Some(
+        refuse(
+            ctx,
+            swl,
+            FailureReason::FailedDelete,
+            message,
+            false,
+            transport,
+        )
+        .await,
+    )
+}
+
+/// Announces a failed create or delete and describes it for the status.
+async fn refuse(
+    ctx: &Context,
+    swl: &SecureWorkload,
+    reason: FailureReason,
+    message: String,
+    permanent: bool,
+    transport: Option<kube::Error>,
+) -> Refusal {
+    publish(
+        ctx,
+        swl,
+        EventType::Warning,
+        reason.as_str(),
+        message.clone(),
+    )
+    .await;
+    Refusal {
+        failure: Failure {
+            reason,
+            message,
+            permanent,
+        },
+        transport,
     }
-    if let Some(e) = transport {
-        return Err(e.into());
+}
+
+/// Writes `status` by server-side apply under the operator's field manager.
+async fn apply_status(
+    swls: &Api<SecureWorkload>,
+    swl: &SecureWorkload,
+    status: &SecureWorkloadStatus,
+) -> Result<(), ReconcileError> {
+    let body = json!({
+        "apiVersion": SecureWorkload::api_version(&()),
+        "kind": SecureWorkload::kind(&()),
+        "status": status,
+    });
+    swls.patch_status(
+        &swl.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await?;
+    Ok(())
+}
+
+/// One condition of the status.
+#[derive(Debug)]
+struct Row {
+    type_: &'static str,
+    status: Status,
+    reason: &'static str,
+    message: String,
+}
+
+fn row(type_: &'static str, status: Status, reason: &'static str, message: String) -> Row {
+    Row {
+        type_,
+        status,
+        reason,
+        message,
     }
-    Ok(if done {
-        Action::requeue(Duration::from_secs(300))
+}
+
+/// The conditions for these counts and this round's outcome, by kstatus and
+/// Deployment conventions.
+fn condition_rows(
+    desired: u32,
+    strat: &Result<Strategy, BoundError>,
+    c: &plan::Counts,
+    done: bool,
+    failure: Option<&Failure>,
+) -> [Row; 5] {
+    let [progressing, reconciling] = progress_rows(desired, c, done);
+    let [replica_failure, stalled] = failure_rows(strat, failure);
+    [
+        available_row(desired, strat, c),
+        progressing,
+        reconciling,
+        replica_failure,
+        stalled,
+    ]
+}
+
+/// Available: at least desired − maxUnavailable replicas are.
+fn available_row(desired: u32, strat: &Result<Strategy, BoundError>, c: &plan::Counts) -> Row {
+    let min_available = match strat {
+        Ok(Strategy::Rolling {
+            max_unavailable, ..
+        }) => desired.saturating_sub(*max_unavailable),
+        _ => desired,
+    };
+    let message = format!(
+        "{} of {desired} replicas available (at least {min_available} required)",
+        c.available
+    );
+    if c.available >= min_available {
+        row(
+            cond::AVAILABLE,
+            Status::True,
+            "MinimumReplicasAvailable",
+            message,
+        )
     } else {
-        Action::requeue(Duration::from_secs(10))
-    })
+        row(
+            cond::AVAILABLE,
+            Status::False,
+            "MinimumReplicasUnavailable",
+            message,
+        )
+    }
+}
+
+/// Progressing and Reconciling: whether the rollout is complete.
+fn progress_rows(desired: u32, c: &plan::Counts, done: bool) -> [Row; 2] {
+    let progress = format!(
+        "{} of {desired} replicas on the current template, {} available, {} old",
+        c.updated, c.available, c.old
+    );
+    if done {
+        [
+            row(cond::PROGRESSING, Status::True, "RolloutComplete", progress),
+            row(
+                cond::RECONCILING,
+                Status::False,
+                "RolloutComplete",
+                String::new(),
+            ),
+        ]
+    } else {
+        [
+            row(
+                cond::PROGRESSING,
+                Status::True,
+                "Progressing",
+                progress.clone(),
+            ),
+            row(cond::RECONCILING, Status::True, "Progressing", progress),
+        ]
+    }
+}
+
+/// ReplicaFailure and Stalled: what failed this round, and whether retrying
+/// can help.
+fn failure_rows(strat: &Result<Strategy, BoundError>, failure: Option<&Failure>) -> [Row; 2] {
+    let replica_failure = match failure {
+        Some(f) => row(
+            cond::REPLICA_FAILURE,
+            Status::True,
+            f.reason.as_str(),
+            f.message.clone(),
+        ),
+        None => row(
+            cond::REPLICA_FAILURE,
+            Status::False,
+            "NoFailure",
+            String::new(),
+        ),
+    };
+    let stalled = match (strat, failure) {
+        (Err(e), _) => row(
+            cond::STALLED,
+            Status::True,
+            "InvalidStrategy",
+            e.to_string(),
+        ),
+        (_, Some(f)) if f.permanent => row(
+            cond::STALLED,
+            Status::True,
+            "InvalidTemplate",
+            f.message.clone(),
+        ),
+        _ => row(cond::STALLED, Status::False, "Progressing", String::new()),
+    };
+    [replica_failure, stalled]
 }
 
 /// The status for these counts and this round's outcome.
@@ -284,95 +499,16 @@ fn status(
 ) -> SecureWorkloadStatus {
     let desired = u32::try_from(swl.spec.replicas).unwrap_or(0);
     let generation = swl.metadata.generation;
-    let old = swl.status.clone().unwrap_or_default();
-    let mut conditions = old.conditions;
-    let mut set = |type_: &str, status: Status, reason: &str, message: String| {
-        cond::set_condition(
-            &mut conditions,
-            Update {
-                type_,
-                status,
-                reason,
-                message: &message,
-                observed_generation: generation,
-            },
-            Time(now),
-        );
-    };
-    let min_available = match strat {
-        Ok(Strategy::Rolling {
-            max_unavailable, ..
-        }) => desired.saturating_sub(*max_unavailable),
-        _ => desired,
-    };
-    let avail_msg = format!(
-        "{} of {desired} replicas available (at least {min_available} required)",
-        c.available
-    );
-    if c.available >= min_available {
-        set(
-            cond::AVAILABLE,
-            Status::True,
-            "MinimumReplicasAvailable",
-            avail_msg,
-        );
-    } else {
-        set(
-            cond::AVAILABLE,
-            Status::False,
-            "MinimumReplicasUnavailable",
-            avail_msg,
-        );
-    }
-    let progress = format!(
-        "{} of {desired} replicas on the current template, {} available, {} old",
-        c.updated, c.available, c.old
-    );
-    if done {
-        set(cond::PROGRESSING, Status::True, "RolloutComplete", progress);
-        set(
-            cond::RECONCILING,
-            Status::False,
-            "RolloutComplete",
-            String::new(),
-        );
-    } else {
-        set(
-            cond::PROGRESSING,
-            Status::True,
-            "Progressing",
-            progress.clone(),
-        );
-        set(cond::RECONCILING, Status::True, "Progressing", progress);
-    }
-    match failure {
-        Some(f) => set(
-            cond::REPLICA_FAILURE,
-            Status::True,
-            f.reason,
-            f.message.clone(),
-        ),
-        None => set(
-            cond::REPLICA_FAILURE,
-            Status::False,
-            "NoFailure",
-            String::new(),
-        ),
-    }
-    match (strat, failure) {
-        (Err(e), _) => set(
-            cond::STALLED,
-            Status::True,
-            "InvalidStrategy",
-            e.to_string(),
-        ),
-        (_, Some(f)) if f.permanent => set(
-            cond::STALLED,
-            Status::True,
-            "InvalidTemplate",
-            f.message.clone(),
-        ),
-        _ => set(cond::STALLED, Status::False, "Progressing", String::new()),
+    let mut conditions = swl.status.clone().unwrap_or_default().conditions;
+    for r in condition_rows(desired, strat, c, done, failure) {
+        let update = Update {
+            type_: r.type_,
+            status: r.status,
+            reason: r.reason,
+            message: &r.message,
+            observed_generation: generation,
+        };
+        cond::set_condition(&mut conditions, update, Time(now));
     }
     let count = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
     SecureWorkloadStatus {

@@ -381,18 +381,29 @@ pub async fn wait_bound(api: &Api<MicroVM>, n: usize, limit: Duration) -> Result
 }
 
 /// A TCP proxy in front of the API server that holds back the initial list
-/// (not the watch) of chosen resources, to start the operator with caches
-/// that fill at different times.
-pub struct SlowProxy {
+/// (not the watch) of chosen resources until the test releases it, to start
+/// the operator with caches that fill in a chosen order.
+pub struct GatedProxy {
     /// A kubeconfig pointing at the proxy.
     pub kubeconfig: std::path::PathBuf,
-    /// (path suffix, when the held-back list was let through).
-    pub released: Arc<Mutex<Vec<(&'static str, std::time::Instant)>>>,
+    gates: Arc<Gates>,
     task: tokio::task::JoinHandle<()>,
     _dir: TempDir,
 }
 
-impl Drop for SlowProxy {
+/// The held lists (by path suffix) and what became of them.
+#[derive(Debug)]
+struct Gates {
+    suffixes: Vec<&'static str>,
+    /// The suffixes released so far.
+    open: tokio::sync::watch::Sender<BTreeSet<&'static str>>,
+    /// Lists asked for (and held until released), in order.
+    asked: Mutex<Vec<&'static str>>,
+    /// Lists let through, in order.
+    served: Mutex<Vec<&'static str>>,
+}
+
+impl Drop for GatedProxy {
     fn drop(&mut self) {
         self.task.abort();
     }
@@ -407,48 +418,62 @@ impl Drop for TempDir {
     }
 }
 
-impl SlowProxy {
-    /// Proxies to `upstream`, holding each list whose path ends with one of the
-    /// suffixes (`/nodes`, `/leases`, ...) for its delay.
-    pub async fn start(
-        upstream: std::net::SocketAddr,
-        delays: Vec<(&'static str, Duration)>,
-    ) -> Result<Self> {
+impl GatedProxy {
+    /// Proxies to `upstream`, holding each list whose path ends with one of
+    /// `gated` (`/nodes`, `/leases`, ...) until [`GatedProxy::release`].
+    pub async fn start(upstream: std::net::SocketAddr, gated: Vec<&'static str>) -> Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let dir = std::env::temp_dir().join(format!(
-            "runv-slow-proxy-{}-{}",
+            "runv-gated-proxy-{}-{}",
             std::process::id(),
             addr.port()
         ));
         std::fs::create_dir_all(&dir)?;
         let kubeconfig = dir.join("kubeconfig");
         std::fs::write(&kubeconfig, runv_e2e::kubeconfig(&format!("http://{addr}")))?;
-        let released = Arc::new(Mutex::new(Vec::new()));
-        let log = released.clone();
+        let gates = Arc::new(Gates {
+            suffixes: gated,
+            open: tokio::sync::watch::Sender::new(BTreeSet::new()),
+            asked: Mutex::new(Vec::new()),
+            served: Mutex::new(Vec::new()),
+        });
+        let shared = gates.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
                     continue;
                 };
-                tokio::spawn(forward(client, server, delays.clone(), log.clone()));
+                tokio::spawn(forward(client, server, shared.clone()));
             }
         });
         Ok(Self {
             kubeconfig,
-            released,
+            gates,
             task,
             _dir: TempDir(dir),
         })
     }
+
+    /// Lets the held lists ending with `suffix` through, and any later ones.
+    pub fn release(&self, suffix: &'static str) {
+        self.gates.open.send_modify(|open| {
+            open.insert(suffix);
+        });
+    }
+
+    /// The gated lists asked for so far, in order.
+    pub fn asked(&self) -> Vec<&'static str> {
+        self.gates.asked.lock().unwrap().clone()
+    }
+
+    /// The gated lists let through so far, in order.
+    pub fn served(&self) -> Vec<&'static str> {
+        self.gates.served.lock().unwrap().clone()
+    }
 }
 
-async fn forward(
-    client: tokio::net::TcpStream,
-    server: tokio::net::TcpStream,
-    delays: Vec<(&'static str, Duration)>,
-    released: Arc<Mutex<Vec<(&'static str, std::time::Instant)>>>,
-) {
+async fn forward(client: tokio::net::TcpStream, server: tokio::net::TcpStream, gates: Arc<Gates>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut from_client, mut to_client) = client.into_split();
     let (mut from_server, mut to_server) = server.into_split();
@@ -471,13 +496,14 @@ async fn forward(
             .unwrap_or_default();
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
         if !query.contains("watch=")
-            && let Some((suffix, delay)) = delays.iter().find(|(s, _)| path.ends_with(s))
+            && let Some(suffix) = gates.suffixes.iter().find(|s| path.ends_with(*s))
         {
-            tokio::time::sleep(*delay).await;
-            released
-                .lock()
-                .unwrap()
-                .push((suffix, std::time::Instant::now()));
+            gates.asked.lock().unwrap().push(suffix);
+            let mut open = gates.open.subscribe();
+            if open.wait_for(|open| open.contains(suffix)).await.is_err() {
+                break;
+            }
+            gates.served.lock().unwrap().push(suffix);
         }
         if to_server.write_all(&buf[..n]).await.is_err() {
             break;

@@ -115,24 +115,40 @@ fn rolling_update_surges_then_drains() {
     assert_eq!(p.delete.len(), 1);
 }
 
-/// Simulates a rollout to completion: each step applies the plan, new replicas
-/// become available on the next step. Availability never drops below
-/// desired - maxUnavailable and the total never exceeds desired + maxSurge.
-fn simulate(desired: u32, strategy: Strategy, start: Vec<Replica>) -> usize {
-    let surge = match strategy {
-        Strategy::Rolling { max_surge, .. } => max_surge,
-        Strategy::Recreate => 0,
-    };
+/// What a simulated rollout went through.
+#[derive(Debug)]
+struct Trace {
+    /// Steps until complete.
+    steps: usize,
+    /// Active replicas after each step's creates.
+    totals: Vec<u32>,
+    /// Available replicas after each step's deletes.
+    available: Vec<u32>,
+    /// The replicas at the end.
+    end: Vec<Replica>,
+}
+
+/// Simulates a rollout to template `new`: each step applies the plan, and
+/// every replica is available by the start of the next step. Fails if a step
+/// plans nothing before the rollout is complete, or after 100 steps.
+fn simulate(desired: u32, strategy: Strategy, start: Vec<Replica>) -> Trace {
     let mut state = start;
+    let mut trace = Trace {
+        steps: 0,
+        totals: vec![],
+        available: vec![],
+        end: vec![],
+    };
     let mut next = 0;
     for step in 0..100 {
         for rep in &mut state {
             rep.available = true;
             rep.ready = true;
         }
-        let c = counts("new", &state);
-        if complete(desired, &c, &state) {
-            return step;
+        if complete(desired, &counts("new", &state), &state) {
+            trace.steps = step;
+            trace.end = state;
+            return trace;
         }
         let p = plan(desired, strategy, "new", &state);
         assert!(
@@ -140,89 +156,96 @@ fn simulate(desired: u32, strategy: Strategy, start: Vec<Replica>) -> usize {
             "step {step}: stuck with {state:?}"
         );
         state.retain(|rep| !p.delete.contains(&rep.name));
-        let avail_after_delete = counts("new", &state).available;
-        if let Strategy::Rolling {
-            max_unavailable, ..
-        } = strategy
-        {
-            assert!(
-                avail_after_delete + max_unavailable >= desired,
-                "step {step}: availability dropped to {avail_after_delete}"
-            );
-        }
+        trace.available.push(counts("new", &state).available);
         for _ in 0..p.create {
-            let mut fresh = r(&format!("w-new-{next}"), "new", false);
-            fresh.ready = false;
-            state.push(fresh);
+            state.push(r(&format!("w-new-{next}"), "new", false));
             next += 1;
         }
-        if p.create > 0 {
-            let total = counts("new", &state).replicas;
-            assert!(
-                total <= desired + surge,
-                "step {step}: created up to {total}"
-            );
-        }
+        trace.totals.push(counts("new", &state).replicas);
     }
     panic!("rollout did not complete in 100 steps");
 }
 
+fn old(n: usize) -> Vec<Replica> {
+    (0..n)
+        .map(|i| r(&format!("w-old-{i}"), "old", true))
+        .collect()
+}
+
+/// One rolling update of `desired` old replicas.
+struct Rollout {
+    desired: u32,
+    max_surge: u32,
+    max_unavailable: u32,
+}
+
 #[test]
 fn rollouts_complete_within_bounds() {
-    let old = |n: usize| {
-        (0..n)
-            .map(|i| r(&format!("w-old-{i}"), "old", true))
-            .collect::<Vec<_>>()
+    let rollout = |desired, max_surge, max_unavailable| Rollout {
+        desired,
+        max_surge,
+        max_unavailable,
     };
     let cases = [
-        (
-            3,
-            Strategy::Rolling {
-                max_surge: 1,
-                max_unavailable: 0,
-            },
-        ),
-        (
-            3,
-            Strategy::Rolling {
-                max_surge: 0,
-                max_unavailable: 1,
-            },
-        ),
-        (
-            10,
-            Strategy::Rolling {
-                max_surge: 3,
-                max_unavailable: 2,
-            },
-        ),
-        (
-            5,
-            Strategy::Rolling {
-                max_surge: 5,
-                max_unavailable: 0,
-            },
-        ),
+        rollout(3, 1, 0),
+        rollout(3, 0, 1),
+        rollout(10, 3, 2),
+        rollout(5, 5, 0),
     ];
-    for (desired, strategy) in cases {
-        let steps = simulate(desired, strategy, old(desired as usize));
-        assert!(steps > 0, "{strategy:?}");
+    for c in cases {
+        let strategy = Strategy::Rolling {
+            max_surge: c.max_surge,
+            max_unavailable: c.max_unavailable,
+        };
+        let t = simulate(c.desired, strategy, old(c.desired as usize));
+        let what = format!("{strategy:?} of {}: {t:?}", c.desired);
+        // Each round replaces up to maxSurge + maxUnavailable replicas in two
+        // steps (create or delete, then the new ones become available).
+        let rounds = c.desired.div_ceil(c.max_surge + c.max_unavailable) as usize;
+        assert!(t.steps > 0 && t.steps <= 2 * rounds, "{what}");
+        // maxSurge: never more than desired + maxSurge replicas.
+        assert!(
+            t.totals.iter().all(|&n| n <= c.desired + c.max_surge),
+            "{what}"
+        );
+        // maxUnavailable: never fewer than desired - maxUnavailable available.
+        assert!(
+            t.available
+                .iter()
+                .all(|&n| n + c.max_unavailable >= c.desired),
+            "{what}"
+        );
+        // Done: exactly `desired`, all of the new template.
+        assert_eq!(t.end.len(), c.desired as usize, "{what}");
+        assert!(t.end.iter().all(|rep| rep.hash == "new"), "{what}");
     }
 }
 
 #[test]
 fn rollout_while_scaling_down() {
-    let old: Vec<_> = (0..6)
-        .map(|i| r(&format!("w-old-{i}"), "old", true))
-        .collect();
-    simulate(
+    // Six old replicas, two wanted of a new template, maxSurge 1.
+    let t = simulate(
         2,
         Strategy::Rolling {
             max_surge: 1,
             max_unavailable: 0,
         },
-        old,
+        old(6),
     );
+    let what = format!("{t:?}");
+    // The surplus of old replicas goes in the first step, before anything is
+    // created, and without taking availability below the desired count.
+    assert_eq!(t.totals[0], 2, "{what}");
+    assert_eq!(t.available[0], 2, "{what}");
+    // From then on: never more than desired + maxSurge, never fewer than
+    // desired available.
+    assert!(t.totals.iter().all(|&n| n <= 3), "{what}");
+    assert!(t.available.iter().all(|&n| n >= 2), "{what}");
+    // It converges to exactly two new replicas: the scale-down, then two
+    // replacements of two steps each.
+    assert_eq!(t.end.len(), 2, "{what}");
+    assert!(t.end.iter().all(|rep| rep.hash == "new"), "{what}");
+    assert!(t.steps <= 5, "{what}");
 }
 
 #[test]
