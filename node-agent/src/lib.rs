@@ -2,12 +2,13 @@
 //! `runv-vmm` process per VM, and reports what it observes.
 //!
 //! Layout: [`host`] holds every side effect on the node behind traits (with
-//! fakes); [`state`] is the agent's state directory; [`jail`] the uid/gid
-//! each jailed VMM gets; [`vmm_client`] speaks the
-//! VMM's control socket; [`vmconfig`] turns a MicroVM spec into a VMM config;
-//! [`reconcile`] decides, as pure functions, what to do and what status to
-//! report; [`runtime`] observes, decides and acts for each VM; [`standalone`]
-//! and [`cluster`] are the two modes; [`metrics`] renders `/metrics`; [`testing`] gates tests that need `/dev/kvm`, root or taps.
+//! fakes), the VMM control-socket client and the agent's file writes, and
+//! depends on nothing above it; [`state`] is the layout of the agent's state
+//! directory; [`jail`] the uid/gid each jailed VMM gets; [`vmconfig`] turns a
+//! MicroVM spec into a VMM config; [`reconcile`] decides, as pure functions,
+//! what to do and what status to report; [`runtime`] observes, decides and
+//! acts for each VM; [`standalone`] and [`cluster`] are the two modes;
+//! [`metrics`] renders `/metrics`; [`testing`] gates tests that need `/dev/kvm`, root or taps.
 
 pub mod cluster;
 pub mod host;
@@ -17,6 +18,5 @@ pub mod reconcile;
 pub mod runtime;
 pub mod standalone;
 pub mod state;
-pub mod testing;
+pub use host::testing;
 pub mod vmconfig;
-pub mod vmm_client;
