@@ -8,9 +8,16 @@
 //! MicroVM spec into a VMM config; [`reconcile`] decides, as pure functions,
 //! what to do and what status to report; [`runtime`] observes, decides and
 //! acts for each VM; [`standalone`] and [`cluster`] are the two modes;
-//! [`metrics`] renders `/metrics`; [`testing`] gates tests that need `/dev/kvm`, root or taps.
+//! [`metrics`] renders `/metrics`.
+//!
+//! Not in a release build: `dev` (building `runv-vmm` and installing the test
+//! guest under `cargo run`, debug builds only), and the test support behind
+//! the `testing` feature: `testing` (the gate for tests that need `/dev/kvm`,
+//! root or taps) and `host::fake`.
 
 pub mod cluster;
+#[cfg(any(debug_assertions, feature = "testing"))]
+pub mod dev;
 pub mod host;
 pub mod jail;
 pub mod metrics;
@@ -18,5 +25,6 @@ pub mod reconcile;
 pub mod runtime;
 pub mod standalone;
 pub mod state;
+#[cfg(any(test, feature = "testing"))]
 pub use host::testing;
 pub mod vmconfig;

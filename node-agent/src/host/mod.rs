@@ -4,7 +4,8 @@
 //! node-local IPAM ([`ipam`]) and the agent's own files ([`files`]).
 //!
 //! Reconcile logic talks to a [`Host`] only, so it runs against the in-memory
-//! fakes in [`fake`] without root, `/dev/kvm` or `/dev/net/tun`. The real Linux implementations live in
+//! fakes in `fake` (built for tests and with the `testing` feature) without
+//! root, `/dev/kvm` or `/dev/net/tun`. The real Linux implementations live in
 //! [`process`], [`disk`], [`net`], [`cgroup`] and [`control`]; nothing outside
 //! this module makes a syscall with a side effect on the node.
 //!
@@ -15,11 +16,13 @@
 pub mod cgroup;
 pub mod control;
 pub mod disk;
+#[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod files;
 pub mod ipam;
 pub mod net;
 pub mod process;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod vmm_client;
 
