@@ -28,7 +28,7 @@ const MAX_STOP_GRACE: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum StandaloneError {
     /// A manifest file or directory cannot be read.
-    #[error("reading {}: {source}", path.display())]
+    #[error("reading {}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
@@ -36,7 +36,7 @@ pub enum StandaloneError {
         source: std::io::Error,
     },
     /// A manifest is refused, with the API server's message.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Invalid {
         /// The file.
         path: PathBuf,
@@ -51,11 +51,27 @@ pub enum StandaloneError {
         /// What.
         what: String,
     },
+    /// A valid manifest that still does not decode as a MicroVM.
+    #[error("{}: decoding the MicroVM", path.display())]
+    Decode {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: serde_json::Error,
+    },
     /// No MicroVM in the given manifests.
     #[error("no MicroVM manifests found in {}", .0.display())]
     Empty(PathBuf),
+    /// A VM's last run could not be forgotten before this one.
+    #[error("clearing the last run of {vm}")]
+    Forget {
+        /// The VM.
+        vm: VmRef,
+        /// Why.
+        source: Box<crate::runtime::RuntimeError>,
+    },
     /// Writing the output failed.
-    #[error("writing output: {0}")]
+    #[error("writing output")]
     Output(#[from] std::io::Error),
 }
 
@@ -106,9 +122,9 @@ pub fn load(path: &Path) -> Result<Vec<MicroVM>, StandaloneError> {
                 });
             }
             let vm: MicroVM =
-                serde_json::from_value(doc).map_err(|e| StandaloneError::Unsupported {
+                serde_json::from_value(doc).map_err(|source| StandaloneError::Decode {
                     path: file.clone(),
-                    what: e.to_string(),
+                    source,
                 })?;
             vms.push(vm);
         }
@@ -222,8 +238,12 @@ pub fn run(
     // A new standalone run runs its VMs again; a VMM still running from an
     // earlier agent (killed, say) is adopted instead.
     for vm in vms {
-        rt.forget_finished_run(&vm_ref(vm))
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let r = vm_ref(vm);
+        rt.forget_finished_run(&r)
+            .map_err(|e| StandaloneError::Forget {
+                vm: r,
+                source: Box::new(e),
+            })?;
     }
     let ok = loop {
         let mut all_settled = true;

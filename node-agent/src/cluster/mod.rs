@@ -34,7 +34,7 @@ pub const FINALIZER: &str = "runv.dev/agent-cleanup";
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     /// An API request failed.
-    #[error("API request failed: {0}")]
+    #[error(transparent)]
     Api(#[from] kube::Error),
     /// The metrics endpoint could not be served.
     #[error("serving {addr}: {source}")]
