@@ -7,11 +7,13 @@
 //! fakes in `fake` (built for tests and with the `testing` feature) without
 //! root, `/dev/kvm` or `/dev/net/tun`. The real Linux implementations live in
 //! [`process`], [`disk`], [`net`], [`cgroup`] and [`control`]; nothing outside
-//! this module makes a syscall with a side effect on the node.
+//! this module makes a syscall with a side effect on the node (the state
+//! directory writes through [`files`]).
 //!
 //! This module is the bottom layer: it depends on nothing else in the agent
 //! and knows no API type (`runv_crds`); callers convert what a spec asks for
-//! into host terms (such as [`cgroup::Limits`]). A test below holds it to that.
+//! into host terms (such as [`cgroup::Limits`]). Tests below hold the agent
+//! to both rules.
 
 pub mod cgroup;
 pub mod control;
@@ -424,5 +426,66 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The `.rs` files under `dir`, recursively.
+    fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                rust_files(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    #[test]
+    fn nothing_outside_the_host_layer_makes_a_side_effect() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        rust_files(&src, &mut files);
+        // main.rs installs the process's own signal handlers; dev.rs is
+        // developer tooling, not in release builds (see its module doc).
+        let exempt = ["host", "main.rs", "dev.rs", "tests.rs"];
+        // Writes, removals, renames, permission changes, programs and libc
+        // calls (a lower-case name after `libc::`; its constants are fine).
+        let effects = [
+            "fs::write",
+            "fs::create_dir",
+            "fs::remove_",
+            "fs::rename",
+            "fs::copy",
+            "set_permissions",
+            "File::create",
+            ".set_len(",
+            "Command::new",
+        ];
+        let mut checked = 0;
+        for file in files {
+            let rel = file.strip_prefix(&src).unwrap();
+            let first = rel.components().next().unwrap().as_os_str();
+            let name = rel.file_name().unwrap();
+            if exempt.iter().any(|x| first == *x || name == *x) {
+                continue;
+            }
+            checked += 1;
+            let text = std::fs::read_to_string(&file).unwrap();
+            let code = text.split("#[cfg(test)]").next().unwrap_or("");
+            for (i, line) in code.lines().enumerate() {
+                let line = line.split("//").next().unwrap_or("");
+                let libc_call = line.match_indices("libc::").any(|(at, m)| {
+                    line[at + m.len()..].starts_with(|c: char| c.is_ascii_lowercase())
+                });
+                let effect = effects.iter().find(|e| line.contains(*e));
+                assert!(
+                    effect.is_none() && !libc_call,
+                    "src/{}:{}: a side effect outside the host layer: {line}",
+                    rel.display(),
+                    i + 1
+                );
+            }
+        }
+        assert!(checked >= 10, "only {checked} files checked");
     }
 }

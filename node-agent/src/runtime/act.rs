@@ -5,7 +5,7 @@
 //! Every message goes to the VMM recorded in `vm.json`, and only when its
 //! control socket is that VMM's. Must not decide what to do (that is
 //! [`crate::reconcile`]'s) and must not release anything the VM holds on
-//! the host (that is [`super::cleanup`]).
+//! the host (that is `cleanup.rs`).
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
-//! Realizing MicroVMs on this host, one reconcile at a time, in phases:
-//! [`observe`] what runs, [`decide`] (pure, in [`crate::reconcile`]),
-//! [`prepare`] the host and [`act`], observe again; [`cleanup`] gives back
-//! what a VM held. Shared by standalone and cluster mode; knows nothing of
+//! Realizing MicroVMs on this host, one reconcile at a time, in phases, one
+//! file each: `observe` what runs, [`decide`] (pure, in [`crate::reconcile`]),
+//! `prepare` the host and `act`, observe again; `cleanup` gives back what a
+//! VM held. Shared by standalone and cluster mode; knows nothing of
 //! the Kubernetes API (callers pass the spec and the previous status, and
 //! publish the result).
 //!

@@ -3,8 +3,8 @@
 //! addresses, its config file and its cgroup with the spec's limits.
 //!
 //! Every step is idempotent, so a start that failed halfway is retried from
-//! the top. Must not spawn, signal or talk to a VMM (that is [`super::act`]),
-//! and must not release anything (that is [`super::cleanup`]).
+//! the top. Must not spawn, signal or talk to a VMM (that is `act.rs`),
+//! and must not release anything (that is `cleanup.rs`).
 
 use std::path::{Path, PathBuf};
 
