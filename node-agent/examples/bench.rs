@@ -105,7 +105,7 @@ async fn apply_and_time(
     timeout: Duration,
 ) -> Result<Vec<Duration>> {
     let file = dir.join("batch.yaml");
-    let guest = runv_node_agent::standalone::find_test_guest(&std::env::current_exe()?)
+    let guest = runv_node_agent::dev::find_test_guest(&std::env::current_exe()?)
         .context("the test guest (cargo build --release -p runv-vmm)")?;
     let guest = guest.display().to_string();
     let text: Vec<String> = names.iter().map(|n| manifest(n, &guest)).collect();

@@ -16,7 +16,7 @@
 //! directory on this node holds, made under a lock, so no two VMs with state
 //! here share one; an id is free again once its VM's directory is removed.
 //! This module owns the range, the choice and the file; giving `run/` to the
-//! id is a host effect ([`crate::host::Disks::set_owner`]).
+//! id is a host effect ([`crate::host::Disks::give_dir`]).
 
 use std::collections::BTreeSet;
 use std::ops::Range;

@@ -2,14 +2,22 @@
 //! `runv-vmm` process per VM, and reports what it observes.
 //!
 //! Layout: [`host`] holds every side effect on the node behind traits (with
-//! fakes); [`state`] is the agent's state directory; [`jail`] the uid/gid
-//! each jailed VMM gets; [`vmm_client`] speaks the
-//! VMM's control socket; [`vmconfig`] turns a MicroVM spec into a VMM config;
-//! [`reconcile`] decides, as pure functions, what to do and what status to
-//! report; [`runtime`] observes, decides and acts for each VM; [`standalone`]
-//! and [`cluster`] are the two modes; [`metrics`] renders `/metrics`; [`testing`] gates tests that need `/dev/kvm`, root or taps.
+//! fakes), the VMM control-socket client and the agent's file writes, and
+//! depends on nothing above it; [`state`] is the layout of the agent's state
+//! directory; [`jail`] the uid/gid each jailed VMM gets; [`vmconfig`] turns a
+//! MicroVM spec into a VMM config; [`reconcile`] decides, as pure functions,
+//! what to do and what status to report; [`runtime`] observes, decides and
+//! acts for each VM; [`standalone`] and [`cluster`] are the two modes;
+//! [`metrics`] renders `/metrics`.
+//!
+//! Not in a release build: `dev` (building `runv-vmm` and installing the test
+//! guest under `cargo run`, debug builds only), and the test support behind
+//! the `testing` feature: `testing` (the gate for tests that need `/dev/kvm`,
+//! root or taps) and `host::fake`.
 
 pub mod cluster;
+#[cfg(any(debug_assertions, feature = "testing"))]
+pub mod dev;
 pub mod host;
 pub mod jail;
 pub mod metrics;
@@ -17,6 +25,6 @@ pub mod reconcile;
 pub mod runtime;
 pub mod standalone;
 pub mod state;
-pub mod testing;
+#[cfg(any(test, feature = "testing"))]
+pub use host::testing;
 pub mod vmconfig;
-pub mod vmm_client;

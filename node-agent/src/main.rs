@@ -186,43 +186,14 @@ fn find_vmm(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     }) {
         return Ok(p);
     }
-    if let Some(p) = build_vmm_from_source()? {
+    // Under `cargo run` in a source checkout: build it (debug builds only).
+    #[cfg(debug_assertions)]
+    if let Some(p) = runv_node_agent::dev::build_vmm_from_source()? {
         return Ok(p);
     }
     bail!(
         "runv-vmm not found next to runv-agent or on PATH (build it with `cargo build -p runv-vmm`, or pass --vmm)"
     )
-}
-
-/// Under `cargo run` in a source tree (cargo sets `CARGO` for the program it
-/// runs), builds `runv-vmm` into the same target directory as this executable.
-fn build_vmm_from_source() -> anyhow::Result<Option<PathBuf>> {
-    let (Some(cargo), Ok(exe)) = (std::env::var_os("CARGO"), std::env::current_exe()) else {
-        return Ok(None);
-    };
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    if !workspace.join("vmm/Cargo.toml").is_file() {
-        return Ok(None);
-    }
-    let release = exe
-        .parent()
-        .and_then(Path::file_name)
-        .is_some_and(|d| d == "release");
-    eprintln!("runv-agent: building runv-vmm (cargo build -p runv-vmm)");
-    let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "-q", "-p", "runv-vmm", "--bin", "runv-vmm"])
-        .current_dir(&workspace);
-    if release {
-        cmd.arg("--release");
-    }
-    let status = cmd.status().context("running cargo build -p runv-vmm")?;
-    if !status.success() {
-        bail!("cargo build -p runv-vmm failed");
-    }
-    Ok(exe
-        .parent()
-        .map(|d| d.join("runv-vmm"))
-        .filter(|p| p.is_file()))
 }
 
 fn standalone_cmd(
@@ -234,9 +205,11 @@ fn standalone_cmd(
     let mut out = std::io::stdout();
     let vms = standalone::load(path)?;
     // Find (or, under `cargo run`, build) the VMM first: its build also builds the
-    // test guest that provide_test_guest installs.
+    // test guest that provide_test_guest installs (debug builds only).
     let vmm = find_vmm(vmm)?;
-    standalone::provide_test_guest(&vms, &mut out).context("installing the test guest")?;
+    #[cfg(debug_assertions)]
+    runv_node_agent::dev::provide_test_guest(&vms, &mut out)
+        .context("installing the test guest")?;
     install_signal_handlers()?;
     let rt = Runtime::new(cli.runtime_config(vmm), Arc::new(cli.host("runv")))?;
     let ok = standalone::run(

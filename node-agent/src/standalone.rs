@@ -21,9 +21,6 @@ use runv_crds::{MicroVM, MicroVMStatus};
 
 use crate::runtime::{Runtime, VmRef};
 
-/// Where the in-repo test guest is expected by the examples.
-pub const TEST_GUEST_PATH: &str = "/var/lib/runv/guests/runv-test-guest";
-
 /// Longest a VM gets to power off when standalone mode stops it.
 const MAX_STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -31,7 +28,7 @@ const MAX_STOP_GRACE: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum StandaloneError {
     /// A manifest file or directory cannot be read.
-    #[error("reading {}: {source}", path.display())]
+    #[error("reading {}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
@@ -39,7 +36,7 @@ pub enum StandaloneError {
         source: std::io::Error,
     },
     /// A manifest is refused, with the API server's message.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Invalid {
         /// The file.
         path: PathBuf,
@@ -54,11 +51,27 @@ pub enum StandaloneError {
         /// What.
         what: String,
     },
+    /// A valid manifest that still does not decode as a MicroVM.
+    #[error("{}: decoding the MicroVM", path.display())]
+    Decode {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: serde_json::Error,
+    },
     /// No MicroVM in the given manifests.
     #[error("no MicroVM manifests found in {}", .0.display())]
     Empty(PathBuf),
+    /// A VM's last run could not be forgotten before this one.
+    #[error("clearing the last run of {vm}")]
+    Forget {
+        /// The VM.
+        vm: VmRef,
+        /// Why.
+        source: Box<crate::runtime::RuntimeError>,
+    },
     /// Writing the output failed.
-    #[error("writing output: {0}")]
+    #[error("writing output")]
     Output(#[from] std::io::Error),
 }
 
@@ -109,9 +122,9 @@ pub fn load(path: &Path) -> Result<Vec<MicroVM>, StandaloneError> {
                 });
             }
             let vm: MicroVM =
-                serde_json::from_value(doc).map_err(|e| StandaloneError::Unsupported {
+                serde_json::from_value(doc).map_err(|source| StandaloneError::Decode {
                     path: file.clone(),
-                    what: e.to_string(),
+                    source,
                 })?;
             vms.push(vm);
         }
@@ -225,8 +238,12 @@ pub fn run(
     // A new standalone run runs its VMs again; a VMM still running from an
     // earlier agent (killed, say) is adopted instead.
     for vm in vms {
-        rt.forget_finished_run(&vm_ref(vm))
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let r = vm_ref(vm);
+        rt.forget_finished_run(&r)
+            .map_err(|e| StandaloneError::Forget {
+                vm: r,
+                source: Box::new(e),
+            })?;
     }
     let ok = loop {
         let mut all_settled = true;
@@ -296,81 +313,6 @@ pub fn run(
     Ok(ok)
 }
 
-/// The in-repo test guest (with its PVH note) as the VMM's build script left
-/// it in the cargo target directory that holds `exe`: the newest
-/// `build/runv-vmm-*/out/runv-guest-pvh.elf` beside it or up to two levels above.
-pub fn find_test_guest(exe: &Path) -> Option<PathBuf> {
-    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
-    for dir in exe.ancestors().skip(1).take(3) {
-        let Ok(entries) = std::fs::read_dir(dir.join("build")) else {
-            continue;
-        };
-        for e in entries.filter_map(Result::ok) {
-            if !e.file_name().to_string_lossy().starts_with("runv-vmm-") {
-                continue;
-            }
-            let elf = e.path().join("out/runv-guest-pvh.elf");
-            if let Ok(t) = elf.metadata().and_then(|m| m.modified())
-                && best.as_ref().is_none_or(|(bt, _)| t > *bt)
-            {
-                best = Some((t, elf));
-            }
-        }
-    }
-    best.map(|(_, p)| p)
-}
-
-/// Installs the in-repo test guest where the examples expect it when a VM
-/// asks for it: when it is missing, or older than the one the build made (so
-/// a checkout that changed the guest does not keep running the old one).
-/// Returns whether it wrote the file.
-pub fn provide_test_guest(vms: &[MicroVM], out: &mut dyn Write) -> std::io::Result<bool> {
-    if !vms.iter().any(|v| v.spec.boot.kernel == TEST_GUEST_PATH) {
-        return Ok(false);
-    }
-    let dest = Path::new(TEST_GUEST_PATH);
-    let Some(built) = std::env::current_exe()
-        .ok()
-        .and_then(|exe| find_test_guest(&exe))
-    else {
-        if !dest.exists() {
-            writeln!(
-                out,
-                "{TEST_GUEST_PATH} does not exist and no built test guest was found (cargo build -p runv-vmm makes one)"
-            )?;
-        }
-        return Ok(false);
-    };
-    let Some(what) = install_guest(&built, dest)? else {
-        return Ok(false);
-    };
-    writeln!(
-        out,
-        "{what} the runv test guest at {TEST_GUEST_PATH} (built from vmm/guest)"
-    )?;
-    Ok(true)
-}
-
-/// Copies `built` to `dest` unless `dest` already holds the same bytes; the
-/// new file replaces the old one atomically (VMMs running the old one have
-/// loaded it already). Returns "installed", "updated" or None.
-fn install_guest(built: &Path, dest: &Path) -> std::io::Result<Option<&'static str>> {
-    let image = std::fs::read(built)?;
-    let what = match std::fs::read(dest) {
-        Ok(old) if old == image => return Ok(None),
-        Ok(_) => "updated",
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "installed",
-        Err(e) => return Err(e),
-    };
-    let dir = dest.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".runv-test-guest.{}", std::process::id()));
-    std::fs::write(&tmp, &image)?;
-    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-    std::fs::rename(&tmp, dest)?;
-    Ok(Some(what))
-}
-
 #[cfg(test)]
 mod tests {
     use k8s_openapi::jiff::Timestamp;
@@ -378,25 +320,6 @@ mod tests {
 
     use super::*;
     use crate::reconcile::{Backoff, Facts, Observed, decide};
-
-    #[test]
-    fn the_test_guest_is_installed_then_updated_only_when_it_changed() {
-        let dir = tempfile::tempdir().unwrap();
-        let built = dir.path().join("built.elf");
-        let dest = dir.path().join("guests/runv-test-guest");
-        std::fs::write(&built, b"guest v1").unwrap();
-        assert_eq!(install_guest(&built, &dest).unwrap(), Some("installed"));
-        assert_eq!(install_guest(&built, &dest).unwrap(), None);
-        std::fs::write(&built, b"guest v2").unwrap();
-        assert_eq!(install_guest(&built, &dest).unwrap(), Some("updated"));
-        assert_eq!(std::fs::read(&dest).unwrap(), b"guest v2");
-        let mode = std::os::unix::fs::PermissionsExt::mode(&dest.metadata().unwrap().permissions());
-        assert_eq!(mode & 0o777, 0o755);
-        assert_eq!(
-            std::fs::read_dir(dest.parent().unwrap()).unwrap().count(),
-            1
-        );
-    }
 
     #[test]
     fn a_stalled_vm_is_settled_only_when_no_vmm_runs() {

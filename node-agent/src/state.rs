@@ -4,6 +4,7 @@
 //! <root>/ipam.json                 node-local IPAM (host::ipam)
 //! <root>/vms/<ns>_<name>/vm.json    who the VM is and which VMM process runs it
 //!                      config.json  the runv-vmm config
+//!                      cgroup.json  the cgroup its running VMM was given, with its limits
 //!                      jail.json    the uid/gid of its jailed VMM (crate::jail)
 //!                      run/         what the VMM writes itself: ctl.sock (control
 //!                                   socket), ctl.sock.exit (exit record), vsock.sock
@@ -18,15 +19,17 @@
 //! there stays root's, so a compromised VMM cannot plant links the agent
 //! would follow when it writes or rotates its files; what the agent reads
 //! from `run/` it reads without following links. This module owns the
-//! layout and its files; it does not start or stop anything.
+//! layout and what its files say; it does not start or stop anything, and
+//! it writes and removes through [`crate::host::files`], never itself.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use runv_vmm_api::ExitRecord;
+use runv_vmm_api::{ExitRecord, VmConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::host::{HostError, VmmIdentity};
+use crate::host::cgroup::Limits;
+pub use crate::host::files::write_atomic;
+use crate::host::{HostError, VmmIdentity, files};
 
 /// Longest unix socket path Linux accepts (`sun_path` less the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -83,16 +86,20 @@ pub struct VmDir {
     dir: PathBuf,
 }
 
-/// Writes `data` to `path` through a temporary file and a rename.
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), HostError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp).map_err(|e| HostError::io("writing", &tmp, e))?;
-    f.write_all(data)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| HostError::io("writing", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| HostError::io("renaming", path, e))
+/// What the VM's running VMM was given: its cgroup and that cgroup's limits
+/// (`cgroup.json`, written at start; absent: no cgroup of its own).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CgroupRecord {
+    /// The cgroup's name.
+    pub name: String,
+    /// Its limits.
+    pub limits: Limits,
+}
+
+/// Creates the state directory `root` (and `vms/` in it).
+pub fn create_root(root: &Path) -> Result<(), HostError> {
+    files::create_dir(&root.join("vms"))
 }
 
 /// The directory name of a VM: `<ns>_<name>` (neither may contain `_`), or,
@@ -137,10 +144,8 @@ impl VmDir {
                 value: sock.display().to_string(),
             });
         }
-        std::fs::create_dir_all(self.disks())
-            .map_err(|e| HostError::io("creating", self.disks(), e))?;
-        std::fs::create_dir_all(self.run_dir())
-            .map_err(|e| HostError::io("creating", self.run_dir(), e))
+        files::create_dir(&self.disks())?;
+        files::create_dir(&self.run_dir())
     }
 
     /// `vm.json`.
@@ -150,6 +155,10 @@ impl VmDir {
     /// `config.json`.
     pub fn config(&self) -> PathBuf {
         self.dir.join("config.json")
+    }
+    /// `cgroup.json`: the cgroup of the running VMM.
+    pub fn cgroup_record_path(&self) -> PathBuf {
+        self.dir.join("cgroup.json")
     }
     /// `jail.json`: the VM's jail uid and gid.
     pub fn jail_ids(&self) -> PathBuf {
@@ -207,6 +216,43 @@ impl VmDir {
         write_atomic(&self.record_path(), &text)
     }
 
+    /// The VMM config the running (or last) VMM was started with; `None`
+    /// when absent or unreadable.
+    pub fn read_config(&self) -> Option<VmConfig> {
+        let text = std::fs::read_to_string(self.config()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Writes `config.json` atomically.
+    pub fn write_config(&self, config: &VmConfig) -> Result<(), HostError> {
+        let text = serde_json::to_string_pretty(config).unwrap_or_default();
+        write_atomic(&self.config(), text.as_bytes())
+    }
+
+    /// Reads `cgroup.json`; `None` when absent (no cgroup) or unreadable.
+    pub fn read_cgroup_record(&self) -> Option<CgroupRecord> {
+        let text = std::fs::read_to_string(self.cgroup_record_path()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Writes `cgroup.json` atomically.
+    pub fn write_cgroup_record(&self, record: &CgroupRecord) -> Result<(), HostError> {
+        let text = serde_json::to_vec(record).unwrap_or_default();
+        write_atomic(&self.cgroup_record_path(), &text)
+    }
+
+    /// Removes `cgroup.json`: the next VMM runs without a cgroup of its own.
+    pub fn remove_cgroup_record(&self) -> Result<(), HostError> {
+        files::remove_file(&self.cgroup_record_path())
+    }
+
+    /// When the VMM wrote its exit file, if it did.
+    pub fn exit_written_at(&self) -> Option<std::time::SystemTime> {
+        std::fs::symlink_metadata(self.exit_file())
+            .and_then(|m| m.modified())
+            .ok()
+    }
+
     /// The exit record the VMM left, if any. `run/` belongs to the VMM, so
     /// only a regular file is read (no link, no FIFO), and at most 64 KiB.
     pub fn read_exit(&self) -> Option<ExitRecord> {
@@ -233,22 +279,24 @@ impl VmDir {
             .into_iter()
             .chain(legacy)
         {
-            match std::fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(HostError::io("removing", &p, e)),
-            }
+            files::remove_file(&p)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets a finished run: its run files, its record and its serial
+    /// output. Keeps the disks, the config and the jail ids.
+    pub fn forget_run(&self) -> Result<(), HostError> {
+        self.clear_run_files()?;
+        for p in [self.record_path(), self.serial_log(), self.serial_log_old()] {
+            files::remove_file(&p)?;
         }
         Ok(())
     }
 
     /// Removes the whole directory.
     pub fn remove(&self) -> Result<(), HostError> {
-        match std::fs::remove_dir_all(&self.dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(HostError::io("removing", &self.dir, e)),
-        }
+        files::remove_dir_all(&self.dir)
     }
 
     /// Keeps the serial log under about `2 * limit` bytes: once it passes
@@ -263,14 +311,7 @@ impl VmDir {
         if len <= limit {
             return Ok(false);
         }
-        let old = self.serial_log_old();
-        std::fs::copy(&log, &old).map_err(|e| HostError::io("copying", &old, e))?;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&log)
-            .map_err(|e| HostError::io("opening", &log, e))?;
-        f.set_len(0)
-            .map_err(|e| HostError::io("truncating", &log, e))?;
+        files::rotate(&log, &self.serial_log_old())?;
         Ok(true)
     }
 
@@ -298,6 +339,8 @@ pub fn list(root: &Path) -> Vec<(VmDir, VmRecord)> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
     use super::*;
 
     #[test]

@@ -9,8 +9,9 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::events::v1::Event;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use runv_crds::MicroVM;
 use runv_crds::conditions as cond;
 use runv_e2e::{Options, TestServer};
@@ -75,6 +76,52 @@ fn manifest(name: &str, kernel: &str) -> MicroVM {
                  "runPolicy": "Always", "terminationGracePeriodSeconds": 1, "interfaces": [{"name": "eth0", "type": "Nat"}]}
     }))
     .unwrap()
+}
+
+/// The Events the agent published about `vm`: (type, reason, note), oldest
+/// first, each checked to name the VM (kind, namespace, name, uid) and the
+/// agent of this node as its reporter.
+async fn events_of(client: &kube::Client, vm: &MicroVM) -> Result<Vec<(String, String, String)>> {
+    let api: Api<Event> = Api::namespaced(client.clone(), "default");
+    let mut out = Vec::new();
+    for e in api.list(&ListParams::default()).await? {
+        let regarding = e.regarding.clone().context("regarding")?;
+        if regarding.name != vm.metadata.name {
+            continue;
+        }
+        assert_eq!(regarding.kind.as_deref(), Some("MicroVM"), "{e:?}");
+        assert_eq!(
+            regarding.api_version.as_deref(),
+            Some("runv.dev/v1alpha1"),
+            "{e:?}"
+        );
+        assert_eq!(regarding.namespace.as_deref(), Some("default"), "{e:?}");
+        assert_eq!(regarding.uid, vm.metadata.uid, "{e:?}");
+        assert_eq!(
+            e.reporting_controller.as_deref(),
+            Some("runv.dev/agent"),
+            "{e:?}"
+        );
+        assert_eq!(e.reporting_instance.as_deref(), Some("n1"), "{e:?}");
+        out.push((
+            e.type_.unwrap_or_default(),
+            e.reason.unwrap_or_default(),
+            e.note.unwrap_or_default(),
+        ));
+    }
+    Ok(out)
+}
+
+/// Waits until `vm` has an Event with `reason`; returns its type and note.
+async fn event(client: &kube::Client, vm: &MicroVM, reason: &str) -> Result<(String, String)> {
+    eventually(&format!("the {reason} Event"), || async {
+        Ok(events_of(client, vm)
+            .await?
+            .into_iter()
+            .find(|(_, r, _)| r == reason)
+            .map(|(t, _, n)| (t, n)))
+    })
+    .await
 }
 
 fn ready(vm: &MicroVM) -> Option<(String, String, String)> {
@@ -207,6 +254,20 @@ async fn the_agent_realizes_reports_and_cleans_up_its_vms() -> Result<()> {
     assert!(managers.contains(&"runv-agent".to_owned()), "{managers:?}");
     assert_eq!(vms.get("other").await?.finalizers().len(), 0);
 
+    // Events: the VMM started, then the guest booted.
+    assert_eq!(
+        event(&client, &vm, "Started").await?,
+        ("Normal".into(), "VMM started".into())
+    );
+    let (kind, note) = event(&client, &vm, "Booted").await?;
+    assert_eq!(kind, "Normal");
+    assert!(note.starts_with("guest booted"), "{note}");
+    let other = vms.get("other").await?;
+    assert!(
+        events_of(&client, &other).await?.is_empty(),
+        "no Event for a VM of another node"
+    );
+
     // Metrics.
     let metrics = http_get(port, "/metrics").await?;
     assert!(
@@ -227,6 +288,11 @@ async fn the_agent_realizes_reports_and_cleans_up_its_vms() -> Result<()> {
     .await?;
     assert_eq!(reason, "KernelNotFound");
     assert!(message.contains("/k/missing-vmlinux"), "{message}");
+    let (kind, note) = event(&client, &vms.get("nokernel").await?, "KernelNotFound").await?;
+    assert_eq!(
+        (kind.as_str(), note.as_str()),
+        ("Warning", message.as_str())
+    );
 
     // Delete: VMM, tap, address and state gone, then the object.
     vms.delete("web", &DeleteParams::default()).await?;
@@ -238,6 +304,9 @@ async fn the_agent_realizes_reports_and_cleans_up_its_vms() -> Result<()> {
     assert!(runv_node_agent::host::fake::taps(&host).is_empty());
     assert!(runtime.ipam().lookup("default/web/eth0").is_none());
     assert!(!dir.path().exists());
+    let (kind, note) = event(&client, &vm, "Deleted").await?;
+    assert_eq!(kind, "Normal");
+    assert!(note.contains("state removed"), "{note}");
 
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), agent).await;

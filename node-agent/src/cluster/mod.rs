@@ -36,7 +36,7 @@ pub use runv_crds::contract::FINALIZER;
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     /// An API request failed.
-    #[error("API request failed: {0}")]
+    #[error(transparent)]
     Api(#[from] kube::Error),
     /// The metrics endpoint could not be served.
     #[error("serving {addr}: {source}")]

@@ -25,8 +25,6 @@
 
 use std::path::{Path, PathBuf};
 
-use runv_crds::microvm::VmmLimits;
-use runv_crds::quantity::{self, QuantityError};
 use serde::{Deserialize, Serialize};
 
 use super::{Cgroups, HostError};
@@ -35,12 +33,13 @@ use super::{Cgroups, HostError};
 pub const CPU_PERIOD_US: u64 = 100_000;
 
 /// The smallest quota the kernel accepts (1 ms per period).
-const MIN_CPU_QUOTA_US: u64 = 1_000;
+pub const MIN_CPU_QUOTA_US: u64 = 1_000;
 
-/// Limits of one VM's cgroup, in the kernel's units.
+/// Limits of one VM's cgroup, in the kernel's units. Callers convert what a
+/// spec asks for into these.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct CgroupLimits {
+pub struct Limits {
     /// CPU time the VMM may use per [`CPU_PERIOD_US`], in µs (`None`: no limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_quota_us: Option<u64>,
@@ -49,29 +48,7 @@ pub struct CgroupLimits {
     pub memory_bytes: Option<u64>,
 }
 
-impl CgroupLimits {
-    /// The limits `spec.isolation.limits` asks for: CPU `500m` is 50 ms per
-    /// 100 ms (at least 1 ms), memory is rounded up to whole 4 KiB pages (the
-    /// kernel rounds down what it is given).
-    pub fn from_spec(limits: &VmmLimits) -> Result<Self, QuantityError> {
-        let cpu_quota_us = limits
-            .cpu
-            .as_deref()
-            .map(|c| quantity::millicores("spec.isolation.limits.cpu", c))
-            .transpose()?
-            .map(|m| (m.saturating_mul(CPU_PERIOD_US) / 1000).max(MIN_CPU_QUOTA_US));
-        let memory_bytes = limits
-            .memory
-            .as_deref()
-            .map(|m| quantity::bytes("spec.isolation.limits.memory", m))
-            .transpose()?
-            .map(|b| b.div_ceil(4096).saturating_mul(4096));
-        Ok(Self {
-            cpu_quota_us,
-            memory_bytes,
-        })
-    }
-
+impl Limits {
     /// Whether any limit is set.
     pub fn is_limited(&self) -> bool {
         self.cpu_quota_us.is_some() || self.memory_bytes.is_some()
@@ -324,7 +301,7 @@ impl Cgroups for LinuxCgroups {
             .map_err(|why| HostError::CgroupsUnavailable(why.clone()))
     }
 
-    fn ensure(&self, name: &str, limits: &CgroupLimits) -> Result<Vec<PathBuf>, HostError> {
+    fn ensure(&self, name: &str, limits: &Limits) -> Result<Vec<PathBuf>, HostError> {
         check_name(name)?;
         let layout = self
             .layout
@@ -376,14 +353,14 @@ impl Cgroups for LinuxCgroups {
         }
     }
 
-    fn current(&self, name: &str) -> Option<CgroupLimits> {
+    fn current(&self, name: &str) -> Option<Limits> {
         let layout = self.layout.as_ref().ok()?;
         match layout {
             Layout::V2 { parent, .. } => {
                 let dir = parent.join(name);
                 let cpu = read_trimmed(&dir.join("cpu.max"))?;
                 let mem = read_trimmed(&dir.join("memory.max"))?;
-                Some(CgroupLimits {
+                Some(Limits {
                     cpu_quota_us: cpu.split_whitespace().next()?.parse().ok(),
                     memory_bytes: mem.parse().ok(),
                 })
@@ -391,7 +368,7 @@ impl Cgroups for LinuxCgroups {
             Layout::V1 { cpu, memory } => {
                 let quota = read_trimmed(&cpu.join(name).join("cpu.cfs_quota_us"))?;
                 let mem = read_trimmed(&memory.join(name).join("memory.limit_in_bytes"))?;
-                Some(CgroupLimits {
+                Some(Limits {
                     cpu_quota_us: quota.parse().ok(),
                     memory_bytes: (!v1_unlimited(&mem)).then(|| mem.parse().ok()).flatten(),
                 })
@@ -441,32 +418,6 @@ impl Cgroups for LinuxCgroups {
 mod tests {
     use super::*;
 
-    fn limits(cpu: Option<&str>, memory: Option<&str>) -> VmmLimits {
-        VmmLimits {
-            cpu: cpu.map(str::to_owned),
-            memory: memory.map(str::to_owned),
-        }
-    }
-
-    #[test]
-    fn spec_limits_become_kernel_units() {
-        let l = CgroupLimits::from_spec(&limits(Some("500m"), Some("128Mi"))).unwrap();
-        assert_eq!(l.cpu_quota_us, Some(50_000));
-        assert_eq!(l.memory_bytes, Some(128 << 20));
-        let l = CgroupLimits::from_spec(&limits(Some("2"), None)).unwrap();
-        assert_eq!((l.cpu_quota_us, l.memory_bytes), (Some(200_000), None));
-        // Below 1 ms per period the kernel refuses the quota: 1 ms it is.
-        let l = CgroupLimits::from_spec(&limits(Some("1m"), Some("1000"))).unwrap();
-        assert_eq!((l.cpu_quota_us, l.memory_bytes), (Some(1_000), Some(4096)));
-        assert!(
-            !CgroupLimits::from_spec(&limits(None, None))
-                .unwrap()
-                .is_limited()
-        );
-        let e = CgroupLimits::from_spec(&limits(Some("lots"), None)).unwrap_err();
-        assert!(e.to_string().contains("spec.isolation.limits.cpu"), "{e}");
-    }
-
     const PROC_SELF_V1: &str =
         "9:name=systemd:/\n4:memory:/process_api/abc\n1:cpu:/\n2:cpuacct:/\n0::/\n";
 
@@ -514,7 +465,7 @@ mod tests {
         };
         assert!(cg.available().is_ok());
         assert!(cg.describe().starts_with("cgroup v1"), "{}", cg.describe());
-        let want = CgroupLimits {
+        let want = Limits {
             cpu_quota_us: Some(25_000),
             memory_bytes: Some(96 << 20),
         };
@@ -545,8 +496,8 @@ mod tests {
         assert_eq!(cg.oom_kills("default_web"), Some(2));
         assert_eq!(cg.oom_kills("missing"), None);
         // Unlimited again.
-        cg.ensure("default_web", &CgroupLimits::default()).unwrap();
-        assert_eq!(cg.current("default_web"), Some(CgroupLimits::default()));
+        cg.ensure("default_web", &Limits::default()).unwrap();
+        assert_eq!(cg.current("default_web"), Some(Limits::default()));
 
         // A relative parent nests under the agent's own cgroup per hierarchy.
         let nested = LinuxCgroups {
@@ -590,7 +541,7 @@ mod tests {
             ),
         };
         assert!(cg.describe().starts_with("cgroup v2"), "{}", cg.describe());
-        let want = CgroupLimits {
+        let want = Limits {
             cpu_quota_us: Some(50_000),
             memory_bytes: None,
         };
@@ -633,7 +584,7 @@ mod tests {
         let cg = LinuxCgroups {
             layout: LinuxCgroups::layout(&config, ""),
         };
-        let e = cg.ensure("x", &CgroupLimits::default()).unwrap_err();
+        let e = cg.ensure("x", &Limits::default()).unwrap_err();
         assert!(matches!(e, HostError::CgroupsUnavailable(_)));
         assert!(
             e.to_string().contains("lacks the controllers cpu, memory"),

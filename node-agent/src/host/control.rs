@@ -31,8 +31,8 @@ use std::time::Duration;
 
 use runv_vmm_api::{Request, Response, VmState};
 
+use super::vmm_client::VmmClient;
 use super::{Control, ControlTarget, HostError, VmmView};
-use crate::vmm_client::{ClientError, VmmClient};
 
 /// How long one control-socket exchange may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -159,21 +159,21 @@ pub fn connect(target: &ControlTarget, timeout: Duration) -> Result<VmmClient, H
         super::process::start_ticks(pid).map(|(ticks, _)| ticks)
     })
     .map_err(|found| mismatch(Some(peer.pid), found))?;
-    VmmClient::from_stream(stream, timeout).map_err(|e| client_error(target, &e))
+    VmmClient::from_stream(stream, timeout).map_err(client_error(target))
 }
 
-fn client_error(target: &ControlTarget, e: &ClientError) -> HostError {
-    HostError::io(
-        "control socket",
-        &target.socket,
-        std::io::Error::other(e.to_string()),
-    )
+/// A [`HostError::Client`] for a call on `target`'s socket.
+fn client_error(target: &ControlTarget) -> impl Fn(super::vmm_client::ClientError) -> HostError {
+    |source| HostError::Client {
+        socket: target.socket.clone(),
+        source,
+    }
 }
 
 impl Control for SocketControl {
     fn view(&self, target: &ControlTarget) -> Result<VmmView, HostError> {
         let mut c = connect(target, CONTROL_TIMEOUT)?;
-        let d = c.describe().map_err(|e| client_error(target, &e))?;
+        let d = c.describe().map_err(client_error(target))?;
         let counters = c.counters().unwrap_or_default();
         Ok(VmmView {
             paused: d.state == VmState::Paused,
@@ -184,7 +184,7 @@ impl Control for SocketControl {
 
     fn send(&self, target: &ControlTarget, request: Request) -> Result<(), HostError> {
         let mut c = connect(target, CONTROL_TIMEOUT)?;
-        match c.call(&request).map_err(|e| client_error(target, &e))? {
+        match c.call(&request).map_err(client_error(target))? {
             Response::Error { message } => Err(HostError::io(
                 "control socket",
                 &target.socket,

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use super::cgroup::CgroupLimits;
+use super::cgroup::Limits;
 use super::{
     BridgeSpec, Cgroups, Control, ControlTarget, CopyKind, Disks, Host, HostError, Network,
     ProcessUsage, Processes, SpawnRequest, VmmIdentity, VmmView,
@@ -23,7 +23,7 @@ pub const FAKE_CGROUPS: &str = "/fake/cgroup/runv";
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FakeCgroup {
     /// Its limits.
-    pub limits: CgroupLimits,
+    pub limits: Limits,
     /// Fake VMM pids in it.
     pub pids: BTreeSet<u32>,
     /// Processes the OOM killer killed in it (its `oom_kill` counter).
@@ -364,7 +364,7 @@ impl Cgroups for FakeHost {
         }
     }
 
-    fn ensure(&self, name: &str, limits: &CgroupLimits) -> Result<Vec<PathBuf>, HostError> {
+    fn ensure(&self, name: &str, limits: &Limits) -> Result<Vec<PathBuf>, HostError> {
         self.available()?;
         let dir = Path::new(FAKE_CGROUPS).join(name);
         let mut s = self.state();
@@ -379,7 +379,7 @@ impl Cgroups for FakeHost {
         Ok(vec![dir.join("cgroup.procs")])
     }
 
-    fn current(&self, name: &str) -> Option<CgroupLimits> {
+    fn current(&self, name: &str) -> Option<Limits> {
         self.state().cgroups.get(name).map(|c| c.limits)
     }
 

@@ -106,10 +106,11 @@ impl FileIpam {
         let fresh = Pool::new(network, prefix)?;
         let pool = match std::fs::read_to_string(path) {
             Ok(text) => {
-                let pool: Pool = serde_json::from_str(&text).map_err(|e| HostError::Invalid {
-                    what: "IPAM state file",
-                    value: format!("{}: {e}", path.display()),
-                })?;
+                let pool: Pool =
+                    serde_json::from_str(&text).map_err(|source| HostError::Parse {
+                        path: path.to_owned(),
+                        source,
+                    })?;
                 if (pool.network, pool.prefix) != (fresh.network, fresh.prefix) {
                     return Err(HostError::Invalid {
                         what: "subnet (the IPAM state file holds another one)",
@@ -138,7 +139,7 @@ impl FileIpam {
 
     fn save(&self, pool: &Pool) -> Result<(), HostError> {
         let text = serde_json::to_string_pretty(pool).unwrap_or_default();
-        crate::state::write_atomic(&self.path, text.as_bytes())
+        super::files::write_atomic(&self.path, text.as_bytes())
     }
 
     /// The gateway address.

@@ -1,20 +1,32 @@
 //! Host side effects, behind traits: VMM processes ([`Processes`]), disk images
 //! ([`Disks`]), networking ([`Network`]), per-VM cgroups ([`Cgroups`]) and the
-//! VMMs' control sockets ([`Control`]), plus the node-local IPAM ([`ipam`]).
+//! VMMs' control sockets ([`Control`], speaking [`vmm_client`]), plus the
+//! node-local IPAM ([`ipam`]) and the agent's own files ([`files`]).
 //!
 //! Reconcile logic talks to a [`Host`] only, so it runs against the in-memory
-//! fakes in [`fake`] without root, `/dev/kvm` or `/dev/net/tun`. The real Linux
-//! implementations live in [`process`], [`disk`], [`net`], [`cgroup`] and
-//! [`control`]; nothing outside
-//! this module makes a syscall with a side effect on the node.
+//! fakes in `fake` (built for tests and with the `testing` feature) without
+//! root, `/dev/kvm` or `/dev/net/tun`. The real Linux implementations live in
+//! [`process`], [`disk`], [`net`], [`cgroup`] and [`control`]; nothing outside
+//! this module makes a syscall with a side effect on the node (the state
+//! directory writes through [`files`]).
+//!
+//! This module is the bottom layer: it depends on nothing else in the agent
+//! and knows no API type (`runv_crds`); callers convert what a spec asks for
+//! into host terms (such as [`cgroup::Limits`]). Tests below hold the agent
+//! to both rules.
 
 pub mod cgroup;
 pub mod control;
 pub mod disk;
+#[cfg(any(test, feature = "testing"))]
 pub mod fake;
+pub mod files;
 pub mod ipam;
 pub mod net;
 pub mod process;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+pub mod vmm_client;
 
 use std::path::{Path, PathBuf};
 
@@ -40,6 +52,22 @@ pub enum HostError {
         command: String,
         /// What it printed on stderr.
         stderr: String,
+    },
+    /// A call on a VMM's control socket failed.
+    #[error("control socket {}: {source}", socket.display())]
+    Client {
+        /// The socket.
+        socket: PathBuf,
+        /// What went wrong.
+        source: vmm_client::ClientError,
+    },
+    /// A state file of the agent's cannot be parsed.
+    #[error("parsing {}: {source}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: serde_json::Error,
     },
     /// The process is not the VMM that was recorded (gone, or its pid reused).
     #[error("process {0} is not the recorded VMM")]
@@ -247,9 +275,9 @@ pub trait Cgroups: Send + Sync {
     /// Creates the cgroup if missing and sets its limits (only what differs;
     /// `None` fields mean unlimited). Never moves a process. Returns the
     /// `cgroup.procs` files a new process writes to join it.
-    fn ensure(&self, name: &str, limits: &cgroup::CgroupLimits) -> Result<Vec<PathBuf>, HostError>;
+    fn ensure(&self, name: &str, limits: &cgroup::Limits) -> Result<Vec<PathBuf>, HostError>;
     /// The limits the cgroup has now; `None` when it does not exist.
-    fn current(&self, name: &str) -> Option<cgroup::CgroupLimits>;
+    fn current(&self, name: &str) -> Option<cgroup::Limits>;
     /// The processes in the cgroup.
     fn procs(&self, name: &str) -> Vec<u32>;
     /// How many processes the kernel's OOM killer has killed in the cgroup
@@ -342,5 +370,122 @@ pub fn check_ifname(name: &str) -> Result<(), HostError> {
             what: "interface name",
             value: name.to_owned(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every source file of this module, by name.
+    const SOURCES: &[(&str, &str)] = &[
+        ("cgroup.rs", include_str!("cgroup.rs")),
+        ("control.rs", include_str!("control.rs")),
+        ("disk.rs", include_str!("disk.rs")),
+        ("fake.rs", include_str!("fake.rs")),
+        ("files.rs", include_str!("files.rs")),
+        ("ipam.rs", include_str!("ipam.rs")),
+        ("mod.rs", include_str!("mod.rs")),
+        ("net.rs", include_str!("net.rs")),
+        ("process.rs", include_str!("process.rs")),
+        ("testing.rs", include_str!("testing.rs")),
+        ("vmm_client.rs", include_str!("vmm_client.rs")),
+    ];
+
+    #[test]
+    fn the_host_layer_depends_on_nothing_above_it() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/host");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        on_disk.sort();
+        let listed: Vec<&str> = SOURCES.iter().map(|(n, _)| *n).collect();
+        assert_eq!(on_disk, listed, "list every file of src/host here");
+        // Spelled in pieces so this test's own text does not match.
+        let krate = "crate";
+        let path = format!("{krate}::");
+        let host = format!("{krate}::host::");
+        let api = concat!("runv", "_crds");
+        for (name, text) in SOURCES {
+            for (i, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or("");
+                let mut rest = code;
+                while let Some(at) = rest.find(krate) {
+                    let tail = &rest[at..];
+                    let word_start = at == 0 || !rest.as_bytes()[at - 1].is_ascii_alphanumeric();
+                    assert!(
+                        !word_start || !tail.starts_with(&path) || tail.starts_with(&host),
+                        "src/host/{name}:{}: reaches above the host layer: {line}",
+                        i + 1
+                    );
+                    rest = &tail[krate.len()..];
+                }
+                assert!(
+                    !code.contains(api),
+                    "src/host/{name}:{}: imports the API types: {line}",
+                    i + 1
+                );
+            }
+        }
+    }
+
+    /// The `.rs` files under `dir`, recursively.
+    fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                rust_files(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    #[test]
+    fn nothing_outside_the_host_layer_makes_a_side_effect() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        rust_files(&src, &mut files);
+        // main.rs installs the process's own signal handlers; dev.rs is
+        // developer tooling, not in release builds (see its module doc).
+        let exempt = ["host", "main.rs", "dev.rs", "tests.rs"];
+        // Writes, removals, renames, permission changes, programs and libc
+        // calls (a lower-case name after `libc::`; its constants are fine).
+        let effects = [
+            "fs::write",
+            "fs::create_dir",
+            "fs::remove_",
+            "fs::rename",
+            "fs::copy",
+            "set_permissions",
+            "File::create",
+            ".set_len(",
+            "Command::new",
+        ];
+        let mut checked = 0;
+        for file in files {
+            let rel = file.strip_prefix(&src).unwrap();
+            let first = rel.components().next().unwrap().as_os_str();
+            let name = rel.file_name().unwrap();
+            if exempt.iter().any(|x| first == *x || name == *x) {
+                continue;
+            }
+            checked += 1;
+            let text = std::fs::read_to_string(&file).unwrap();
+            let code = text.split("#[cfg(test)]").next().unwrap_or("");
+            for (i, line) in code.lines().enumerate() {
+                let line = line.split("//").next().unwrap_or("");
+                let libc_call = line.match_indices("libc::").any(|(at, m)| {
+                    line[at + m.len()..].starts_with(|c: char| c.is_ascii_lowercase())
+                });
+                let effect = effects.iter().find(|e| line.contains(*e));
+                assert!(
+                    effect.is_none() && !libc_call,
+                    "src/{}:{}: a side effect outside the host layer: {line}",
+                    rel.display(),
+                    i + 1
+                );
+            }
+        }
+        assert!(checked >= 10, "only {checked} files checked");
     }
 }

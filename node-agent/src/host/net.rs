@@ -135,7 +135,7 @@ impl Network for IpNetwork {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{Need, require};
+    use crate::host::testing::{Need, require};
 
     /// A network namespace of the test's own, deleted on drop.
     struct Netns(String);

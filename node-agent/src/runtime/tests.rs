@@ -10,8 +10,13 @@ use runv_crds::microvm::{Phase, PowerState, RunPolicy};
 use runv_crds::{MicroVMSpec, MicroVMStatus};
 use runv_vmm_api::{Request, VmConfig};
 
+use std::path::Path;
+
+use runv_crds::microvm::{Toggle, VmmLimits};
+
 use super::*;
 use crate::host::fake::{FakeHost, taps};
+use crate::{jail, vmconfig};
 
 fn at(s: i64) -> Timestamp {
     Timestamp::from_second(1_800_000_000 + s).unwrap()
@@ -242,7 +247,7 @@ fn cleanup_removes_vmm_tap_address_and_state() {
 
 fn limited(policy: RunPolicy, cpu: &str, memory: &str) -> MicroVMSpec {
     let mut s = spec(policy);
-    s.isolation.limits = Some(runv_crds::microvm::VmmLimits {
+    s.isolation.limits = Some(VmmLimits {
         cpu: Some(cpu.into()),
         memory: Some(memory.into()),
     });
@@ -603,4 +608,26 @@ fn a_control_socket_another_process_serves_is_sent_nothing() {
     let st = e.host.state();
     assert!(st.requests.is_empty(), "{:?}", st.requests);
     assert_eq!(st.killed, [vmm.pid]);
+}
+
+fn limits(cpu: Option<&str>, memory: Option<&str>) -> VmmLimits {
+    VmmLimits {
+        cpu: cpu.map(str::to_owned),
+        memory: memory.map(str::to_owned),
+    }
+}
+
+#[test]
+fn spec_limits_become_kernel_units() {
+    let l = limits_from_spec(&limits(Some("500m"), Some("128Mi"))).unwrap();
+    assert_eq!(l.cpu_quota_us, Some(50_000));
+    assert_eq!(l.memory_bytes, Some(128 << 20));
+    let l = limits_from_spec(&limits(Some("2"), None)).unwrap();
+    assert_eq!((l.cpu_quota_us, l.memory_bytes), (Some(200_000), None));
+    // Below 1 ms per period the kernel refuses the quota: 1 ms it is.
+    let l = limits_from_spec(&limits(Some("1m"), Some("1000"))).unwrap();
+    assert_eq!((l.cpu_quota_us, l.memory_bytes), (Some(1_000), Some(4096)));
+    assert!(!limits_from_spec(&limits(None, None)).unwrap().is_limited());
+    let e = limits_from_spec(&limits(Some("lots"), None)).unwrap_err();
+    assert!(e.to_string().contains("spec.isolation.limits.cpu"), "{e}");
 }

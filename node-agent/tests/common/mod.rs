@@ -195,7 +195,7 @@ pub fn recorded_pid(vm_dir: &Path) -> Option<u32> {
 /// The in-repo test guest, built with the VMM.
 pub fn test_guest() -> String {
     vmm_binary();
-    runv_node_agent::standalone::find_test_guest(Path::new(env!("CARGO_BIN_EXE_runv-agent")))
+    runv_node_agent::dev::find_test_guest(Path::new(env!("CARGO_BIN_EXE_runv-agent")))
         .expect("the VMM build made the test guest")
         .display()
         .to_string()

@@ -4,7 +4,7 @@
 //! Blocking on purpose: each call is a few hundred bytes on a local socket; the
 //! async agent calls it from `spawn_blocking`. It owns no VM state, and it
 //! does not check who listens: the agent connects through
-//! [`crate::host::control`], which makes sure the peer is the VMM it recorded
+//! [`super::control`], which makes sure the peer is the VMM it recorded
 //! and hands the connection to [`VmmClient::from_stream`].
 
 use std::collections::BTreeMap;
@@ -30,11 +30,19 @@ pub enum ClientError {
         source: std::io::Error,
     },
     /// The connection broke or timed out.
-    #[error("control socket I/O: {0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The VMM answered a line longer than any response.
+    #[error("response line too long")]
+    TooLong,
     /// The VMM answered something that is not a response.
-    #[error("malformed response: {0}")]
-    Malformed(String),
+    #[error("malformed response {line:?}: {source}")]
+    Malformed {
+        /// The line it sent.
+        line: String,
+        /// Why it is no response.
+        source: serde_json::Error,
+    },
     /// The VMM refused the request.
     #[error("the VMM refused {op}: {message}")]
     Refused {
@@ -107,10 +115,12 @@ impl VmmClient {
             return Err(ClientError::Io(std::io::ErrorKind::UnexpectedEof.into()));
         }
         if line.last() != Some(&b'\n') {
-            return Err(ClientError::Malformed("response line too long".into()));
+            return Err(ClientError::TooLong);
         }
-        Response::decode(line.trim_ascii_end())
-            .map_err(|e| ClientError::Malformed(format!("{e}: {}", String::from_utf8_lossy(&line))))
+        Response::decode(line.trim_ascii_end()).map_err(|source| ClientError::Malformed {
+            line: String::from_utf8_lossy(line.trim_ascii_end()).into_owned(),
+            source,
+        })
     }
 
     fn expect_ok(&mut self, req: Request) -> Result<(), ClientError> {
@@ -232,7 +242,7 @@ mod tests {
             "{e}"
         );
         c.pause().unwrap();
-        assert!(matches!(c.kill(), Err(ClientError::Malformed(_))));
+        assert!(matches!(c.kill(), Err(ClientError::Malformed { .. })));
         let seen = server.join().unwrap();
         assert_eq!(
             seen,

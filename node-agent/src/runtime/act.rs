@@ -1,0 +1,193 @@
+//! Act: carry out one [`Action`] of a decision — spawn a prepared VMM, or
+//! pause, resume, shut down or kill a running one through its control
+//! socket (SIGKILL as the last resort) — and stop a VM on request.
+//!
+//! Every message goes to the VMM recorded in `vm.json`, and only when its
+//! control socket is that VMM's. Must not decide what to do (that is
+//! [`crate::reconcile`]'s) and must not release anything the VM holds on
+//! the host (that is `cleanup.rs`).
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use runv_crds::MicroVMSpec;
+use runv_vmm_api::Request;
+
+use super::{Runtime, RuntimeError, VmRef, control_target, ms};
+use crate::host::{HostError, SpawnRequest, VmmIdentity};
+use crate::reconcile::Action;
+use crate::state::{VmDir, VmRecord};
+
+impl Runtime {
+    /// Carries out `action` for the VM.
+    pub(super) fn act(
+        &self,
+        vm: &VmRef,
+        spec: &MicroVMSpec,
+        generation: i64,
+        action: &Action,
+        now: Timestamp,
+    ) -> Result<(), RuntimeError> {
+        match action {
+            Action::Start { .. } => self.start(vm, spec, generation, now),
+            Action::Kill => Ok(self.kill(vm)?),
+            Action::Shutdown => {
+                let dir = self.dir(vm);
+                if let Some(mut record) = dir.read_record() {
+                    record.stop_requested = true;
+                    record.shutdown_at_ms = Some(ms(now));
+                    dir.write_record(&record)?;
+                }
+                // The VMM ends the VM itself if the guest ignores the button.
+                let grace = Duration::from_secs(
+                    u64::try_from(spec.termination_grace_period_seconds).unwrap_or(0),
+                );
+                Ok(self.send(vm, Request::shutdown_within(grace))?)
+            }
+            Action::Pause => Ok(self.send(vm, Request::Pause)?),
+            Action::Resume => Ok(self.send(vm, Request::Resume)?),
+        }
+    }
+
+    /// Prepares the host and spawns the VMM, recording it in `vm.json`.
+    fn start(
+        &self,
+        vm: &VmRef,
+        spec: &MicroVMSpec,
+        generation: i64,
+        now: Timestamp,
+    ) -> Result<(), RuntimeError> {
+        self.prepare(vm, spec)?;
+        let config = self.prepare_config(vm, spec)?;
+        let cgroup = self.prepare_cgroup(vm, spec)?;
+        // The OOM killer's count before this run, to tell an OOM kill later.
+        let oom_kills_at_start = if cgroup.is_empty() {
+            None
+        } else {
+            self.host.cgroups().oom_kills(&self.cgroup_name(vm))
+        };
+        let dir = self.dir(vm);
+        let id = self.host.processes().spawn(&SpawnRequest {
+            vmm: self.config.vmm.clone(),
+            config,
+            log: dir.vmm_log(),
+            cgroup,
+        })?;
+        dir.write_record(&VmRecord {
+            namespace: vm.namespace.clone(),
+            name: vm.name.clone(),
+            uid: vm.uid.clone(),
+            vmm: Some(id),
+            started_at_ms: ms(now),
+            generation,
+            booted_at_ms: None,
+            shutdown_at_ms: None,
+            stop_requested: false,
+            exit_seen_ms: None,
+            oom_kills_at_start,
+            oom_killed: false,
+        })?;
+        Ok(())
+    }
+
+    /// Ends the VMM now: through its control socket, else (no answer, or the
+    /// socket is not the VMM's) SIGKILL to the recorded process. Waits
+    /// (bounded) until it is gone.
+    pub(super) fn kill(&self, vm: &VmRef) -> Result<(), HostError> {
+        let dir = self.dir(vm);
+        let Some(mut record) = dir.read_record() else {
+            return Ok(());
+        };
+        let Some(id) = record.vmm else {
+            return Ok(());
+        };
+        record.stop_requested = true;
+        dir.write_record(&record)?;
+        let procs = self.host.processes();
+        if procs.is_alive(id) && self.send_to(vm, &dir, id, Request::Kill).is_ok() {
+            for _ in 0..200 {
+                if !procs.is_alive(id) {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        procs.kill(id)
+    }
+
+    /// Stops the VM: the power button, up to `grace`, then kill. Keeps its state.
+    pub fn stop(&self, vm: &VmRef, grace: Duration) -> Result<(), RuntimeError> {
+        let dir = self.dir(vm);
+        let Some(mut record) = dir.read_record() else {
+            return Ok(());
+        };
+        let Some(id) = record.vmm else {
+            return Ok(());
+        };
+        if !self.host.processes().is_alive(id) {
+            return Ok(());
+        }
+        record.stop_requested = true;
+        dir.write_record(&record)?;
+        if self
+            .send_to(vm, &dir, id, Request::shutdown_within(grace))
+            .is_ok()
+        {
+            let start = std::time::Instant::now();
+            while start.elapsed() < grace {
+                if !self.host.processes().is_alive(id) {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        self.kill(vm)?;
+        Ok(())
+    }
+
+    /// Logs `e` when it says the VM's control socket is not its VMM's.
+    fn log_control_mismatch(vm: &VmRef, e: &HostError) {
+        if let HostError::ControlSocketMismatch {
+            expected_pid,
+            found_pid,
+            ..
+        } = e
+        {
+            tracing::error!(
+                vm = %vm,
+                expected_pid,
+                found_pid,
+                error = %e,
+                "the control socket is not the VMM's: nothing is sent to it"
+            );
+        }
+    }
+
+    /// Sends `request` to the VM's recorded VMM; refuses (and logs) when
+    /// something else serves its control socket.
+    fn send(&self, vm: &VmRef, request: Request) -> Result<(), HostError> {
+        let dir = self.dir(vm);
+        let id = dir.read_record().and_then(|r| r.vmm).ok_or_else(|| {
+            HostError::io(
+                "control socket",
+                dir.control_socket(),
+                std::io::ErrorKind::NotFound.into(),
+            )
+        })?;
+        self.send_to(vm, &dir, id, request)
+    }
+
+    fn send_to(
+        &self,
+        vm: &VmRef,
+        dir: &VmDir,
+        id: VmmIdentity,
+        request: Request,
+    ) -> Result<(), HostError> {
+        let result = self.host.control().send(&control_target(dir, id), request);
+        if let Err(e) = &result {
+            Self::log_control_mismatch(vm, e);
+        }
+        result
+    }
+}

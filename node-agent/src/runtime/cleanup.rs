@@ -1,0 +1,60 @@
+//! Clean up: give back what a VM held on the host once it no longer runs —
+//! its taps and addresses, its cgroup, a finished run's files, and in the
+//! end its whole state directory.
+//!
+//! Must not start anything, and releases nothing of a VM whose VMM still
+//! runs but the VMM itself (through [`Runtime::kill`] first, in
+//! [`Runtime::cleanup`]).
+
+use super::{Runtime, RuntimeError, VmRef};
+use crate::vmconfig;
+
+impl Runtime {
+    /// Stops the VM for good and removes everything it had on the host: the VMM,
+    /// its taps, its addresses, its cgroup and its state directory.
+    pub fn cleanup(&self, vm: &VmRef) -> Result<(), RuntimeError> {
+        let dir = self.dir(vm);
+        self.kill(vm)?;
+        self.release_network(vm)?;
+        self.release_cgroup(vm)?;
+        dir.remove()?;
+        Ok(())
+    }
+
+    /// Removes the VM's cgroup; the VM must not run.
+    pub fn release_cgroup(&self, vm: &VmRef) -> Result<(), RuntimeError> {
+        self.host.cgroups().remove(&self.recorded_cgroup(vm))?;
+        Ok(())
+    }
+
+    /// Deletes the VM's taps and releases its addresses; the VM must not run.
+    pub fn release_network(&self, vm: &VmRef) -> Result<(), RuntimeError> {
+        for i in 0..4 {
+            let tap = vmconfig::tap_name(&vm.namespace, &vm.name, i);
+            if self.host.network().link_exists(&tap) {
+                self.host.network().delete_tap(&tap)?;
+            }
+        }
+        self.ipam
+            .release_prefix(&vmconfig::owner_prefix(&vm.namespace, &vm.name))?;
+        Ok(())
+    }
+
+    /// Forgets a finished run (record, exit file, serial log) so the VM starts
+    /// afresh; keeps its disks. Does nothing while a VMM runs for it (that one is
+    /// adopted). Returns whether it forgot anything.
+    pub fn forget_finished_run(&self, vm: &VmRef) -> Result<bool, RuntimeError> {
+        let dir = self.dir(vm);
+        let Some(record) = dir.read_record() else {
+            return Ok(false);
+        };
+        if record
+            .vmm
+            .is_some_and(|id| self.host.processes().is_alive(id))
+        {
+            return Ok(false);
+        }
+        dir.forget_run()?;
+        Ok(true)
+    }
+}

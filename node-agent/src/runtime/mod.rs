@@ -1,0 +1,296 @@
+//! Realizing MicroVMs on this host, one reconcile at a time, in phases, one
+//! file each: `observe` what runs, [`decide`] (pure, in [`crate::reconcile`]),
+//! `prepare` the host and `act`, observe again; `cleanup` gives back what a
+//! VM held. Shared by standalone and cluster mode; knows nothing of
+//! the Kubernetes API (callers pass the spec and the previous status, and
+//! publish the result).
+//!
+//! This file owns the [`Runtime`] itself, its settings, [`VmRef`], the
+//! conversion of a spec's limits into host terms, and [`Runtime::reconcile`],
+//! which runs the phases in order. Every side effect goes through [`Host`] or
+//! the VM's state directory ([`crate::state`]); nothing here or in the phase
+//! files makes a syscall itself.
+
+mod act;
+mod cleanup;
+mod observe;
+mod prepare;
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use runv_crds::conditions as cond;
+use runv_crds::microvm::VmmLimits;
+use runv_crds::quantity::{self, QuantityError};
+use runv_crds::{MicroVMSpec, MicroVMStatus};
+
+use crate::host::cgroup::{CPU_PERIOD_US, Limits, MIN_CPU_QUOTA_US};
+use crate::host::ipam::FileIpam;
+use crate::host::{BridgeSpec, ControlTarget, Host, HostError, VmmIdentity};
+use crate::jail::JailIdAllocator;
+use crate::reconcile::{Action, Backoff, Decision, Observed, decide};
+use crate::state::{self, VmDir};
+
+/// Why the runtime could not be set up, or a VM not started, stopped or
+/// cleaned up.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// A host operation failed.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// A quantity in the spec (a limit, a disk size) cannot be read.
+    #[error(transparent)]
+    Quantity(#[from] QuantityError),
+}
+
+impl RuntimeError {
+    /// Whether this is a cgroup failure: limits asked for cannot be enforced.
+    pub fn is_cgroup(&self) -> bool {
+        matches!(self, Self::Host(e) if e.is_cgroup())
+    }
+}
+
+/// Settings of a [`Runtime`].
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// The agent's state directory.
+    pub root: PathBuf,
+    /// The `runv-vmm` binary.
+    pub vmm: PathBuf,
+    /// The node bridge for `Nat` interfaces; its gateway and prefix define the subnet.
+    pub bridge: BridgeSpec,
+    /// Restart backoff.
+    pub backoff: Backoff,
+    /// Serial log bound per VM (kept: about twice this).
+    pub serial_limit: u64,
+}
+
+impl RuntimeConfig {
+    /// Defaults for a state directory and VMM binary.
+    pub fn new(root: PathBuf, vmm: PathBuf) -> Self {
+        Self {
+            root,
+            vmm,
+            bridge: BridgeSpec {
+                name: "runvbr0".into(),
+                gateway: Ipv4Addr::new(10, 213, 0, 1),
+                prefix: 16,
+            },
+            backoff: Backoff::default(),
+            serial_limit: 1 << 20,
+        }
+    }
+}
+
+/// The Ready message for limits the node cannot enforce.
+fn limits_message(e: &dyn std::fmt::Display) -> String {
+    format!("spec.isolation.limits cannot be enforced on this node: {e}")
+}
+
+/// How the agent reaches the VMM `id` of the VM in `dir`: its control socket,
+/// checked against `id` and the jail uid in the config it was started with.
+pub fn control_target(dir: &VmDir, id: VmmIdentity) -> ControlTarget {
+    ControlTarget {
+        socket: dir.control_socket(),
+        vmm: id,
+        jail_uid: dir.read_config().and_then(|c| c.jail).map(|j| j.uid),
+    }
+}
+
+/// Identifies one VM.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VmRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Uid (empty in standalone mode).
+    pub uid: String,
+}
+
+impl std::fmt::Display for VmRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Realizes VMs on one host.
+pub struct Runtime {
+    config: RuntimeConfig,
+    host: Arc<dyn Host>,
+    ipam: FileIpam,
+    jail_ids: JailIdAllocator,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+fn ms(t: Timestamp) -> i64 {
+    t.as_millisecond()
+}
+
+fn from_ms(v: i64) -> Timestamp {
+    Timestamp::from_millisecond(v).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+/// The cgroup limits `spec.isolation.limits` asks for, in the kernel's
+/// units: CPU `500m` is 50 ms per 100 ms (at least 1 ms), memory is rounded
+/// up to whole 4 KiB pages (the kernel rounds down what it is given).
+pub fn limits_from_spec(limits: &VmmLimits) -> Result<Limits, QuantityError> {
+    let cpu_quota_us = limits
+        .cpu
+        .as_deref()
+        .map(|c| quantity::millicores("spec.isolation.limits.cpu", c))
+        .transpose()?
+        .map(|m| (m.saturating_mul(CPU_PERIOD_US) / 1000).max(MIN_CPU_QUOTA_US));
+    let memory_bytes = limits
+        .memory
+        .as_deref()
+        .map(|m| quantity::bytes("spec.isolation.limits.memory", m))
+        .transpose()?
+        .map(|b| b.div_ceil(4096).saturating_mul(4096));
+    Ok(Limits {
+        cpu_quota_us,
+        memory_bytes,
+    })
+}
+
+/// The cgroup limits a spec asks for; `None` when it asks for none.
+pub fn spec_limits(spec: &MicroVMSpec) -> Result<Option<Limits>, QuantityError> {
+    match &spec.isolation.limits {
+        Some(l) => limits_from_spec(l).map(|c| c.is_limited().then_some(c)),
+        None => Ok(None),
+    }
+}
+
+impl Runtime {
+    /// A runtime over `host`, with its state in `config.root`.
+    pub fn new(config: RuntimeConfig, host: Arc<dyn Host>) -> Result<Self, RuntimeError> {
+        state::create_root(&config.root)?;
+        let ipam = FileIpam::open(
+            &config.root.join("ipam.json"),
+            config.bridge.gateway,
+            config.bridge.prefix,
+        )?;
+        Ok(Self {
+            config,
+            host,
+            ipam,
+            jail_ids: JailIdAllocator::default(),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// The host.
+    pub fn host(&self) -> &dyn Host {
+        self.host.as_ref()
+    }
+
+    /// The VM's state directory.
+    pub fn dir(&self, vm: &VmRef) -> VmDir {
+        VmDir::new(&self.config.root, &vm.namespace, &vm.name)
+    }
+
+    /// The node-local IPAM.
+    pub fn ipam(&self) -> &FileIpam {
+        &self.ipam
+    }
+
+    /// The name of the VM's cgroup (under the agent's parent cgroup).
+    pub fn cgroup_name(&self, vm: &VmRef) -> String {
+        state::dir_name(&vm.namespace, &vm.name)
+    }
+
+    /// The cgroup the VM's VMM was given, as recorded; else its name.
+    fn recorded_cgroup(&self, vm: &VmRef) -> String {
+        self.dir(vm)
+            .read_cgroup_record()
+            .map_or_else(|| self.cgroup_name(vm), |r| r.name)
+    }
+
+    /// Every VM with a state directory here.
+    pub fn known(&self) -> Vec<VmRef> {
+        state::list(&self.config.root)
+            .into_iter()
+            .map(|(_, r)| VmRef {
+                namespace: r.namespace,
+                name: r.name,
+                uid: r.uid,
+            })
+            .collect()
+    }
+
+    /// One reconcile of one VM: observe, decide, act, observe again, decide
+    /// the status.
+    pub fn reconcile(
+        &self,
+        vm: &VmRef,
+        spec: &MicroVMSpec,
+        generation: i64,
+        previous: &MicroVMStatus,
+        now: Timestamp,
+    ) -> Decision {
+        let _ = self.dir(vm).rotate_serial(self.config.serial_limit);
+        let mut facts = self.facts(vm, spec);
+        let obs = self.observe(vm, spec, now);
+        if let Observed::Running {
+            control_mismatch: Some(why),
+            ..
+        } = &obs
+        {
+            // Once, when it is new (the status keeps saying it): reconciles
+            // may come every 200 ms.
+            let known = cond::find(&previous.conditions, cond::READY)
+                .is_some_and(|c| c.reason == "ControlSocketMismatch");
+            if !known {
+                tracing::error!(vm = %vm, error = %why, "the control socket is not the VMM's: nothing is sent to it");
+            }
+        }
+        let backoff = &self.config.backoff;
+        let first = decide(spec, generation, previous, &obs, &facts, backoff, now);
+        let mut acted = false;
+        for action in &first.actions {
+            acted = true;
+            if let Err(e) = self.act(vm, spec, generation, action, now) {
+                tracing::warn!(vm = %vm, ?action, error = %e, "action failed");
+                if matches!(action, Action::Start { .. }) {
+                    if e.is_cgroup() {
+                        facts.limits_error = Some(limits_message(&e));
+                    } else {
+                        facts.start_error = Some(e.to_string());
+                    }
+                }
+                break;
+            }
+        }
+        let mut decision = if acted {
+            let obs = self.observe(vm, spec, now);
+            let mut second = decide(spec, generation, &first.status, &obs, &facts, backoff, now);
+            if !second.actions.is_empty() {
+                second.requeue = Some(Duration::from_millis(100));
+            }
+            second
+        } else {
+            first
+        };
+        let (interfaces, cid) = self.addresses(vm, spec);
+        decision.status.interfaces = interfaces;
+        decision.status.vsock_cid = cid;
+        decision
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,230 @@
+//! Observe: what runs for a VM now, what the node offers it, and the
+//! addresses and config it would get, read from the host and the VM's state
+//! directory.
+//!
+//! Owns [`Runtime::observe`] and [`Runtime::facts`], and the comparison of the
+//! running VMM's config and limits with the spec. Must not change anything on
+//! the host: the one write is bookkeeping in `vm.json` (when the guest was
+//! first seen booted, when an exit was first seen and whether the OOM killer
+//! caused it), facts that can only be seen once.
+
+use std::path::Path;
+
+use k8s_openapi::jiff::Timestamp;
+use runv_crds::MicroVMSpec;
+use runv_crds::microvm::{InterfaceStatus, Toggle};
+use runv_vmm_api::VmConfig;
+
+use super::{Runtime, VmRef, control_target, from_ms, limits_message, ms, spec_limits};
+use crate::jail;
+use crate::reconcile::{Facts, Observed, ObservedExit};
+use crate::state::VmRecord;
+use crate::vmconfig;
+
+fn prefix_mask(prefix: u8) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(u32::MAX << (32 - u32::from(prefix.min(32))))
+}
+
+impl Runtime {
+    /// What the node says about the spec before anything runs: missing
+    /// files, an invalid spec, limits it cannot enforce.
+    pub(super) fn facts(&self, vm: &VmRef, spec: &MicroVMSpec) -> Facts {
+        let missing_files = vmconfig::host_files(spec)
+            .into_iter()
+            .filter(|(_, path)| !self.host.disks().exists(Path::new(path)))
+            .collect();
+        let invalid = vmconfig::build(&vm.namespace, &vm.name, spec, &self.dir(vm), "")
+            .err()
+            .map(|e| e.to_string())
+            .or_else(|| spec_limits(spec).err().map(|e| e.to_string()));
+        // Limits the node cannot enforce keep the VM from starting: it never
+        // runs unlimited when it asked for limits.
+        let limits_error = match spec_limits(spec) {
+            Ok(Some(_)) => self
+                .host
+                .cgroups()
+                .available()
+                .err()
+                .map(|e| limits_message(&e)),
+            _ => None,
+        };
+        Facts {
+            missing_files,
+            invalid,
+            limits_error,
+            start_error: None,
+        }
+    }
+
+    /// Whether the running VMM has the limits the spec asks for now.
+    fn limits_current(&self, vm: &VmRef, spec: &MicroVMSpec) -> bool {
+        let Ok(want) = spec_limits(spec) else {
+            return true; // an invalid spec is reported, not restarted for
+        };
+        let have = self.dir(vm).read_cgroup_record().map(|r| r.limits);
+        want.unwrap_or_default() == have.unwrap_or_default()
+    }
+
+    /// What runs for this VM now.
+    pub fn observe(&self, vm: &VmRef, spec: &MicroVMSpec, now: Timestamp) -> Observed {
+        let dir = self.dir(vm);
+        let Some(mut record) = dir.read_record() else {
+            return Observed::NotRunning {
+                exit: None,
+                last_generation: None,
+            };
+        };
+        let Some(id) = record.vmm else {
+            return Observed::NotRunning {
+                exit: None,
+                last_generation: Some(record.generation),
+            };
+        };
+        if self.host.processes().is_alive(id) {
+            return self.observe_running(vm, spec, &mut record, id, now);
+        }
+        let exit = dir.read_exit();
+        let at = match (&exit, dir.exit_written_at()) {
+            (Some(_), Some(t)) => Timestamp::try_from(t).unwrap_or(now),
+            _ => match record.exit_seen_ms {
+                Some(t) => from_ms(t),
+                None => {
+                    // Killed by a signal: by the OOM killer if its cgroup's
+                    // count rose. Decided once, when the exit is first seen.
+                    record.exit_seen_ms = Some(ms(now));
+                    record.oom_killed = self.oom_killed_since_start(vm, &record);
+                    let _ = dir.write_record(&record);
+                    now
+                }
+            },
+        };
+        Observed::NotRunning {
+            exit: Some(ObservedExit {
+                oom_killed: exit.is_none() && record.oom_killed,
+                record: exit,
+                at,
+                requested: record.stop_requested,
+            }),
+            last_generation: Some(record.generation),
+        }
+    }
+
+    /// What a running VMM says, and whether it runs what the spec asks for.
+    fn observe_running(
+        &self,
+        vm: &VmRef,
+        spec: &MicroVMSpec,
+        record: &mut VmRecord,
+        id: crate::host::VmmIdentity,
+        now: Timestamp,
+    ) -> Observed {
+        let dir = self.dir(vm);
+        let mut control_mismatch = None;
+        let view = match self.host.control().view(&control_target(&dir, id)) {
+            Ok(v) => Some(v),
+            Err(e) if e.is_control_mismatch() => {
+                control_mismatch = Some(e.to_string());
+                None
+            }
+            Err(_) => None,
+        };
+        if record.booted_at_ms.is_none() && view.as_ref().is_some_and(|v| v.serial_bytes > 0) {
+            record.booted_at_ms = Some(ms(now));
+            let _ = dir.write_record(record);
+        }
+        let config_current = dir
+            .read_config()
+            .is_some_and(|have| self.config_matches(vm, spec, have))
+            && self.limits_current(vm, spec);
+        Observed::Running {
+            started_at: from_ms(record.started_at_ms),
+            paused: view.is_some_and(|v| v.paused),
+            booted_at: record.booted_at_ms.map(from_ms),
+            config_current,
+            shutdown_since: record.shutdown_at_ms.map(from_ms),
+            control_mismatch,
+        }
+    }
+
+    /// Whether the OOM killer killed a process in the VM's cgroup since its
+    /// last VMM started (the count then is in `record`).
+    fn oom_killed_since_start(&self, vm: &VmRef, record: &VmRecord) -> bool {
+        let Some(before) = record.oom_kills_at_start else {
+            return false;
+        };
+        self.host
+            .cgroups()
+            .oom_kills(&self.recorded_cgroup(vm))
+            .is_some_and(|now| now > before)
+    }
+
+    /// The addresses of the VM's `Nat` interfaces: `ip=` kernel parameter for the first.
+    fn ip_cmdline(&self, vm: &VmRef, spec: &MicroVMSpec) -> String {
+        let plan = vmconfig::net_plan(&vm.namespace, &vm.name, spec);
+        plan.iter()
+            .enumerate()
+            .find(|(_, n)| n.managed)
+            .and_then(|(i, n)| {
+                let owner = format!(
+                    "{}{}",
+                    vmconfig::owner_prefix(&vm.namespace, &vm.name),
+                    n.name
+                );
+                self.ipam.lookup(&owner).map(|ip| {
+                    format!(
+                        "ip={ip}::{}:{}::eth{i}:off",
+                        self.ipam.gateway(),
+                        prefix_mask(self.ipam.prefix())
+                    )
+                })
+            })
+            .unwrap_or_default()
+    }
+
+    /// The VMM config the spec asks for: jailed as the VM's `jail.json` says
+    /// when `isolation.jail` is Enabled (`None` until it has ids).
+    pub(super) fn vm_config(&self, vm: &VmRef, spec: &MicroVMSpec) -> Option<VmConfig> {
+        let extra = self.ip_cmdline(vm, spec);
+        let dir = self.dir(vm);
+        let mut c = vmconfig::build(&vm.namespace, &vm.name, spec, &dir, &extra).ok()?;
+        if spec.isolation.jail == Toggle::Enabled {
+            c.jail = Some(vmconfig::jail(&dir, jail::read(&dir)?));
+        }
+        Some(c)
+    }
+
+    /// Whether the config a VMM was started with (`have`) is the one the
+    /// spec asks for now. `startPaused` only matters at start: a change of
+    /// `powerState` restarts nothing.
+    fn config_matches(&self, vm: &VmRef, spec: &MicroVMSpec, mut have: VmConfig) -> bool {
+        let Some(want) = self.vm_config(vm, spec) else {
+            return false;
+        };
+        have.start_paused = want.start_paused;
+        have == want
+    }
+
+    /// The interfaces and vsock CID the status reports.
+    pub fn addresses(&self, vm: &VmRef, spec: &MicroVMSpec) -> (Vec<InterfaceStatus>, Option<i64>) {
+        let prefix = vmconfig::owner_prefix(&vm.namespace, &vm.name);
+        let ifaces = vmconfig::net_plan(&vm.namespace, &vm.name, spec)
+            .into_iter()
+            .map(|n| InterfaceStatus {
+                ip: n
+                    .managed
+                    .then(|| self.ipam.lookup(&format!("{prefix}{}", n.name)))
+                    .flatten()
+                    .map(|ip| ip.to_string()),
+                mac: Some(n.mac),
+                host_interface: Some(n.tap),
+                name: n.name,
+            })
+            .collect();
+        let cid = spec
+            .vsock
+            .as_ref()
+            .filter(|v| v.enabled)
+            .map(|_| i64::from(vmconfig::vsock_cid(&vm.namespace, &vm.name)));
+        (ifaces, cid)
+    }
+}

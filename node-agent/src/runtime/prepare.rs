@@ -1,0 +1,126 @@
+//! Prepare: everything a VMM needs on the host before it is spawned — the
+//! VM's directory and jail ids, its disks, the bridge, its taps and
+//! addresses, its config file and its cgroup with the spec's limits.
+//!
+//! Every step is idempotent, so a start that failed halfway is retried from
+//! the top. Must not spawn, signal or talk to a VMM (that is `act.rs`),
+//! and must not release anything (that is `cleanup.rs`).
+
+use std::path::{Path, PathBuf};
+
+use runv_crds::MicroVMSpec;
+use runv_crds::microvm::{PowerState, Toggle};
+
+use super::{Runtime, RuntimeError, VmRef, spec_limits};
+use crate::host::HostError;
+use crate::state::CgroupRecord;
+use crate::vmconfig;
+
+impl Runtime {
+    /// The VM's directory, jail ids, disks and network.
+    pub(super) fn prepare(&self, vm: &VmRef, spec: &MicroVMSpec) -> Result<(), RuntimeError> {
+        let dir = self.dir(vm);
+        dir.create()?;
+        if spec.isolation.jail == Toggle::Enabled {
+            // The jailed VMM writes its exit file and removes its control
+            // socket in run/, and nowhere else.
+            let ids = self.jail_ids.ensure(&self.config.root, &dir)?;
+            self.host
+                .disks()
+                .give_dir(&dir.run_dir(), ids.uid, ids.gid)?;
+        }
+        self.prepare_disks(vm, spec)?;
+        self.prepare_network(vm, spec)?;
+        Ok(())
+    }
+
+    /// A private copy of every writable file disk, and every empty disk.
+    fn prepare_disks(&self, vm: &VmRef, spec: &MicroVMSpec) -> Result<(), RuntimeError> {
+        let dir = self.dir(vm);
+        let disks = self.host.disks();
+        for d in &spec.disks {
+            let path = dir.disk(&d.name);
+            if disks.exists(&path) {
+                continue;
+            }
+            match (&d.file, &d.empty) {
+                (Some(f), _) if !d.read_only => {
+                    disks.copy_image(Path::new(&f.path), &path)?;
+                }
+                (None, Some(e)) => {
+                    let size = runv_crds::quantity::bytes("spec.disks[].empty.size", &e.size)?;
+                    disks.create_empty(&path, size)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The bridge, and a tap and an address per `Nat` interface.
+    fn prepare_network(&self, vm: &VmRef, spec: &MicroVMSpec) -> Result<(), HostError> {
+        let plan = vmconfig::net_plan(&vm.namespace, &vm.name, spec);
+        if plan.iter().any(|n| n.managed) {
+            self.host.network().ensure_bridge(&self.config.bridge)?;
+        }
+        let prefix = vmconfig::owner_prefix(&vm.namespace, &vm.name);
+        for n in plan.iter().filter(|n| n.managed) {
+            self.ipam.allocate(&format!("{prefix}{}", n.name))?;
+            self.host
+                .network()
+                .ensure_tap(&n.tap, &self.config.bridge.name)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the VMM's config for this start and clears what the last run
+    /// left in `run/`. Returns the config file.
+    pub(super) fn prepare_config(
+        &self,
+        vm: &VmRef,
+        spec: &MicroVMSpec,
+    ) -> Result<PathBuf, RuntimeError> {
+        let dir = self.dir(vm);
+        let mut config = self.vm_config(vm, spec).ok_or_else(|| HostError::Invalid {
+            what: "spec",
+            value: format!("{vm}"),
+        })?;
+        // A VM asked to be Paused runs no guest code before it is resumed.
+        config.start_paused = spec.power_state == PowerState::Paused;
+        dir.write_config(&config)?;
+        dir.clear_run_files()?;
+        Ok(dir.config())
+    }
+
+    /// Creates the VM's cgroup with its limits and returns the files the VMM
+    /// joins. A VM without limits runs without a cgroup of its own where the
+    /// node has none to give; one with limits does not run at all then.
+    pub(super) fn prepare_cgroup(
+        &self,
+        vm: &VmRef,
+        spec: &MicroVMSpec,
+    ) -> Result<Vec<PathBuf>, RuntimeError> {
+        let want = spec_limits(spec)?;
+        let name = self.cgroup_name(vm);
+        let cgroups = self.host.cgroups();
+        let limits = want.unwrap_or_default();
+        let result = cgroups
+            .available()
+            .and_then(|()| cgroups.ensure(&name, &limits));
+        let dir = self.dir(vm);
+        match result {
+            Ok(procs) => {
+                dir.write_cgroup_record(&CgroupRecord { name, limits })?;
+                Ok(procs)
+            }
+            Err(e) if want.is_none() => {
+                if !matches!(e, HostError::CgroupsUnavailable(_)) {
+                    tracing::warn!(vm = %vm, error = %e, "running the VMM without a cgroup of its own");
+                }
+                dir.remove_cgroup_record()?;
+                Ok(Vec::new())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
