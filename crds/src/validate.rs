@@ -1,19 +1,22 @@
 //! Offline validation of runv manifests, as the API server would do it at
-//! apply time: the structural OpenAPI schema of the generated CRD (types,
-//! bounds, patterns, unknown fields refused as by `kubectl`'s strict field
-//! validation), the uniqueness of keys in `x-kubernetes-list-type: map`
-//! lists, then every CEL `x-kubernetes-validations` rule with schema defaults
-//! applied first.
+//! apply time: unknown fields refused alone, as by `kubectl`'s strict field
+//! validation while decoding; then, with schema defaults applied, `metadata`
+//! (name, label and annotation keys, label values, by [`crate::names`]), the
+//! structural OpenAPI schema of the generated CRD (types, bounds, patterns),
+//! the uniqueness of keys in `x-kubernetes-list-type: map` lists, and every
+//! CEL `x-kubernetes-validations` rule.
 //!
-//! As on the API server, the CEL rules are skipped only when a schema error
-//! is one that makes them unsafe to run (a wrong type, a missing required
-//! field, a value that is too long or not one of an enum, too many items or
-//! entries, an unknown field); after a pattern, minimum or maximum error they
-//! still run, so every rule must hold up on such values.
+//! As on the API server, the CEL rules are skipped only when an error is one
+//! that makes them unsafe to run (a wrong type, a missing required field or
+//! name, a value that is too long or not one of an enum, too many items or
+//! entries); after a pattern, minimum or maximum error they still run, so
+//! every rule must hold up on such values.
 //!
-//! Standalone mode uses this so a bad manifest fails with the same message it
-//! would get from a cluster; tests use it to pin each rule's message. It does
-//! not admit or store anything.
+//! Standalone mode uses this so a bad manifest fails on the same fields as it
+//! would on a cluster, with the same messages except for structural schema
+//! errors, which keep JSON Schema's wording; tests use it to pin each rule's
+//! message, and `e2e/tests/validation_corpus.rs` checks it against the test
+//! server case by case. It does not admit or store anything.
 
 use std::fmt;
 
