@@ -12,6 +12,7 @@ pub mod conditions;
 pub mod contract;
 pub mod generate;
 pub mod microvm;
+pub mod names;
 pub mod quantity;
 pub mod retry;
 pub mod secureworkload;

@@ -1,19 +1,22 @@
 //! Offline validation of runv manifests, as the API server would do it at
-//! apply time: the structural OpenAPI schema of the generated CRD (types,
-//! bounds, patterns, unknown fields refused as by `kubectl`'s strict field
-//! validation), the uniqueness of keys in `x-kubernetes-list-type: map`
-//! lists, then every CEL `x-kubernetes-validations` rule with schema defaults
-//! applied first.
+//! apply time: unknown fields refused alone, as by `kubectl`'s strict field
+//! validation while decoding; then, with schema defaults applied, `metadata`
+//! (name, label and annotation keys, label values, by [`crate::names`]), the
+//! structural OpenAPI schema of the generated CRD (types, bounds, patterns),
+//! the uniqueness of keys in `x-kubernetes-list-type: map` lists, and every
+//! CEL `x-kubernetes-validations` rule.
 //!
-//! As on the API server, the CEL rules are skipped only when a schema error
-//! is one that makes them unsafe to run (a wrong type, a missing required
-//! field, a value that is too long or not one of an enum, too many items or
-//! entries, an unknown field); after a pattern, minimum or maximum error they
-//! still run, so every rule must hold up on such values.
+//! As on the API server, the CEL rules are skipped only when an error is one
+//! that makes them unsafe to run (a wrong type, a missing required field or
+//! name, a value that is too long or not one of an enum, too many items or
+//! entries); after a pattern, minimum or maximum error they still run, so
+//! every rule must hold up on such values.
 //!
-//! Standalone mode uses this so a bad manifest fails with the same message it
-//! would get from a cluster; tests use it to pin each rule's message. It does
-//! not admit or store anything.
+//! Standalone mode uses this so a bad manifest fails on the same fields as it
+//! would on a cluster, with the same messages except for structural schema
+//! errors, which keep JSON Schema's wording; tests use it to pin each rule's
+//! message, and `e2e/tests/validation_corpus.rs` checks it against the test
+//! server case by case. It does not admit or store anything.
 
 use std::fmt;
 
@@ -21,7 +24,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::core::cel::{Validator as CelValidator, compile_schema};
 use serde_json::Value;
 
-use crate::generate;
+use crate::{generate, names};
 
 /// One rejected field, worded like the API server's `Invalid` status causes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,6 +128,11 @@ impl Validator {
     }
 
     /// Validates one object as a create (`old` is `None`) or an update of `old`.
+    ///
+    /// In kube-apiserver's order: unknown fields fail the request alone (strict
+    /// field validation refuses them while decoding); then schema defaults are
+    /// applied, and metadata, the structural schema, list-map keys and (unless a
+    /// blocking error came first) the CEL rules are checked together.
     pub fn validate(&self, obj: &Value, old: Option<&Value>) -> Result<(), ValidateError> {
         let api_version = str_at(obj, "apiVersion");
         let kind_name = str_at(obj, "kind");
@@ -136,12 +144,27 @@ impl Validator {
                 api_version: api_version.to_owned(),
                 kind: kind_name.to_owned(),
             })?;
+        let invalid = |errors: Vec<FieldError>| ValidateError::Invalid {
+            kind: kind_name.to_owned(),
+            name: str_at(&obj["metadata"], "name").to_owned(),
+            errors,
+        };
+        let unknown = unknown_fields(&kind.structural, obj);
+        if !unknown.is_empty() {
+            return Err(invalid(unknown));
+        }
+        let obj = &defaulted(&kind.schema, obj);
 
-        let (mut errors, mut blocking) = metadata_errors(obj);
+        let meta = metadata_errors(
+            &with_generated_name(&obj["metadata"]),
+            names::dns1123_subdomain,
+        );
+        let mut blocking = meta.iter().any(MetaError::is_blocking);
+        let mut errors: Vec<FieldError> = meta.iter().map(MetaError::to_field_error).collect();
         for e in kind.structural.iter_errors(obj) {
             blocking |= is_blocking(e.kind());
             errors.push(FieldError {
-                field: dotted(&e.instance_path().to_string()),
+                field: schema_error_field(&e),
                 message: e.to_string(),
             });
         }
@@ -162,11 +185,7 @@ impl Validator {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(ValidateError::Invalid {
-                kind: kind_name.to_owned(),
-                name: str_at(&obj["metadata"], "name").to_owned(),
-                errors,
-            })
+            Err(invalid(errors))
         }
     }
 
@@ -366,67 +385,248 @@ fn go_map(key: &serde_json::Map<String, Value>) -> String {
     format!("map[string]interface {{}}{{{}}}", body.join(", "))
 }
 
-/// The checks the API server makes on `metadata` of a namespaced object, and whether
-/// one of them is blocking (a missing name).
-fn metadata_errors(obj: &Value) -> (Vec<FieldError>, bool) {
-    let name = str_at(&obj["metadata"], "name");
-    let generate_name = str_at(&obj["metadata"], "generateName");
-    let mut errors = Vec::new();
-    if name.is_empty() && generate_name.is_empty() {
-        errors.push(FieldError {
-            field: "metadata.name".into(),
-            message: "Required value: name or generateName is required".into(),
-        });
-        return (errors, true);
-    } else if !name.is_empty() && !is_dns_subdomain(name) {
-        errors.push(FieldError {
-            field: "metadata.name".into(),
-            message: format!(
-                "Invalid value: {name:?}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
-            ),
-        });
-    }
-    (errors, false)
+/// One refused `metadata` field, as apimachinery's `ValidateObjectMetaAccessor`
+/// reports it. The offline validator and the test server share these checks.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MetaError {
+    /// A missing value: `Required value: <detail>`.
+    Required {
+        /// Dotted path of the field.
+        field: String,
+        /// Why it is needed.
+        detail: String,
+    },
+    /// A value that breaks a rule: `Invalid value: <value>: <detail>`.
+    Invalid {
+        /// Dotted path of the field.
+        field: String,
+        /// The value refused.
+        value: Value,
+        /// The rule it breaks.
+        detail: String,
+    },
+    /// Too many bytes in all: `Too long: may not be more than <limit> bytes`.
+    TooLong {
+        /// Dotted path of the field.
+        field: String,
+        /// The limit in bytes.
+        limit: usize,
+    },
 }
 
-fn is_dns_subdomain(s: &str) -> bool {
-    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
-    s.len() <= 253
-        && s.starts_with(alnum)
-        && s.ends_with(alnum)
-        && s.chars().all(|c| alnum(c) || c == '-' || c == '.')
+/// Most bytes of all annotations' keys and values together.
+pub const ANNOTATIONS_MAX_BYTES: usize = 256 * 1024;
+
+impl MetaError {
+    /// Dotted path of the field.
+    pub fn field(&self) -> &str {
+        match self {
+            Self::Required { field, .. }
+            | Self::Invalid { field, .. }
+            | Self::TooLong { field, .. } => field,
+        }
+    }
+
+    /// The Status cause's reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Required { .. } => "FieldValueRequired",
+            Self::Invalid { .. } => "FieldValueInvalid",
+            Self::TooLong { .. } => "FieldValueTooLong",
+        }
+    }
+
+    /// The message, worded as apimachinery's field errors.
+    pub fn message(&self) -> String {
+        match self {
+            Self::Required { detail, .. } => format!("Required value: {detail}"),
+            Self::Invalid { value, detail, .. } => {
+                format!("Invalid value: {}: {detail}", render(value))
+            }
+            Self::TooLong { limit, .. } => format!("Too long: may not be more than {limit} bytes"),
+        }
+    }
+
+    /// Whether the API server skips the CEL rules after this error.
+    pub fn is_blocking(&self) -> bool {
+        !matches!(self, Self::Invalid { .. })
+    }
+
+    /// The same error as a [`FieldError`].
+    pub fn to_field_error(&self) -> FieldError {
+        FieldError {
+            field: self.field().to_owned(),
+            message: self.message(),
+        }
+    }
+}
+
+/// A value as apimachinery's field errors show it: strings quoted, containers by type.
+fn render(value: &Value) -> String {
+    match value {
+        Value::String(s) => format!("{s:?}"),
+        Value::Object(_) => "\"object\"".into(),
+        Value::Array(_) => "\"array\"".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The API server's checks of `metadata`: the name (by `name_rule`, e.g.
+/// [`names::dns1123_subdomain`] for a custom resource), `generateName`, label
+/// keys and values, annotation keys and their total size. The namespace is not
+/// checked: it comes from the request, not the manifest.
+pub fn metadata_errors(meta: &Value, name_rule: fn(&str) -> Vec<String>) -> Vec<MetaError> {
+    let mut errs = Vec::new();
+    let mut invalid = |field: String, value: &Value, details: Vec<String>| {
+        errs.extend(details.into_iter().map(|detail| MetaError::Invalid {
+            field: field.clone(),
+            value: value.clone(),
+            detail,
+        }));
+    };
+    let name = str_at(meta, "name");
+    let generate_name = str_at(meta, "generateName");
+    if !generate_name.is_empty() {
+        // A prefix may end in `-`: the generated suffix will follow it.
+        let prefix = match generate_name.strip_suffix('-') {
+            Some(p) if !p.is_empty() => format!("{p}a"),
+            _ => generate_name.to_owned(),
+        };
+        invalid(
+            "metadata.generateName".into(),
+            &meta["generateName"],
+            name_rule(&prefix),
+        );
+    }
+    if !name.is_empty() {
+        invalid("metadata.name".into(), &meta["name"], name_rule(name));
+    }
+    for (field, value_rule) in [
+        (
+            "labels",
+            Some(names::label_value as fn(&str) -> Vec<String>),
+        ),
+        ("annotations", None),
+    ] {
+        let path = format!("metadata.{field}");
+        let Some(map) = meta[field].as_object() else {
+            if !meta[field].is_null() {
+                invalid(path, &meta[field], vec!["must be a map of strings".into()]);
+            }
+            continue;
+        };
+        for (k, v) in map {
+            let key = Value::String(k.clone());
+            match value_rule {
+                Some(_) => invalid(path.clone(), &key, names::qualified_name(k)),
+                // Annotation keys are qualified names in any case.
+                None => invalid(path.clone(), &key, names::qualified_name(&k.to_lowercase())),
+            }
+            match (v.as_str(), value_rule) {
+                (Some(s), Some(rule)) => invalid(path.clone(), v, rule(s)),
+                (Some(_), None) => {}
+                (None, _) => invalid(format!("{path}.{k}"), v, vec!["must be a string".into()]),
+            }
+        }
+    }
+    let annotation_bytes: usize = meta["annotations"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| k.len() + v.as_str().map_or(0, str::len))
+        .sum();
+    if annotation_bytes > ANNOTATIONS_MAX_BYTES {
+        errs.push(MetaError::TooLong {
+            field: "metadata.annotations".into(),
+            limit: ANNOTATIONS_MAX_BYTES,
+        });
+    }
+    if name.is_empty() && generate_name.is_empty() {
+        errs.insert(
+            0,
+            MetaError::Required {
+                field: "metadata.name".into(),
+                detail: "name or generateName is required".into(),
+            },
+        );
+    }
+    errs
+}
+
+/// What the offline validator appends to `generateName` where the API server
+/// appends five random characters, to check the name a create would get.
+pub const GENERATED_NAME_SUFFIX: &str = "xxxxx";
+
+/// `metadata` with the name the API server would generate from `generateName`
+/// when there is no name, so that name is checked too, as on a create.
+fn with_generated_name(meta: &Value) -> Value {
+    let mut meta = meta.clone();
+    let generate_name = str_at(&meta, "generateName");
+    if str_at(&meta, "name").is_empty() && !generate_name.is_empty() {
+        let name = format!("{generate_name}{GENERATED_NAME_SUFFIX}");
+        meta["name"] = Value::String(name);
+    }
+    meta
+}
+
+/// Fields the schema does not declare, as strict field validation refuses them
+/// (`unknown field "spec.cpus"`).
+fn unknown_fields(structural: &jsonschema::Validator, obj: &Value) -> Vec<FieldError> {
+    use jsonschema::error::ValidationErrorKind as K;
+    let mut out = Vec::new();
+    for e in structural.iter_errors(obj) {
+        if let K::AdditionalProperties { unexpected } = e.kind() {
+            let parent = names::dotted(e.instance_path().as_str());
+            for name in unexpected {
+                let field = if parent.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{parent}.{name}")
+                };
+                out.push(FieldError {
+                    message: format!("unknown field {field:?}"),
+                    field,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The object with its schema's defaults applied, as the API server decodes it;
+/// `metadata` is left as it was.
+fn defaulted(schema: &Value, obj: &Value) -> Value {
+    let mut out = kube::core::cel::apply_defaults(schema, obj);
+    if let Some(meta) = obj.get("metadata") {
+        out["metadata"] = meta.clone();
+    }
+    out
+}
+
+/// The field a schema error names: the missing property itself for `required`
+/// (`spec.boot.kernel`), as the API server names it, else the value's path.
+pub fn schema_error_field(e: &jsonschema::ValidationError<'_>) -> String {
+    let path = names::dotted(e.instance_path().as_str());
+    match e.kind() {
+        jsonschema::error::ValidationErrorKind::Required { property } => {
+            let property = property.as_str().unwrap_or_default();
+            if path.is_empty() {
+                property.to_owned()
+            } else {
+                format!("{path}.{property}")
+            }
+        }
+        _ => path,
+    }
 }
 
 fn str_at<'v>(v: &'v Value, key: &str) -> &'v str {
     v.get(key).and_then(Value::as_str).unwrap_or_default()
 }
 
-/// `/spec/disks/0/name` → `spec.disks[0].name`.
-fn dotted(pointer: &str) -> String {
-    let mut out = String::new();
-    for part in pointer.split('/').filter(|p| !p.is_empty()) {
-        if part.chars().all(|c| c.is_ascii_digit()) {
-            out.push_str(&format!("[{part}]"));
-        } else {
-            if !out.is_empty() {
-                out.push('.');
-            }
-            out.push_str(&part.replace("~1", "/").replace("~0", "~"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pointer_becomes_dotted_path() {
-        assert_eq!(dotted("/spec/disks/0/name"), "spec.disks[0].name");
-        assert_eq!(dotted(""), "");
-        assert_eq!(dotted("/metadata/labels/a~1b"), "metadata.labels.a/b");
-    }
 
     #[test]
     fn duplicate_keys_print_as_go_maps() {
@@ -446,11 +646,66 @@ mod tests {
     }
 
     #[test]
-    fn dns_subdomain() {
-        assert!(is_dns_subdomain("web-1.example"));
-        assert!(!is_dns_subdomain("Web"));
-        assert!(!is_dns_subdomain("-web"));
-        assert!(!is_dns_subdomain(&"a".repeat(254)));
+    fn metadata_is_checked_as_the_api_server_does() {
+        let fields = |meta: Value| -> Vec<(String, String)> {
+            metadata_errors(&meta, names::dns1123_subdomain)
+                .iter()
+                .map(|e| (e.field().to_owned(), e.message()))
+                .collect()
+        };
+        assert!(
+            fields(serde_json::json!({ "name": "a.b", "labels": { "runv.dev/x": "" } })).is_empty()
+        );
+        assert!(fields(serde_json::json!({ "generateName": "web-" })).is_empty());
+        assert_eq!(
+            fields(serde_json::json!({})),
+            [(
+                "metadata.name".into(),
+                "Required value: name or generateName is required".into()
+            )]
+        );
+        let bad = fields(serde_json::json!({
+            "name": "a..b",
+            "generateName": "Web-",
+            "labels": { "-k": "-v" },
+            "annotations": { "Example.com/Key": "any value", "a/b/c": "v", "n": 1 },
+        }));
+        let paths: Vec<&str> = bad.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "metadata.generateName",
+                "metadata.name",
+                "metadata.labels",
+                "metadata.labels",
+                "metadata.annotations",
+                "metadata.annotations.n",
+            ]
+        );
+        assert!(
+            bad[1]
+                .1
+                .starts_with("Invalid value: \"a..b\": a lowercase RFC 1123 subdomain")
+        );
+        assert!(
+            bad[2]
+                .1
+                .starts_with("Invalid value: \"-k\": name part must consist of")
+        );
+        assert!(
+            bad[3]
+                .1
+                .starts_with("Invalid value: \"-v\": a valid label must be")
+        );
+        assert_eq!(bad[5].1, "Invalid value: 1: must be a string");
+        let big = serde_json::json!({ "name": "x", "annotations": { "a": "v".repeat(ANNOTATIONS_MAX_BYTES) } });
+        let errs = metadata_errors(&big, names::dns1123_subdomain);
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].is_blocking());
+        assert_eq!(
+            errs[0].message(),
+            "Too long: may not be more than 262144 bytes"
+        );
     }
 
     #[test]

@@ -8,10 +8,10 @@
 //! given; it never stores anything.
 
 use kube::core::cel::{Validator as CelValidator, apply_defaults};
-use runv_crds::validate;
+use runv_crds::{names, validate};
 use serde_json::{Map, Value};
 
-use crate::registry::{ResourceType, Schema};
+use crate::registry::{Builtin, ResourceType, Schema};
 use crate::status::{ApiError, Cause, render_value};
 
 /// What to do with unknown fields (`fieldValidation`).
@@ -48,37 +48,6 @@ fn invalid(rt: &ResourceType, obj: &Value, causes: Vec<Cause>) -> ApiError {
     }
 }
 
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-fn is_dns_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_dns_label)
-}
-
-fn is_label_value(s: &str) -> bool {
-    s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        && (s.is_empty()
-            || (s.as_bytes()[0].is_ascii_alphanumeric()
-                && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric()))
-}
-
-fn is_qualified_name(s: &str) -> bool {
-    let (prefix, name) = match s.rsplit_once('/') {
-        Some((p, n)) => (Some(p), n),
-        None => (None, s),
-    };
-    prefix.is_none_or(is_dns_subdomain) && !name.is_empty() && is_label_value(name)
-}
-
-/// Checks the metadata every kind shares: name, labels, annotations' type.
 /// What strict field validation answers for unknown fields, worded as
 /// kube-apiserver's decoder does.
 pub fn strict_decoding_error(rt: &ResourceType, unknown: &[String]) -> ApiError {
@@ -99,69 +68,39 @@ pub fn unknown_field_warnings(unknown: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// Checks the metadata of a built-in kind: name, labels, annotations. A
+/// custom resource's metadata is checked in [`admit_custom`], after unknown
+/// fields and together with its schema, as kube-apiserver does.
 pub fn validate_metadata(rt: &ResourceType, obj: &Value) -> Result<(), ApiError> {
-    let meta = &obj["metadata"];
-    let mut causes = Vec::new();
-    let name = meta["name"].as_str().unwrap_or_default();
-    let name_ok = if rt.kind == "Namespace" {
-        is_dns_label(name)
-    } else {
-        is_dns_subdomain(name)
-    };
-    if name.is_empty() {
-        causes.push(Cause {
-            reason: "FieldValueRequired".into(),
-            field: "metadata.name".into(),
-            message: "Required value: name or generateName is required".into(),
-        });
-    } else if !name_ok {
-        causes.push(Cause::invalid(
-            "metadata.name",
-            &meta["name"],
-            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
-        ));
+    if rt.builtin == Builtin::Custom {
+        return Ok(());
     }
-    for (field, check_values) in [("labels", true), ("annotations", false)] {
-        match &meta[field] {
-            Value::Null => {}
-            Value::Object(map) => {
-                for (k, v) in map {
-                    if !is_qualified_name(k) {
-                        causes.push(Cause::invalid(
-                            format!("metadata.{field}"),
-                            &Value::String(k.clone()),
-                            "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
-                        ));
-                    }
-                    match v.as_str() {
-                        Some(s) if check_values && !is_label_value(s) => {
-                            causes.push(Cause::invalid(
-                                format!("metadata.{field}"),
-                                v,
-                                "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
-                            ));
-                        }
-                        Some(_) => {}
-                        None => causes.push(Cause::invalid(
-                            format!("metadata.{field}.{k}"),
-                            v,
-                            "must be a string",
-                        )),
-                    }
-                }
-            }
-            other => causes.push(Cause::invalid(
-                format!("metadata.{field}"),
-                other,
-                "must be a map of strings",
-            )),
-        }
-    }
+    let (causes, _) = metadata_causes(rt, obj);
     if causes.is_empty() {
         Ok(())
     } else {
         Err(invalid(rt, obj, causes))
     }
+}
+
+/// The API server's checks of `metadata`, one cause per refused field, and
+/// whether one of them skips the CEL rules.
+fn metadata_causes(rt: &ResourceType, obj: &Value) -> (Vec<Cause>, bool) {
+    let name_rule = if rt.kind == "Namespace" {
+        names::dns1123_label
+    } else {
+        names::dns1123_subdomain
+    };
+    let errors = validate::metadata_errors(&obj["metadata"], name_rule);
+    let causes = errors
+        .iter()
+        .map(|e| Cause {
+            reason: e.reason().into(),
+            field: e.field().into(),
+            message: e.message(),
+        })
+        .collect();
+    (causes, errors.iter().any(validate::MetaError::is_blocking))
 }
 
 /// Removes fields the schema does not declare; returns their dotted paths.
@@ -298,36 +237,17 @@ fn rule_owner<'a>(schema: &'a Value, path: &str, rule: &str) -> Option<&'a Value
     owner.or_else(|| schema_at(schema, path))
 }
 
-fn dotted(pointer: &str) -> String {
-    let mut out = String::new();
-    for seg in pointer.split('/').filter(|s| !s.is_empty()) {
-        if seg.bytes().all(|b| b.is_ascii_digit()) {
-            out.push_str(&format!("[{seg}]"));
-        } else {
-            if !out.is_empty() {
-                out.push('.');
-            }
-            out.push_str(&seg.replace("~1", "/").replace("~0", "~"));
-        }
-    }
-    out
-}
-
 fn schema_causes(schema: &Schema, obj: &Value) -> Vec<Cause> {
     use jsonschema::error::ValidationErrorKind as K;
     schema
         .validator
         .iter_errors(obj)
         .map(|e| {
-            let field = dotted(e.instance_path().as_str());
+            let field = validate::schema_error_field(&e);
             match e.kind() {
-                K::Required { property } => Cause {
+                K::Required { .. } => Cause {
                     reason: "FieldValueRequired".into(),
-                    field: format!(
-                        "{field}{}{}",
-                        if field.is_empty() { "" } else { "." },
-                        property.as_str().unwrap_or_default()
-                    ),
+                    field,
                     message: "Required value".into(),
                 },
                 K::Enum { options } => Cause {
@@ -445,7 +365,12 @@ pub fn admit_custom(
     fv: FieldValidation,
 ) -> Result<Vec<String>, ApiError> {
     let Some(schema) = rt.schema.as_ref() else {
-        return Ok(Vec::new());
+        let (causes, _) = metadata_causes(rt, obj);
+        return if causes.is_empty() {
+            Ok(Vec::new())
+        } else {
+            Err(invalid(rt, obj, causes))
+        };
     };
     let unknown = prune(&schema.structural, obj);
     if fv == FieldValidation::Strict && !unknown.is_empty() {
@@ -455,7 +380,10 @@ pub fn admit_custom(
     let mut defaulted = apply_defaults(&schema.structural, obj);
     defaulted["metadata"] = meta;
     *obj = defaulted;
-    let mut causes = schema_causes(schema, obj);
+    // Metadata and schema errors come together, as from apiextensions'
+    // customResourceValidator.
+    let (mut causes, meta_blocking) = metadata_causes(rt, obj);
+    causes.extend(schema_causes(schema, obj));
     // The API server's own check of `x-kubernetes-list-type: map` keys.
     let mut duplicates = Vec::new();
     validate::list_map_duplicates(&schema.structural, obj, "", &mut duplicates);
@@ -464,21 +392,38 @@ pub fn admit_custom(
         field: d.field,
         message: d.message,
     }));
-    // CEL rules need values of the declared types and sizes: a blocking schema error
+    // CEL rules need values of the declared types and sizes: a blocking error
     // (required, too long, too many, unsupported, wrong type) skips them and says so,
     // as kube-apiserver does; pattern and bound errors do not.
-    let blocking = schema
-        .validator
-        .iter_errors(obj)
-        .any(|e| validate::is_blocking(e.kind()));
+    let blocking = meta_blocking
+        || schema
+            .validator
+            .iter_errors(obj)
+            .any(|e| validate::is_blocking(e.kind()));
     if blocking {
         causes.push(Cause {
             reason: "FieldValueInvalid".into(),
             field: String::new(),
             message: format!("Invalid value: null: {}", validate::RULES_NOT_CHECKED),
         });
-    } else if let Err(errors) = cel.validate_compiled(&schema.cel, obj, old) {
-        for e in errors.iter() {
+    } else {
+        causes.extend(cel_causes(schema, cel, obj, old));
+    }
+    if causes.is_empty() {
+        Ok(unknown)
+    } else {
+        Err(invalid(rt, obj, causes))
+    }
+}
+
+/// The CEL rules' errors, worded as kube-apiserver words them.
+fn cel_causes(schema: &Schema, cel: &CelValidator, obj: &Value, old: Option<&Value>) -> Vec<Cause> {
+    let Err(errors) = cel.validate_compiled(&schema.cel, obj, old) else {
+        return Vec::new();
+    };
+    errors
+        .iter()
+        .map(|e| {
             // The value shown is the type of the schema node that declares the rule,
             // which is not the reported field when the rule has a `fieldPath`.
             let ty = rule_owner(&schema.structural, &e.field_path, &e.rule)
@@ -495,18 +440,13 @@ pub fn admit_custom(
                 "FieldValueDuplicate" => format!("Duplicate value: {}", render_value(&ty)),
                 _ => format!("Invalid value: {}: {}", render_value(&ty), e.message),
             };
-            causes.push(Cause {
+            Cause {
                 reason,
                 field: e.field_path.clone(),
                 message,
-            });
-        }
-    }
-    if causes.is_empty() {
-        Ok(unknown)
-    } else {
-        Err(invalid(rt, obj, causes))
-    }
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -525,13 +465,5 @@ mod tests {
         assert_eq!(unknown, vec!["extra".to_string(), "spec.b".to_string()]);
         assert_eq!(obj["spec"], json!({"a": "1", "free": {"z": 1}}));
         assert_eq!(obj["metadata"]["labels"]["a"], "b");
-    }
-
-    #[test]
-    fn names_and_labels() {
-        assert!(is_dns_subdomain("a.b-c"));
-        assert!(!is_dns_subdomain("A"));
-        assert!(is_qualified_name("runv.dev/node"));
-        assert!(!is_label_value("-x"));
     }
 }

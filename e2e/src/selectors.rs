@@ -10,6 +10,7 @@
 //! upstream (a Node's absent `spec.unschedulable` is `false`, a core Event's
 //! `source` is `source.component`).
 
+use runv_crds::names;
 use serde_json::Value;
 
 use crate::jsonpath;
@@ -223,7 +224,7 @@ impl Parser {
         let Tok::Ident(key) = tok else {
             return Err(format!("found '{}', expected: identifier", tok.literal()));
         };
-        let errs = qualified_name_errors(&key);
+        let errs = names::qualified_name(&key);
         if !errs.is_empty() {
             return Err(format!(
                 "<nil>: Invalid value: {key:?}: {}",
@@ -267,7 +268,7 @@ impl Parser {
             _ => {}
         }
         for (i, v) in values.iter().enumerate() {
-            let bad = label_value_errors(v);
+            let bad = names::label_value(v);
             if !bad.is_empty() {
                 errs.push(format!(
                     "values[{i}]: Invalid value: {v:?}: {}",
@@ -364,109 +365,6 @@ impl Parser {
             t => Err(format!("found '{}', expected: identifier", t.literal())),
         }
     }
-}
-
-const QUALIFIED_NAME_FMT: &str = "([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]";
-const QUALIFIED_NAME_MSG: &str = "must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character";
-
-fn regex_error(msg: &str, fmt: &str, examples: &[&str]) -> String {
-    let mut out = format!("{msg} (e.g. ");
-    for (i, e) in examples.iter().enumerate() {
-        if i > 0 {
-            out.push_str(" or ");
-        }
-        out.push_str(&format!("'{e}', "));
-    }
-    out.push_str(&format!("regex used for validation is '{fmt}')"));
-    out
-}
-
-fn is_name_part(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b[0].is_ascii_alphanumeric()
-        && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(c))
-}
-
-fn is_dns1123_subdomain(s: &str) -> bool {
-    s.split('.').all(|l| {
-        let b = l.as_bytes();
-        !b.is_empty()
-            && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-            && (b[b.len() - 1].is_ascii_lowercase() || b[b.len() - 1].is_ascii_digit())
-            && b.iter()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-    })
-}
-
-/// apimachinery's `IsQualifiedName` messages (empty when valid).
-pub fn qualified_name_errors(value: &str) -> Vec<String> {
-    let mut errs = Vec::new();
-    let parts: Vec<&str> = value.split('/').collect();
-    let name = match parts.as_slice() {
-        [name] => *name,
-        [prefix, name] => {
-            if prefix.is_empty() {
-                errs.push("prefix part must be non-empty".to_string());
-            } else {
-                if prefix.len() > 253 {
-                    errs.push("prefix part must be no more than 253 characters".into());
-                }
-                if !is_dns1123_subdomain(prefix) {
-                    errs.push(format!(
-                        "prefix part {}",
-                        regex_error(
-                            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
-                            "[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*",
-                            &["example.com"],
-                        )
-                    ));
-                }
-            }
-            *name
-        }
-        _ => {
-            errs.push(format!(
-                "a qualified name {} with an optional DNS subdomain prefix and '/' (e.g. 'example.com/MyName')",
-                regex_error(QUALIFIED_NAME_MSG, QUALIFIED_NAME_FMT, &["MyName", "my.name", "123-abc"])
-            ));
-            return errs;
-        }
-    };
-    if name.is_empty() {
-        errs.push("name part must be non-empty".into());
-    } else if name.len() > 63 {
-        errs.push("name part must be no more than 63 characters".into());
-    }
-    if !is_name_part(name) {
-        errs.push(format!(
-            "name part {}",
-            regex_error(
-                QUALIFIED_NAME_MSG,
-                QUALIFIED_NAME_FMT,
-                &["MyName", "my.name", "123-abc"]
-            )
-        ));
-    }
-    errs
-}
-
-/// apimachinery's `IsValidLabelValue` messages (empty when valid).
-pub fn label_value_errors(value: &str) -> Vec<String> {
-    let mut errs = Vec::new();
-    if value.len() > 63 {
-        errs.push("must be no more than 63 characters".into());
-    }
-    if !value.is_empty() && !is_name_part(value) {
-        errs.push(regex_error(
-            "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
-            "(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?",
-            &["MyValue", "my_value", "12345"],
-        ));
-    }
-    errs
 }
 
 impl LabelSelector {
@@ -692,14 +590,14 @@ mod tests {
         assert!(err("a=b,").contains("expected: identifier after ','"));
         assert!(err("=b").contains("expected: !, identifier, or 'end of string'"));
         assert_eq!(
-            qualified_name_errors("example.com/app"),
+            names::qualified_name("example.com/app"),
             Vec::<String>::new()
         );
         assert_eq!(
-            qualified_name_errors("/app"),
+            names::qualified_name("/app"),
             ["prefix part must be non-empty"]
         );
-        assert_eq!(label_value_errors(""), Vec::<String>::new());
+        assert_eq!(names::label_value(""), Vec::<String>::new());
     }
 
     #[test]
