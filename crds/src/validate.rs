@@ -49,7 +49,7 @@ impl fmt::Display for FieldError {
 #[derive(Debug, thiserror::Error)]
 pub enum ValidateError {
     /// The text is not YAML or JSON.
-    #[error("manifest is not valid YAML: {0}")]
+    #[error("manifest is not valid YAML")]
     Yaml(#[from] serde_yaml_ng::Error),
     /// A document is not an object with `apiVersion` and `kind`.
     #[error("document {index} is not a Kubernetes object: it needs apiVersion and kind")]

@@ -25,15 +25,15 @@ pub enum ReconcileError {
     /// An API request failed.
     #[error("API request failed")]
     Api(#[from] kube::Error),
-    /// The finalizer helper failed.
-    #[error("finalizer: {0}")]
-    Finalizer(String),
-    /// A blocking host task failed.
-    #[error("host task: {0}")]
-    Task(String),
+    /// The finalizer helper failed (adding or removing the finalizer).
+    #[error("finalizer")]
+    Finalizer(#[source] Box<FinalizerError<ReconcileError>>),
+    /// A blocking host task panicked or was cancelled.
+    #[error("host task")]
+    Task(#[source] tokio::task::JoinError),
     /// Cleaning up the host failed.
-    #[error("cleanup: {0}")]
-    Cleanup(String),
+    #[error("cleanup")]
+    Cleanup(#[source] crate::runtime::RuntimeError),
 }
 
 /// Reconciles one MicroVM bound to this node.
@@ -52,7 +52,7 @@ pub async fn reconcile(vm: Arc<MicroVM>, ctx: Arc<Context>) -> Result<Action, Re
     .map_err(|e| match e {
         // The step's own error, so its reason is counted, not "Finalizer".
         FinalizerError::ApplyFailed(e) | FinalizerError::CleanupFailed(e) => e,
-        e => ReconcileError::Finalizer(e.to_string()),
+        e => ReconcileError::Finalizer(Box::new(e)),
     })?;
     ctx.retry.succeeded(&key);
     Ok(action)
@@ -94,7 +94,7 @@ async fn apply(vm: &MicroVM, ctx: &Context) -> Result<Action, ReconcileError> {
         rt.reconcile(&r2, &spec, generation, &prev, Timestamp::now())
     })
     .await
-    .map_err(|e| ReconcileError::Task(e.to_string()))?;
+    .map_err(ReconcileError::Task)?;
     let ours = agent_status(&decision.status);
     if ours != agent_status(&previous) {
         let api: Api<MicroVM> = Api::namespaced(ctx.client.clone(), &r.namespace);
@@ -149,8 +149,8 @@ async fn cleanup(vm: &MicroVM, ctx: &Context) -> Result<Action, ReconcileError> 
         rt.cleanup(&r2)
     })
     .await
-    .map_err(|e| ReconcileError::Task(e.to_string()))?
-    .map_err(|e| ReconcileError::Cleanup(e.to_string()))?;
+    .map_err(ReconcileError::Task)?
+    .map_err(ReconcileError::Cleanup)?;
     ctx.statuses
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
