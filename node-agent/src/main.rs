@@ -134,6 +134,13 @@ enum Command {
         /// Memory kept for the host when --memory is not given.
         #[arg(long, default_value = "1Gi")]
         reserved_memory: String,
+        /// The agent Lease's duration: the operator takes the node's agent as
+        /// lost when the Lease is this old. Losing the API never stops a VM.
+        #[arg(long, default_value = "40s", value_parser = parse_duration)]
+        lease_duration: std::time::Duration,
+        /// How often the Lease is renewed and the Node read for fencing taints.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        lease_renew_interval: std::time::Duration,
     },
     /// Print a VM's kept serial console output.
     Console {
@@ -282,6 +289,8 @@ fn real_main() -> anyhow::Result<()> {
             vcpus,
             ref memory,
             ref reserved_memory,
+            lease_duration,
+            lease_renew_interval,
         } => {
             let reserved = runv_crds::quantity::bytes("--reserved-memory", reserved_memory)?;
             let mut capacity = Capacity::of_host(reserved);
@@ -297,6 +306,8 @@ fn real_main() -> anyhow::Result<()> {
                 namespace: namespace.clone(),
                 capacity,
                 http_addr,
+                lease_duration,
+                renew_every: lease_renew_interval,
             };
             let runtime = Runtime::new(
                 cli.runtime_config(find_vmm(vmm.clone())?),

@@ -168,6 +168,8 @@ async fn the_agent_realizes_reports_and_cleans_up_its_vms() -> Result<()> {
             memory: 16 << 30,
         },
         http_addr: format!("127.0.0.1:{port}").parse()?,
+        lease_duration: runv_crds::contract::LEASE_DURATION,
+        renew_every: runv_crds::contract::LEASE_RENEW_EVERY,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(cluster::run(

@@ -201,7 +201,7 @@ async fn no_condition_flaps_through_start_restart_stop_and_node_loss() -> Result
     }
     let cluster = Arc::new(Cluster::start().await?);
     let history = Arc::new(Mutex::new(Vec::new()));
-    let recorder = record(cluster.server.client()?, history.clone());
+    let recorder = record(cluster.client()?, history.clone());
     let c = cluster.clone();
     let result = tokio::task::spawn_blocking(move || drive(&c)).await?;
     // Let the last writes arrive.

@@ -2,6 +2,7 @@
 //! the event recorder, metrics, the error policy's failure counts and settings.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -17,6 +18,7 @@ use runv_crds::{MicroVM, SecureWorkload};
 use tokio::sync::{Mutex, watch};
 
 use crate::metrics::Metrics;
+use crate::nodes;
 use crate::placement::Bound;
 
 /// Field manager of every write the operator makes.
@@ -30,7 +32,8 @@ pub struct Config {
     /// How long after an agent's Lease expired its node is fenced.
     pub fence_after: Duration,
     /// Whether the operator fences nodes itself (otherwise an administrator or
-    /// a fencing system adds the taint).
+    /// a fencing system adds the taint). Off by default: see
+    /// [`crate::fencing`] for when it may fire.
     pub auto_fence: bool,
     /// How often an unschedulable MicroVM is retried without any trigger.
     pub retry_unschedulable: Duration,
@@ -41,7 +44,7 @@ impl Default for Config {
         Self {
             lease_namespace: "runv-system".into(),
             fence_after: Duration::from_secs(300),
-            auto_fence: true,
+            auto_fence: false,
             retry_unschedulable: Duration::from_secs(15),
         }
     }
@@ -92,12 +95,66 @@ pub struct Context {
     /// Nodes seen without an agent Lease, and since when (see
     /// [`Context::lease_missing_for`]).
     pub lease_missing: std::sync::Mutex<HashMap<String, Timestamp>>,
+    /// Since when this operator has watched Leases without a break
+    /// ([`LeaseWatch`]).
+    pub lease_watch: Arc<LeaseWatch>,
     /// Whether the Node, Lease and MicroVM caches have been filled.
     pub synced: Synced,
     /// Failed MicroVM reconciles in a row, for the error policy's backoff.
     pub microvm_retry: Retry<ObjectRef<MicroVM>>,
     /// Failed SecureWorkload reconciles in a row, likewise.
     pub workload_retry: Retry<ObjectRef<SecureWorkload>>,
+}
+
+/// Since when the operator has watched agent Leases without a break. Starts
+/// at the operator's start and moves to the first event after a failed
+/// watch: an agent cannot renew its Lease while the API is down, so no Lease
+/// is judged expired by time in which the operator could not see the API
+/// either.
+#[derive(Debug)]
+pub struct LeaseWatch {
+    since: std::sync::Mutex<Timestamp>,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl Default for LeaseWatch {
+    fn default() -> Self {
+        Self {
+            since: std::sync::Mutex::new(Timestamp::now()),
+            broken: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+impl LeaseWatch {
+    /// Leases watched without a break since `at`.
+    pub fn since_at(at: Timestamp) -> Self {
+        Self {
+            since: std::sync::Mutex::new(at),
+            broken: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Records one result of the Lease watch at `now`.
+    pub fn observe(&self, ok: bool, now: Timestamp) {
+        use std::sync::atomic::Ordering;
+        if !ok {
+            self.broken.store(true, Ordering::SeqCst);
+        } else if self.broken.swap(false, Ordering::SeqCst) {
+            *self
+                .since
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = now;
+        }
+    }
+
+    /// Since when Leases have been watched without a break.
+    pub fn since(&self) -> Timestamp {
+        *self
+            .since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// Whether each cache has been filled by its first list, as its watch stream
@@ -199,6 +256,14 @@ impl Context {
             .as_ref()
             .map_or(first, |created| created.0.max(first));
         Duration::try_from(now.duration_since(since)).unwrap_or(Duration::ZERO)
+    }
+
+    /// What `node`'s agent Lease says at `now` ([`nodes::agent_lease`]).
+    pub fn agent_lease(&self, node: &str, now: Timestamp) -> nodes::AgentLease {
+        let lease = self
+            .leases
+            .get(&ObjectRef::new(&nodes::lease_name(node)).within(&self.config.lease_namespace));
+        nodes::agent_lease(lease.as_deref(), now, self.lease_watch.since())
     }
 
     /// Forgets when `node` was first seen without a Lease (it has one now).

@@ -1,6 +1,17 @@
-//! Fencing: the operator taints a node whose agent has been gone past the
-//! grace period (`runv.dev/fenced`, NoExecute), so its `Always` MicroVMs are
-//! placed elsewhere, and removes the taint once the agent is back.
+//! Fencing: with `--auto-fence` (off by default) the operator taints a node
+//! whose agent has been gone past the grace period (`runv.dev/fenced`,
+//! NoExecute), so its `Always` MicroVMs are placed elsewhere, and removes the
+//! taint once the agent is back.
+//!
+//! A stale Lease is weak evidence: the agent, the node's network or the
+//! control plane itself may be what failed, and in the last two cases the
+//! VMs still run. So the operator fences only when this node's agent is gone
+//! while a clear majority of the other nodes' agents keep their Leases fresh
+//! (the control plane is up and reachable from elsewhere), never on a node
+//! that is the only one, and never for time in which the operator could not
+//! watch Leases itself. A partitioned node that still runs keeps its VMs, so
+//! enable auto-fencing only where a node cut off from the API is also cut
+//! off from its users, or powered off by a fencing system (docs/operations.md).
 //!
 //! [`decide`] is the whole policy, a pure function of what was observed
 //! ([`Observed`]); [`fence`] observes one node, asks it, and carries the
@@ -42,8 +53,7 @@ impl Agent {
     }
 }
 
-/// Everything the fencing policy reads about one node. New evidence (for
-/// instance, whether other agents' Leases are fresh) is a new field here.
+/// Everything the fencing policy reads about one node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Observed {
     /// Whether the operator fences at all (`--auto-fence`).
@@ -54,6 +64,18 @@ pub struct Observed {
     pub agent: Agent,
     /// Whether the node already carries the fencing taint.
     pub fenced: bool,
+    /// The other runv nodes.
+    pub peers: usize,
+    /// How many of them have a current agent Lease.
+    pub peers_alive: usize,
+}
+
+impl Observed {
+    /// A clear majority of the other agents are alive: the control plane is
+    /// up and reachable, so this agent's silence is about this node.
+    pub fn peers_agree(&self) -> bool {
+        self.peers > 0 && self.peers_alive * 2 > self.peers
+    }
 }
 
 /// What to do with one node's fencing taint.
@@ -84,7 +106,7 @@ pub fn decide(o: &Observed) -> Decision {
         return Decision::Keep;
     }
     match o.agent.gone_for() {
-        Some(gone) if !o.fenced && gone >= o.grace => Decision::Fence,
+        Some(gone) if !o.fenced && gone >= o.grace && o.peers_agree() => Decision::Fence,
         None if o.fenced => Decision::Unfence,
         _ => Decision::Keep,
     }
@@ -95,7 +117,7 @@ pub fn decide(o: &Observed) -> Decision {
 /// as an expired one.
 fn observe(ctx: &Context, node: &Node, lease: Option<&Lease>, now: Timestamp) -> Observed {
     let name = node.name_any();
-    let agent = match nodes::agent_lease(lease, now) {
+    let agent = match nodes::agent_lease(lease, now, ctx.lease_watch.since()) {
         AgentLease::Current => {
             ctx.lease_found(&name);
             Agent::Current
@@ -106,11 +128,22 @@ fn observe(ctx: &Context, node: &Node, lease: Option<&Lease>, now: Timestamp) ->
         }
         AgentLease::Missing => Agent::Missing(ctx.lease_missing_for(node, now)),
     };
+    let (peers, peers_alive) = ctx
+        .nodes
+        .state()
+        .iter()
+        .filter(|n| nodes::is_runv_node(n) && n.name_any() != name)
+        .fold((0, 0), |(all, alive), n| {
+            let current = ctx.agent_lease(&n.name_any(), now).is_current();
+            (all + 1, alive + usize::from(current))
+        });
     Observed {
         auto_fence: ctx.config.auto_fence,
         grace: ctx.config.fence_after,
         agent,
-        fenced: nodes::is_fenced(node),
+        fenced: nodes::has_fenced_taint(node),
+        peers,
+        peers_alive,
     }
 }
 

@@ -39,9 +39,11 @@ struct Args {
     /// Seconds an agent's Lease may be expired before its node is fenced.
     #[arg(long, default_value_t = 300)]
     fence_after_seconds: u64,
-    /// Fence nodes automatically; when false an administrator or a fencing system
-    /// adds the taint runv.dev/fenced.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    /// Fence nodes automatically (only while a clear majority of the other
+    /// agents' Leases are fresh); when false (the default) an administrator or a
+    /// fencing system adds the taint runv.dev/fenced or
+    /// node.kubernetes.io/out-of-service.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     auto_fence: bool,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]

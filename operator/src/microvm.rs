@@ -430,7 +430,7 @@ fn choose(
                 &ObjectRef::new(&contract::lease_name(&n.name_any()))
                     .within(&ctx.config.lease_namespace),
             );
-            nodes::node_info(n, lease.as_deref(), now)
+            nodes::node_info(n, lease.as_deref(), now, ctx.lease_watch.since())
         })
         .collect();
     let mut seen = HashSet::new();
@@ -532,10 +532,7 @@ fn pinned_node_unavailable(ctx: &Context, node: &str, now: Timestamp) -> Option<
             "pinned by spec.nodeName to node {node}, which is fenced"
         ));
     }
-    let lease = ctx
-        .leases
-        .get(&ObjectRef::new(&contract::lease_name(node)).within(&ctx.config.lease_namespace));
-    match nodes::agent_lease(lease.as_deref(), now) {
+    match ctx.agent_lease(node, now) {
         nodes::AgentLease::Current => None,
         nodes::AgentLease::Missing => Some(format!(
             "pinned by spec.nodeName to node {node}, which has no runv agent Lease"
@@ -547,7 +544,10 @@ fn pinned_node_unavailable(ctx: &Context, node: &str, now: Timestamp) -> Option<
 }
 
 /// Watches a bound VM's node: marks the VM Unknown when its agent is lost, and
-/// moves an `Always` VM off a fenced (or deleted) node. A VM pinned by
+/// moves an `Always` VM off a node only on evidence that it cannot run there:
+/// the Node is deleted, or carries runv's fencing taint or Kubernetes'
+/// `node.kubernetes.io/out-of-service` taint. A Lease that merely expired
+/// moves nothing: the VM may well still be running there. A VM pinned by
 /// `spec.nodeName` cannot move: it stays bound, Unknown, with reason
 /// `PinnedNodeLost`.
 async fn watch_bound(
@@ -557,18 +557,15 @@ async fn watch_bound(
     now: Timestamp,
 ) -> Result<Action, ReconcileError> {
     let node_obj = ctx.nodes.get(&ObjectRef::new(&node));
-    let lease = ctx
-        .leases
-        .get(&ObjectRef::new(&contract::lease_name(&node)).within(&ctx.config.lease_namespace));
-    let agent = nodes::agent_lease(lease.as_deref(), now);
+    let agent = ctx.agent_lease(&node, now);
     if agent.is_current() {
         return Ok(Action::await_change());
     }
     let fenced = node_obj.as_deref().is_none_or(nodes::is_fenced);
-    let why = if node_obj.is_none() {
-        "was deleted"
-    } else {
-        "is fenced"
+    let why = match node_obj.as_deref() {
+        None => "was deleted",
+        Some(n) if nodes::has_fenced_taint(n) => "is fenced",
+        Some(_) => "is out of service",
     };
     let pinned = vm.spec.node_name.is_some();
     if fenced && vm.spec.run_policy == RunPolicy::Always && !pinned {

@@ -38,8 +38,13 @@ impl AgentLease {
     }
 }
 
-/// The state of a node's agent according to its Lease at `now`.
-pub fn agent_lease(lease: Option<&Lease>, now: Timestamp) -> AgentLease {
+/// The state of a node's agent according to its Lease at `now`, counting the
+/// Lease as renewed no earlier than `seen_since`: the time since which this
+/// operator has been able to watch Leases. An agent cannot renew while the
+/// API is down, so time in which the operator could not see the API either is
+/// not held against it (as kube-controller-manager's node lifecycle
+/// controller times Leases by its own observations).
+pub fn agent_lease(lease: Option<&Lease>, now: Timestamp, seen_since: Timestamp) -> AgentLease {
     let Some(spec) = lease.and_then(|l| l.spec.as_ref()) else {
         return AgentLease::Missing;
     };
@@ -48,7 +53,11 @@ pub fn agent_lease(lease: Option<&Lease>, now: Timestamp) -> AgentLease {
     };
     let default = i32::try_from(runv_crds::contract::LEASE_DURATION.as_secs()).unwrap_or(i32::MAX);
     let duration = i64::from(spec.lease_duration_seconds.unwrap_or(default).max(0));
-    let expiry = renewed.0.as_second().saturating_add(duration);
+    let expiry = renewed
+        .0
+        .max(seen_since)
+        .as_second()
+        .saturating_add(duration);
     let now_s = now.as_second();
     if now_s > expiry {
         AgentLease::Expired(Duration::from_secs(now_s.abs_diff(expiry)))
@@ -57,8 +66,18 @@ pub fn agent_lease(lease: Option<&Lease>, now: Timestamp) -> AgentLease {
     }
 }
 
-/// Whether the node carries the operator's fencing taint.
+/// Whether the node carries evidence that its VMs must not run there: runv's
+/// fencing taint or Kubernetes' out-of-service taint
+/// ([`runv_crds::contract::is_fencing_taint`]).
 pub fn is_fenced(node: &Node) -> bool {
+    taints(node)
+        .iter()
+        .any(|t| runv_crds::contract::is_fencing_taint(&t.key))
+}
+
+/// Whether the node carries runv's own fencing taint (the one the operator
+/// adds and removes).
+pub fn has_fenced_taint(node: &Node) -> bool {
     taints(node).iter().any(|t| t.key == FENCED_TAINT)
 }
 
@@ -71,7 +90,12 @@ fn taints(node: &Node) -> &[k8s_openapi::api::core::v1::Taint] {
 
 /// The placer's view of a node. A node without the agent label is not a
 /// candidate at all; callers filter those out before calling this.
-pub fn node_info(node: &Node, lease: Option<&Lease>, now: Timestamp) -> NodeInfo {
+pub fn node_info(
+    node: &Node,
+    lease: Option<&Lease>,
+    now: Timestamp,
+    seen_since: Timestamp,
+) -> NodeInfo {
     let name = node.metadata.name.clone().unwrap_or_default();
     let alloc = node.status.as_ref().and_then(|s| s.allocatable.as_ref());
     let get = |key: &str| alloc.and_then(|a| a.get(key)).map(|q| q.0.as_str());
@@ -87,7 +111,7 @@ pub fn node_info(node: &Node, lease: Option<&Lease>, now: Timestamp) -> NodeInfo
         taints: taints(node).to_vec(),
         vcpus,
         memory,
-        agent_ready: agent_lease(lease, now).is_current(),
+        agent_ready: agent_lease(lease, now, seen_since).is_current(),
         fenced: is_fenced(node),
         cordoned: node
             .spec
@@ -133,15 +157,25 @@ mod tests {
     #[test]
     fn lease_expiry() {
         let l = lease(1000, 40);
-        assert_eq!(agent_lease(Some(&l), at(1040)), AgentLease::Current);
+        assert_eq!(agent_lease(Some(&l), at(1040), at(0)), AgentLease::Current);
         assert_eq!(
-            agent_lease(Some(&l), at(1041)),
+            agent_lease(Some(&l), at(1041), at(0)),
             AgentLease::Expired(Duration::from_secs(1))
         );
         // A missing Lease is not "expired forever": its grace is counted by the caller.
-        assert_eq!(agent_lease(None, at(0)), AgentLease::Missing);
+        assert_eq!(agent_lease(None, at(0), at(0)), AgentLease::Missing);
+        // The operator could not watch Leases until 2000: the agent gets a
+        // whole duration from then, however old its last renewal.
+        assert_eq!(
+            agent_lease(Some(&l), at(2040), at(2000)),
+            AgentLease::Current
+        );
+        assert_eq!(
+            agent_lease(Some(&l), at(2041), at(2000)),
+            AgentLease::Expired(Duration::from_secs(1))
+        );
         let empty = Lease::default();
-        assert_eq!(agent_lease(Some(&empty), at(0)), AgentLease::Missing);
+        assert_eq!(agent_lease(Some(&empty), at(0), at(0)), AgentLease::Missing);
     }
 
     #[test]
@@ -173,11 +207,11 @@ mod tests {
             }),
         };
         assert!(is_runv_node(&node));
-        let info = node_info(&node, Some(&lease(100, 40)), at(120));
+        let info = node_info(&node, Some(&lease(100, 40)), at(120), at(0));
         assert_eq!(info.name, "n1");
         assert_eq!((info.vcpus, info.memory), (6, 8 << 30));
         assert!(info.agent_ready && info.fenced && info.cordoned);
-        let info = node_info(&node, None, at(120));
+        let info = node_info(&node, None, at(120), at(0));
         assert!(!info.agent_ready);
     }
 
@@ -190,7 +224,7 @@ mod tests {
             }),
             ..Node::default()
         };
-        let info = node_info(&node, None, at(0));
+        let info = node_info(&node, None, at(0), at(0));
         assert_eq!((info.vcpus, info.memory), (0, 0));
         assert!(!is_runv_node(&node));
     }

@@ -24,7 +24,7 @@ use runv_crds::{MicroVM, SecureWorkload};
 use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, mpsc, watch};
 
-use crate::context::{Assumed, Config, Context, Synced, mark_synced};
+use crate::context::{Assumed, Config, Context, LeaseWatch, Synced, mark_synced};
 use crate::metrics::Metrics;
 use crate::workload::{claim, reconcile as workload};
 use crate::{fencing, microvm, nodes};
@@ -45,11 +45,23 @@ pub async fn run(
     let (vms_synced, vms_synced_rx) = watch::channel(false);
     let (workloads_synced, workloads_synced_rx) = watch::channel(false);
     let node_filter = watcher::Config::default().labels(&format!("{}=true", nodes::AGENT_LABEL));
-    let (nodes_store, node_watch) =
-        cache("Node", Api::all(client.clone()), node_filter, nodes_synced);
+    let (nodes_store, node_watch) = cache(
+        "Node",
+        Api::all(client.clone()),
+        node_filter,
+        nodes_synced,
+        |_| (),
+    );
     let leases = Api::namespaced(client.clone(), &config.lease_namespace);
-    let (leases_store, lease_watch) =
-        cache("Lease", leases, watcher::Config::default(), leases_synced);
+    let lease_seen = Arc::new(LeaseWatch::default());
+    let seen = lease_seen.clone();
+    let (leases_store, lease_watch) = cache(
+        "Lease",
+        leases,
+        watcher::Config::default(),
+        leases_synced,
+        move |ok| seen.observe(ok, Timestamp::now()),
+    );
     let Some(vms) = MicroVMWatch::start(&client, vms_synced) else {
         tracing::error!("a shared store always has subscribers");
         return;
@@ -68,6 +80,7 @@ pub async fn run(
         metrics,
         config,
         lease_missing: std::sync::Mutex::default(),
+        lease_watch: lease_seen,
         synced: Synced {
             nodes: nodes_synced_rx,
             leases: leases_synced_rx,
@@ -103,6 +116,7 @@ fn cache<K>(
     api: Api<K>,
     config: watcher::Config,
     synced: watch::Sender<bool>,
+    on_result: impl Fn(bool) + Send + 'static,
 ) -> (Store<K>, BoxFuture<'static, ()>)
 where
     K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
@@ -112,6 +126,7 @@ where
     let watch = reflector::reflector(writer, watcher(api, config))
         .default_backoff()
         .inspect(mark_synced(synced))
+        .inspect(move |r| on_result(r.is_ok()))
         .applied_objects()
         .for_each(move |r| log_watch_error(kind, r))
         .boxed();
@@ -389,7 +404,7 @@ async fn monitor(
         for node in ctx.nodes.state() {
             let name = node.name_any();
             let lease = lease_of(&ctx, &name);
-            let info = nodes::node_info(&node, lease.as_deref(), now);
+            let info = nodes::node_info(&node, lease.as_deref(), now, ctx.lease_watch.since());
             fencing::fence(&ctx, &node, lease.as_deref(), now).await;
             let used = vms
                 .iter()

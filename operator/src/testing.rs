@@ -202,6 +202,8 @@ pub fn context_on(
         metrics: Metrics::new(),
         config: Config::default(),
         synced: crate::context::Synced::already(),
+        // Leases watched since long before any test's renewals.
+        lease_watch: Arc::new(crate::context::LeaseWatch::since_at(Timestamp::UNIX_EPOCH)),
         lease_missing: Mutex::default(),
         microvm_retry: Default::default(),
         workload_retry: Default::default(),

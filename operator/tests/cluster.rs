@@ -383,7 +383,12 @@ async fn secureworkload_adopts_matching_orphans_and_releases_relabelled_replicas
 async fn lost_node_marks_vms_unknown_then_fences_and_moves_always_vms() -> Result<()> {
     let cluster = Cluster::start(
         &[("n1", 8, "4Gi"), ("n2", 8, "4Gi")],
-        &["--leader-elect=false", "--fence-after-seconds=4"],
+        // Auto-fencing on: n2's agent stays alive, so the peers agree n1 is lost.
+        &[
+            "--leader-elect=false",
+            "--fence-after-seconds=4",
+            "--auto-fence=true",
+        ],
     )
     .await?;
     let api = cluster.microvms();

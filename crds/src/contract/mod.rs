@@ -39,6 +39,17 @@ pub const FINALIZER: &str = "runv.dev/agent-cleanup";
 /// be started elsewhere.
 pub const FENCED_TAINT: &str = "runv.dev/fenced";
 
+/// Kubernetes' taint for a node that is shut down and will not come back on
+/// its own (non-graceful node shutdown): what runs there is known not to run.
+pub const OUT_OF_SERVICE_TAINT: &str = "node.kubernetes.io/out-of-service";
+
+/// Whether a taint with this key is evidence that the node's VMs must not run
+/// there (and may run elsewhere): runv's fencing taint, or Kubernetes'
+/// out-of-service taint.
+pub fn is_fencing_taint(key: &str) -> bool {
+    key == FENCED_TAINT || key == OUT_OF_SERVICE_TAINT
+}
+
 /// Field manager of the operator's writes.
 pub const OPERATOR_MANAGER: &str = "runv-operator";
 /// Field manager of the agent's writes.

@@ -86,7 +86,12 @@ async fn apply(vm: &MicroVM, ctx: &Context) -> Result<Action, ReconcileError> {
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
     let r = vm_ref(vm);
-    let previous = vm.status.clone().unwrap_or_default();
+    let written = vm.status.clone().unwrap_or_default();
+    // Through an API outage, decide on from what was decided but not written.
+    let previous = lock(&ctx.unsent)
+        .get(&r)
+        .cloned()
+        .unwrap_or(written.clone());
     let generation = vm.metadata.generation.unwrap_or(1);
     let rt = ctx.runtime.clone();
     let (spec, prev, r2) = (vm.spec.clone(), previous.clone(), r.clone());
@@ -95,20 +100,23 @@ async fn apply(vm: &MicroVM, ctx: &Context) -> Result<Action, ReconcileError> {
     })
     .await
     .map_err(ReconcileError::Task)?;
-    let ours = agent_status(&decision.status);
-    if ours != agent_status(&previous) {
-        let api: Api<MicroVM> = Api::namespaced(ctx.client.clone(), &r.namespace);
-        let body = json!({
-            "apiVersion": MicroVM::api_version(&()),
-            "kind": MicroVM::kind(&()),
-            "status": agent_body(&decision.status),
-        });
-        api.patch_status(
-            &r.name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(body),
-        )
-        .await?;
+    let mut requeue = decision.requeue.unwrap_or(Duration::from_secs(30));
+    if agent_status(&decision.status) != agent_status(&written) {
+        match write_status(ctx, &r, &decision.status).await {
+            Ok(()) => {
+                lock(&ctx.unsent).remove(&r);
+            }
+            Err(e) => {
+                // The VM was realized locally; only the report waits. Keep
+                // deciding on the host's own schedule, and retry soon.
+                ctx.errors.inc("StatusWrite");
+                tracing::warn!(vm = %r, error = %Chain(&e), "cannot write status; the VM is unaffected");
+                lock(&ctx.unsent).insert(r.clone(), decision.status.clone());
+                requeue = requeue.min(UNSENT_RETRY);
+            }
+        }
+    } else {
+        lock(&ctx.unsent).remove(&r);
     }
     for t in transitions(&previous, &decision.status) {
         let ev = Event {
@@ -126,13 +134,36 @@ async fn apply(vm: &MicroVM, ctx: &Context) -> Result<Action, ReconcileError> {
             tracing::warn!(error = %e, "cannot publish event");
         }
     }
-    ctx.statuses
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .insert(r, decision.status);
-    Ok(Action::requeue(
-        decision.requeue.unwrap_or(Duration::from_secs(30)),
-    ))
+    lock(&ctx.statuses).insert(r, decision.status);
+    Ok(Action::requeue(requeue))
+}
+
+/// How soon a status that could not be written is tried again.
+const UNSENT_RETRY: Duration = Duration::from_secs(5);
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Applies the agent's status fields.
+async fn write_status(
+    ctx: &Context,
+    r: &crate::runtime::VmRef,
+    status: &runv_crds::MicroVMStatus,
+) -> Result<(), kube::Error> {
+    let api: Api<MicroVM> = Api::namespaced(ctx.client.clone(), &r.namespace);
+    let body = json!({
+        "apiVersion": MicroVM::api_version(&()),
+        "kind": MicroVM::kind(&()),
+        "status": agent_body(status),
+    });
+    api.patch_status(
+        &r.name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await?;
+    Ok(())
 }
 
 async fn cleanup(vm: &MicroVM, ctx: &Context) -> Result<Action, ReconcileError> {
@@ -151,10 +182,8 @@ async fn cleanup(vm: &MicroVM, ctx: &Context) -> Result<Action, ReconcileError> 
     .await
     .map_err(ReconcileError::Task)?
     .map_err(ReconcileError::Cleanup)?;
-    ctx.statuses
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .remove(&r);
+    lock(&ctx.statuses).remove(&r);
+    lock(&ctx.unsent).remove(&r);
     let ev = Event {
         type_: EventType::Normal,
         reason: "Deleted".into(),

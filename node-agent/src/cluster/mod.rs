@@ -1,5 +1,6 @@
 //! Cluster mode (`runv-agent run --node NAME`): registers the node, renews its
-//! Lease (and fences itself when it cannot), watches the MicroVMs bound to the
+//! Lease (stopping its VMs only when its Node carries a fencing taint, never
+//! because the API cannot be reached), watches the MicroVMs bound to the
 //! node (field selector `status.nodeName=<node>`), realizes each through the
 //! [`Runtime`], reports status by server-side apply under `runv-agent`, emits
 //! Events, serves `/metrics`, and removes VMs that are no longer bound here.
@@ -13,7 +14,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use kube::api::{Api, ListParams};
@@ -61,6 +62,10 @@ pub struct ClusterConfig {
     pub capacity: node::Capacity,
     /// Address of `/metrics` and `/healthz`.
     pub http_addr: SocketAddr,
+    /// The Lease's duration, as written in it (`leaseDurationSeconds`).
+    pub lease_duration: Duration,
+    /// How often the Lease is renewed (and the Node read for fencing taints).
+    pub renew_every: Duration,
 }
 
 /// Shared by the controller, the heartbeat and the metrics endpoint.
@@ -73,10 +78,17 @@ pub struct Context {
     pub config: ClusterConfig,
     /// Events.
     pub recorder: Recorder,
-    /// Set while the Lease could not be renewed for its duration: VMs stopped, none started.
+    /// Set while this node carries a fencing taint (`runv.dev/fenced` or
+    /// `node.kubernetes.io/out-of-service`): its VMs are stopped and none is
+    /// started. Never set because the API cannot be reached.
     pub fenced: AtomicBool,
     /// The last status reported per VM, for metrics.
     pub statuses: Mutex<BTreeMap<VmRef, MicroVMStatus>>,
+    /// Statuses decided but not yet written (the API could not be reached):
+    /// the next decision starts from these, so restarts are counted and
+    /// backed off locally through an outage, and they are written once the
+    /// API is back.
+    pub unsent: Mutex<BTreeMap<VmRef, MicroVMStatus>>,
     /// Failed reconciles in a row per MicroVM, for the error policy's backoff.
     pub retry: Retry<ObjectRef<MicroVM>>,
     /// Failed reconciles, by reason, for metrics.
@@ -131,43 +143,85 @@ pub async fn collect_orphans(ctx: &Context) -> Result<usize, ClusterError> {
     Ok(removed)
 }
 
-/// Renews the Lease every 10 s; stops every VM once it could not for the
-/// Lease's duration (self-fencing), and lifts the fence when it can again.
+/// Renews the Lease every `renew_every`, and reads the Node for evidence that
+/// its VMs must not run here. A failed renewal changes nothing on the node:
+/// VMs keep running through an API outage of any length, and only a fencing
+/// taint seen on the Node stops them (see docs/operations.md, "Failures").
 async fn heartbeat(ctx: Arc<Context>) {
-    let mut last_ok = Instant::now();
-    let lease = runv_crds::contract::LEASE_DURATION;
     loop {
-        match node::renew(
+        let renewed = node::renew(
             &ctx.client,
             &ctx.config.namespace,
             &ctx.config.node,
             &ctx.config.holder,
+            ctx.config.lease_duration,
         )
-        .await
-        {
-            Ok(()) => {
-                last_ok = Instant::now();
+        .await;
+        if let Err(e) = renewed {
+            tracing::warn!(error = %e, "cannot renew the Lease; the VMs keep running");
+        }
+        match node::fencing_taint(&ctx.client, &ctx.config.node).await {
+            Ok(Some(taint)) => fence(&ctx, &taint).await,
+            Ok(None) => {
                 if ctx.fenced.swap(false, Ordering::SeqCst) {
-                    tracing::warn!("Lease renewed again: no longer fenced");
+                    tracing::warn!("the node's fencing taint is gone: VMs may start again");
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot renew the Lease");
-                if last_ok.elapsed() >= lease && !ctx.fenced.swap(true, Ordering::SeqCst) {
-                    tracing::error!("Lease not renewed for {lease:?}: fencing, stopping every VM");
-                    let rt = ctx.runtime.clone();
-                    let _ = tokio::task::spawn_blocking(move || {
-                        for vm in rt.known() {
-                            if let Err(e) = rt.stop(&vm, Duration::ZERO) {
-                                tracing::warn!(vm = %vm, error = %e, "cannot stop");
-                            }
-                        }
-                    })
-                    .await;
-                }
+            Err(e) => tracing::debug!(error = %e, "cannot read the Node; fencing unchanged"),
+        }
+        tokio::time::sleep(ctx.config.renew_every).await;
+    }
+}
+
+/// Stops every VM of a node that carries the fencing taint `taint`, once.
+async fn fence(ctx: &Context, taint: &str) {
+    if ctx.fenced.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    tracing::error!(%taint, "the node is fenced: stopping every VM, starting none");
+    let rt = ctx.runtime.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        for vm in rt.known() {
+            if let Err(e) = rt.stop(&vm, Duration::ZERO) {
+                tracing::warn!(vm = %vm, error = %e, "cannot stop");
             }
         }
-        tokio::time::sleep(runv_crds::contract::LEASE_RENEW_EVERY).await;
+    })
+    .await;
+}
+
+/// How soon the MicroVM watch reconnects after a failure: 0.5 s doubling to
+/// 5 s (kube's default waits up to 30 s), so status catches up within seconds
+/// of the API's return. One watch per node is cheap for the API server.
+#[derive(Debug)]
+struct Reconnect {
+    next: Duration,
+}
+
+impl Reconnect {
+    const FIRST: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(5);
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Iterator for Reconnect {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let now = self.next;
+        self.next = (now * 2).min(Self::MAX);
+        Some(now)
+    }
+}
+
+impl kube::runtime::utils::Backoff for Reconnect {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
     }
 }
 
@@ -249,6 +303,7 @@ pub async fn run(
         config,
         fenced: AtomicBool::new(false),
         statuses: Mutex::new(BTreeMap::new()),
+        unsent: Mutex::new(BTreeMap::new()),
         retry: Retry::default(),
         errors: metrics::ReconcileErrors::default(),
     });
@@ -260,6 +315,7 @@ pub async fn run(
         &ctx.config.namespace,
         &ctx.config.node,
         &ctx.config.holder,
+        ctx.config.lease_duration,
     )
     .await?;
     let beat = tokio::spawn(heartbeat(ctx.clone()));
@@ -277,6 +333,7 @@ pub async fn run(
     let selector = format!("status.nodeName={}", ctx.config.node);
     let shutdown = shutdown.shared();
     let controller = Controller::new(api, watcher::Config::default().fields(&selector))
+        .trigger_backoff(Reconnect::default())
         .graceful_shutdown_on(shutdown.clone())
         .run(controller::reconcile, controller::error_policy, ctx.clone())
         .for_each(|r| {

@@ -13,7 +13,7 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use runv_crds::contract::{
-    AGENT_LABEL, AGENT_LABEL_VALUE, LEASE_DURATION, RESOURCE_MEMORY, RESOURCE_VCPUS, lease_name,
+    AGENT_LABEL, AGENT_LABEL_VALUE, RESOURCE_MEMORY, RESOURCE_VCPUS, lease_name,
 };
 
 use super::{ClusterError, MANAGER};
@@ -85,6 +85,7 @@ pub async fn renew(
     namespace: &str,
     node: &str,
     holder: &str,
+    duration: std::time::Duration,
 ) -> Result<(), ClusterError> {
     let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
     let now = MicroTime(Timestamp::now());
@@ -97,11 +98,24 @@ pub async fn renew(
             "metadata": { "name": lease_name(node), "namespace": namespace },
             "spec": {
                 "holderIdentity": holder,
-                "leaseDurationSeconds": LEASE_DURATION.as_secs(),
+                "leaseDurationSeconds": duration.as_secs().max(1),
                 "renewTime": now,
             },
         })),
     )
     .await?;
     Ok(())
+}
+
+/// The key of a fencing taint on the Node, if it carries one
+/// ([`runv_crds::contract::is_fencing_taint`]).
+pub async fn fencing_taint(client: &Client, node: &str) -> Result<Option<String>, ClusterError> {
+    let node = Api::<Node>::all(client.clone()).get(node).await?;
+    Ok(node
+        .spec
+        .and_then(|s| s.taints)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|t| runv_crds::contract::is_fencing_taint(&t.key))
+        .map(|t| t.key))
 }

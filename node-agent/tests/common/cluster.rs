@@ -83,8 +83,10 @@ pub fn wait_until(
 
 /// The test server with the CRDs and the runv namespace, and the operator.
 pub struct Cluster {
-    /// The API.
-    pub server: TestServer,
+    /// The API, while it is up ([`Cluster::stop_api`], [`Cluster::start_api`]).
+    server: std::sync::Mutex<Option<TestServer>>,
+    /// How it is started again after a stop: same port, same state.
+    restart: Options,
     /// `runv-operator`.
     pub operator: Agent,
     /// A kubeconfig for the server.
@@ -100,7 +102,19 @@ pub struct Cluster {
 impl Cluster {
     /// Starts the server and the operator (not the agent).
     pub async fn start() -> Result<Self> {
-        let mut opts = Options::default();
+        Self::start_with(&[]).await
+    }
+
+    /// Starts the server and the operator, with `operator_args` added.
+    pub async fn start_with(operator_args: &[&str]) -> Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let restart = Options {
+            port: free_port(),
+            kubeconfig: Some(tmp.path().join("kubeconfig")),
+            state_file: Some(tmp.path().join("api-state.json")),
+            ..Options::default()
+        };
+        let mut opts = restart.clone();
         for crd in runv_crds::generate::crds() {
             opts.preload.push(serde_json::to_value(crd)?);
         }
@@ -110,23 +124,25 @@ impl Cluster {
             .create(&PostParams::default(), &ns)
             .await?;
         let kubeconfig = server.kubeconfig_path().to_owned();
-        let tmp = tempfile::tempdir()?;
         let operator_bin = sibling_binary("runv-operator", "runv-operator");
         let op_addr = format!("127.0.0.1:{}", free_port());
+        let mut args = vec![
+            "--namespace",
+            "runv-system",
+            "--leader-elect",
+            "false",
+            "--http-addr",
+            &op_addr,
+        ];
+        args.extend_from_slice(operator_args);
         let operator = Agent::spawn(
             &operator_bin,
-            &[
-                "--namespace",
-                "runv-system",
-                "--leader-elect",
-                "false",
-                "--http-addr",
-                &op_addr,
-            ],
+            &args,
             &[("KUBECONFIG", kubeconfig.as_os_str())],
         );
         Ok(Self {
-            server,
+            server: std::sync::Mutex::new(Some(server)),
+            restart,
             operator,
             kubeconfig,
             root: tmp.path().join("agent"),
@@ -135,12 +151,42 @@ impl Cluster {
         })
     }
 
+    /// A client of the API (which must be up).
+    pub fn client(&self) -> Result<kube::Client> {
+        let server = self.server.lock().unwrap();
+        let server = server.as_ref().context("the API is stopped")?;
+        Ok(server.client()?)
+    }
+
+    /// Stops the API server (its state is kept); from a blocking thread.
+    pub fn stop_api(&self) -> Result<()> {
+        let server = self.server.lock().unwrap().take();
+        if let Some(server) = server {
+            tokio::runtime::Handle::current().block_on(server.shutdown())?;
+        }
+        Ok(())
+    }
+
+    /// Starts the API server again on the same address with the same state;
+    /// from a blocking thread.
+    pub fn start_api(&self) -> Result<()> {
+        let server =
+            tokio::runtime::Handle::current().block_on(TestServer::start(self.restart.clone()))?;
+        *self.server.lock().unwrap() = Some(server);
+        Ok(())
+    }
+
     /// Starts `runv-agent run` for node n1.
     pub fn start_agent(&self) -> Agent {
+        self.start_agent_with(&[])
+    }
+
+    /// Starts `runv-agent run` for node n1 with `extra` arguments.
+    pub fn start_agent_with(&self, extra: &[&str]) -> Agent {
         let addr = format!("127.0.0.1:{}", free_port());
         let root = self.root.display().to_string();
         let vmm = self.vmm.display().to_string();
-        let args = [
+        let mut args = vec![
             "--root",
             &root,
             "run",
@@ -155,6 +201,7 @@ impl Cluster {
             "--memory",
             "64Gi",
         ];
+        args.extend_from_slice(extra);
         Agent::spawn(
             Path::new(env!("CARGO_BIN_EXE_runv-agent")),
             &args,
@@ -176,6 +223,10 @@ impl Cluster {
     pub async fn shutdown(mut self) -> Result<()> {
         self.operator.signal(libc::SIGTERM);
         let _ = self.operator.wait(Duration::from_secs(10));
-        Ok(self.server.shutdown().await?)
+        let server = self.server.lock().unwrap().take();
+        match server {
+            Some(server) => Ok(server.shutdown().await?),
+            None => Ok(()),
+        }
     }
 }

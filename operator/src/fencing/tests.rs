@@ -20,10 +20,32 @@ fn with_rv(mut n: Node, rv: &str) -> Node {
     n
 }
 
+/// A context with auto-fencing as `config` says, and two other nodes whose
+/// agents are alive (so the peers agree that the API is up).
 fn ctx_with(api: &MockApi, config: Config) -> Arc<Context> {
-    let base = context_on(api, vec![], vec![], vec![]);
+    let peers = vec![node("p1", 4, "2Gi"), node("p2", 4, "2Gi")];
+    // Renewed now and valid for days: alive at every time a test looks.
+    let leases: Vec<_> = ["p1", "p2"]
+        .into_iter()
+        .map(|p| {
+            let mut l = lease(p, 0);
+            if let Some(spec) = l.spec.as_mut() {
+                spec.lease_duration_seconds = Some(1_000_000);
+            }
+            l
+        })
+        .collect();
+    let base = context_on(api, peers, leases, vec![]);
     let ctx = Arc::try_unwrap(base).expect("one reference");
     Arc::new(Context { config, ..ctx })
+}
+
+/// Auto-fencing on, as the mocked-API cases below exercise it.
+fn fencing() -> Config {
+    Config {
+        auto_fence: true,
+        ..Config::default()
+    }
 }
 
 fn node_patches(api: &MockApi) -> Vec<Recorded> {
@@ -133,9 +155,68 @@ fn policy_table() {
             grace: GRACE,
             agent: c.agent,
             fenced: c.fenced,
+            peers: 2,
+            peers_alive: 2,
         };
         assert_eq!(decide(&observed), c.want, "{}: {observed:?}", c.name);
     }
+}
+
+#[test]
+fn fencing_needs_a_clear_majority_of_live_peers() {
+    let gone = Observed {
+        auto_fence: true,
+        grace: Duration::from_secs(300),
+        agent: Agent::Expired(Duration::from_secs(999)),
+        fenced: false,
+        peers: 0,
+        peers_alive: 0,
+    };
+    // (peers, alive) → fence? The only node is never fenced; half is no
+    // majority (the API may be what failed for them all).
+    for (peers, alive, want) in [
+        (0, 0, Decision::Keep),
+        (1, 0, Decision::Keep),
+        (1, 1, Decision::Fence),
+        (2, 1, Decision::Keep),
+        (2, 2, Decision::Fence),
+        (3, 1, Decision::Keep),
+        (3, 2, Decision::Fence),
+        (4, 2, Decision::Keep),
+        (4, 3, Decision::Fence),
+    ] {
+        let o = Observed {
+            peers,
+            peers_alive: alive,
+            ..gone
+        };
+        assert_eq!(decide(&o), want, "{peers} peers, {alive} alive");
+    }
+    // Unfencing needs no quorum: the agent itself is back.
+    let back = Observed {
+        agent: Agent::Current,
+        fenced: true,
+        ..gone
+    };
+    assert_eq!(decide(&back), Decision::Unfence);
+}
+
+#[tokio::test]
+async fn no_fencing_when_the_other_agents_are_gone_too() {
+    let api = ok_api();
+    let base = context_on(
+        &api,
+        vec![node("p1", 4, "2Gi"), node("p2", 4, "2Gi")],
+        vec![lease("p1", 500), lease("p2", 500)],
+        vec![],
+    );
+    let ctx = Arc::new(Context {
+        config: fencing(),
+        ..Arc::try_unwrap(base).expect("one reference")
+    });
+    let n = with_rv(node("n1", 4, "2Gi"), "7");
+    fence(&ctx, &n, Some(&lease("n1", 500)), Timestamp::now()).await;
+    assert!(node_patches(&api).is_empty(), "{:?}", api.calls());
 }
 
 #[test]
@@ -148,7 +229,7 @@ fn each_change_has_its_event_reason() {
 #[tokio::test]
 async fn expired_lease_fences_after_the_grace_only() {
     let api = ok_api();
-    let ctx = ctx_with(&api, Config::default());
+    let ctx = ctx_with(&api, fencing());
     let n = with_rv(node("n1", 4, "2Gi"), "7");
     // Renewed 100 s ago, valid 40 s: expired for 60 s, under the 300 s grace.
     let l = lease("n1", 100);
@@ -175,7 +256,7 @@ async fn expired_lease_fences_after_the_grace_only() {
 #[tokio::test]
 async fn missing_lease_gets_the_grace_from_when_it_was_first_seen_missing() {
     let api = ok_api();
-    let ctx = ctx_with(&api, Config::default());
+    let ctx = ctx_with(&api, fencing());
     let t0 = Timestamp::now();
     let mut n = with_rv(node("n1", 4, "2Gi"), "3");
     // Created long ago: what counts is when this operator first saw it without a Lease.
@@ -191,7 +272,7 @@ async fn missing_lease_gets_the_grace_from_when_it_was_first_seen_missing() {
 #[tokio::test]
 async fn missing_lease_of_a_new_node_counts_from_its_creation() {
     let api = ok_api();
-    let ctx = ctx_with(&api, Config::default());
+    let ctx = ctx_with(&api, fencing());
     let t0 = Timestamp::now();
     let mut n = node("n1", 4, "2Gi");
     // Seen first at t0, but created (by the API's clock) 100 s later: the later counts.
@@ -206,7 +287,7 @@ async fn missing_lease_of_a_new_node_counts_from_its_creation() {
 #[tokio::test]
 async fn a_lease_that_appears_resets_the_missing_clock() {
     let api = ok_api();
-    let ctx = ctx_with(&api, Config::default());
+    let ctx = ctx_with(&api, fencing());
     let t0 = Timestamp::now();
     let n = node("n1", 4, "2Gi");
     fence(&ctx, &n, None, t0).await;
@@ -219,7 +300,7 @@ async fn a_lease_that_appears_resets_the_missing_clock() {
 #[tokio::test]
 async fn recovered_agent_unfences_and_keeps_other_taints() {
     let api = ok_api();
-    let ctx = ctx_with(&api, Config::default());
+    let ctx = ctx_with(&api, fencing());
     let mut n = with_rv(fenced(node("n1", 4, "2Gi")), "9");
     n.spec
         .as_mut()
@@ -256,7 +337,7 @@ async fn a_node_changed_since_cached_is_not_overwritten() {
             )
         }
     }));
-    let ctx = ctx_with(&api, Config::default());
+    let ctx = ctx_with(&api, fencing());
     let n = with_rv(node("n1", 4, "2Gi"), "1");
     fence(&ctx, &n, Some(&lease("n1", 1000)), Timestamp::now()).await;
     assert_eq!(node_patches(&api).len(), 1);
@@ -291,7 +372,7 @@ async fn auto_fence_off_never_touches_nodes() {
 #[tokio::test]
 async fn a_fenced_node_with_a_dead_agent_is_left_as_it_is() {
     let api = ok_api();
-    let ctx = ctx_with(&api, Config::default());
+    let ctx = ctx_with(&api, fencing());
     let n = fenced(node("n1", 4, "2Gi"));
     fence(&ctx, &n, Some(&lease("n1", 10_000)), Timestamp::now()).await;
     assert!(api.requests.lock().unwrap().is_empty());

@@ -547,6 +547,46 @@ async fn always_vm_leaves_a_fenced_node() {
 }
 
 #[tokio::test]
+async fn always_vm_leaves_an_out_of_service_node() {
+    let a = vm("a")
+        .bound("n1", Phase::Unknown)
+        .policy(RunPolicy::Always)
+        .build();
+    let mut n1 = node("n1", 4, "2Gi");
+    n1.spec.get_or_insert_with(Default::default).taints =
+        Some(vec![k8s_openapi::api::core::v1::Taint {
+            key: "node.kubernetes.io/out-of-service".into(),
+            effect: "NoExecute".into(),
+            ..Default::default()
+        }]);
+    let (api, ctx) = context(vec![n1], vec![lease("n1", 900)], vec![a.clone()]);
+    reconcile(Arc::new(a), ctx).await.unwrap();
+    let p = &status_patches(&api)[0];
+    assert_eq!(p.body["status"]["nodeName"], serde_json::Value::Null);
+    assert_eq!(api.event_reasons(), ["Rescheduling"]);
+}
+
+#[tokio::test]
+async fn always_vm_stays_on_a_node_whose_lease_merely_expired() {
+    // No evidence that the VM is not running there: it is shown Unknown
+    // (NodeLost), never started a second time elsewhere.
+    let a = vm("a")
+        .bound("n1", Phase::Running)
+        .policy(RunPolicy::Always)
+        .build();
+    let (api, ctx) = context(
+        vec![node("n1", 4, "2Gi")],
+        vec![lease("n1", 3600)],
+        vec![a.clone()],
+    );
+    reconcile(Arc::new(a), ctx).await.unwrap();
+    let p = &status_patches(&api)[0];
+    assert_eq!(p.body["status"]["nodeName"], "n1");
+    assert_eq!(p.body["status"]["phase"], "Unknown");
+    assert_eq!(api.event_reasons(), ["NodeLost"]);
+}
+
+#[tokio::test]
 async fn always_vm_leaves_a_deleted_node() {
     let a = vm("a")
         .bound("gone", Phase::Running)

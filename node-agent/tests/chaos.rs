@@ -1,0 +1,160 @@
+//! Chaos: the real test server, operator, `runv-agent run` and `runv-vmm` on
+//! /dev/kvm, under failures, with Lease timings shortened by flags. Each
+//! scenario is bounded in time and prints what it counted: VMs lost,
+//! duplicates, unexpected restarts, and seconds for status to catch up.
+//!
+//! API outage: the API server is stopped for at least five Lease durations
+//! (as long as the killed VMM takes to be restarted), and one VMM is killed
+//! inside the outage. No VM may be stopped by the outage, the
+//! killed one is restarted locally by its run policy while the API is still
+//! down, and once the API is back its status shows the restart.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use common::cluster::{Cluster, manifest, wait_until};
+use common::{KillVmmOnDrop, alive, recorded_pid};
+use runv_node_agent::testing::{Need, require};
+
+const LEASE: Duration = Duration::from_secs(3);
+const VMS: usize = 3;
+
+/// Live `runv-vmm` processes started for the VM whose state directory is `dir`.
+fn vmm_processes(dir: &std::path::Path) -> usize {
+    let needle = dir.display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("runv-vmm") && c.contains(&needle))
+        .count()
+}
+
+fn restart_count(cluster: &Cluster, name: &str) -> Result<String> {
+    let out = cluster.kubectl(&["get", "mvm", name, "-o", "jsonpath={.status.restartCount}"])?;
+    Ok(out.trim().to_owned())
+}
+
+fn outage(cluster: &Cluster) -> Result<()> {
+    let lease = format!("{}s", LEASE.as_secs());
+    let agent = cluster.start_agent_with(&[
+        "--lease-duration",
+        &lease,
+        "--lease-renew-interval",
+        "1s",
+        "--restart-backoff",
+        "1s",
+    ]);
+    let names: Vec<String> = (0..VMS).map(|i| format!("outage-{i}")).collect();
+    let guards: Vec<_> = names
+        .iter()
+        .map(|n| KillVmmOnDrop(cluster.vm_dir(n)))
+        .collect();
+    let file = cluster.tmp.path().join("outage.yaml");
+    let guest = common::test_guest();
+    let text: Vec<String> = names
+        .iter()
+        .map(|n| manifest(n, &guest, "test=loop"))
+        .collect();
+    std::fs::write(&file, text.join("---\n"))?;
+    cluster.kubectl(&["apply", "-f", &file.display().to_string()])?;
+    cluster
+        .kubectl(&[
+            "wait",
+            "--for=condition=Ready",
+            "mvm",
+            "--all",
+            "--timeout=180s",
+        ])
+        .with_context(|| agent.output())?;
+    let pids: Vec<u32> = guards
+        .iter()
+        .map(|g| recorded_pid(&g.0).context("recorded VMM"))
+        .collect::<Result<_>>()?;
+
+    cluster.stop_api()?;
+    let down = Instant::now();
+    std::thread::sleep(LEASE);
+    // SAFETY: kill(2) on the pid our VM recorded.
+    unsafe { libc::kill(pids[0] as libc::pid_t, libc::SIGKILL) };
+    // The agent looks at a running VM every 30 s (sooner on any event).
+    wait_until(
+        "a local restart while the API is down",
+        Duration::from_secs(45),
+        || Ok(recorded_pid(&guards[0].0).is_some_and(|p| p != pids[0] && alive(p))),
+    )
+    .with_context(|| agent.output())?;
+    // At least five Lease durations, and a few seconds after the restart.
+    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep((5 * LEASE).saturating_sub(down.elapsed()));
+    let lost = pids[1..].iter().filter(|p| !alive(**p)).count();
+    let unexpected = guards[1..]
+        .iter()
+        .zip(&pids[1..])
+        .filter(|(g, p)| recorded_pid(&g.0) != Some(**p))
+        .count();
+    let duplicates = guards.iter().filter(|g| vmm_processes(&g.0) > 1).count();
+    let down_for = down.elapsed();
+
+    cluster.start_api()?;
+    let back = Instant::now();
+    wait_until("restartCount 1 in the API", Duration::from_secs(60), || {
+        Ok(restart_count(cluster, &names[0]).is_ok_and(|c| c == "1"))
+    })
+    .with_context(|| agent.output())?;
+    cluster.kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "mvm",
+        "--all",
+        "--timeout=60s",
+    ])?;
+    let caught_up = back.elapsed();
+    println!(
+        "api outage: {:.1}s down ({} Lease durations), {VMS} VMs, 1 VMM killed inside: \
+         {lost} lost, {duplicates} duplicated, {unexpected} unexpected restarts, \
+         status caught up {:.1}s after the API returned",
+        down_for.as_secs_f64(),
+        down_for.as_secs() / LEASE.as_secs(),
+        caught_up.as_secs_f64()
+    );
+    ensure!(
+        lost == 0,
+        "{lost} VMs stopped by the outage\n{}",
+        agent.output()
+    );
+    ensure!(unexpected == 0, "{unexpected} VMs restarted by the outage");
+    ensure!(duplicates == 0, "{duplicates} VMs run twice");
+    for g in &guards[1..] {
+        ensure!(
+            vmm_processes(&g.0) == 1,
+            "{} has no single VMM",
+            g.0.display()
+        );
+    }
+    drop(agent);
+    drop(guards);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_run_through_an_api_outage_and_status_catches_up() -> Result<()> {
+    if !require(
+        "vms_run_through_an_api_outage_and_status_catches_up",
+        &[Need::Kvm],
+    ) {
+        return Ok(());
+    }
+    let cluster = std::sync::Arc::new(Cluster::start().await?);
+    let c = cluster.clone();
+    let result = tokio::task::spawn_blocking(move || outage(&c)).await?;
+    let cluster = std::sync::Arc::into_inner(cluster).context("the cluster is still shared")?;
+    cluster.shutdown().await?;
+    result
+}
