@@ -1,0 +1,13 @@
+//! Container images on the node: pull through the OCI distribution protocol,
+//! verify, cache in a content-addressed store, unpack layers safely, and build
+//! a read-only root filesystem image shared by every VM of the image.
+
+pub mod auth;
+pub mod digest;
+pub mod pull;
+pub mod store;
+
+
+pub use digest::Digest;
+pub use pull::{PullConfig, PulledImage, Puller};
+pub use store::BlobStore;
