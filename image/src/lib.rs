@@ -6,6 +6,7 @@ pub mod auth;
 pub mod digest;
 pub mod pull;
 pub mod store;
+pub mod unpack;
 
 
 pub use digest::Digest;
