@@ -8,7 +8,6 @@ pub mod pull;
 pub mod store;
 pub mod unpack;
 
-
 pub use digest::Digest;
 pub use pull::{PullConfig, PulledImage, Puller};
 pub use store::BlobStore;

@@ -47,6 +47,15 @@ pub enum UnpackError {
         #[source]
         source: io::Error,
     },
+    /// A layer blob cannot be opened from the store.
+    #[error("open layer blob {}", .path.display())]
+    Blob {
+        /// The blob's file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// The layer is not a readable tar stream (or its compression is broken).
     #[error("reading layer tar")]
     Tar(#[source] io::Error),
@@ -127,6 +136,24 @@ pub struct Applier {
     as_root: bool,
     image_bytes: u64,
     entries: u64,
+}
+
+/// Applies an image's layers from `store`, bottom first, into `root` (an
+/// existing, normally empty, directory).
+pub fn unpack_image(
+    store: &crate::store::BlobStore,
+    layers: &[crate::pull::Layer],
+    root: &Path,
+    limits: Limits,
+) -> Result<()> {
+    let mut applier = Applier::new(root, limits)?;
+    for layer in layers {
+        let path = store.path(&layer.digest);
+        let blob =
+            std::fs::File::open(&path).map_err(|source| UnpackError::Blob { path, source })?;
+        applier.apply(blob, &layer.media_type)?;
+    }
+    Ok(())
 }
 
 /// A directory whose mode and mtime are set once its layer is done (so a
