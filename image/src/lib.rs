@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod digest;
 pub mod pull;
+pub mod rootfs;
 pub mod store;
 pub mod unpack;
 
