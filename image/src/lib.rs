@@ -3,6 +3,7 @@
 //! a read-only root filesystem image shared by every VM of the image.
 
 pub mod auth;
+pub mod container;
 pub mod digest;
 pub mod pull;
 pub mod rootfs;
