@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod container;
 pub mod digest;
+pub mod images;
 pub mod pull;
 pub mod rootfs;
 pub mod store;

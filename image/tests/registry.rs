@@ -316,3 +316,88 @@ async fn an_index_resolves_to_linux_amd64_and_docker_schema2_is_accepted() {
             .starts_with("application/vnd.docker.image.rootfs.diff.tar")
     );
 }
+
+#[tokio::test]
+async fn the_image_service_follows_pull_policies_and_builds_one_rootfs() {
+    let tools = ["docker-registry", "skopeo", "mkfs.erofs"];
+    if !support::require_tools(
+        "the_image_service_follows_pull_policies_and_builds_one_rootfs",
+        &tools,
+    ) {
+        return;
+    }
+    use runv_image::images::{Images, PullPolicy};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&tmp.path().join("layout"));
+    let image = layout.image(&tricky_layers(), config(), "amd64");
+    layout.tag(&image, "v1");
+    let registry = Registry::start(None);
+    registry.push(&layout.dir, "v1", "test/app", &[]);
+    let reference = parse_reference(&format!("{}/test/app:v1", registry.addr)).unwrap();
+    let absent = parse_reference(&format!("{}/test/absent:v1", registry.addr)).unwrap();
+    let anon = RegistryAuth::Anonymous;
+    let images = Images::open(
+        &tmp.path().join("node"),
+        PullConfig::default(),
+        Limits::default(),
+        Default::default(),
+    )
+    .unwrap();
+
+    let err = images
+        .ensure(&reference, &anon, PullPolicy::Never)
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "ErrImageNeverPull");
+    let (first, second) = tokio::join!(
+        images.ensure(&reference, &anon, PullPolicy::IfNotPresent),
+        images.ensure(&reference, &anon, PullPolicy::IfNotPresent),
+    );
+    let (first, second) = (first.unwrap(), second.unwrap());
+    assert_eq!(first.rootfs, second.rootfs);
+    assert_eq!(images.puller().blob_fetches(), 4, "two VMs, one pull");
+    let mut magic = [0u8; 4];
+    let f = std::fs::File::open(&first.rootfs).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut magic, 1024).unwrap();
+    assert_eq!(magic, [0xe2, 0xe1, 0xf5, 0xe0], "an erofs superblock");
+    assert_eq!(
+        first.config.config.entrypoint.as_deref(),
+        Some(&["/bin/sh".to_owned()][..])
+    );
+    let built = std::fs::metadata(&first.rootfs)
+        .unwrap()
+        .modified()
+        .unwrap();
+
+    images
+        .ensure(&reference, &anon, PullPolicy::Always)
+        .await
+        .unwrap();
+    assert_eq!(
+        images.puller().blob_fetches(),
+        4,
+        "Always resolves the tag; present blobs are not fetched"
+    );
+    drop(registry);
+    let again = images
+        .ensure(&reference, &anon, PullPolicy::IfNotPresent)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.pulled, first.pulled,
+        "IfNotPresent needs no registry for a present image"
+    );
+    assert_eq!(
+        std::fs::metadata(&again.rootfs)
+            .unwrap()
+            .modified()
+            .unwrap(),
+        built,
+        "built once"
+    );
+    let err = images
+        .ensure(&absent, &anon, PullPolicy::IfNotPresent)
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "ErrImagePull");
+}
