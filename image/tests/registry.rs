@@ -401,3 +401,69 @@ async fn the_image_service_follows_pull_policies_and_builds_one_rootfs() {
         .unwrap_err();
     assert_eq!(err.reason(), "ErrImagePull");
 }
+
+#[tokio::test]
+async fn bearer_tokens_come_from_the_realm_with_the_secret_credential() {
+    let tools = ["docker-registry", "skopeo", "openssl"];
+    if !support::require_tools(
+        "bearer_tokens_come_from_the_realm_with_the_secret_credential",
+        &tools,
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = support::token::TokenService::start(tmp.path(), "bob", "hunter2");
+    let registry = Registry::start_with(support::Auth::Token(tokens.registry_config()));
+    let mut layout = Layout::new(&tmp.path().join("layout"));
+    let small = TarBuilder::default()
+        .file("hello", 0o644, b"token")
+        .finish();
+    let image = layout.image(
+        &[LayerBlob {
+            tar: small,
+            gzip: true,
+        }],
+        config(),
+        "amd64",
+    );
+    layout.tag(&image, "v1");
+    registry.push(
+        &layout.dir,
+        "v1",
+        "tok/app",
+        &["--dest-creds", "bob:hunter2"],
+    );
+    let reference = parse_reference(&format!("{}/tok/app:v1", registry.addr)).unwrap();
+
+    let err = puller(&tmp.path().join("s1"))
+        .pull(&reference, &RegistryAuth::Anonymous)
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "ErrImagePull");
+    let wrong = RegistryAuth::Basic("bob".into(), "nope".into());
+    assert!(
+        puller(&tmp.path().join("s2"))
+            .pull(&reference, &wrong)
+            .await
+            .is_err()
+    );
+
+    let issued = tokens.issued.load(std::sync::atomic::Ordering::Relaxed);
+    let mut ring = Keyring::default();
+    let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "bob:hunter2");
+    let secret = serde_json::json!({"auths": {registry.addr.to_string(): {"auth": b64}}});
+    ring.add_docker_config(secret.to_string().as_bytes())
+        .unwrap();
+    let auth = ring.credential_for(reference.registry(), reference.repository());
+    let p = puller(&tmp.path().join("s3"));
+    let pulled = p.pull(&reference, &auth).await.unwrap();
+    assert_eq!(p.blob_fetches(), 2);
+    assert!(
+        tokens.issued.load(std::sync::atomic::Ordering::Relaxed) > issued,
+        "the pull used a fresh token"
+    );
+    let root = tmp.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    unpack_image(p.store(), &pulled.layers, &root, Limits::default()).unwrap();
+    assert_eq!(std::fs::read(root.join("hello")).unwrap(), b"token");
+}

@@ -2,6 +2,8 @@
 //! loopback, and OCI image layouts written by the test itself.
 #![allow(dead_code)]
 
+pub mod token;
+
 use sha2::{Digest as _, Sha256};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -50,6 +52,27 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs a command, returning its raw standard output.
+pub fn run_bytes(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// How a test registry authenticates.
+pub enum Auth<'a> {
+    /// Open to all.
+    None,
+    /// htpasswd basic auth with one user.
+    Basic(&'a str, &'a str),
+    /// Bearer tokens from a token service (its `auth:` config section).
+    Token(String),
+}
+
 /// A `docker-registry serve` on a free loopback port, stopped on drop.
 pub struct Registry {
     child: Child,
@@ -58,8 +81,16 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Starts a registry; with `basic` it requires those htpasswd credentials.
+    /// Starts an open registry.
     pub fn start(basic: Option<(&str, &str)>) -> Self {
+        Self::start_with(match basic {
+            Some((u, p)) => Auth::Basic(u, p),
+            None => Auth::None,
+        })
+    }
+
+    /// Starts a registry with `auth`.
+    pub fn start_with(auth: Auth<'_>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -71,7 +102,10 @@ impl Registry {
             "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
             dir.path().join("data").display()
         );
-        if let Some((user, pass)) = basic {
+        if let Auth::Token(section) = &auth {
+            config += section;
+        }
+        if let Auth::Basic(user, pass) = auth {
             let entry = run(Command::new("htpasswd").args(["-Bbn", user, pass]));
             std::fs::write(dir.path().join("htpasswd"), entry).unwrap();
             config += &format!(
