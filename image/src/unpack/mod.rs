@@ -18,6 +18,8 @@
 //! Decompressed bytes and entries are counted per layer and per image, so a
 //! decompression bomb stops with [`UnpackError::TooLarge`].
 
+#[cfg(any(test, feature = "fuzz"))]
+pub mod fuzz;
 mod safe_fs;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};

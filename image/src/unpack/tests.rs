@@ -83,22 +83,19 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     enc.finish().unwrap()
 }
 
-/// A root beside a sentinel directory.
+/// A root beside a sentinel directory (the fuzz harness's).
 struct Sandbox {
-    _tmp: tempfile::TempDir,
+    inner: fuzz::Sandbox,
     root: PathBuf,
     outside: PathBuf,
 }
 
 impl Sandbox {
     fn new() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
-        fs::create_dir_all(&root).unwrap();
-        fs::create_dir_all(&outside).unwrap();
-        fs::write(outside.join("secret"), b"secret").unwrap();
+        let inner = fuzz::Sandbox::new();
+        let (root, outside) = (inner.root.clone(), inner.sentinel());
         Self {
-            _tmp: tmp,
+            inner,
             root,
             outside,
         }
@@ -112,30 +109,9 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Everything in the sentinel's parent except the root, with contents.
+    /// Everything beside the root, with contents.
     fn outside_snapshot(&self) -> BTreeMap<PathBuf, Vec<u8>> {
-        let mut out = BTreeMap::new();
-        let parent = self.root.parent().unwrap();
-        let mut stack = vec![parent.to_owned()];
-        while let Some(d) = stack.pop() {
-            for e in fs::read_dir(&d).unwrap() {
-                let p = e.unwrap().path();
-                if p == self.root {
-                    continue;
-                }
-                let m = fs::symlink_metadata(&p).unwrap();
-                if m.is_dir() {
-                    stack.push(p.clone());
-                }
-                let data = if m.is_file() {
-                    fs::read(&p).unwrap()
-                } else {
-                    Vec::new()
-                };
-                out.insert(p, data);
-            }
-        }
-        out
+        self.inner.outside()
     }
 }
 
@@ -496,7 +472,7 @@ impl Rng {
 }
 
 /// Random bytes and mutated valid layers never panic the applier and never
-/// write outside the root. (`fuzz/` has the libFuzzer target for long runs.)
+/// write outside the root. `image/fuzz` runs the same harness under libFuzzer.
 #[test]
 fn fuzzed_layers_never_panic_or_escape() {
     let seeds = [
@@ -512,17 +488,30 @@ fn fuzzed_layers_never_panic_or_escape() {
             symlink("s", "/"),
             file("s2/f", b"y"),
         ]),
+        tar_of(&[
+            symlink("l", "../outside"),
+            file("l/secret", b"pwned"),
+            hardlink("h", "../outside/secret"),
+        ]),
     ];
-    let sb = Sandbox::new();
-    let before = sb.outside_snapshot();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    for i in 0..1500 {
-        let mut bytes = if i % 5 == 0 {
+    let iterations: usize = std::env::var("RUNV_FUZZ_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1500);
+    let seed = std::env::var("RUNV_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng(seed);
+    for i in 0..iterations {
+        let mut bytes: Vec<u8> = if i % 5 == 0 {
             (0..rng.below(4096)).map(|_| rng.next() as u8).collect()
+        } else if i % 2 == 0 {
+            structured(&mut rng)
         } else {
             seeds[i % seeds.len()].clone()
         };
-        for _ in 0..1 + rng.below(8) {
+        for _ in 0..rng.below(8) {
             if !bytes.is_empty() {
                 let at = rng.below(bytes.len());
                 bytes[at] = match rng.below(3) {
@@ -532,22 +521,82 @@ fn fuzzed_layers_never_panic_or_escape() {
                 };
             }
         }
-        let _ = fuzz_one(&sb.root, &bytes);
-        assert_eq!(
-            sb.outside_snapshot(),
-            before,
-            "iteration {i} wrote outside the root"
-        );
+        let kind = match i % 7 {
+            0 => 1, // claims gzip
+            _ => 0,
+        };
+        let input: Vec<u8> = std::iter::once(kind).chain(bytes).collect();
+        if let Err(e) = fuzz::run_bytes(&input) {
+            panic!("iteration {i} (seed {seed}): {e}");
+        }
     }
 }
 
-/// The body shared with the libFuzzer target.
-pub(crate) fn fuzz_one(root: &Path, bytes: &[u8]) -> Result<()> {
-    let limits = Limits {
-        max_layer_bytes: 1 << 20,
-        max_entries: 1000,
-        allow_devices: false,
-        ..Limits::default()
+/// The libFuzzer target's hand-made seeds replay in every `cargo test`.
+#[test]
+fn fuzz_seed_files_replay() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/layers");
+    let mut n = 0;
+    for entry in fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if let Err(e) = fuzz::run_bytes(&fs::read(&path).unwrap()) {
+            panic!("{}: {e}", path.display());
+        }
+        n += 1;
+    }
+    assert!(n >= 5, "seeds found in {}", dir.display());
+}
+
+/// A layer of well-formed entries whose names, types and link targets are
+/// drawn from the pieces attacks are made of.
+fn structured(rng: &mut Rng) -> Vec<u8> {
+    const PIECES: [&str; 10] = [
+        "a",
+        "b",
+        "..",
+        ".",
+        "l",
+        ".wh.a",
+        ".wh..wh..opq",
+        "outside",
+        "secret",
+        "",
+    ];
+    let path = |rng: &mut Rng| {
+        let parts: Vec<&str> = (0..1 + rng.below(4))
+            .map(|_| PIECES[rng.below(PIECES.len())])
+            .collect();
+        let joined = parts.join("/");
+        if rng.below(8) == 0 {
+            format!("/{joined}")
+        } else {
+            joined
+        }
     };
-    Applier::new(root, limits)?.apply(bytes, "application/vnd.oci.image.layer.v1.tar")
+    let kinds = [
+        tar::EntryType::Regular,
+        tar::EntryType::Directory,
+        tar::EntryType::Symlink,
+        tar::EntryType::Link,
+        tar::EntryType::Fifo,
+        tar::EntryType::Char,
+    ];
+    let owned: Vec<(String, tar::EntryType, String)> = (0..1 + rng.below(12))
+        .map(|_| (path(rng), kinds[rng.below(kinds.len())], path(rng)))
+        .collect();
+    let entries: Vec<E<'_>> = owned
+        .iter()
+        .map(|(name, kind, link)| E {
+            name: name.as_bytes(),
+            kind: *kind,
+            link: link.as_bytes(),
+            data: if *kind == tar::EntryType::Regular {
+                b"pwned"
+            } else {
+                b""
+            },
+            mode: 0o755,
+        })
+        .collect();
+    tar_of(&entries)
 }
