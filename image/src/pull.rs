@@ -129,6 +129,9 @@ impl PullError {
 pub struct PullConfig {
     /// Registries (`host[:port]`) reached over plain HTTP although not on loopback.
     pub insecure_registries: Vec<String>,
+    /// Whether a registry on a loopback address is reached over plain HTTP
+    /// (as Docker and containerd do); `false` makes loopback use TLS too.
+    pub plain_http_loopback: bool,
     /// Extra PEM CA certificates trusted besides the system's roots.
     pub extra_ca_pem: Vec<Vec<u8>>,
     /// Largest manifest or config accepted.
@@ -141,6 +144,7 @@ impl Default for PullConfig {
     fn default() -> Self {
         Self {
             insecure_registries: Vec::new(),
+            plain_http_loopback: true,
             extra_ca_pem: Vec::new(),
             max_document_bytes: 4 << 20,
             max_layer_bytes: 8 << 30,
@@ -249,7 +253,7 @@ impl Puller {
     }
 
     fn client_config(&self, registry: &str) -> ClientConfig {
-        let plain = is_loopback(registry)
+        let plain = (self.config.plain_http_loopback && is_loopback(registry))
             || self
                 .config
                 .insecure_registries

@@ -467,3 +467,66 @@ async fn bearer_tokens_come_from_the_realm_with_the_secret_credential() {
     unpack_image(p.store(), &pulled.layers, &root, Limits::default()).unwrap();
     assert_eq!(std::fs::read(root.join("hello")).unwrap(), b"token");
 }
+
+#[tokio::test]
+async fn tls_registries_need_a_trusted_ca() {
+    if !support::require_tools(
+        "tls_registries_need_a_trusted_ca",
+        &["docker-registry", "skopeo", "openssl"],
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = support::tls_files(tmp.path());
+    let registry = Registry::start_with(support::Auth::Tls(cert, key));
+    let mut layout = Layout::new(&tmp.path().join("layout"));
+    let small = TarBuilder::default().file("hello", 0o644, b"tls").finish();
+    let image = layout.image(
+        &[LayerBlob {
+            tar: small,
+            gzip: true,
+        }],
+        config(),
+        "amd64",
+    );
+    layout.tag(&image, "v1");
+    registry.push(&layout.dir, "v1", "tls/app", &[]);
+    let reference = parse_reference(&format!("{}/tls/app:v1", registry.addr)).unwrap();
+    let anon = RegistryAuth::Anonymous;
+    let tls_puller = |store: &str, extra_ca_pem: Vec<Vec<u8>>| {
+        let store = Arc::new(BlobStore::open(&tmp.path().join(store)).unwrap());
+        let config = PullConfig {
+            plain_http_loopback: false,
+            extra_ca_pem,
+            ..PullConfig::default()
+        };
+        Puller::new(store, config)
+    };
+
+    let untrusted = tls_puller("s1", Vec::new())
+        .pull(&reference, &anon)
+        .await
+        .unwrap_err();
+    assert_eq!(untrusted.reason(), "ErrImagePull");
+    let why = chain(&untrusted);
+    assert!(
+        why.contains("certificate") || why.contains("UnknownIssuer"),
+        "{why}"
+    );
+    let plain = puller(&tmp.path().join("s2")).pull(&reference, &anon).await;
+    assert!(plain.is_err(), "plain HTTP to a TLS registry fails");
+    let trusted = tls_puller("s3", vec![std::fs::read(&ca).unwrap()]);
+    let pulled = trusted.pull(&reference, &anon).await.unwrap();
+    assert_eq!(pulled.layers.len(), 1);
+}
+
+/// An error and all its sources, as `{e:#}` would show them.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out += &format!(": {s}");
+        source = s.source();
+    }
+    out
+}

@@ -71,6 +71,8 @@ pub enum Auth<'a> {
     Basic(&'a str, &'a str),
     /// Bearer tokens from a token service (its `auth:` config section).
     Token(String),
+    /// Open, but over TLS with this certificate chain and key (PEM files).
+    Tls(PathBuf, PathBuf),
 }
 
 /// A `docker-registry serve` on a free loopback port, stopped on drop.
@@ -102,6 +104,13 @@ impl Registry {
             "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
             dir.path().join("data").display()
         );
+        if let Auth::Tls(cert, key) = &auth {
+            config += &format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            );
+        }
         if let Auth::Token(section) = &auth {
             config += section;
         }
@@ -123,6 +132,7 @@ impl Registry {
             .spawn()
             .expect("start docker-registry");
         let deadline = Instant::now() + Duration::from_secs(20);
+        // TLS or not, the port accepting connections means it serves.
         while TcpStream::connect(addr).is_err() {
             assert!(
                 Instant::now() < deadline,
@@ -317,4 +327,57 @@ impl TarBuilder {
     pub fn finish(self) -> Vec<u8> {
         self.0.into_inner().unwrap()
     }
+}
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it, as PEM
+/// files in `dir`: returns (CA certificate, server chain, server key).
+pub fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |n: &str| dir.join(n);
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=runv test CA",
+        ])
+        .arg("-keyout")
+        .arg(p("ca.key"))
+        .arg("-out")
+        .arg(p("ca.crt")));
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(p("server.key"))
+        .arg("-out")
+        .arg(p("server.csr")));
+    std::fs::write(
+        p("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+        .arg("-in")
+        .arg(p("server.csr"))
+        .arg("-CA")
+        .arg(p("ca.crt"))
+        .arg("-CAkey")
+        .arg(p("ca.key"))
+        .arg("-extfile")
+        .arg(p("ext"))
+        .arg("-out")
+        .arg(p("server.crt")));
+    (p("ca.crt"), p("server.crt"), p("server.key"))
 }
