@@ -182,6 +182,7 @@ impl Images {
             let path = root.join(dir);
             std::fs::create_dir_all(&path).map_err(io_err("create", &path))?;
         }
+        remove_leftovers(root)?;
         Ok(Self {
             root: root.to_owned(),
             gate: tokio::sync::RwLock::new(()),
@@ -301,6 +302,9 @@ impl Images {
         let temp = path.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(record).expect("plain data serialises");
         std::fs::write(&temp, body).map_err(io_err("write", &temp))?;
+        std::fs::File::open(&temp)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err("fsync", &temp))?;
         std::fs::rename(&temp, &path).map_err(io_err("rename", &temp))
     }
 }
@@ -390,6 +394,25 @@ impl Images {
     }
 }
 
+/// Removes what a crash can leave: half-built disks, half-written records,
+/// unpack directories.
+fn remove_leftovers(root: &Path) -> Result<(), ImageError> {
+    let unpack = root.join("unpack");
+    std::fs::remove_dir_all(&unpack).map_err(io_err("remove", &unpack))?;
+    std::fs::create_dir(&unpack).map_err(io_err("create", &unpack))?;
+    for (dir, stale) in [("rootfs", ".tmp-"), ("images", ".json.tmp")] {
+        let dir = root.join(dir);
+        for entry in std::fs::read_dir(&dir).map_err(io_err("read", &dir))? {
+            let path = entry.map_err(io_err("read", &dir))?.path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            if name.starts_with(stale) || name.ends_with(stale) {
+                std::fs::remove_file(&path).map_err(io_err("remove", &path))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Removes a file, returning its size (0 if it was absent).
 fn remove_counted(path: &Path) -> Result<u64, ImageError> {
     let size = match std::fs::symlink_metadata(path) {
@@ -468,6 +491,51 @@ mod tests {
         };
         images.write_record(&record).unwrap();
         manifest
+    }
+
+    #[test]
+    fn opening_removes_what_a_crash_left() {
+        let tmp = tempfile::tempdir().unwrap();
+        let open = || {
+            Images::open(
+                tmp.path(),
+                PullConfig::default(),
+                Limits::default(),
+                Format::Erofs,
+            )
+            .unwrap()
+        };
+        drop(open());
+        let digest = Digest::of(b"m");
+        let leftovers = [
+            tmp.path()
+                .join("rootfs")
+                .join(format!(".tmp-{}-1.img", digest.hex())),
+            tmp.path()
+                .join("images")
+                .join(format!("{}.json.tmp", digest.hex())),
+            tmp.path()
+                .join("unpack")
+                .join(digest.hex())
+                .join("etc/passwd"),
+        ];
+        for path in &leftovers {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, b"half").unwrap();
+        }
+        let kept = rootfs::image_path(&tmp.path().join("rootfs"), &digest);
+        std::fs::write(&kept, b"complete").unwrap();
+        drop(open());
+        for path in &leftovers {
+            assert!(!path.exists(), "{} survived", path.display());
+        }
+        assert!(kept.exists());
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("unpack"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 
     #[test]

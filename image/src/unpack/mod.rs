@@ -2,7 +2,7 @@
 //! OCI whiteouts, as hostile input.
 //!
 //! The `tar` crate only parses; every write is ours and goes through
-//! [`safe_fs`]: parents are resolved beneath the root without following any
+//! `safe_fs`: parents are resolved beneath the root without following any
 //! symlink, so an entry that would reach outside (`../x`, `/x`, a path through
 //! a symlink an earlier entry planted, a hardlink to a name outside) is refused
 //! and the layer fails. Unlike containerd, which resolves a symlinked parent
