@@ -57,10 +57,19 @@ pub struct Keyring {
 }
 
 impl Keyring {
-    /// Adds every entry of a docker config JSON document.
+    /// Adds every entry of a docker config JSON document: `{"auths": {...}}`
+    /// (`kubernetes.io/dockerconfigjson`, `~/.docker/config.json`) or the
+    /// legacy bare map (`kubernetes.io/dockercfg`), as kubelet reads both.
     pub fn add_docker_config(&mut self, json: &[u8]) -> Result<(), AuthError> {
-        let config: DockerConfig = serde_json::from_slice(json).map_err(AuthError::Json)?;
-        for (raw, entry) in config.auths {
+        let value: serde_json::Value = serde_json::from_slice(json).map_err(AuthError::Json)?;
+        let auths = if value.get("auths").is_some() {
+            serde_json::from_value::<DockerConfig>(value)
+                .map_err(AuthError::Json)?
+                .auths
+        } else {
+            serde_json::from_value::<BTreeMap<String, Entry>>(value).map_err(AuthError::Json)?
+        };
+        for (raw, entry) in auths {
             let auth = entry_auth(&raw, entry)?;
             self.entries.push((parse_key(&raw), auth));
         }
@@ -200,6 +209,19 @@ mod tests {
                 "{registry}/{repo}"
             );
         }
+    }
+
+    #[test]
+    fn the_legacy_dockercfg_map_is_read_too() {
+        let b64 = base64::engine::general_purpose::STANDARD.encode("old:pw");
+        let legacy =
+            format!(r#"{{"registry.example.com": {{"auth": "{b64}", "email": "x@example.com"}}}}"#);
+        let mut ring = Keyring::default();
+        ring.add_docker_config(legacy.as_bytes()).unwrap();
+        assert_eq!(
+            user_of(ring.credential_for("registry.example.com", "a/b")),
+            "old"
+        );
     }
 
     #[test]

@@ -32,6 +32,9 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// Registry clients kept at most (one per registry and credential).
+const MAX_CLIENTS: usize = 64;
+
 /// Media types of manifests we accept (Docker v2 schema 2 and OCI).
 pub const MANIFEST_TYPES: [&str; 4] = [
     manifest::OCI_IMAGE_INDEX_MEDIA_TYPE,
@@ -245,6 +248,10 @@ impl Puller {
             RegistryAuth::Bearer(t) => Digest::of(format!("t\0{t}").as_bytes()).to_string(),
         };
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        // Rotated credentials must not pile up clients (and tokens) forever.
+        if clients.len() >= MAX_CLIENTS {
+            clients.clear();
+        }
         let key = (registry.to_owned(), who);
         clients
             .entry(key)

@@ -495,13 +495,19 @@ struct Meta {
 impl Meta {
     fn of<R: Read>(entry: &mut tar::Entry<R>, shown: &str) -> Result<Self> {
         let h = entry.header();
-        let id = |v: io::Result<u64>| {
+        // An all-NUL or blank field is 0, as Go's archive/tar (Docker,
+        // containerd) reads it.
+        let blank = |raw: &[u8]| raw.iter().all(|b| *b == 0 || *b == b' ');
+        let old = h.as_old();
+        let (raw_uid, raw_gid) = (blank(&old.uid), blank(&old.gid));
+        let id = |v: io::Result<u64>, blank: bool| {
             v.ok()
+                .or(blank.then_some(0))
                 .and_then(|v| u32::try_from(v).ok())
                 .filter(|v| *v != u32::MAX)
                 .ok_or_else(|| UnpackError::BadOwner(shown.to_owned()))
         };
-        let (uid, gid) = (id(h.uid())?, id(h.gid())?);
+        let (uid, gid) = (id(h.uid(), raw_uid)?, id(h.gid(), raw_gid)?);
         let mode = h.mode().map_err(UnpackError::Tar)? & 0o7777;
         let mtime = h.mtime().unwrap_or(0);
         Ok(Self {

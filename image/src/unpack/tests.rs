@@ -600,3 +600,42 @@ fn structured(rng: &mut Rng) -> Vec<u8> {
         .collect();
     tar_of(&entries)
 }
+
+#[test]
+fn user_xattrs_are_kept_and_trusted_ones_dropped() {
+    let sb = Sandbox::new();
+    let probe = sb.root.join("probe");
+    fs::write(&probe, b"").unwrap();
+    let probe_fd = fs::File::open(&probe).unwrap();
+    if rustix::fs::fsetxattr(
+        &probe_fd,
+        "user.probe",
+        b"1",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .is_err()
+    {
+        eprintln!(
+            "user_xattrs_are_kept_and_trusted_ones_dropped: skipping: no user xattrs on this filesystem"
+        );
+        return;
+    }
+    let mut builder = tar::Builder::new(Vec::new());
+    let xattrs: [(&str, &[u8]); 2] = [
+        ("SCHILY.xattr.user.origin", b"layer"),
+        ("SCHILY.xattr.trusted.overlay.opaque", b"y"),
+    ];
+    builder.append_pax_extensions(xattrs).unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(2);
+    builder.append_data(&mut h, "tagged", &b"hi"[..]).unwrap();
+    sb.apply(&[builder.into_inner().unwrap()], Limits::default())
+        .unwrap();
+    let file = fs::File::open(sb.root.join("tagged")).unwrap();
+    let mut buf = [0u8; 16];
+    let n = rustix::fs::fgetxattr(&file, "user.origin", &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"layer");
+    assert!(rustix::fs::fgetxattr(&file, "trusted.overlay.opaque", &mut buf).is_err());
+}
