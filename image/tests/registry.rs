@@ -530,3 +530,67 @@ fn chain(e: &dyn std::error::Error) -> String {
     }
     out
 }
+
+#[tokio::test]
+async fn a_hostile_image_fails_to_unpack_and_leaves_no_disk() {
+    let tools = ["docker-registry", "skopeo", "mkfs.erofs"];
+    if !support::require_tools("a_hostile_image_fails_to_unpack_and_leaves_no_disk", &tools) {
+        return;
+    }
+    use runv_image::images::{ImageError, Images, PullPolicy};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&tmp.path().join("layout"));
+    let good = TarBuilder::default().dir("etc", 0o755).finish();
+    let evil = support::raw_tar(b"../../../escaped", b"pwned");
+    let layers = [
+        LayerBlob {
+            tar: good,
+            gzip: true,
+        },
+        LayerBlob {
+            tar: evil,
+            gzip: true,
+        },
+    ];
+    let image = layout.image(&layers, config(), "amd64");
+    layout.tag(&image, "v1");
+    let registry = Registry::start(None);
+    registry.push(&layout.dir, "v1", "evil/app", &[]);
+    let reference = parse_reference(&format!("{}/evil/app:v1", registry.addr)).unwrap();
+    let node = tmp.path().join("node");
+    let images = Images::open(
+        &node,
+        PullConfig::default(),
+        Limits::default(),
+        Default::default(),
+    )
+    .unwrap();
+    let err = images
+        .ensure(
+            &reference,
+            &RegistryAuth::Anonymous,
+            PullPolicy::IfNotPresent,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ImageError::Unpack(_)), "{err:?}");
+    assert_eq!(err.reason(), "ErrImagePull");
+    assert!(chain(&err).contains("escapes the root"), "{}", chain(&err));
+    assert_eq!(
+        std::fs::read_dir(node.join("rootfs")).unwrap().count(),
+        0,
+        "no disk"
+    );
+    assert_eq!(
+        std::fs::read_dir(node.join("unpack")).unwrap().count(),
+        0,
+        "no half-unpacked tree"
+    );
+    assert!(
+        images.records().unwrap().is_empty(),
+        "no record of a usable image"
+    );
+    let escaped = ["escaped", "../escaped", "../../escaped"].map(|p| node.join("unpack").join(p));
+    assert!(escaped.iter().all(|p| !p.exists()));
+    assert!(!tmp.path().join("escaped").exists());
+}

@@ -494,20 +494,22 @@ struct Meta {
 
 impl Meta {
     fn of<R: Read>(entry: &mut tar::Entry<R>, shown: &str) -> Result<Self> {
+        let pax = pax_of(entry)?;
         let h = entry.header();
-        // An all-NUL or blank field is 0, as Go's archive/tar (Docker,
+        // A PAX uid/gid (ids past the header's octal range) wins; an all-NUL
+        // or blank header field is 0, as Go's archive/tar (Docker,
         // containerd) reads it.
         let blank = |raw: &[u8]| raw.iter().all(|b| *b == 0 || *b == b' ');
         let old = h.as_old();
-        let (raw_uid, raw_gid) = (blank(&old.uid), blank(&old.gid));
-        let id = |v: io::Result<u64>, blank: bool| {
-            v.ok()
-                .or(blank.then_some(0))
+        let id = |pax: Option<u64>, v: io::Result<u64>, raw: &[u8]| {
+            pax.or(v.ok())
+                .or(blank(raw).then_some(0))
                 .and_then(|v| u32::try_from(v).ok())
                 .filter(|v| *v != u32::MAX)
                 .ok_or_else(|| UnpackError::BadOwner(shown.to_owned()))
         };
-        let (uid, gid) = (id(h.uid(), raw_uid)?, id(h.gid(), raw_gid)?);
+        let uid = id(pax.uid, h.uid(), &old.uid)?;
+        let gid = id(pax.gid, h.gid(), &old.gid)?;
         let mode = h.mode().map_err(UnpackError::Tar)? & 0o7777;
         let mtime = h.mtime().unwrap_or(0);
         Ok(Self {
@@ -515,26 +517,45 @@ impl Meta {
             gid: rustix::fs::Gid::from_raw(gid),
             mode,
             mtime,
-            xattrs: xattrs_of(entry)?,
+            xattrs: pax.xattrs,
         })
     }
 }
 
-/// The PAX `SCHILY.xattr.*` records we keep.
-fn xattrs_of<R: Read>(entry: &mut tar::Entry<R>) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let mut out = Vec::new();
+/// What an entry's PAX records say that we use.
+#[derive(Default)]
+struct Pax {
+    uid: Option<u64>,
+    gid: Option<u64>,
+    /// The `SCHILY.xattr.*` records we keep.
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+fn pax_of<R: Read>(entry: &mut tar::Entry<R>) -> Result<Pax> {
+    let mut pax = Pax::default();
     let Some(exts) = entry.pax_extensions().map_err(UnpackError::Tar)? else {
-        return Ok(out);
+        return Ok(pax);
+    };
+    let number = |v: &[u8]| {
+        std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
     };
     for ext in exts {
         let ext = ext.map_err(UnpackError::Tar)?;
-        if let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.")
-            && (name.starts_with(b"user.") || name == b"security.capability")
-        {
-            out.push((name.to_vec(), ext.value_bytes().to_vec()));
+        match ext.key_bytes() {
+            b"uid" => pax.uid = number(ext.value_bytes()),
+            b"gid" => pax.gid = number(ext.value_bytes()),
+            key => {
+                if let Some(name) = key.strip_prefix(b"SCHILY.xattr.")
+                    && (name.starts_with(b"user.") || name == b"security.capability")
+                {
+                    pax.xattrs.push((name.to_vec(), ext.value_bytes().to_vec()));
+                }
+            }
         }
     }
-    Ok(out)
+    Ok(pax)
 }
 
 fn apply_xattrs(fd: impl AsFd, xattrs: &[(Vec<u8>, Vec<u8>)]) -> io::Result<()> {

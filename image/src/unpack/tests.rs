@@ -639,3 +639,24 @@ fn user_xattrs_are_kept_and_trusted_ones_dropped() {
     assert_eq!(&buf[..n], b"layer");
     assert!(rustix::fs::fgetxattr(&file, "trusted.overlay.opaque", &mut buf).is_err());
 }
+
+#[test]
+fn pax_owner_ids_past_the_octal_range_apply() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("pax_owner_ids_past_the_octal_range_apply: skipping: chown needs root");
+        return;
+    }
+    let sb = Sandbox::new();
+    let mut builder = tar::Builder::new(Vec::new());
+    let ids: [(&str, &[u8]); 2] = [("uid", b"3000000"), ("gid", b"3000001")];
+    builder.append_pax_extensions(ids).unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(0);
+    builder.append_data(&mut h, "big-ids", io::empty()).unwrap();
+    sb.apply(&[builder.into_inner().unwrap()], Limits::default())
+        .unwrap();
+    let m = fs::metadata(sb.root.join("big-ids")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (3_000_000, 3_000_001));
+}

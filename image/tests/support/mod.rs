@@ -381,3 +381,21 @@ pub fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         .arg(p("server.crt")));
     (p("ca.crt"), p("server.crt"), p("server.key"))
 }
+
+/// A tar with one regular file under a raw name, which `tar::Builder`
+/// would refuse (`../x`, `/x`).
+pub fn raw_tar(name: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut h = tar::Header::new_gnu();
+    h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(data.len() as u64);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512 + 1024, 0);
+    out
+}
