@@ -115,7 +115,7 @@ async fn main() {
         tree.display()
     );
 
-    let rounds = 3;
+    let rounds = 5;
     println!("median of {rounds} rounds, each from an empty store\n");
     let mut runv: Vec<[Duration; 5]> = Vec::new();
     let mut rootfs_size = 0;

@@ -20,18 +20,21 @@
 //! # Measured (`cargo bench -p runv-image --bench pull`)
 //!
 //! A 3-layer gzip image of 53.3 MB (1501 files) from a local
-//! `docker-registry`, on a 2-core CI machine shared with other builds,
-//! medians of 3 rounds:
+//! `docker-registry`, on a 2-core CI machine shared with other builds (so
+//! the disk-bound steps vary a lot between runs); medians of 3–5 rounds,
+//! ranges over 3 runs:
 //!
-//! | step                           | runv-image      | skopeo + umoci + mkfs.erofs |
-//! |--------------------------------|-----------------|-----------------------------|
-//! | cold pull                      | 71–80 ms        | `skopeo copy` 83–94 ms      |
-//! | cold unpack + filesystem image | 610–690 ms      | 620–780 ms (umoci 560–720, mkfs 62–86) |
-//! | warm, `IfNotPresent`           | 0.1–0.3 ms      | `skopeo copy` again 29–32 ms |
-//! | warm, `Always` (tag resolved)  | 4.2–4.6 ms      |                             |
+//! | step                           | runv-image   | skopeo + umoci + mkfs.erofs              |
+//! |--------------------------------|--------------|------------------------------------------|
+//! | cold pull                      | 75–85 ms     | `skopeo copy` 85–91 ms                   |
+//! | cold unpack + filesystem image | 445–766 ms   | umoci unpack 760–892 ms + mkfs 60–70 ms  |
+//! | (the layer applier alone)      | 318–576 ms   |                                          |
+//! | cold total                     | 530–841 ms   | 916–1045 ms                              |
+//! | warm, `IfNotPresent`           | 0.5–1.6 ms   | `skopeo copy` again 30–32 ms             |
+//! | warm, `Always` (tag resolved)  | 3.7–4.9 ms   |                                          |
 //!
 //! Four VMs of one image started together fetch each of its 4 blobs once,
-//! store 19.3 MB of blobs and one 52.5 MB disk between them.
+//! and share one copy of the blobs (20.9 MB) and one 52.5 MB disk.
 
 pub mod auth;
 pub mod container;

@@ -78,7 +78,7 @@ fn tar_of(entries: &[E<'_>]) -> Vec<u8> {
 }
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     io::Write::write_all(&mut enc, bytes).unwrap();
     enc.finish().unwrap()
 }
