@@ -137,6 +137,8 @@ pub struct PullConfig {
     pub plain_http_loopback: bool,
     /// Extra PEM CA certificates trusted besides the system's roots.
     pub extra_ca_pem: Vec<Vec<u8>>,
+    /// Layers fetched at once per pull (containerd's default is 3).
+    pub max_concurrent_downloads: usize,
     /// Largest manifest or config accepted.
     pub max_document_bytes: u64,
     /// Largest (compressed) layer accepted.
@@ -149,6 +151,7 @@ impl Default for PullConfig {
             insecure_registries: Vec::new(),
             plain_http_loopback: true,
             extra_ca_pem: Vec::new(),
+            max_concurrent_downloads: 3,
             max_document_bytes: 4 << 20,
             max_layer_bytes: 8 << 30,
         }
@@ -315,10 +318,16 @@ impl Puller {
             .fetch_config(&client, reference, &manifest.config)
             .await?;
         let layers = check_layers(&manifest.layers, self.config.max_layer_bytes)?;
-        let fetches = layers
-            .iter()
-            .map(|l| self.fetch_blob(&client, reference, l));
-        futures::future::try_join_all(fetches).await?;
+        {
+            let fetches = layers
+                .iter()
+                .map(|l| self.fetch_blob(&client, reference, l));
+            let mut fetches = futures::stream::iter(fetches)
+                .buffer_unordered(self.config.max_concurrent_downloads.max(1));
+            while let Some(done) = fetches.next().await {
+                done?;
+            }
+        }
         Ok(PulledImage {
             image_id: format!(
                 "{}/{}@{top_digest}",
