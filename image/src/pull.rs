@@ -17,6 +17,10 @@
 //! A `Client` (with its token cache) is kept per registry *and* credential, so
 //! a pull with one namespace's Secret never reuses a token obtained with
 //! another's.
+//!
+//! Known limit: oci-client reads a manifest response whole before we see it,
+//! so [`PullConfig::max_document_bytes`] is checked after the download, not
+//! during it; blobs are streamed and stopped at their declared size.
 
 use crate::digest::{Digest, DigestError};
 use crate::store::{BlobStore, StoreError};
