@@ -82,6 +82,18 @@ impl Keyring {
         Ok(())
     }
 
+    /// Every matching credential, most specific first, as kubelet tries them
+    /// one after another until a pull succeeds; empty when none matches (then
+    /// pull anonymously).
+    pub fn credentials_for(&self, registry: &str, repository: &str) -> Vec<RegistryAuth> {
+        let target = parse_key(&format!("{registry}/{repository}"));
+        self.entries
+            .iter()
+            .filter(|(key, _)| key_matches(key, &target))
+            .map(|(_, auth)| auth.clone())
+            .collect()
+    }
+
     /// The credential for an image in `registry` (as written in the image
     /// reference, e.g. `docker.io` or `127.0.0.1:5000`) and `repository`;
     /// anonymous when no key matches.

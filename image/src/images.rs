@@ -151,6 +151,48 @@ pub struct GcReport {
     pub freed: u64,
 }
 
+/// kubelet's image pull back-off: after a failed pull of an image for a VM,
+/// the next try waits 10 s, doubling per failure up to 300 s; a key that has
+/// not failed for twice the maximum starts again at 10 s. While waiting, the
+/// VM's reason is `ImagePullBackOff`.
+#[derive(Debug, Default)]
+pub struct PullBackoff {
+    entries: std::collections::HashMap<String, (std::time::Duration, std::time::Instant)>,
+}
+
+impl PullBackoff {
+    /// First delay after a failure.
+    pub const INITIAL: std::time::Duration = std::time::Duration::from_secs(10);
+    /// Longest delay.
+    pub const MAX: std::time::Duration = std::time::Duration::from_secs(300);
+
+    /// Records a failed pull for `key` (e.g. VM and image) at `now`; returns
+    /// the delay before the next try.
+    pub fn failed(&mut self, key: &str, now: std::time::Instant) -> std::time::Duration {
+        let delay = match self.entries.get(key) {
+            Some((last, at)) if now.duration_since(*at) <= 2 * Self::MAX => {
+                (*last * 2).min(Self::MAX)
+            }
+            _ => Self::INITIAL,
+        };
+        self.entries.insert(key.to_owned(), (delay, now));
+        delay
+    }
+
+    /// How long `key` must still wait at `now`, if it must.
+    pub fn waiting(&self, key: &str, now: std::time::Instant) -> Option<std::time::Duration> {
+        let (delay, at) = self.entries.get(key)?;
+        (*at + *delay)
+            .checked_duration_since(now)
+            .filter(|d| !d.is_zero())
+    }
+
+    /// Forgets `key` after a successful pull.
+    pub fn succeeded(&mut self, key: &str) {
+        self.entries.remove(key);
+    }
+}
+
 /// The image service.
 #[derive(Debug)]
 pub struct Images {
@@ -491,6 +533,37 @@ mod tests {
         };
         images.write_record(&record).unwrap();
         manifest
+    }
+
+    #[test]
+    fn pull_backoff_doubles_to_five_minutes_and_resets() {
+        use std::time::{Duration, Instant};
+        let mut b = PullBackoff::default();
+        let t0 = Instant::now();
+        let delays: Vec<u64> = (0..7)
+            .map(|i| b.failed("vm/img", t0 + Duration::from_secs(i)).as_secs())
+            .collect();
+        assert_eq!(delays, [10, 20, 40, 80, 160, 300, 300]);
+        let last = t0 + Duration::from_secs(6);
+        assert_eq!(
+            b.waiting("vm/img", last + Duration::from_secs(100)),
+            Some(Duration::from_secs(200))
+        );
+        assert_eq!(b.waiting("vm/img", last + Duration::from_secs(300)), None);
+        assert_eq!(b.waiting("other", last), None);
+        assert_eq!(
+            b.failed("vm/img", last + Duration::from_secs(601))
+                .as_secs(),
+            10,
+            "quiet for 2 x max"
+        );
+        b.succeeded("vm/img");
+        assert_eq!(b.waiting("vm/img", last + Duration::from_secs(601)), None);
+        assert_eq!(
+            b.failed("vm/img", last + Duration::from_secs(602))
+                .as_secs(),
+            10
+        );
     }
 
     #[test]
