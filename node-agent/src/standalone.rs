@@ -288,7 +288,7 @@ pub fn run(
                 )
                 .min(MAX_STOP_GRACE);
                 if let Err(e) = rt.stop(&r, grace) {
-                    writeln!(out, "{} stopping: {e}", r.name)?;
+                    writeln!(out, "{} stopping: {}", r.name, runv_crds::retry::Chain(&e))?;
                 }
                 let _ = tails.entry(r.clone()).or_default().poll(
                     &rt.dir(&r).serial_log(),
@@ -304,10 +304,20 @@ pub fn run(
     for vm in vms {
         let r = vm_ref(vm);
         if let Err(e) = rt.release_network(&r) {
-            writeln!(out, "{} releasing its network: {e}", r.name)?;
+            writeln!(
+                out,
+                "{} releasing its network: {}",
+                r.name,
+                runv_crds::retry::Chain(&e)
+            )?;
         }
         if let Err(e) = rt.release_cgroup(&r) {
-            writeln!(out, "{} removing its cgroup: {e}", r.name)?;
+            writeln!(
+                out,
+                "{} removing its cgroup: {}",
+                r.name,
+                runv_crds::retry::Chain(&e)
+            )?;
         }
     }
     Ok(ok)

@@ -135,7 +135,9 @@ pub async fn collect_orphans(ctx: &Context) -> Result<usize, ClusterError> {
                     tracing::info!(vm = %known, "removed a VM no longer bound to this node");
                     removed += 1;
                 }
-                Ok(Err(e)) => tracing::warn!(vm = %known, error = %e, "cannot remove orphan"),
+                Ok(Err(e)) => {
+                    tracing::warn!(vm = %known, error = %runv_crds::retry::Chain(&e), "cannot remove orphan")
+                }
                 Err(e) => tracing::warn!(vm = %known, error = %e, "cleanup task failed"),
             }
         }
@@ -158,7 +160,7 @@ async fn heartbeat(ctx: Arc<Context>) {
         )
         .await;
         if let Err(e) = renewed {
-            tracing::warn!(error = %e, "cannot renew the Lease; the VMs keep running");
+            tracing::warn!(error = %runv_crds::retry::Chain(&e), "cannot renew the Lease; the VMs keep running");
         }
         match node::fencing_taint(&ctx.client, &ctx.config.node).await {
             Ok(Some(taint)) => fence(&ctx, &taint).await,
@@ -183,7 +185,7 @@ async fn fence(ctx: &Context, taint: &str) {
     let _ = tokio::task::spawn_blocking(move || {
         for vm in rt.known() {
             if let Err(e) = rt.stop(&vm, Duration::ZERO) {
-                tracing::warn!(vm = %vm, error = %e, "cannot stop");
+                tracing::warn!(vm = %vm, error = %runv_crds::retry::Chain(&e), "cannot stop");
             }
         }
     })
@@ -325,7 +327,7 @@ pub async fn run(
         loop {
             tokio::time::sleep(Duration::from_secs(30)).await;
             if let Err(e) = collect_orphans(&gc_ctx).await {
-                tracing::warn!(error = %e, "orphan collection failed");
+                tracing::warn!(error = %runv_crds::retry::Chain(&e), "orphan collection failed");
             }
         }
     });

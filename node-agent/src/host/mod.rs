@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     /// A filesystem or process operation failed.
-    #[error("{what} {}: {source}", path.display())]
+    #[error("{what} {}", path.display())]
     Io {
         /// What was being done.
         what: &'static str,
@@ -54,7 +54,7 @@ pub enum HostError {
         stderr: String,
     },
     /// A call on a VMM's control socket failed.
-    #[error("control socket {}: {source}", socket.display())]
+    #[error("control socket {}", socket.display())]
     Client {
         /// The socket.
         socket: PathBuf,
@@ -62,7 +62,7 @@ pub enum HostError {
         source: vmm_client::ClientError,
     },
     /// A state file of the agent's cannot be parsed.
-    #[error("parsing {}: {source}", path.display())]
+    #[error("parsing {}", path.display())]
     Parse {
         /// The file.
         path: PathBuf,
@@ -97,7 +97,7 @@ pub enum HostError {
     #[error("no free address left in {0}")]
     PoolExhausted(String),
     /// A cgroup could not be created, limited or removed.
-    #[error("cgroup: {what} {}: {source}", path.display())]
+    #[error("cgroup: {what} {}", path.display())]
     Cgroup {
         /// What was being done.
         what: &'static str,

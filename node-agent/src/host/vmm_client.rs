@@ -22,7 +22,7 @@ const MAX_RESPONSE_BYTES: usize = 256 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// No VMM listens on the socket.
-    #[error("connecting to {}: {source}", path.display())]
+    #[error("connecting to {}", path.display())]
     Connect {
         /// The socket.
         path: PathBuf,
@@ -36,7 +36,7 @@ pub enum ClientError {
     #[error("response line too long")]
     TooLong,
     /// The VMM answered something that is not a response.
-    #[error("malformed response {line:?}: {source}")]
+    #[error("malformed response {line:?}")]
     Malformed {
         /// The line it sent.
         line: String,

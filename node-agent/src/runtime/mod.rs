@@ -86,8 +86,11 @@ impl RuntimeConfig {
 }
 
 /// The Ready message for limits the node cannot enforce.
-fn limits_message(e: &dyn std::fmt::Display) -> String {
-    format!("spec.isolation.limits cannot be enforced on this node: {e}")
+fn limits_message(e: &(dyn std::error::Error + 'static)) -> String {
+    format!(
+        "spec.isolation.limits cannot be enforced on this node: {}",
+        runv_crds::retry::Chain(e)
+    )
 }
 
 /// How the agent reaches the VMM `id` of the VM in `dir`: its control socket,
@@ -264,12 +267,12 @@ impl Runtime {
         for action in &first.actions {
             acted = true;
             if let Err(e) = self.act(vm, spec, generation, action, now) {
-                tracing::warn!(vm = %vm, ?action, error = %e, "action failed");
+                tracing::warn!(vm = %vm, ?action, error = %runv_crds::retry::Chain(&e), "action failed");
                 if matches!(action, Action::Start { .. }) {
                     if e.is_cgroup() {
                         facts.limits_error = Some(limits_message(&e));
                     } else {
-                        facts.start_error = Some(e.to_string());
+                        facts.start_error = Some(runv_crds::retry::Chain(&e).to_string());
                     }
                 }
                 break;

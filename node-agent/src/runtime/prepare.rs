@@ -115,7 +115,7 @@ impl Runtime {
             }
             Err(e) if want.is_none() => {
                 if !matches!(e, HostError::CgroupsUnavailable(_)) {
-                    tracing::warn!(vm = %vm, error = %e, "running the VMM without a cgroup of its own");
+                    tracing::warn!(vm = %vm, error = %runv_crds::retry::Chain(&e), "running the VMM without a cgroup of its own");
                 }
                 dir.remove_cgroup_record()?;
                 Ok(Vec::new())
