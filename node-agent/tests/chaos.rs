@@ -3,6 +3,9 @@
 //! scenario is bounded in time and prints what it counted: VMs lost,
 //! duplicates, unexpected restarts, and seconds for status to catch up.
 //!
+//! Agent kill loop: the agent is killed three times, and VMs are created
+//! and deleted while it is down; nothing is lost, run twice or left behind.
+//!
 //! API outage: the API server is stopped for at least five Lease durations
 //! (as long as the killed VMM takes to be restarted), and one VMM is killed
 //! inside the outage. No VM may be stopped by the outage, the
@@ -154,6 +157,139 @@ async fn vms_run_through_an_api_outage_and_status_catches_up() -> Result<()> {
     let cluster = std::sync::Arc::new(Cluster::start().await?);
     let c = cluster.clone();
     let result = tokio::task::spawn_blocking(move || outage(&c)).await?;
+    let cluster = std::sync::Arc::into_inner(cluster).context("the cluster is still shared")?;
+    cluster.shutdown().await?;
+    result
+}
+
+/// Whether MicroVM `name` is gone from the API.
+fn gone(cluster: &Cluster, name: &str) -> Result<bool> {
+    let out = cluster.kubectl(&["get", "mvm", name, "--ignore-not-found", "-o", "name"])?;
+    Ok(out.trim().is_empty())
+}
+
+/// Agent kill -9 loop under churn: each round kills the agent, creates two
+/// VMs and deletes one while it is down, and starts it again. Every VM that
+/// should run runs once, every deleted one is cleaned up before its object
+/// goes (the finalizer), and no VM that was left alone is restarted.
+fn agent_kill_loop(cluster: &Cluster) -> Result<()> {
+    const ROUNDS: usize = 3;
+    let guest = common::test_guest();
+    let apply = |names: &[String]| -> Result<()> {
+        let file = cluster.tmp.path().join("churn.yaml");
+        let text: Vec<String> = names
+            .iter()
+            .map(|n| manifest(n, &guest, "test=loop"))
+            .collect();
+        std::fs::write(&file, text.join("---\n"))?;
+        cluster.kubectl(&["apply", "-f", &file.display().to_string()])?;
+        Ok(())
+    };
+    let mut live: Vec<String> = vec!["churn-0".into(), "churn-1".into()];
+    let mut deleted: Vec<String> = Vec::new();
+    let mut guards: Vec<KillVmmOnDrop> = live
+        .iter()
+        .map(|n| KillVmmOnDrop(cluster.vm_dir(n)))
+        .collect();
+    let mut agent = cluster.start_agent();
+    apply(&live)?;
+    cluster.kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "mvm",
+        "--all",
+        "--timeout=180s",
+    ])?;
+    let started = Instant::now();
+    let mut unexpected = 0;
+    for round in 0..ROUNDS {
+        let before: Vec<(String, u32)> = live
+            .iter()
+            .map(|n| {
+                Ok((
+                    n.clone(),
+                    recorded_pid(&cluster.vm_dir(n)).context("recorded VMM")?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        agent.signal(libc::SIGKILL);
+        agent.wait(Duration::from_secs(10));
+        let new: Vec<String> = (0..2).map(|i| format!("churn-r{round}-{i}")).collect();
+        apply(&new)?;
+        let victim = live.remove(0);
+        cluster.kubectl(&["delete", "mvm", &victim, "--wait=false"])?;
+        guards.extend(new.iter().map(|n| KillVmmOnDrop(cluster.vm_dir(n))));
+        agent = cluster.start_agent();
+        live.extend(new);
+        wait_until("the deleted VM to go", Duration::from_secs(120), || {
+            gone(cluster, &victim)
+        })
+        .with_context(|| agent.output())?;
+        ensure!(
+            !cluster.vm_dir(&victim).exists(),
+            "{victim}'s state outlived its MicroVM"
+        );
+        for (name, pid) in &before {
+            if *name == victim {
+                ensure!(!alive(*pid), "{victim}'s VMM outlived its MicroVM");
+            } else if recorded_pid(&cluster.vm_dir(name)) != Some(*pid) {
+                unexpected += 1;
+            }
+        }
+        deleted.push(victim);
+        cluster
+            .kubectl(&[
+                "wait",
+                "--for=condition=Ready",
+                "mvm",
+                "--all",
+                "--timeout=180s",
+            ])
+            .with_context(|| agent.output())?;
+    }
+    let lost = live
+        .iter()
+        .filter(|n| !recorded_pid(&cluster.vm_dir(n)).is_some_and(alive))
+        .count();
+    let duplicates = live
+        .iter()
+        .filter(|n| vmm_processes(&cluster.vm_dir(n)) > 1)
+        .count();
+    let leftovers = deleted
+        .iter()
+        .filter(|n| vmm_processes(&cluster.vm_dir(n)) != 0)
+        .count();
+    println!(
+        "agent kill loop: {ROUNDS} kills, {} created and {} deleted while the agent was down, \
+         {:.1}s: {lost} lost, {duplicates} duplicated, {leftovers} deleted VMs still running, \
+         {unexpected} unexpected restarts",
+        2 * ROUNDS,
+        deleted.len(),
+        started.elapsed().as_secs_f64()
+    );
+    ensure!(lost == 0, "{lost} VMs that should run do not");
+    ensure!(duplicates == 0, "{duplicates} VMs run twice");
+    ensure!(
+        unexpected == 0,
+        "{unexpected} VMs restarted by the agent's kills"
+    );
+    ensure!(leftovers == 0, "{leftovers} deleted VMs still run");
+    drop(agent);
+    drop(guards);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_kill_loop_under_churn_loses_and_duplicates_nothing() -> Result<()> {
+    if !require(
+        "agent_kill_loop_under_churn_loses_and_duplicates_nothing",
+        &[Need::Kvm],
+    ) {
+        return Ok(());
+    }
+    let cluster = std::sync::Arc::new(Cluster::start().await?);
+    let c = cluster.clone();
+    let result = tokio::task::spawn_blocking(move || agent_kill_loop(&c)).await?;
     let cluster = std::sync::Arc::into_inner(cluster).context("the cluster is still shared")?;
     cluster.shutdown().await?;
     result
