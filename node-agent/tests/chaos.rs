@@ -17,9 +17,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use common::cluster::{Cluster, manifest, wait_until};
+use common::cluster::{Cluster, manifest, run_scenario, wait_until};
 use common::{KillVmmOnDrop, alive, recorded_pid};
-use runv_node_agent::testing::{Need, require};
 
 const LEASE: Duration = Duration::from_secs(3);
 const VMS: usize = 3;
@@ -148,18 +147,11 @@ fn outage(cluster: &Cluster) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_run_through_an_api_outage_and_status_catches_up() -> Result<()> {
-    if !require(
+    run_scenario(
         "vms_run_through_an_api_outage_and_status_catches_up",
-        &[Need::Kvm],
-    ) {
-        return Ok(());
-    }
-    let cluster = std::sync::Arc::new(Cluster::start().await?);
-    let c = cluster.clone();
-    let result = tokio::task::spawn_blocking(move || outage(&c)).await?;
-    let cluster = std::sync::Arc::into_inner(cluster).context("the cluster is still shared")?;
-    cluster.shutdown().await?;
-    result
+        outage,
+    )
+    .await
 }
 
 /// Whether MicroVM `name` is gone from the API.
@@ -281,16 +273,9 @@ fn agent_kill_loop(cluster: &Cluster) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_kill_loop_under_churn_loses_and_duplicates_nothing() -> Result<()> {
-    if !require(
+    run_scenario(
         "agent_kill_loop_under_churn_loses_and_duplicates_nothing",
-        &[Need::Kvm],
-    ) {
-        return Ok(());
-    }
-    let cluster = std::sync::Arc::new(Cluster::start().await?);
-    let c = cluster.clone();
-    let result = tokio::task::spawn_blocking(move || agent_kill_loop(&c)).await?;
-    let cluster = std::sync::Arc::into_inner(cluster).context("the cluster is still shared")?;
-    cluster.shutdown().await?;
-    result
+        agent_kill_loop,
+    )
+    .await
 }

@@ -230,3 +230,22 @@ impl Cluster {
         }
     }
 }
+
+/// Runs `scenario` on a fresh cluster in a blocking thread (it drives
+/// kubectl and waits), then shuts the cluster down. Skips, saying why, where
+/// `/dev/kvm` is missing (fails instead under `RUNV_REQUIRE_KVM=1`).
+pub async fn run_scenario(
+    test: &str,
+    scenario: impl FnOnce(&Cluster) -> Result<()> + Send + 'static,
+) -> Result<()> {
+    use runv_node_agent::testing::{Need, require};
+    if !require(test, &[Need::Kvm]) {
+        return Ok(());
+    }
+    let cluster = std::sync::Arc::new(Cluster::start().await?);
+    let c = cluster.clone();
+    let result = tokio::task::spawn_blocking(move || scenario(&c)).await?;
+    let cluster = std::sync::Arc::into_inner(cluster).context("the cluster is still shared")?;
+    cluster.shutdown().await?;
+    result
+}
