@@ -210,6 +210,23 @@ impl VmDir {
         serde_json::from_str(&text).ok()
     }
 
+    /// Why `vm.json` exists but cannot be read as a record, if it does.
+    pub fn record_unreadable(&self) -> Option<String> {
+        let path = self.record_path();
+        let text = match std::fs::read(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => return Some(format!("{}: {e}", path.display())),
+        };
+        serde_json::from_slice::<VmRecord>(&text).err().map(|e| {
+            format!(
+                "{} is not a valid record ({e}): a VMM may still run for this VM, so none is started; \
+                 end any runv-vmm of this VM, then remove the file or delete the MicroVM",
+                path.display()
+            )
+        })
+    }
+
     /// Writes `vm.json` atomically.
     pub fn write_record(&self, record: &VmRecord) -> Result<(), HostError> {
         let text = serde_json::to_vec_pretty(record).unwrap_or_default();

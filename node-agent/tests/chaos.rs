@@ -6,6 +6,9 @@
 //! Agent kill loop: the agent is killed three times, and VMs are created
 //! and deleted while it is down; nothing is lost, run twice or left behind.
 //!
+//! Corrupt state: a VM's `vm.json` is truncated while it runs; it keeps
+//! running, no second VMM starts, and a condition says what is wrong.
+//!
 //! API outage: the API server is stopped for at least five Lease durations
 //! (as long as the killed VMM takes to be restarted), and one VMM is killed
 //! inside the outage. No VM may be stopped by the outage, the
@@ -276,6 +279,61 @@ async fn agent_kill_loop_under_churn_loses_and_duplicates_nothing() -> Result<()
     run_scenario(
         "agent_kill_loop_under_churn_loses_and_duplicates_nothing",
         agent_kill_loop,
+    )
+    .await
+}
+
+/// A corrupted `vm.json`: the VM keeps running, no second VMM is started for
+/// it, and its status says what is wrong (`Ready=False`, `StateUnreadable`).
+fn corrupt_record(cluster: &Cluster) -> Result<()> {
+    let agent = cluster.start_agent();
+    let guard = KillVmmOnDrop(cluster.vm_dir("corrupt"));
+    let file = cluster.tmp.path().join("corrupt.yaml");
+    std::fs::write(
+        &file,
+        manifest("corrupt", &common::test_guest(), "test=loop"),
+    )?;
+    cluster.kubectl(&["apply", "-f", &file.display().to_string()])?;
+    cluster
+        .kubectl(&[
+            "wait",
+            "--for=condition=Ready",
+            "mvm/corrupt",
+            "--timeout=180s",
+        ])
+        .with_context(|| agent.output())?;
+    let pid = recorded_pid(&guard.0).context("recorded VMM")?;
+    let record = guard.0.join("vm.json");
+    let text = std::fs::read(&record)?;
+    std::fs::write(&record, &text[..text.len() / 2])?;
+    // The agent looks again within 30 s (sooner on any event): touch the spec's
+    // labels to make it look now.
+    cluster.kubectl(&["label", "mvm", "corrupt", "chaos=corrupt"])?;
+    let reason = "jsonpath={.status.conditions[?(@.type==\"Ready\")].reason}";
+    wait_until("StateUnreadable", Duration::from_secs(60), || {
+        Ok(cluster
+            .kubectl(&["get", "mvm", "corrupt", "-o", reason])?
+            .trim()
+            == "StateUnreadable")
+    })
+    .with_context(|| agent.output())?;
+    let lost = usize::from(!alive(pid));
+    let duplicates = usize::from(vmm_processes(&guard.0) > 1);
+    println!(
+        "corrupt vm.json: {lost} lost, {duplicates} duplicated, condition StateUnreadable shown"
+    );
+    ensure!(lost == 0, "the VM's VMM was stopped");
+    ensure!(duplicates == 0, "a second VMM was started");
+    drop(agent);
+    drop(guard);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_record_loses_and_duplicates_nothing_and_says_so() -> Result<()> {
+    run_scenario(
+        "a_corrupt_record_loses_and_duplicates_nothing_and_says_so",
+        corrupt_record,
     )
     .await
 }

@@ -97,6 +97,8 @@ reasons! {
     StartFailed,
     /// The VMM's control socket is not its own.
     ControlSocketMismatch,
+    /// The VM's state record on the node cannot be read.
+    StateUnreadable,
     // How the last run ended, when it failed (see [`super::ExitReason`]).
     /// The guest kernel panicked.
     GuestPanicked,
@@ -135,6 +137,7 @@ impl Reason {
                 | Reason::LimitsNotEnforceable
                 | Reason::StartFailed
                 | Reason::ControlSocketMismatch
+                | Reason::StateUnreadable
         )
     }
 }

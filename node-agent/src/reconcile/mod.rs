@@ -80,6 +80,9 @@ pub struct Facts {
     pub limits_error: Option<String>,
     /// Why the last start attempt failed, if it did.
     pub start_error: Option<String>,
+    /// Why the VM's record (`vm.json`) exists but cannot be read, if so: a
+    /// VMM may run for it that the agent cannot see, so none is started.
+    pub state_error: Option<String>,
 }
 
 /// Restart backoff, as kubelet's: `initial`, doubled per restart, capped at `max`;
@@ -460,6 +463,12 @@ fn ended(inputs: &Inputs<'_>, own_exit: Option<&ObservedExit>) -> Verdict {
 }
 
 fn blocked(facts: &Facts) -> Option<Verdict> {
+    if let Some(why) = &facts.state_error {
+        return Some(Verdict::Blocked {
+            reason: Reason::StateUnreadable,
+            message: why.clone(),
+        });
+    }
     if let Some((field, path)) = facts.missing_files.first() {
         let reason = match field.as_str() {
             "spec.boot.kernel" => Reason::KernelNotFound,

@@ -73,7 +73,7 @@ impl Runtime {
             log: dir.vmm_log(),
             cgroup,
         })?;
-        dir.write_record(&VmRecord {
+        let recorded = dir.write_record(&VmRecord {
             namespace: vm.namespace.clone(),
             name: vm.name.clone(),
             uid: vm.uid.clone(),
@@ -86,7 +86,15 @@ impl Runtime {
             exit_seen_ms: None,
             oom_kills_at_start,
             oom_killed: false,
-        })?;
+        });
+        if let Err(e) = recorded {
+            // A VMM the agent has no record of would be started a second
+            // time: end it, and report why the VM cannot start.
+            if let Err(k) = self.host.processes().kill(id) {
+                tracing::error!(vm = %vm, error = %runv_crds::retry::Chain(&k), "cannot end a VMM whose record could not be written");
+            }
+            return Err(e.into());
+        }
         Ok(())
     }
 

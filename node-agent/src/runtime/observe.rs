@@ -53,6 +53,7 @@ impl Runtime {
             invalid,
             limits_error,
             start_error: None,
+            state_error: self.dir(vm).record_unreadable(),
         }
     }
 
