@@ -20,7 +20,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use common::cluster::{Cluster, manifest, run_scenario, wait_until};
+use common::cluster::{Cluster, run_scenario, wait_until};
 use common::{KillVmmOnDrop, alive, recorded_pid};
 
 const LEASE: Duration = Duration::from_secs(3);
@@ -61,23 +61,8 @@ fn outage(cluster: &Cluster) -> Result<()> {
         .iter()
         .map(|n| KillVmmOnDrop(cluster.vm_dir(n)))
         .collect();
-    let file = cluster.tmp.path().join("outage.yaml");
-    let guest = common::test_guest();
-    let text: Vec<String> = names
-        .iter()
-        .map(|n| manifest(n, &guest, "test=loop"))
-        .collect();
-    std::fs::write(&file, text.join("---\n"))?;
-    cluster.kubectl(&["apply", "-f", &file.display().to_string()])?;
-    cluster
-        .kubectl(&[
-            "wait",
-            "--for=condition=Ready",
-            "mvm",
-            "--all",
-            "--timeout=180s",
-        ])
-        .with_context(|| agent.output())?;
+    cluster.apply_looping(&names)?;
+    cluster.wait_all_ready().with_context(|| agent.output())?;
     let pids: Vec<u32> = guards
         .iter()
         .map(|g| recorded_pid(&g.0).context("recorded VMM"))
@@ -169,17 +154,6 @@ fn gone(cluster: &Cluster, name: &str) -> Result<bool> {
 /// goes (the finalizer), and no VM that was left alone is restarted.
 fn agent_kill_loop(cluster: &Cluster) -> Result<()> {
     const ROUNDS: usize = 3;
-    let guest = common::test_guest();
-    let apply = |names: &[String]| -> Result<()> {
-        let file = cluster.tmp.path().join("churn.yaml");
-        let text: Vec<String> = names
-            .iter()
-            .map(|n| manifest(n, &guest, "test=loop"))
-            .collect();
-        std::fs::write(&file, text.join("---\n"))?;
-        cluster.kubectl(&["apply", "-f", &file.display().to_string()])?;
-        Ok(())
-    };
     let mut live: Vec<String> = vec!["churn-0".into(), "churn-1".into()];
     let mut deleted: Vec<String> = Vec::new();
     let mut guards: Vec<KillVmmOnDrop> = live
@@ -187,14 +161,8 @@ fn agent_kill_loop(cluster: &Cluster) -> Result<()> {
         .map(|n| KillVmmOnDrop(cluster.vm_dir(n)))
         .collect();
     let mut agent = cluster.start_agent();
-    apply(&live)?;
-    cluster.kubectl(&[
-        "wait",
-        "--for=condition=Ready",
-        "mvm",
-        "--all",
-        "--timeout=180s",
-    ])?;
+    cluster.apply_looping(&live)?;
+    cluster.wait_all_ready()?;
     let started = Instant::now();
     let mut unexpected = 0;
     for round in 0..ROUNDS {
@@ -210,7 +178,7 @@ fn agent_kill_loop(cluster: &Cluster) -> Result<()> {
         agent.signal(libc::SIGKILL);
         agent.wait(Duration::from_secs(10));
         let new: Vec<String> = (0..2).map(|i| format!("churn-r{round}-{i}")).collect();
-        apply(&new)?;
+        cluster.apply_looping(&new)?;
         let victim = live.remove(0);
         cluster.kubectl(&["delete", "mvm", &victim, "--wait=false"])?;
         guards.extend(new.iter().map(|n| KillVmmOnDrop(cluster.vm_dir(n))));
@@ -232,15 +200,7 @@ fn agent_kill_loop(cluster: &Cluster) -> Result<()> {
             }
         }
         deleted.push(victim);
-        cluster
-            .kubectl(&[
-                "wait",
-                "--for=condition=Ready",
-                "mvm",
-                "--all",
-                "--timeout=180s",
-            ])
-            .with_context(|| agent.output())?;
+        cluster.wait_all_ready().with_context(|| agent.output())?;
     }
     let lost = live
         .iter()
@@ -288,12 +248,7 @@ async fn agent_kill_loop_under_churn_loses_and_duplicates_nothing() -> Result<()
 fn corrupt_record(cluster: &Cluster) -> Result<()> {
     let agent = cluster.start_agent();
     let guard = KillVmmOnDrop(cluster.vm_dir("corrupt"));
-    let file = cluster.tmp.path().join("corrupt.yaml");
-    std::fs::write(
-        &file,
-        manifest("corrupt", &common::test_guest(), "test=loop"),
-    )?;
-    cluster.kubectl(&["apply", "-f", &file.display().to_string()])?;
+    cluster.apply_looping(&["corrupt".to_owned()])?;
     cluster
         .kubectl(&[
             "wait",

@@ -214,6 +214,32 @@ impl Cluster {
         kubectl(&self.kubeconfig, args)
     }
 
+    /// `kubectl apply` of one MicroVM per name, each booting the test guest in
+    /// its loop mode (running until stopped).
+    pub fn apply_looping(&self, names: &[String]) -> Result<()> {
+        let guest = super::test_guest();
+        let text: Vec<String> = names
+            .iter()
+            .map(|n| manifest(n, &guest, "test=loop"))
+            .collect();
+        let file = self.tmp.path().join("apply.yaml");
+        std::fs::write(&file, text.join("---\n"))?;
+        self.kubectl(&["apply", "-f", &file.display().to_string()])?;
+        Ok(())
+    }
+
+    /// Waits (at most 180 s) until every MicroVM is Ready.
+    pub fn wait_all_ready(&self) -> Result<()> {
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Ready",
+            "mvm",
+            "--all",
+            "--timeout=180s",
+        ])?;
+        Ok(())
+    }
+
     /// The state directory of VM `default/name`.
     pub fn vm_dir(&self, name: &str) -> PathBuf {
         self.root.join("vms").join(format!("default_{name}"))
