@@ -9,6 +9,11 @@
 //! Corrupt state: a VM's `vm.json` is truncated while it runs; it keeps
 //! running, no second VMM starts, and a condition says what is wrong.
 //!
+//! VMM kill loop: one VM's VMM is killed again and again; each exit is seen
+//! at once, the VM is restarted after the documented backoff and shows
+//! `CrashLoopBackOff` while it waits, `restartCount` counts every restart,
+//! and its neighbour is untouched.
+//!
 //! API outage: the API server is stopped for at least five Lease durations
 //! (as long as the killed VMM takes to be restarted), and one VMM is killed
 //! inside the outage. No VM may be stopped by the outage, the
@@ -73,7 +78,8 @@ fn outage(cluster: &Cluster) -> Result<()> {
     std::thread::sleep(LEASE);
     // SAFETY: kill(2) on the pid our VM recorded.
     unsafe { libc::kill(pids[0] as libc::pid_t, libc::SIGKILL) };
-    // The agent looks at a running VM every 30 s (sooner on any event).
+    // The agent sees the exit at once (it waits on each VMM's pidfd), and
+    // restarts after the 1 s backoff, from its cache, with the API down.
     wait_until(
         "a local restart while the API is down",
         Duration::from_secs(45),
@@ -289,6 +295,103 @@ async fn a_corrupt_record_loses_and_duplicates_nothing_and_says_so() -> Result<(
     run_scenario(
         "a_corrupt_record_loses_and_duplicates_nothing_and_says_so",
         corrupt_record,
+    )
+    .await
+}
+
+fn ready_reason(cluster: &Cluster, name: &str) -> Result<String> {
+    let reason = "jsonpath={.status.conditions[?(@.type==\"Ready\")].reason}";
+    Ok(cluster
+        .kubectl(&["get", "mvm", name, "-o", reason])?
+        .trim()
+        .to_owned())
+}
+
+/// VMM kill loop: `crash`'s VMM is killed four times, with the restart backoff
+/// shortened by flags to 1 s doubling to at most 4 s. Each restart comes no
+/// sooner than its delay (1, 2, 4, 4 s), `CrashLoopBackOff` is shown while it
+/// waits, `restartCount` counts each one, and `calm`, beside it, keeps its VMM.
+fn vmm_kill_loop(cluster: &Cluster) -> Result<()> {
+    const KILLS: u32 = 4;
+    let agent =
+        cluster.start_agent_with(&["--restart-backoff", "1s", "--restart-backoff-max", "4s"]);
+    let names = ["crash".to_owned(), "calm".to_owned()];
+    let guards: Vec<_> = names
+        .iter()
+        .map(|n| KillVmmOnDrop(cluster.vm_dir(n)))
+        .collect();
+    cluster.apply_looping(&names)?;
+    cluster.wait_all_ready().with_context(|| agent.output())?;
+    let calm = recorded_pid(&guards[1].0).context("recorded VMM")?;
+    let mut delays = Vec::new();
+    let mut shown = 0;
+    let started = Instant::now();
+    for k in 0..KILLS {
+        let pid = recorded_pid(&guards[0].0).context("recorded VMM")?;
+        // SAFETY: kill(2) on the pid our VM recorded.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        let killed = Instant::now();
+        let mut backoff_seen = false;
+        wait_until("the restart", Duration::from_secs(30), || {
+            backoff_seen |= ready_reason(cluster, &names[0])? == "CrashLoopBackOff";
+            Ok(recorded_pid(&guards[0].0).is_some_and(|p| p != pid && alive(p)))
+        })
+        .with_context(|| agent.output())?;
+        delays.push(killed.elapsed());
+        shown += u32::from(backoff_seen);
+        let want = (k + 1).to_string();
+        wait_until("restartCount in the API", Duration::from_secs(30), || {
+            Ok(restart_count(cluster, &names[0])? == want)
+        })
+        .with_context(|| agent.output())?;
+        cluster.wait_all_ready()?;
+    }
+    let expected: Vec<Duration> = (0..KILLS)
+        .map(|k| Duration::from_secs(1 << k.min(2)))
+        .collect();
+    let duplicates = guards.iter().filter(|g| vmm_processes(&g.0) > 1).count();
+    let calm_kept = recorded_pid(&guards[1].0) == Some(calm) && alive(calm);
+    println!(
+        "vmm kill loop: {KILLS} kills in {:.1}s, restarted after {:?} (backoff {:?}), \
+         CrashLoopBackOff seen in {shown} of {KILLS} waits, restartCount {}, \
+         {duplicates} duplicated, neighbour {}",
+        started.elapsed().as_secs_f64(),
+        delays
+            .iter()
+            .map(|d| format!("{:.1}s", d.as_secs_f64()))
+            .collect::<Vec<_>>(),
+        expected
+            .iter()
+            .map(|d| format!("{}s", d.as_secs()))
+            .collect::<Vec<_>>(),
+        restart_count(cluster, &names[0])?,
+        if calm_kept { "kept" } else { "restarted" },
+    );
+    for (k, (got, want)) in delays.iter().zip(&expected).enumerate() {
+        ensure!(
+            got >= want,
+            "restart {} came after {got:?}, before its backoff {want:?}",
+            k + 1
+        );
+    }
+    // Each wait is at least 1 s long and the status is written when the exit
+    // is seen; the longer ones (2 s and more) are always long enough to see.
+    ensure!(
+        shown >= KILLS - 1,
+        "CrashLoopBackOff shown in only {shown} of {KILLS} waits"
+    );
+    ensure!(duplicates == 0, "{duplicates} VMs run twice");
+    ensure!(calm_kept, "the neighbour's VMM was restarted");
+    drop(agent);
+    drop(guards);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_kill_loop_backs_off_and_shows_crash_loop_back_off() -> Result<()> {
+    run_scenario(
+        "a_vmm_kill_loop_backs_off_and_shows_crash_loop_back_off",
+        vmm_kill_loop,
     )
     .await
 }

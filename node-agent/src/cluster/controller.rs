@@ -95,11 +95,13 @@ async fn apply(vm: &MicroVM, ctx: &Context) -> Result<Action, ReconcileError> {
     let generation = vm.metadata.generation.unwrap_or(1);
     let rt = ctx.runtime.clone();
     let (spec, prev, r2) = (vm.spec.clone(), previous.clone(), r.clone());
-    let decision = tokio::task::spawn_blocking(move || {
-        rt.reconcile(&r2, &spec, generation, &prev, Timestamp::now())
+    let (decision, vmm) = tokio::task::spawn_blocking(move || {
+        let decision = rt.reconcile(&r2, &spec, generation, &prev, Timestamp::now());
+        (decision, rt.exit_watch(&r2))
     })
     .await
     .map_err(ReconcileError::Task)?;
+    ctx.exits.watch(&r, ObjectRef::from_obj(vm), vmm);
     let mut requeue = decision.requeue.unwrap_or(Duration::from_secs(30));
     if agent_status(&decision.status) != agent_status(&written) {
         match write_status(ctx, &r, &decision.status).await {

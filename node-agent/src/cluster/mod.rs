@@ -8,6 +8,7 @@
 //! The operator and the agent meet only in the API (docs/operations.md).
 
 pub mod controller;
+pub mod exits;
 pub mod node;
 
 use std::collections::BTreeMap;
@@ -93,6 +94,8 @@ pub struct Context {
     pub retry: Retry<ObjectRef<MicroVM>>,
     /// Failed reconciles, by reason, for metrics.
     pub errors: metrics::ReconcileErrors,
+    /// The running VMMs waited on, so that an exit is acted on at once.
+    pub exits: exits::Exits,
 }
 
 impl std::fmt::Debug for Context {
@@ -298,6 +301,7 @@ pub async fn run(
         controller: "runv.dev/agent".into(),
         instance: Some(config.node.clone()),
     };
+    let (exits, exited) = exits::Exits::new();
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
@@ -308,6 +312,7 @@ pub async fn run(
         unsent: Mutex::new(BTreeMap::new()),
         retry: Retry::default(),
         errors: metrics::ReconcileErrors::default(),
+        exits,
     });
     // Before reporting ready: nothing runs here that is not bound here.
     collect_orphans(&ctx).await?;
@@ -336,6 +341,7 @@ pub async fn run(
     let shutdown = shutdown.shared();
     let controller = Controller::new(api, watcher::Config::default().fields(&selector))
         .trigger_backoff(Reconnect::default())
+        .reconcile_on(exited)
         .graceful_shutdown_on(shutdown.clone())
         .run(controller::reconcile, controller::error_policy, ctx.clone())
         .for_each(|r| {

@@ -237,6 +237,11 @@ impl Processes for FakeHost {
             cpu_seconds: 0.5,
         })
     }
+
+    /// Never resolves: fake exits are seen by the next reconcile.
+    fn exited(&self, _id: VmmIdentity) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(std::future::pending())
+    }
 }
 
 impl Disks for FakeHost {

@@ -170,6 +170,9 @@ pub trait Processes: Send + Sync {
     fn kill(&self, id: VmmIdentity) -> Result<(), HostError>;
     /// Resident memory and CPU time of the process, when it runs.
     fn usage(&self, id: VmmIdentity) -> Option<ProcessUsage>;
+    /// A future that resolves once the VMM has exited (at once if it does not
+    /// run, or its pid is another process now). Awaited on a tokio runtime.
+    fn exited(&self, id: VmmIdentity) -> futures::future::BoxFuture<'static, ()>;
 }
 
 /// Resource use of one process.

@@ -191,6 +191,52 @@ impl Processes for LinuxProcesses {
             cpu_seconds: (utime + stime) as f64 / clock_ticks_per_second(),
         })
     }
+
+    fn exited(&self, id: VmmIdentity) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(exited(id))
+    }
+}
+
+/// Whether `id` runs: its pid has its start time and has not ended.
+fn runs(id: VmmIdentity) -> bool {
+    matches!(start_ticks(id.pid), Some((t, s)) if t == id.start_ticks && s != 'Z' && s != 'X')
+}
+
+/// Resolves once `id` has exited: a pidfd (which names one process, never a
+/// later one with the same pid) becomes readable when the process ends,
+/// whether or not it is our child. Polls every second where pidfds are
+/// missing (Linux before 5.3).
+async fn exited(id: VmmIdentity) {
+    let Some(pid) = i32::try_from(id.pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return;
+    };
+    let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty());
+    // The pidfd names whatever had this pid when it was opened: if that is
+    // the VMM (same start time) and it has not ended, wait on it.
+    if !runs(id) {
+        return;
+    }
+    let ready = fd.ok().and_then(|fd| {
+        // SAFETY: the AsyncFd owns `fd`, an OwnedFd: it stays open, and
+        // `as_raw_fd` returns the same descriptor, until the AsyncFd drops it.
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .ok()
+    });
+    match ready {
+        Some(fd) => {
+            let _ = fd.readable().await;
+        }
+        None => {
+            while runs(id) {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -254,6 +300,36 @@ mod tests {
             assert!(start.elapsed() < std::time::Duration::from_secs(10));
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+    }
+
+    #[tokio::test]
+    async fn an_exit_is_seen_when_it_happens_and_only_for_that_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = LinuxProcesses;
+        let id = p.spawn(&sleeper(dir.path(), "30")).unwrap();
+        // Another start time is another process: resolves at once.
+        let other = VmmIdentity {
+            pid: id.pid,
+            start_ticks: id.start_ticks + 1,
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), p.exited(other))
+            .await
+            .expect("a process that is not the VMM counts as exited");
+        let mut exit = p.exited(id);
+        // Still running: the future stays pending.
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(200), &mut exit)
+                .await
+                .is_err()
+        );
+        p.kill(id).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), exit)
+            .await
+            .expect("the kill is seen");
+        // Once it is gone, a new wait resolves at once.
+        tokio::time::timeout(std::time::Duration::from_secs(5), p.exited(id))
+            .await
+            .expect("a process that ended counts as exited");
     }
 
     #[test]

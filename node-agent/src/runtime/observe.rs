@@ -16,6 +16,7 @@ use runv_crds::microvm::{InterfaceStatus, Toggle};
 use runv_vmm_api::VmConfig;
 
 use super::{Runtime, VmRef, control_target, from_ms, limits_message, ms, spec_limits};
+use crate::host::VmmIdentity;
 use crate::jail;
 use crate::reconcile::{Facts, Observed, ObservedExit};
 use crate::state::VmRecord;
@@ -64,6 +65,17 @@ impl Runtime {
         };
         let have = self.dir(vm).read_cgroup_record().map(|r| r.limits);
         want.unwrap_or_default() == have.unwrap_or_default()
+    }
+
+    /// The VMM recorded for this VM, and a future that resolves when it
+    /// exits (see [`crate::host::Processes::exited`]); `None` when none is
+    /// recorded.
+    pub fn exit_watch(
+        &self,
+        vm: &VmRef,
+    ) -> Option<(VmmIdentity, futures::future::BoxFuture<'static, ()>)> {
+        let id = self.dir(vm).read_record()?.vmm?;
+        Some((id, self.host.processes().exited(id)))
     }
 
     /// What runs for this VM now.
@@ -116,7 +128,7 @@ impl Runtime {
         vm: &VmRef,
         spec: &MicroVMSpec,
         record: &mut VmRecord,
-        id: crate::host::VmmIdentity,
+        id: VmmIdentity,
         now: Timestamp,
     ) -> Observed {
         let dir = self.dir(vm);
