@@ -14,6 +14,11 @@
 //! `CrashLoopBackOff` while it waits, `restartCount` counts every restart,
 //! and its neighbour is untouched.
 //!
+//! Disk full: the agent's state directory is a small tmpfs, filled up. Running
+//! VMs keep running; a VM created then, and one whose VMM is killed then,
+//! get no VMM the agent could not record, and say why; once there is room
+//! again, both run, each once.
+//!
 //! API outage: the API server is stopped for at least five Lease durations
 //! (as long as the killed VMM takes to be restarted), and one VMM is killed
 //! inside the outage. No VM may be stopped by the outage, the
@@ -25,7 +30,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use common::cluster::{Cluster, run_scenario, wait_until};
+use common::cluster::{Cluster, run_scenario, run_scenario_needing, wait_until};
 use common::{KillVmmOnDrop, alive, recorded_pid};
 
 const LEASE: Duration = Duration::from_secs(3);
@@ -392,6 +397,147 @@ async fn a_vmm_kill_loop_backs_off_and_shows_crash_loop_back_off() -> Result<()>
     run_scenario(
         "a_vmm_kill_loop_backs_off_and_shows_crash_loop_back_off",
         vmm_kill_loop,
+    )
+    .await
+}
+
+/// A tmpfs mounted on a directory for a test; lazily unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "runv-chaos",
+            ])
+            .arg(dir)
+            .status()
+            .context("running mount")?;
+        ensure!(
+            status.success(),
+            "mount -t tmpfs on {} failed",
+            dir.display()
+        );
+        Ok(Self(dir.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Writes to `file` until the filesystem is full; the bytes written.
+fn fill(file: &std::path::Path) -> Result<u64> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(file)?;
+    let chunk = vec![0xa5u8; 64 << 10];
+    let mut written = 0u64;
+    // Bounded: the tmpfs is a few MiB.
+    for _ in 0..16_384 {
+        match f.write(&chunk) {
+            Ok(0) => break,
+            Ok(n) => written += n as u64,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let _ = f.sync_all();
+    Ok(written)
+}
+
+fn ready_message(cluster: &Cluster, name: &str) -> Result<String> {
+    let message = "jsonpath={.status.conditions[?(@.type==\"Ready\")].message}";
+    Ok(cluster
+        .kubectl(&["get", "mvm", name, "-o", message])?
+        .trim()
+        .to_owned())
+}
+
+/// Disk full: `full-0` and `full-1` run when the agent's state directory (a
+/// 16 MiB tmpfs) is filled up; then `full-new` is created and `full-1`'s VMM
+/// is killed. `full-0` keeps its VMM; neither of the others gets one, and
+/// both say why (reason and "No space left on device"); once the filler is
+/// removed, both run, each with one VMM.
+fn disk_full(cluster: &Cluster) -> Result<()> {
+    let mount = Tmpfs::mount(&cluster.root, "16m")?;
+    let agent =
+        cluster.start_agent_with(&["--restart-backoff", "1s", "--restart-backoff-max", "2s"]);
+    let names: Vec<String> = ["full-0", "full-1", "full-new"].map(String::from).into();
+    let guards: Vec<_> = names
+        .iter()
+        .map(|n| KillVmmOnDrop(cluster.vm_dir(n)))
+        .collect();
+    cluster.apply_looping(&names[..2])?;
+    cluster.wait_all_ready().with_context(|| agent.output())?;
+    let pids: Vec<u32> = guards[..2]
+        .iter()
+        .map(|g| recorded_pid(&g.0).context("recorded VMM"))
+        .collect::<Result<_>>()?;
+    let filler = cluster.root.join("filler");
+    let filled = fill(&filler)?;
+    cluster.apply_looping(&names[2..])?;
+    // SAFETY: kill(2) on the pid our VM recorded.
+    unsafe { libc::kill(pids[1] as libc::pid_t, libc::SIGKILL) };
+    let mut said = Vec::new();
+    for name in &names[1..] {
+        wait_until(
+            "a condition naming the full disk",
+            Duration::from_secs(60),
+            || Ok(ready_message(cluster, name)?.contains("No space left on device")),
+        )
+        .with_context(|| {
+            let status = cluster.kubectl(&["get", "mvm", name, "-o", "jsonpath={.status}"]);
+            format!("{name}: {status:?}")
+        })?;
+        said.push(format!("{name}: {}", ready_reason(cluster, name)?));
+    }
+    // A few more restart attempts on the full disk.
+    std::thread::sleep(Duration::from_secs(3));
+    let lost = usize::from(!alive(pids[0]) || recorded_pid(&guards[0].0) != Some(pids[0]));
+    let unrecorded = guards[1..]
+        .iter()
+        .filter(|g| vmm_processes(&g.0) != 0)
+        .count();
+    std::fs::remove_file(&filler)?;
+    let freed = Instant::now();
+    cluster.wait_all_ready().with_context(|| agent.output())?;
+    let recovered = freed.elapsed();
+    let duplicates = guards.iter().filter(|g| vmm_processes(&g.0) != 1).count();
+    println!(
+        "disk full: {} MiB filled, {said:?}: {lost} lost, {unrecorded} VMMs run unrecorded, \
+         {duplicates} VMs without exactly one VMM after, all Ready {:.1}s after space was freed",
+        filled >> 20,
+        recovered.as_secs_f64()
+    );
+    ensure!(lost == 0, "full-0's VMM was stopped or replaced");
+    ensure!(
+        unrecorded == 0,
+        "a VMM runs that the agent could not record"
+    );
+    ensure!(duplicates == 0, "{duplicates} VMs do not run exactly once");
+    drop(agent);
+    drop(guards);
+    drop(mount);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_state_disk_loses_nothing_and_says_so() -> Result<()> {
+    use runv_node_agent::testing::Need;
+    run_scenario_needing(
+        "a_full_state_disk_loses_nothing_and_says_so",
+        &[Need::Root],
+        disk_full,
     )
     .await
 }

@@ -18,6 +18,10 @@ impl Runtime {
         self.release_network(vm)?;
         self.release_cgroup(vm)?;
         dir.remove()?;
+        self.exits_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(vm);
         Ok(())
     }
 

@@ -126,6 +126,9 @@ pub struct Runtime {
     host: Arc<dyn Host>,
     ipam: FileIpam,
     jail_ids: JailIdAllocator,
+    /// Per VM: the VMM whose exit (by a signal) was seen, when, and whether
+    /// the OOM killer did it.
+    exits_seen: std::sync::Mutex<std::collections::HashMap<VmRef, (VmmIdentity, i64, bool)>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -188,6 +191,7 @@ impl Runtime {
             host,
             ipam,
             jail_ids: JailIdAllocator::default(),
+            exits_seen: std::sync::Mutex::default(),
         })
     }
 

@@ -102,12 +102,11 @@ impl Runtime {
             _ => match record.exit_seen_ms {
                 Some(t) => from_ms(t),
                 None => {
-                    // Killed by a signal: by the OOM killer if its cgroup's
-                    // count rose. Decided once, when the exit is first seen.
-                    record.exit_seen_ms = Some(ms(now));
-                    record.oom_killed = self.oom_killed_since_start(vm, &record);
+                    let (seen, oom) = self.first_seen_exit(vm, id, &record, now);
+                    record.exit_seen_ms = Some(seen);
+                    record.oom_killed = oom;
                     let _ = dir.write_record(&record);
-                    now
+                    from_ms(seen)
                 }
             },
         };
@@ -119,6 +118,32 @@ impl Runtime {
                 requested: record.stop_requested,
             }),
             last_generation: Some(record.generation),
+        }
+    }
+
+    /// When the exit of VMM `id` (killed by a signal) was first seen, and
+    /// whether the OOM killer did it (its cgroup's count rose): decided once.
+    /// Kept in memory as well as in `vm.json`, so that on a full disk, where
+    /// the record cannot be written, the exit does not look new each time
+    /// (its restart backoff would never end).
+    fn first_seen_exit(
+        &self,
+        vm: &VmRef,
+        id: VmmIdentity,
+        record: &VmRecord,
+        now: Timestamp,
+    ) -> (i64, bool) {
+        let mut seen = self
+            .exits_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match seen.get(vm) {
+            Some(&(known, at, oom)) if known == id => (at, oom),
+            _ => {
+                let first = (ms(now), self.oom_killed_since_start(vm, record));
+                seen.insert(vm.clone(), (id, first.0, first.1));
+                first
+            }
         }
     }
 

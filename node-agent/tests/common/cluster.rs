@@ -264,8 +264,22 @@ pub async fn run_scenario(
     test: &str,
     scenario: impl FnOnce(&Cluster) -> Result<()> + Send + 'static,
 ) -> Result<()> {
+    run_scenario_needing(test, &[], scenario).await
+}
+
+/// [`run_scenario`] for a scenario that also needs `needs` (for example
+/// root, to mount a filesystem).
+pub async fn run_scenario_needing(
+    test: &str,
+    needs: &[runv_node_agent::testing::Need],
+    scenario: impl FnOnce(&Cluster) -> Result<()> + Send + 'static,
+) -> Result<()> {
     use runv_node_agent::testing::{Need, require};
-    if !require(test, &[Need::Kvm]) {
+    let all: Vec<Need> = [Need::Kvm]
+        .into_iter()
+        .chain(needs.iter().copied())
+        .collect();
+    if !require(test, &all) {
         return Ok(());
     }
     let cluster = std::sync::Arc::new(Cluster::start().await?);
