@@ -62,7 +62,10 @@ pub enum ServerError {
 /// How to start a server.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Port on 127.0.0.1; 0 picks a free one.
+    /// The address to listen on: 127.0.0.1 unless a test needs the server
+    /// reachable from a network namespace (a veth address of its own).
+    pub address: std::net::IpAddr,
+    /// Port; 0 picks a free one.
     pub port: u16,
     /// Where to write the kubeconfig; None writes it into a private temporary directory.
     pub kubeconfig: Option<PathBuf>,
@@ -79,6 +82,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
+            address: std::net::Ipv4Addr::LOCALHOST.into(),
             port: 0,
             kubeconfig: None,
             state_file: None,
@@ -112,7 +116,7 @@ pub fn kubeconfig(url: &str) -> String {
 impl TestServer {
     /// Binds, loads the state file if any, writes the kubeconfig and starts serving.
     pub async fn start(opts: Options) -> Result<Self, ServerError> {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", opts.port)).await?;
+        let listener = tokio::net::TcpListener::bind((opts.address, opts.port)).await?;
         let addr = listener.local_addr()?;
         let mut state = State::new(opts.history);
         if let Some(path) = &opts.state_file {
@@ -172,7 +176,7 @@ impl TestServer {
         })
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://ADDRESS:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

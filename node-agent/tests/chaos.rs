@@ -19,6 +19,14 @@
 //! get no VMM the agent could not record, and say why; once there is room
 //! again, both run, each once.
 //!
+//! Partition of one node of two, then fencing: node n2's agent runs in a
+//! network namespace; its traffic to the API is dropped for five Lease
+//! durations. Its VMs keep running, nothing starts them elsewhere, and their
+//! status catches up when the partition heals. Then n2 is tainted
+//! `runv.dev/fenced`: its agent stops its VMs and says so, and only then are
+//! they started on n1. A sampler counts each VM's VMMs on both nodes every
+//! 50 ms throughout: never more than one.
+//!
 //! API outage: the API server is stopped for at least five Lease durations
 //! (as long as the killed VMM takes to be restarted), and one VMM is killed
 //! inside the outage. No VM may be stopped by the outage, the
@@ -540,4 +548,258 @@ async fn a_full_state_disk_loses_nothing_and_says_so() -> Result<()> {
         disk_full,
     )
     .await
+}
+
+/// A network namespace joined to this one by a veth pair, 10.251.N.1 here
+/// and 10.251.N.2 inside; deleted (with the pair) on drop.
+struct Netns {
+    name: String,
+    host: std::net::Ipv4Addr,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    ensure!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+impl Netns {
+    fn create() -> Result<Self> {
+        let n = std::process::id() % 250;
+        let name = format!("runv-chaos-{n}");
+        let (outer, inner) = (format!("rvc{n}h"), format!("rvc{n}n"));
+        let _ = ip(&["netns", "del", &name]);
+        ip(&["netns", "add", &name])?;
+        let ns = Self {
+            name,
+            host: std::net::Ipv4Addr::new(10, 251, n as u8, 1),
+        };
+        ip(&[
+            "link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &ns.name,
+        ])?;
+        ip(&["addr", "add", &format!("10.251.{n}.1/30"), "dev", &outer])?;
+        ip(&["link", "set", &outer, "up"])?;
+        ip(&[
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("10.251.{n}.2/30"),
+            "dev",
+            &inner,
+        ])?;
+        ip(&["-n", &ns.name, "link", "set", &inner, "up"])?;
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Drops (`-I`) or lets through again (`-D`) everything the namespace
+    /// sends to the host side.
+    fn drop_to_host(&self, op: &str) -> Result<()> {
+        let host = self.host.to_string();
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &self.name, "iptables", op, "OUTPUT", "-d", &host, "-j", "DROP",
+            ])
+            .output()
+            .context("running iptables")?;
+        ensure!(
+            out.status.success(),
+            "iptables {op}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Counts, every 50 ms until dropped, the VMMs of each named VM across
+/// state roots, keeping the most seen at once per VM.
+struct Sampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<usize>>>,
+}
+
+impl Sampler {
+    fn start(roots: Vec<std::path::PathBuf>, names: Vec<String>) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut most = vec![0; names.len()];
+            // Bounded: at most 10 minutes of samples.
+            for _ in 0..12_000 {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                for (m, name) in most.iter_mut().zip(&names) {
+                    let n: usize = roots
+                        .iter()
+                        .map(|r| vmm_processes(&r.join("vms").join(format!("default_{name}"))))
+                        .sum();
+                    *m = (*m).max(n);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            most
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The most VMMs seen at once, per VM.
+    fn finish(mut self) -> Vec<usize> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .map(|t| t.join().unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+fn field(cluster: &Cluster, name: &str, path: &str) -> Result<String> {
+    let out = cluster.kubectl(&["get", "mvm", name, "-o", &format!("jsonpath={{{path}}}")])?;
+    Ok(out.trim().to_owned())
+}
+
+/// Partition of n2, then n2 fenced; see the module doc.
+fn partition_then_fence(cluster: &Cluster, ns: &Netns) -> Result<()> {
+    let lease = format!("{}s", LEASE.as_secs());
+    let timings = ["--lease-duration", &lease, "--lease-renew-interval", "1s"];
+    let root2 = cluster.tmp.path().join("agent-n2");
+    let n2 = cluster.start_agent_as("n2", &root2, Some(&ns.name), &timings);
+    let names: Vec<String> = (0..2).map(|i| format!("part-{i}")).collect();
+    let mut guards: Vec<_> = names
+        .iter()
+        .map(|n| KillVmmOnDrop(root2.join("vms").join(format!("default_{n}"))))
+        .collect();
+    guards.extend(names.iter().map(|n| KillVmmOnDrop(cluster.vm_dir(n))));
+    // Not pinned, so that they may move; n2 is the only node yet.
+    let text: Vec<String> = names
+        .iter()
+        .map(|n| {
+            common::cluster::manifest(n, &common::test_guest(), "test=loop")
+                .replace("  nodeName: n1\n", "")
+        })
+        .collect();
+    let file = cluster.tmp.path().join("part.yaml");
+    std::fs::write(&file, text.join("---\n"))?;
+    cluster.kubectl(&["apply", "-f", &file.display().to_string()])?;
+    cluster.wait_all_ready().with_context(|| n2.output())?;
+    let pids: Vec<u32> = guards[..2]
+        .iter()
+        .map(|g| recorded_pid(&g.0).context("recorded VMM"))
+        .collect::<Result<_>>()?;
+    let n1 = cluster.start_agent_with(&timings);
+    wait_until("node n1", Duration::from_secs(30), || {
+        Ok(cluster
+            .kubectl(&[
+                "get",
+                "lease",
+                "-n",
+                "runv-system",
+                "runv-agent-n1",
+                "-o",
+                "name",
+            ])
+            .is_ok())
+    })?;
+    let sampler = Sampler::start(vec![root2.clone(), cluster.root.clone()], names.clone());
+
+    ns.drop_to_host("-I")?;
+    let cut = Instant::now();
+    wait_until("NodeLost", Duration::from_secs(30), || {
+        Ok(field(cluster, &names[0], ".status.phase")? == "Unknown")
+    })?;
+    std::thread::sleep((5 * LEASE).saturating_sub(cut.elapsed()));
+    let cut_for = cut.elapsed();
+    let lost = pids.iter().filter(|p| !alive(**p)).count();
+    let moved = names
+        .iter()
+        .filter(|n| vmm_processes(&cluster.vm_dir(n)) != 0)
+        .count();
+    ns.drop_to_host("-D")?;
+    let healed = Instant::now();
+    for n in &names {
+        wait_until("Running again", Duration::from_secs(60), || {
+            Ok(field(cluster, n, ".status.phase")? == "Running")
+        })
+        .with_context(|| n2.output())?;
+    }
+    let caught_up = healed.elapsed();
+    let unexpected = guards[..2]
+        .iter()
+        .zip(&pids)
+        .filter(|(g, p)| recorded_pid(&g.0) != Some(**p))
+        .count();
+
+    cluster.kubectl(&["taint", "node", "n2", "runv.dev/fenced=:NoExecute"])?;
+    let fenced = Instant::now();
+    for n in &names {
+        wait_until("moved to n1", Duration::from_secs(60), || {
+            Ok(field(cluster, n, ".status.nodeName")? == "n1"
+                && field(cluster, n, ".status.phase")? == "Running")
+        })
+        .with_context(|| format!("{}\n{}", n2.output(), n1.output()))?;
+    }
+    let moved_in = fenced.elapsed();
+    let most = sampler.finish();
+    let twice = most.iter().filter(|m| **m > 1).count();
+    let left_on_n2 = guards[..2]
+        .iter()
+        .filter(|g| vmm_processes(&g.0) != 0)
+        .count();
+    println!(
+        "partition of n2 of 2: {:.1}s cut ({} Lease durations), {} VMs: {lost} lost, {moved} started \
+         elsewhere, {unexpected} unexpected restarts, status caught up {:.1}s after healing; \
+         fenced: moved to n1 in {:.1}s, {left_on_n2} left running on n2; most VMMs per VM at once {most:?}: \
+         {twice} run twice",
+        cut_for.as_secs_f64(),
+        cut_for.as_secs() / LEASE.as_secs(),
+        names.len(),
+        caught_up.as_secs_f64(),
+        moved_in.as_secs_f64()
+    );
+    ensure!(lost == 0, "{lost} VMs stopped by the partition");
+    ensure!(moved == 0, "{moved} VMs started on n1 during the partition");
+    ensure!(
+        unexpected == 0,
+        "{unexpected} VMs restarted by the partition"
+    );
+    ensure!(twice == 0, "{twice} VMs ran twice at once");
+    ensure!(
+        left_on_n2 == 0,
+        "{left_on_n2} VMs still run on the fenced node"
+    );
+    drop((n1, n2, guards));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_node_keeps_its_vms_and_fencing_moves_them_once() -> Result<()> {
+    use runv_node_agent::testing::{Need, require};
+    let test = "a_partitioned_node_keeps_its_vms_and_fencing_moves_them_once";
+    if !require(test, &[Need::Kvm, Need::Root, Need::Iptables]) {
+        return Ok(());
+    }
+    let ns = Netns::create()?;
+    let cluster = std::sync::Arc::new(Cluster::start_at(ns.host.into(), &[]).await?);
+    let c = cluster.clone();
+    let result = tokio::task::spawn_blocking(move || partition_then_fence(&c, &ns)).await?;
+    let cluster = std::sync::Arc::into_inner(cluster).context("the cluster is still shared")?;
+    cluster.shutdown().await?;
+    result
 }

@@ -518,6 +518,15 @@ async fn report_unschedulable(
     Ok(Action::requeue(ctx.config.retry_unschedulable))
 }
 
+/// Whether the VM's agent reports it stopped because its node is fenced.
+fn stopped_for_fence(vm: &MicroVM) -> bool {
+    vm.status.as_ref().is_some_and(|s| {
+        s.phase == Some(Phase::Stopped)
+            && cond::find(&s.conditions, cond::READY)
+                .is_some_and(|c| c.reason == Reason::NodeFenced.as_str())
+    })
+}
+
 /// Why a VM pinned to `node` cannot be bound to it now, if it cannot. The
 /// message names no durations, so it only changes (and publishes a new
 /// `FailedScheduling` Event) when the node's state does.
@@ -546,8 +555,10 @@ fn pinned_node_unavailable(ctx: &Context, node: &str, now: Timestamp) -> Option<
 /// Watches a bound VM's node: marks the VM Unknown when its agent is lost, and
 /// moves an `Always` VM off a node only on evidence that it cannot run there:
 /// the Node is deleted, or carries runv's fencing taint or Kubernetes'
-/// `node.kubernetes.io/out-of-service` taint. A Lease that merely expired
-/// moves nothing: the VM may well still be running there. A VM pinned by
+/// `node.kubernetes.io/out-of-service` taint while its agent is lost (the
+/// taint asserts the node is down), or while its agent, alive, reports the
+/// VM stopped for it (`NodeFenced`). A Lease that merely expired moves
+/// nothing: the VM may well still be running there. A VM pinned by
 /// `spec.nodeName` cannot move: it stays bound, Unknown, with reason
 /// `PinnedNodeLost`.
 async fn watch_bound(
@@ -558,9 +569,6 @@ async fn watch_bound(
 ) -> Result<Action, ReconcileError> {
     let node_obj = ctx.nodes.get(&ObjectRef::new(&node));
     let agent = ctx.agent_lease(&node, now);
-    if agent.is_current() {
-        return Ok(Action::await_change());
-    }
     let fenced = node_obj.as_deref().is_none_or(nodes::is_fenced);
     let why = match node_obj.as_deref() {
         None => "was deleted",
@@ -568,7 +576,11 @@ async fn watch_bound(
         Some(_) => "is out of service",
     };
     let pinned = vm.spec.node_name.is_some();
-    if fenced && vm.spec.run_policy == RunPolicy::Always && !pinned {
+    let movable = fenced && vm.spec.run_policy == RunPolicy::Always && !pinned;
+    if agent.is_current() && !(movable && stopped_for_fence(vm)) {
+        return Ok(Action::await_change());
+    }
+    if movable {
         let merge = json!({ "status": { "nodeName": null, "phase": "Pending" } });
         api(vm, ctx)?
             .patch_status(

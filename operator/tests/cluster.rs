@@ -456,6 +456,65 @@ async fn lost_node_marks_vms_unknown_then_fences_and_moves_always_vms() -> Resul
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_node_with_a_live_agent_keeps_its_vm_until_the_agent_stops_it() -> Result<()> {
+    use kube::api::{Patch, PatchParams};
+    let cluster = Cluster::start(
+        &[("n1", 8, "4Gi"), ("n2", 8, "4Gi")],
+        &["--leader-elect=false"],
+    )
+    .await?;
+    let api = cluster.microvms();
+    api.create(
+        &PostParams::default(),
+        &microvm("always", 1, "1Gi", "Always"),
+    )
+    .await?;
+    let long = Duration::from_secs(60);
+    let node_of = || async { Ok(api.get("always").await?.status.and_then(|s| s.node_name)) };
+    let first = eventually(long, "placement", node_of).await?;
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(cluster.client.clone());
+    let taint = serde_json::json!({ "spec": { "taints": [
+        { "key": "runv.dev/fenced", "effect": "NoExecute" }
+    ] } });
+    nodes
+        .patch(&first, &PatchParams::default(), &Patch::Merge(taint))
+        .await?;
+    // Its agent is alive and has not said the VM stopped: the VM may still
+    // run there, so it stays (the operator is given time to act wrongly).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        node_of().await?,
+        Some(first.clone()),
+        "moved before the agent stopped it"
+    );
+    // The agent reports it stopped for the fence, as runv-agent does.
+    let stopped = serde_json::json!({
+        "apiVersion": "runv.dev/v1alpha1",
+        "kind": "MicroVM",
+        "status": {
+            "phase": "Stopped",
+            "conditions": [{
+                "type": "Ready", "status": "False", "reason": "NodeFenced",
+                "message": "node carries the taint runv.dev/fenced",
+                "lastTransitionTime": "2026-01-01T00:00:00Z"
+            }]
+        }
+    });
+    api.patch_status(
+        "always",
+        &PatchParams::apply(runv_crds::contract::AGENT_MANAGER).force(),
+        &Patch::Apply(stopped),
+    )
+    .await?;
+    let moved_to = eventually(long, "the VM to move", || async {
+        Ok(node_of().await?.filter(|n| *n != first))
+    })
+    .await?;
+    assert_ne!(moved_to, first);
+    Ok(())
+}
+
 /// Every MicroVM in `default`: name → (node, resourceVersion).
 async fn snapshot(
     api: &kube::Api<runv_crds::MicroVM>,

@@ -38,8 +38,9 @@ pub enum Binding {
     Unbound,
     /// Bound to a node whose agent renews its Lease.
     OnLiveNode,
-    /// Bound to a node whose agent's Lease expired, is missing, or whose Node
-    /// is gone or fenced.
+    /// Bound to a node whose agent's Lease expired or is missing, or whose
+    /// Node is gone. (On a fenced node whose agent is alive the agent still
+    /// writes: it reports the VM stopped, reason `NodeFenced`.)
     OnLostNode,
 }
 

@@ -99,6 +99,9 @@ reasons! {
     ControlSocketMismatch,
     /// The VM's state record on the node cannot be read.
     StateUnreadable,
+    /// The node carries a fencing taint: its agent stopped the VM and starts
+    /// none there.
+    NodeFenced,
     // How the last run ended, when it failed (see [`super::ExitReason`]).
     /// The guest kernel panicked.
     GuestPanicked,
@@ -138,6 +141,7 @@ impl Reason {
                 | Reason::StartFailed
                 | Reason::ControlSocketMismatch
                 | Reason::StateUnreadable
+                | Reason::NodeFenced
         )
     }
 }

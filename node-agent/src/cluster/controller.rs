@@ -82,9 +82,6 @@ impl ReconcileError {
 }
 
 async fn apply(vm: &MicroVM, ctx: &Context) -> Result<Action, ReconcileError> {
-    if ctx.fenced.load(std::sync::atomic::Ordering::SeqCst) {
-        return Ok(Action::requeue(Duration::from_secs(5)));
-    }
     let r = vm_ref(vm);
     let written = vm.status.clone().unwrap_or_default();
     // Through an API outage, decide on from what was decided but not written.

@@ -13,7 +13,6 @@ pub mod node;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -79,10 +78,6 @@ pub struct Context {
     pub config: ClusterConfig,
     /// Events.
     pub recorder: Recorder,
-    /// Set while this node carries a fencing taint (`runv.dev/fenced` or
-    /// `node.kubernetes.io/out-of-service`): its VMs are stopped and none is
-    /// started. Never set because the API cannot be reached.
-    pub fenced: AtomicBool,
     /// The last status reported per VM, for metrics.
     pub statuses: Mutex<BTreeMap<VmRef, MicroVMStatus>>,
     /// Statuses decided but not yet written (the API could not be reached):
@@ -153,34 +148,60 @@ pub async fn collect_orphans(ctx: &Context) -> Result<usize, ClusterError> {
 /// VMs keep running through an API outage of any length, and only a fencing
 /// taint seen on the Node stops them (see docs/operations.md, "Failures").
 async fn heartbeat(ctx: Arc<Context>) {
+    // Each request is bounded: one sent into a partition that drops packets
+    // would otherwise wait for TCP to give up, long after the partition heals.
+    let bound = ctx
+        .config
+        .renew_every
+        .clamp(Duration::from_secs(1), Duration::from_secs(10));
     loop {
-        let renewed = node::renew(
-            &ctx.client,
-            &ctx.config.namespace,
-            &ctx.config.node,
-            &ctx.config.holder,
-            ctx.config.lease_duration,
+        let renewed = tokio::time::timeout(
+            bound,
+            node::renew(
+                &ctx.client,
+                &ctx.config.namespace,
+                &ctx.config.node,
+                &ctx.config.holder,
+                ctx.config.lease_duration,
+            ),
         )
         .await;
-        if let Err(e) = renewed {
-            tracing::warn!(error = %runv_crds::retry::Chain(&e), "cannot renew the Lease; the VMs keep running");
+        match renewed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %runv_crds::retry::Chain(&e), "cannot renew the Lease; the VMs keep running");
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?bound, "renewing the Lease timed out; the VMs keep running")
+            }
         }
-        match node::fencing_taint(&ctx.client, &ctx.config.node).await {
-            Ok(Some(taint)) => fence(&ctx, &taint).await,
-            Ok(None) => {
-                if ctx.fenced.swap(false, Ordering::SeqCst) {
+        let taint = tokio::time::timeout(bound, node::fencing_taint(&ctx.client, &ctx.config.node));
+        match taint.await {
+            Err(_) => tracing::debug!("reading the Node timed out; fencing unchanged"),
+            Ok(Ok(Some(taint))) => fence(&ctx, &taint).await,
+            Ok(Ok(None)) => {
+                if ctx.runtime.set_fenced(None) {
                     tracing::warn!("the node's fencing taint is gone: VMs may start again");
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "cannot read the Node; fencing unchanged"),
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot read the Node; fencing unchanged"),
         }
         tokio::time::sleep(ctx.config.renew_every).await;
     }
 }
 
 /// Stops every VM of a node that carries the fencing taint `taint`, once.
+/// From then on, until the taint is gone, each reconcile reports its VM
+/// stopped (`NodeFenced`) and starts nothing; the VMMs' exits ask for those
+/// reconciles at once. Set only on reading the taint, never because the API
+/// cannot be reached.
 async fn fence(ctx: &Context, taint: &str) {
-    if ctx.fenced.swap(true, Ordering::SeqCst) {
+    let why = format!(
+        "node {} carries the taint {taint}: the agent stopped the VM and starts none here \
+         until the taint is removed",
+        ctx.config.node
+    );
+    if !ctx.runtime.set_fenced(Some(why)) {
         return;
     }
     tracing::error!(%taint, "the node is fenced: stopping every VM, starting none");
@@ -307,7 +328,6 @@ pub async fn run(
         client: client.clone(),
         runtime,
         config,
-        fenced: AtomicBool::new(false),
         statuses: Mutex::new(BTreeMap::new()),
         unsent: Mutex::new(BTreeMap::new()),
         retry: Retry::default(),

@@ -83,6 +83,9 @@ pub struct Facts {
     /// Why the VM's record (`vm.json`) exists but cannot be read, if so: a
     /// VMM may run for it that the agent cannot see, so none is started.
     pub state_error: Option<String>,
+    /// Why the node is fenced, if it is: nothing runs here, a running VMM is
+    /// killed, and the status says so (the operator's evidence to move it).
+    pub fenced: Option<String>,
 }
 
 /// Restart backoff, as kubelet's: `initial`, doubled per restart, capped at `max`;
@@ -190,6 +193,8 @@ pub(crate) enum Verdict {
     Starting,
     /// Cannot start: something on the node or in the spec must change.
     Blocked { reason: Reason, message: String },
+    /// The node is fenced: stopped (or being killed), nothing starts here.
+    Fenced { message: String },
 }
 
 /// What [`decide`] reads.
@@ -230,7 +235,42 @@ pub fn decide(
     let mut plan = Plan::default();
     let mut status = previous.clone();
     status.observed_generation = Some(generation);
-    let verdict = match observed {
+    let verdict = match (observed, &facts.fenced) {
+        (Observed::Running { .. }, Some(message)) => {
+            plan.actions.push(Action::Kill);
+            plan.requeue = Some(FENCED_RECHECK);
+            Verdict::Fenced {
+                message: message.clone(),
+            }
+        }
+        (Observed::NotRunning { .. }, Some(message)) => {
+            plan.requeue = Some(FENCED_RECHECK);
+            Verdict::Fenced {
+                message: message.clone(),
+            }
+        }
+        _ => decide_observed(&inputs, observed, &mut plan, &mut status),
+    };
+    status::apply(&mut status, spec, generation, &verdict, observed, now);
+    Decision {
+        actions: plan.actions,
+        status,
+        requeue: plan.requeue,
+    }
+}
+
+/// How often a VM on a fenced node is looked at (to start it again soon
+/// after the taint is removed).
+const FENCED_RECHECK: Duration = Duration::from_secs(5);
+
+/// The verdict on a node that is not fenced.
+fn decide_observed(
+    inputs: &Inputs<'_>,
+    observed: &Observed,
+    plan: &mut Plan,
+    status: &mut MicroVMStatus,
+) -> Verdict {
+    match observed {
         Observed::Running {
             started_at,
             paused,
@@ -249,7 +289,7 @@ pub fn decide(
                 shutdown_since: *shutdown_since,
                 control_mismatch: control_mismatch.as_deref(),
             };
-            decide_running(&inputs, &running, &mut plan)
+            decide_running(inputs, &running, plan)
         }
         Observed::NotRunning {
             exit,
@@ -266,20 +306,8 @@ pub fn decide(
                     status.last_exit = Some(last);
                 }
             }
-            decide_not_running(
-                &inputs,
-                exit.as_ref(),
-                *last_generation,
-                &mut plan,
-                &mut status,
-            )
+            decide_not_running(inputs, exit.as_ref(), *last_generation, plan, status)
         }
-    };
-    status::apply(&mut status, spec, generation, &verdict, observed, now);
-    Decision {
-        actions: plan.actions,
-        status,
-        requeue: plan.requeue,
     }
 }
 

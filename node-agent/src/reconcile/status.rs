@@ -147,6 +147,7 @@ fn rows(verdict: &Verdict, spec: &MicroVMSpec, seen: &Seen) -> Rows {
         Verdict::Failed => failed(spec, seen),
         Verdict::BackOff { remaining, failure } => back_off(*remaining, *failure, seen),
         Verdict::Blocked { reason, message } => blocked(*reason, message, seen),
+        Verdict::Fenced { message } => fenced(message, seen),
     }
 }
 
@@ -314,6 +315,21 @@ fn blocked(reason: Reason, message: &str, seen: &Seen) -> Rows {
         Row::new(cond::STALLED, True, reason).message(message),
     ];
     (Phase::Scheduled, rows)
+}
+
+/// Stopped by the node's fencing taint: phase `Stopped`, `Ready=False`
+/// (`NodeFenced`), neither reconciling nor stalled (the operator moves an
+/// `Always` VM on this report; the others wait for the taint to go).
+fn fenced(message: &str, seen: &Seen) -> Rows {
+    let rows = [
+        Row::new(cond::VMM_STARTED, False, Reason::NodeFenced).message(message),
+        Row::new(cond::GUEST_BOOTED, False, Reason::NotRunning),
+        ready(False, Reason::NodeFenced, message),
+        seen.paused_row(),
+        Row::new(cond::RECONCILING, False, Reason::NodeFenced),
+        not_stalled(),
+    ];
+    (Phase::Stopped, rows)
 }
 
 /// Sets phase and the six agent conditions for `verdict`.

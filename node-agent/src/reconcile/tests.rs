@@ -629,3 +629,36 @@ fn agent_status_leaves_the_operators_fields_out() {
     assert_eq!(ours.conditions.len(), 6);
     assert_eq!(ours.phase, status.phase);
 }
+
+#[test]
+fn a_fenced_node_kills_starts_nothing_and_says_why() {
+    let facts = Facts {
+        fenced: Some("node n1 carries the taint runv.dev/fenced".into()),
+        ..Facts::default()
+    };
+    let s = spec(RunPolicy::Always, PowerState::Running);
+    let decide_on = |observed: &Observed| {
+        decide(
+            &s,
+            1,
+            &MicroVMStatus::default(),
+            observed,
+            &facts,
+            &Backoff::default(),
+            at(10),
+        )
+    };
+    // Running: killed at once, however the spec asks it to run.
+    let d = decide_on(&running(0, Some(2), false));
+    assert_eq!(d.actions, vec![Action::Kill]);
+    // Down: nothing is started, not even a first start.
+    let d = decide_on(&never_ran());
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    assert_eq!(d.status.phase, Some(Phase::Stopped));
+    let (s, r, m) = cond_of(&d.status, cond::READY);
+    assert_eq!((s.as_str(), r.as_str()), ("False", "NodeFenced"));
+    assert!(m.contains("runv.dev/fenced"), "{m}");
+    assert_eq!(cond_of(&d.status, cond::STALLED).0, "False");
+    // Looked at again soon, to start once the taint is gone.
+    assert!(d.requeue.is_some_and(|q| q <= Duration::from_secs(5)));
+}

@@ -129,6 +129,8 @@ pub struct Runtime {
     /// Per VM: the VMM whose exit (by a signal) was seen, when, and whether
     /// the OOM killer did it.
     exits_seen: std::sync::Mutex<std::collections::HashMap<VmRef, (VmmIdentity, i64, bool)>>,
+    /// Why the node is fenced, while it is.
+    fence: std::sync::Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -192,7 +194,29 @@ impl Runtime {
             ipam,
             jail_ids: JailIdAllocator::default(),
             exits_seen: std::sync::Mutex::default(),
+            fence: std::sync::Mutex::default(),
         })
+    }
+
+    /// Marks the node fenced (`Some(why)`), or not: while it is, every
+    /// reconcile kills the VM's VMM, starts none, and reports `NodeFenced`
+    /// with `why`. Returns whether this changed anything.
+    pub fn set_fenced(&self, why: Option<String>) -> bool {
+        let mut fence = self
+            .fence
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = *fence != why;
+        *fence = why;
+        changed
+    }
+
+    /// Why the node is fenced, if it is.
+    pub fn fenced(&self) -> Option<String> {
+        self.fence
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The settings.

@@ -55,6 +55,7 @@ impl Runtime {
             limits_error,
             start_error: None,
             state_error: self.dir(vm).record_unreadable(),
+            fenced: self.fenced(),
         }
     }
 

@@ -107,8 +107,15 @@ impl Cluster {
 
     /// Starts the server and the operator, with `operator_args` added.
     pub async fn start_with(operator_args: &[&str]) -> Result<Self> {
+        Self::start_at(std::net::Ipv4Addr::LOCALHOST.into(), operator_args).await
+    }
+
+    /// Starts the server, listening on `address`, and the operator, with
+    /// `operator_args` added.
+    pub async fn start_at(address: std::net::IpAddr, operator_args: &[&str]) -> Result<Self> {
         let tmp = tempfile::tempdir()?;
         let restart = Options {
+            address,
             port: free_port(),
             kubeconfig: Some(tmp.path().join("kubeconfig")),
             state_file: Some(tmp.path().join("api-state.json")),
@@ -183,15 +190,38 @@ impl Cluster {
 
     /// Starts `runv-agent run` for node n1 with `extra` arguments.
     pub fn start_agent_with(&self, extra: &[&str]) -> Agent {
+        self.start_agent_as("n1", &self.root, None, extra)
+    }
+
+    /// Starts `runv-agent run` for node `node` with its state in `root`,
+    /// inside the network namespace `netns` if one is given, with `extra`
+    /// arguments.
+    pub fn start_agent_as(
+        &self,
+        node: &str,
+        root: &Path,
+        netns: Option<&str>,
+        extra: &[&str],
+    ) -> Agent {
         let addr = format!("127.0.0.1:{}", free_port());
-        let root = self.root.display().to_string();
+        let root = root.display().to_string();
         let vmm = self.vmm.display().to_string();
-        let mut args = vec![
+        let agent = Path::new(env!("CARGO_BIN_EXE_runv-agent"))
+            .display()
+            .to_string();
+        let mut args = Vec::new();
+        // nsenter joins the network namespace only (`ip netns exec` would
+        // also remount /sys, hiding the cgroup hierarchy from the agent).
+        let net = netns.map(|ns| format!("--net=/run/netns/{ns}"));
+        if let Some(net) = &net {
+            args.extend([net.as_str(), &agent]);
+        }
+        args.extend([
             "--root",
             &root,
             "run",
             "--node",
-            "n1",
+            node,
             "--vmm",
             &vmm,
             "--http-addr",
@@ -200,10 +230,12 @@ impl Cluster {
             "64",
             "--memory",
             "64Gi",
-        ];
+        ]);
         args.extend_from_slice(extra);
+        // nsenter execs the agent: the pid is the agent's.
+        let program = if netns.is_some() { "nsenter" } else { &agent };
         Agent::spawn(
-            Path::new(env!("CARGO_BIN_EXE_runv-agent")),
+            Path::new(program),
             &args,
             &[("KUBECONFIG", self.kubeconfig.as_os_str())],
         )
