@@ -31,7 +31,8 @@
 //! (as long as the killed VMM takes to be restarted), and one VMM is killed
 //! inside the outage. No VM may be stopped by the outage, the
 //! killed one is restarted locally by its run policy while the API is still
-//! down, and once the API is back its status shows the restart.
+//! down, and once the API is back its status shows the restart and the
+//! Events of the exit and the restart are delivered.
 
 mod common;
 
@@ -57,6 +58,18 @@ fn vmm_processes(dir: &std::path::Path) -> usize {
         .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
         .filter(|c| c.contains("runv-vmm") && c.contains(&needle))
         .count()
+}
+
+/// The reasons of the Events about MicroVM `name`.
+fn event_reasons(cluster: &Cluster, name: &str) -> Result<Vec<String>> {
+    let columns = "custom-columns=O:.involvedObject.name,R:.reason";
+    let out = cluster.kubectl(&["get", "events", "--no-headers", "-o", columns])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_once(char::is_whitespace))
+        .filter(|(o, _)| *o == name)
+        .map(|(_, r)| r.trim().to_owned())
+        .collect())
 }
 
 fn restart_count(cluster: &Cluster, name: &str) -> Result<String> {
@@ -125,13 +138,23 @@ fn outage(cluster: &Cluster) -> Result<()> {
         "--timeout=60s",
     ])?;
     let caught_up = back.elapsed();
+    // The Events of the exit and the restart, published when the API was
+    // down, are delivered once it is back.
+    let wanted = ["Exited", "Restarted"];
+    wait_until("the outage's Events", Duration::from_secs(30), || {
+        let reasons = event_reasons(cluster, &names[0])?;
+        Ok(wanted.iter().all(|w| reasons.iter().any(|r| r == w)))
+    })
+    .with_context(|| agent.output())?;
+    let events_in = back.elapsed();
     println!(
         "api outage: {:.1}s down ({} Lease durations), {VMS} VMs, 1 VMM killed inside: \
          {lost} lost, {duplicates} duplicated, {unexpected} unexpected restarts, \
-         status caught up {:.1}s after the API returned",
+         status caught up {:.1}s after the API returned, its Events {wanted:?} {:.1}s after",
         down_for.as_secs_f64(),
         down_for.as_secs() / LEASE.as_secs(),
-        caught_up.as_secs_f64()
+        caught_up.as_secs_f64(),
+        events_in.as_secs_f64()
     );
     ensure!(
         lost == 0,

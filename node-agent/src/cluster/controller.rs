@@ -8,7 +8,6 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Error as FinalizerError, Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
@@ -16,6 +15,7 @@ use runv_crds::MicroVM;
 use runv_crds::retry::Chain;
 use serde_json::json;
 
+use super::outbox::Pending;
 use super::{Context, FINALIZER, MANAGER, vm_ref};
 use crate::reconcile::{agent_body, agent_status, transitions};
 
@@ -118,20 +118,14 @@ async fn apply(vm: &MicroVM, ctx: &Context) -> Result<Action, ReconcileError> {
         lock(&ctx.unsent).remove(&r);
     }
     for t in transitions(&previous, &decision.status) {
-        let ev = Event {
-            type_: if t.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
+        let event = Pending {
+            reference: vm.object_ref(&()),
+            warning: t.warning,
             reason: t.reason,
-            note: Some(t.note),
+            note: t.note,
             action: "Reconcile".into(),
-            secondary: None,
         };
-        if let Err(e) = ctx.recorder.publish(&ev, &vm.object_ref(&())).await {
-            tracing::warn!(error = %e, "cannot publish event");
-        }
+        ctx.outbox.publish(&ctx.recorder, event).await;
     }
     lock(&ctx.statuses).insert(r, decision.status);
     Ok(Action::requeue(requeue))
@@ -183,13 +177,13 @@ async fn cleanup(vm: &MicroVM, ctx: &Context) -> Result<Action, ReconcileError> 
     .map_err(ReconcileError::Cleanup)?;
     lock(&ctx.statuses).remove(&r);
     lock(&ctx.unsent).remove(&r);
-    let ev = Event {
-        type_: EventType::Normal,
+    let event = Pending {
+        reference: vm.object_ref(&()),
+        warning: false,
         reason: "Deleted".into(),
-        note: Some("VMM stopped; taps, addresses and state removed".into()),
+        note: "VMM stopped; taps, addresses and state removed".into(),
         action: "Cleanup".into(),
-        secondary: None,
     };
-    let _ = ctx.recorder.publish(&ev, &vm.object_ref(&())).await;
+    ctx.outbox.publish(&ctx.recorder, event).await;
     Ok(Action::await_change())
 }

@@ -10,6 +10,7 @@
 pub mod controller;
 pub mod exits;
 pub mod node;
+pub mod outbox;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -91,6 +92,8 @@ pub struct Context {
     pub errors: metrics::ReconcileErrors,
     /// The running VMMs waited on, so that an exit is acted on at once.
     pub exits: exits::Exits,
+    /// Events not yet published (the API could not be reached).
+    pub outbox: outbox::Outbox,
 }
 
 impl std::fmt::Debug for Context {
@@ -167,7 +170,7 @@ async fn heartbeat(ctx: Arc<Context>) {
         )
         .await;
         match renewed {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => ctx.outbox.flush(&ctx.recorder).await,
             Ok(Err(e)) => {
                 tracing::warn!(error = %runv_crds::retry::Chain(&e), "cannot renew the Lease; the VMs keep running");
             }
@@ -333,6 +336,7 @@ pub async fn run(
         retry: Retry::default(),
         errors: metrics::ReconcileErrors::default(),
         exits,
+        outbox: outbox::Outbox::default(),
     });
     // Before reporting ready: nothing runs here that is not bound here.
     collect_orphans(&ctx).await?;
