@@ -194,6 +194,21 @@ pub const ANNOTATIONS_TOTAL_MAX: u32 = 256 * 1024;
 /// The schema also bounds it at [`LABEL_VALUE_MAX`].
 pub const LABEL_VALUE_PATTERN: &str = "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$";
 
+/// The unanchored regular expression of a qualified name, for the patterns below.
+macro_rules! qualified_name {
+    () => {
+        r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+    };
+}
+
+/// What a label key (a qualified name) may be, as Kubernetes checks it: an optional
+/// DNS subdomain prefix and `/`, then a name of at most 63 alphanumeric characters,
+/// `-`, `_` or `.`, starting and ending with an alphanumeric character. Used where a
+/// key is a bounded string rather than a map key.
+pub const QUALIFIED_NAME_PATTERN: &str = concat!("^", qualified_name!(), "$");
+/// [`QUALIFIED_NAME_PATTERN`], or empty.
+const OPTIONAL_QUALIFIED_NAME_PATTERN: &str = concat!("^(", qualified_name!(), ")?$");
+
 /// The schema of one label value in a map of labels: a bounded string of
 /// [`LABEL_VALUE_PATTERN`]'s shape. (A CRD schema cannot check map keys, and a CEL
 /// rule over them would have no bound on its cost.)
@@ -207,7 +222,7 @@ pub fn label_value_schema() -> serde_json::Value {
 
 /// The schema of `tolerations`: Kubernetes' own `Toleration`, with its strings bounded as
 /// the API server bounds them (a qualified key, a label value, and the short operator
-/// and effect words), the operator and effect limited to what placement understands, and the API server's rules for Pods: an empty
+/// and effect words), the key shaped as a label key, the operator and effect limited to what placement understands, and the API server's rules for Pods: an empty
 /// key only with `Exists`, and no value with `Exists`.
 fn tolerations_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
     let mut schema = <Vec<Toleration>>::json_schema(generator);
@@ -233,6 +248,13 @@ fn tolerations_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Sc
             {
                 field.insert("maxLength".into(), max.into());
             }
+        }
+        if let Some(key) = props
+            .get_mut("key")
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            // Empty (every key, with Exists) or a label key.
+            key.insert("pattern".into(), OPTIONAL_QUALIFIED_NAME_PATTERN.into());
         }
         for (name, allowed) in [
             ("operator", &["Exists", "Equal"][..]),

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::microvm::{
     ANNOTATIONS_TOTAL_MAX, LABEL_VALUE_MAX, LABEL_VALUE_PATTERN, MicroVMSpec, QUALIFIED_NAME_MAX,
-    Tenant, label_value_schema,
+    QUALIFIED_NAME_PATTERN, Tenant, label_value_schema,
 };
 
 /// Desired state of a set of identical microVM replicas.
@@ -156,7 +156,10 @@ pub struct LabelSelector {
     .reason(Reason::FieldValueInvalid))]
 pub struct LabelSelectorRequirement {
     /// The label key.
-    #[schemars(length(min = 1, max = QUALIFIED_NAME_MAX))]
+    #[schemars(
+        length(min = 1, max = QUALIFIED_NAME_MAX),
+        regex(pattern = QUALIFIED_NAME_PATTERN)
+    )]
     pub key: String,
     /// In, NotIn, Exists or DoesNotExist.
     pub operator: SelectorOperator,

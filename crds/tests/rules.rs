@@ -564,6 +564,44 @@ fn label_values_are_checked() {
     assert_valid(&vm, None);
 }
 
+/// Label keys that are bounded strings (not map keys) are checked as label keys.
+#[test]
+fn label_keys_are_checked_where_they_are_strings() {
+    let long_name = "k".repeat(64);
+    for bad in [
+        "bad key",
+        "-tier",
+        "a/b/c",
+        "Example.com/tier",
+        long_name.as_str(),
+    ] {
+        let swl = workload(json!({
+            "selector": { "matchExpressions": [{ "key": bad, "operator": "DoesNotExist" }] },
+        }));
+        assert_rejected(
+            &swl,
+            None,
+            "spec.selector.matchExpressions[0].key",
+            "does not match",
+        );
+        let vm = microvm(
+            json!({ "boot": boot(), "tolerations": [{ "key": bad, "operator": "Exists" }] }),
+        );
+        assert_rejected(&vm, None, "spec.tolerations[0].key", "does not match");
+    }
+    let ok = format!("runv.dev/{}", "k".repeat(63));
+    let swl = workload(json!({
+        "selector": { "matchExpressions": [{ "key": ok, "operator": "DoesNotExist" }] },
+    }));
+    assert_valid(&swl, None);
+    let vm = microvm(json!({ "boot": boot(), "tolerations": [
+        { "key": ok, "operator": "Exists" },
+        { "key": "", "operator": "Exists" },
+        { "key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute" },
+    ] }));
+    assert_valid(&vm, None);
+}
+
 #[test]
 fn vmm_memory_limit_covers_guest_memory() {
     let vm = microvm(json!({
