@@ -159,11 +159,15 @@ fn rules_of(node: &Value, required: bool) -> Vec<String> {
     if let Some(p) = node.get("pattern").and_then(Value::as_str) {
         rules.push(format!("pattern `{p}`"));
     }
-    if let Some(max) = node
-        .get("additionalProperties")
-        .and_then(|v| v.get("maxLength"))
-    {
+    let values = node.get("additionalProperties");
+    if let Some(max) = values.and_then(|v| v.get("maxLength")) {
         rules.push(format!("value max length {max}"));
+    }
+    if let Some(p) = values
+        .and_then(|v| v.get("pattern"))
+        .and_then(Value::as_str)
+    {
+        rules.push(format!("value pattern `{p}`"));
     }
     if let Some(keys) = node.get("x-kubernetes-list-map-keys") {
         rules.push(format!("list keyed by {keys}"));
@@ -247,6 +251,7 @@ mod tests {
         assert!(row("spec.disks[]").contains("CEL: exactly one of file or empty must be set"));
         assert!(row("spec.selector.matchExpressions[].values[]").contains("max length 63"));
         assert!(row("spec.selector.matchLabels").contains("value max length 63"));
+        assert!(row("spec.nodeSelector").contains("value pattern `^(([A-Za-z0-9]"));
         assert!(row("spec").contains("CEL on `nodeName`: field is immutable once set"));
     }
 }

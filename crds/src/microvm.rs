@@ -154,7 +154,7 @@ pub struct MicroVMSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend(
         "maxProperties" = 32,
-        "additionalProperties" = { "type": "string", "maxLength": LABEL_VALUE_MAX }
+        "additionalProperties" = label_value_schema()
     ))]
     pub node_selector: BTreeMap<String, String>,
 
@@ -165,7 +165,10 @@ pub struct MicroVMSpec {
 
     /// Pins the VM to this node, bypassing placement. Immutable once set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub node_name: Option<String>,
 
     /// How the VMM process is confined on the node.
@@ -186,14 +189,51 @@ pub const QUALIFIED_NAME_MAX: u32 = 317;
 /// Kubernetes' limit on the total size of an object's annotations, which bounds each value.
 pub const ANNOTATIONS_TOTAL_MAX: u32 = 256 * 1024;
 
+/// What a label value may be, as Kubernetes checks it: empty, or alphanumeric
+/// characters, `-`, `_` and `.`, starting and ending with an alphanumeric character.
+/// The schema also bounds it at [`LABEL_VALUE_MAX`].
+pub const LABEL_VALUE_PATTERN: &str = "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$";
+
+/// The unanchored regular expression of a qualified name, for the patterns below.
+macro_rules! qualified_name {
+    () => {
+        r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+    };
+}
+
+/// What a label key (a qualified name) may be, as Kubernetes checks it: an optional
+/// DNS subdomain prefix and `/`, then a name of at most 63 alphanumeric characters,
+/// `-`, `_` or `.`, starting and ending with an alphanumeric character. Used where a
+/// key is a bounded string rather than a map key.
+pub const QUALIFIED_NAME_PATTERN: &str = concat!("^", qualified_name!(), "$");
+/// [`QUALIFIED_NAME_PATTERN`], or empty.
+const OPTIONAL_QUALIFIED_NAME_PATTERN: &str = concat!("^(", qualified_name!(), ")?$");
+
+/// The schema of one label value in a map of labels: a bounded string of
+/// [`LABEL_VALUE_PATTERN`]'s shape. (A CRD schema cannot check map keys, and a CEL
+/// rule over them would have no bound on its cost.)
+pub fn label_value_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "string",
+        "maxLength": LABEL_VALUE_MAX,
+        "pattern": LABEL_VALUE_PATTERN,
+    })
+}
+
 /// The schema of `tolerations`: Kubernetes' own `Toleration`, with its strings bounded as
 /// the API server bounds them (a qualified key, a label value, and the short operator
-/// and effect words), so rules over the spec keep a bounded cost.
+/// and effect words), the key shaped as a label key, the operator and effect limited to what placement understands, and the API server's rules for Pods: an empty
+/// key only with `Exists`, and no value with `Exists`.
 fn tolerations_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
     let mut schema = <Vec<Toleration>>::json_schema(generator);
-    if let Some(props) = schema
+    let Some(items) = schema
         .get_mut("items")
-        .and_then(|items| items.get_mut("properties"))
+        .and_then(serde_json::Value::as_object_mut)
+    else {
+        return schema;
+    };
+    if let Some(props) = items
+        .get_mut("properties")
         .and_then(serde_json::Value::as_object_mut)
     {
         for (name, max) in [
@@ -209,7 +249,49 @@ fn tolerations_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Sc
                 field.insert("maxLength".into(), max.into());
             }
         }
+        if let Some(key) = props
+            .get_mut("key")
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            // Empty (every key, with Exists) or a label key.
+            key.insert("pattern".into(), OPTIONAL_QUALIFIED_NAME_PATTERN.into());
+        }
+        for (name, allowed) in [
+            ("operator", &["Exists", "Equal"][..]),
+            (
+                "effect",
+                &["", "NoSchedule", "PreferNoSchedule", "NoExecute"][..],
+            ),
+        ] {
+            if let Some(field) = props
+                .get_mut(name)
+                .and_then(serde_json::Value::as_object_mut)
+            {
+                field.insert("enum".into(), allowed.into());
+            }
+        }
     }
+    items.insert(
+        "description".into(),
+        "A taint the VM tolerates, matched as for Pods.".into(),
+    );
+    items.insert(
+        "x-kubernetes-validations".into(),
+        serde_json::json!([
+            {
+                "rule": "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+                "message": "must be Exists when key is empty",
+                "fieldPath": ".operator",
+                "reason": "FieldValueInvalid",
+            },
+            {
+                "rule": "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                "message": "must be empty when operator is Exists",
+                "fieldPath": ".value",
+                "reason": "FieldValueInvalid",
+            },
+        ]),
+    );
     schema
 }
 

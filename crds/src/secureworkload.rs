@@ -13,7 +13,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::microvm::{
-    ANNOTATIONS_TOTAL_MAX, LABEL_VALUE_MAX, MicroVMSpec, QUALIFIED_NAME_MAX, Tenant,
+    ANNOTATIONS_TOTAL_MAX, LABEL_VALUE_MAX, LABEL_VALUE_PATTERN, MicroVMSpec, QUALIFIED_NAME_MAX,
+    QUALIFIED_NAME_PATTERN, Tenant, label_value_schema,
 };
 
 /// Desired state of a set of identical microVM replicas.
@@ -75,6 +76,11 @@ use crate::microvm::{
         .message("matchLabels must match template.metadata.labels")
         .field_path(".selector")
         .reason(Reason::FieldValueInvalid),
+    // A requirement without the values it needs is reported by its own rule.
+    validation = Rule::new("!has(self.selector.matchExpressions) || self.selector.matchExpressions.all(r, (r.operator in ['In', 'NotIn'] && !has(r.values)) || ((has(self.template.metadata.labels) && r.key in self.template.metadata.labels) ? (r.operator == 'In' ? self.template.metadata.labels[r.key] in r.values : r.operator == 'NotIn' ? !(self.template.metadata.labels[r.key] in r.values) : r.operator == 'Exists') : r.operator in ['NotIn', 'DoesNotExist']))")
+        .message("matchExpressions must match template.metadata.labels")
+        .field_path(".selector")
+        .reason(Reason::FieldValueInvalid),
     validation = Rule::new("!has(self.template.spec.tenant)")
         .message("cannot be set: set spec.tenant, which the operator copies to each replica")
         .field_path(".template.spec.tenant")
@@ -131,7 +137,7 @@ pub struct LabelSelector {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend(
         "maxProperties" = 32,
-        "additionalProperties" = { "type": "string", "maxLength": LABEL_VALUE_MAX }
+        "additionalProperties" = label_value_schema()
     ))]
     pub match_labels: BTreeMap<String, String>,
 
@@ -150,13 +156,19 @@ pub struct LabelSelector {
     .reason(Reason::FieldValueInvalid))]
 pub struct LabelSelectorRequirement {
     /// The label key.
-    #[schemars(length(min = 1, max = QUALIFIED_NAME_MAX))]
+    #[schemars(
+        length(min = 1, max = QUALIFIED_NAME_MAX),
+        regex(pattern = QUALIFIED_NAME_PATTERN)
+    )]
     pub key: String,
     /// In, NotIn, Exists or DoesNotExist.
     pub operator: SelectorOperator,
     /// Values for In and NotIn.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), inner(length(max = LABEL_VALUE_MAX)))]
+    #[schemars(
+        length(max = 64),
+        inner(length(max = LABEL_VALUE_MAX), regex(pattern = LABEL_VALUE_PATTERN))
+    )]
     pub values: Vec<String>,
 }
 
@@ -216,7 +228,7 @@ pub struct TemplateMetadata {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend(
         "maxProperties" = 64,
-        "additionalProperties" = { "type": "string", "maxLength": LABEL_VALUE_MAX }
+        "additionalProperties" = label_value_schema()
     ))]
     pub labels: BTreeMap<String, String>,
     /// Annotations.

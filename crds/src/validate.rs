@@ -235,7 +235,7 @@ fn kinds_of(crd: &CustomResourceDefinition) -> Vec<Kind> {
 }
 
 /// Rewrites a Kubernetes structural schema into plain JSON Schema: `nullable`
-/// becomes a `null` type, int-or-string an `anyOf`, and objects with declared
+/// becomes a `null` type, int-or-string the types integer and string, and objects with declared
 /// properties refuse unknown fields (kubectl's default strict field validation)
 /// unless they preserve them. `metadata` is left to [`metadata_errors`].
 pub fn to_json_schema(schema: &Value) -> Value {
@@ -252,16 +252,20 @@ pub fn to_json_schema(schema: &Value) -> Value {
 
 fn rewrite(v: &mut Value) {
     let Some(map) = v.as_object_mut() else { return };
-    if map.remove("nullable") == Some(Value::Bool(true))
-        && let Some(Value::String(t)) = map.get("type").cloned()
-    {
-        map.insert("type".into(), serde_json::json!([t, "null"]));
-    }
+    // The API server validates int-or-string as the two types, and so words a
+    // wrong type (`must be of type integer,string`).
     if map.remove("x-kubernetes-int-or-string") == Some(Value::Bool(true)) {
-        map.insert(
-            "anyOf".into(),
-            serde_json::json!([{ "type": "integer" }, { "type": "string" }]),
-        );
+        map.insert("type".into(), serde_json::json!(["integer", "string"]));
+    }
+    if map.remove("nullable") == Some(Value::Bool(true)) {
+        match map.get_mut("type") {
+            Some(Value::String(t)) => {
+                let t = t.clone();
+                map.insert("type".into(), serde_json::json!([t, "null"]));
+            }
+            Some(Value::Array(types)) => types.push("null".into()),
+            _ => {}
+        }
     }
     let preserve = map.remove("x-kubernetes-preserve-unknown-fields") == Some(Value::Bool(true));
     if map.contains_key("properties") && !preserve && !map.contains_key("additionalProperties") {
@@ -725,7 +729,10 @@ mod tests {
             out["properties"]["a"]["type"],
             serde_json::json!(["string", "null"])
         );
-        assert!(out["properties"]["b"]["anyOf"].is_array());
+        assert_eq!(
+            out["properties"]["b"]["type"],
+            serde_json::json!(["integer", "string"])
+        );
         assert!(out["properties"]["c"].get("additionalProperties").is_none());
     }
 

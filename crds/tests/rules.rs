@@ -468,6 +468,140 @@ fn pinned_node_name_is_immutable_once_set() {
     assert_valid(&moved, None);
 }
 
+/// A node's name is a DNS subdomain, so a pin to anything else could never be placed.
+#[test]
+fn pinned_node_name_is_a_dns_subdomain() {
+    for bad in ["Node-1", "node_1", "node-1.", "-node"] {
+        let vm = microvm(json!({ "boot": boot(), "nodeName": bad }));
+        assert_rejected(&vm, None, "spec.nodeName", "does not match");
+    }
+    let vm = microvm(json!({ "boot": boot(), "nodeName": "node-1.zone-a.example" }));
+    assert_valid(&vm, None);
+}
+
+/// Tolerations are checked as the API server checks a Pod's, with the operators and
+/// effects placement understands.
+#[test]
+fn tolerations_are_checked_as_for_pods() {
+    let tolerating = |t: Value| microvm(json!({ "boot": boot(), "tolerations": [t] }));
+    assert_rejected(
+        &tolerating(json!({ "key": "k", "operator": "Matches" })),
+        None,
+        "spec.tolerations[0].operator",
+        "is not one of",
+    );
+    assert_rejected(
+        &tolerating(json!({ "key": "k", "effect": "NoRun" })),
+        None,
+        "spec.tolerations[0].effect",
+        "is not one of",
+    );
+    assert_rejected(
+        &tolerating(json!({ "operator": "Equal", "value": "v" })),
+        None,
+        "spec.tolerations[0].operator",
+        "must be Exists when key is empty",
+    );
+    assert_rejected(
+        &tolerating(json!({ "value": "v" })),
+        None,
+        "spec.tolerations[0].operator",
+        "must be Exists when key is empty",
+    );
+    assert_rejected(
+        &tolerating(json!({ "key": "k", "operator": "Exists", "value": "v" })),
+        None,
+        "spec.tolerations[0].value",
+        "must be empty when operator is Exists",
+    );
+    for ok in [
+        json!({ "operator": "Exists" }),
+        json!({ "key": "k", "operator": "Exists", "effect": "NoSchedule" }),
+        json!({ "key": "k", "value": "v", "effect": "" }),
+        json!({ "key": "k", "operator": "Equal", "value": "v", "effect": "NoExecute", "tolerationSeconds": 60 }),
+    ] {
+        assert_valid(&tolerating(ok), None);
+    }
+}
+
+/// Label values that replicas get, or that select nodes or replicas, have the shape
+/// Kubernetes requires of a label value.
+#[test]
+fn label_values_are_checked() {
+    for bad in ["-v", "v-", "a b", "v/1"] {
+        let swl = workload(json!({
+            "template": { "metadata": { "labels": { "tier": bad } } },
+        }));
+        assert_rejected(
+            &swl,
+            None,
+            "spec.template.metadata.labels.tier",
+            "does not match",
+        );
+        let swl = workload(json!({
+            "selector": { "matchLabels": { "tier": bad } },
+            "template": { "metadata": { "labels": { "tier": bad } } },
+        }));
+        assert_rejected(
+            &swl,
+            None,
+            "spec.selector.matchLabels.tier",
+            "does not match",
+        );
+        let swl = workload(json!({
+            "selector": { "matchExpressions": [{ "key": "tier", "operator": "NotIn", "values": [bad] }] },
+        }));
+        assert_rejected(
+            &swl,
+            None,
+            "spec.selector.matchExpressions[0].values[0]",
+            "does not match",
+        );
+        let vm = microvm(json!({ "boot": boot(), "nodeSelector": { "zone": bad } }));
+        assert_rejected(&vm, None, "spec.nodeSelector.zone", "does not match");
+    }
+    let vm = microvm(json!({ "boot": boot(), "nodeSelector": { "zone": "", "pool": "A_1.b-2" } }));
+    assert_valid(&vm, None);
+}
+
+/// Label keys that are bounded strings (not map keys) are checked as label keys.
+#[test]
+fn label_keys_are_checked_where_they_are_strings() {
+    let long_name = "k".repeat(64);
+    for bad in [
+        "bad key",
+        "-tier",
+        "a/b/c",
+        "Example.com/tier",
+        long_name.as_str(),
+    ] {
+        let swl = workload(json!({
+            "selector": { "matchExpressions": [{ "key": bad, "operator": "DoesNotExist" }] },
+        }));
+        assert_rejected(
+            &swl,
+            None,
+            "spec.selector.matchExpressions[0].key",
+            "does not match",
+        );
+        let vm = microvm(
+            json!({ "boot": boot(), "tolerations": [{ "key": bad, "operator": "Exists" }] }),
+        );
+        assert_rejected(&vm, None, "spec.tolerations[0].key", "does not match");
+    }
+    let ok = format!("runv.dev/{}", "k".repeat(63));
+    let swl = workload(json!({
+        "selector": { "matchExpressions": [{ "key": ok, "operator": "DoesNotExist" }] },
+    }));
+    assert_valid(&swl, None);
+    let vm = microvm(json!({ "boot": boot(), "tolerations": [
+        { "key": ok, "operator": "Exists" },
+        { "key": "", "operator": "Exists" },
+        { "key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute" },
+    ] }));
+    assert_valid(&vm, None);
+}
+
 #[test]
 fn vmm_memory_limit_covers_guest_memory() {
     let vm = microvm(json!({
@@ -568,6 +702,54 @@ fn workload_selector_must_match_template_labels() {
         None,
         "spec.selector",
         "matchLabels must match template.metadata.labels",
+    );
+}
+
+/// Replicas get the template's labels, so a selector that the template's labels
+/// do not satisfy would release every replica the operator creates.
+#[test]
+fn workload_selector_expressions_must_match_template_labels() {
+    let selecting = |exprs: Value| workload(json!({ "selector": { "matchExpressions": exprs } }));
+    for refused in [
+        json!([{ "key": "app", "operator": "In", "values": ["api"] }]),
+        json!([{ "key": "tier", "operator": "In", "values": ["front"] }]),
+        json!([{ "key": "app", "operator": "NotIn", "values": ["web"] }]),
+        json!([{ "key": "tier", "operator": "Exists" }]),
+        json!([{ "key": "app", "operator": "DoesNotExist" }]),
+    ] {
+        assert_rejected(
+            &selecting(refused),
+            None,
+            "spec.selector",
+            "matchExpressions must match template.metadata.labels",
+        );
+    }
+    let swl = workload(json!({
+        "selector": { "matchLabels": null, "matchExpressions": [{ "key": "app", "operator": "Exists" }] },
+        "template": { "metadata": null },
+    }));
+    assert_rejected(
+        &swl,
+        None,
+        "spec.selector",
+        "matchExpressions must match template.metadata.labels",
+    );
+    // A requirement missing its values is named once, by its own rule.
+    let errs = errors(
+        &selecting(json!([{ "key": "tier", "operator": "In" }])),
+        None,
+    );
+    let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["spec.selector.matchExpressions[0].values"]);
+    assert_valid(
+        &selecting(json!([
+            { "key": "app", "operator": "In", "values": ["api", "web"] },
+            { "key": "app", "operator": "NotIn", "values": ["api"] },
+            { "key": "tier", "operator": "NotIn", "values": ["front"] },
+            { "key": "app", "operator": "Exists" },
+            { "key": "tier", "operator": "DoesNotExist" },
+        ])),
+        None,
     );
 }
 

@@ -272,6 +272,15 @@ fn schema_causes(schema: &Schema, obj: &Value) -> Vec<Cause> {
                     message: format!("Too long: may not be more than {limit} bytes"),
                     field,
                 },
+                // kube-apiserver reports too many map entries as it does too many items.
+                K::MaxProperties { limit } => Cause {
+                    reason: "FieldValueTooMany".into(),
+                    message: format!(
+                        "Too many: {}: must have at most {limit} items",
+                        e.instance().as_object().map_or(0, Map::len)
+                    ),
+                    field,
+                },
                 K::MaxItems { limit } => Cause {
                     reason: "FieldValueTooMany".into(),
                     message: format!(
@@ -283,9 +292,12 @@ fn schema_causes(schema: &Schema, obj: &Value) -> Vec<Cause> {
                 K::Type { kind } => {
                     let want = match kind {
                         jsonschema::error::TypeKind::Single(t) => t.to_string(),
+                        // A nullable field's `null` is the rewrite's, not a type
+                        // the API server names.
                         jsonschema::error::TypeKind::Multiple(ts) => ts
                             .iter()
                             .map(|t| t.to_string())
+                            .filter(|t| t != "null")
                             .collect::<Vec<_>>()
                             .join(","),
                     };
@@ -309,9 +321,6 @@ fn schema_causes(schema: &Schema, obj: &Value) -> Vec<Cause> {
                         K::Maximum { limit } => format!("should be less than or equal to {limit}"),
                         K::MinLength { limit } => format!("should be at least {limit} chars long"),
                         K::MinItems { limit } => format!("should have at least {limit} items"),
-                        K::MaxProperties { limit } => {
-                            format!("should have at most {limit} properties")
-                        }
                         K::MinProperties { limit } => {
                             format!("should have at least {limit} properties")
                         }
@@ -465,5 +474,42 @@ mod tests {
         assert_eq!(unknown, vec!["extra".to_string(), "spec.b".to_string()]);
         assert_eq!(obj["spec"], json!({"a": "1", "free": {"z": 1}}));
         assert_eq!(obj["metadata"]["labels"]["a"], "b");
+    }
+
+    /// Int-or-string (nullable or not) and map sizes are worded as kube-apiserver
+    /// words them, not as JSON Schema's `anyOf` and `maxProperties`.
+    #[test]
+    fn schema_errors_are_worded_as_kube_apiserver_words_them() {
+        let structural = json!({"type": "object", "properties": {
+            "n": {"x-kubernetes-int-or-string": true, "nullable": true},
+            "m": {"type": "object", "maxProperties": 1,
+                  "additionalProperties": {"type": "string"}}}});
+        let schema = Schema {
+            validator: jsonschema::validator_for(&validate::to_json_schema(&structural)).unwrap(),
+            cel: kube::core::cel::compile_schema(&structural),
+            structural,
+        };
+        let causes = schema_causes(&schema, &json!({"n": [1], "m": {"a": "x", "b": "y"}}));
+        let got: Vec<(&str, &str, &str)> = causes
+            .iter()
+            .map(|c| (c.field.as_str(), c.reason.as_str(), c.message.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "m",
+                    "FieldValueTooMany",
+                    "Too many: 2: must have at most 1 items"
+                ),
+                (
+                    "n",
+                    "FieldValueTypeInvalid",
+                    r#"Invalid value: "array": n in body must be of type integer,string: "array""#
+                ),
+            ]
+        );
+        assert!(schema_causes(&schema, &json!({"n": null, "m": {}})).is_empty());
+        assert!(schema_causes(&schema, &json!({"n": "25%"})).is_empty());
     }
 }
