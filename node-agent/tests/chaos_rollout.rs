@@ -167,22 +167,39 @@ async fn observe(api: Api<MicroVM>, tally: Arc<Mutex<Tally>>) {
     }
 }
 
-/// Samples `runv-vmm` processes every 50 ms until `stop`: the names of the
-/// VMs (among those `tally` has seen) that ever had more than one at once.
-fn sample_vmms(cluster: &Cluster, tally: &Mutex<Tally>, stop: &AtomicBool) -> BTreeSet<String> {
-    let mut twice = BTreeSet::new();
+/// What the host showed of the replicas' VMMs.
+#[derive(Debug, Default)]
+struct Vmms {
+    /// VMs seen with a VMM at some sample.
+    running: BTreeSet<String>,
+    /// VMs seen with more than one at once.
+    twice: BTreeSet<String>,
+}
+
+/// Samples `runv-vmm` processes every 50 ms until `stop`, for the VMs `tally`
+/// has seen.
+fn sample_vmms(cluster: &Cluster, tally: &Mutex<Tally>, stop: &AtomicBool) -> Vmms {
+    let mut out = Vmms::default();
     while !stop.load(Ordering::Relaxed) {
         let names = tally.lock().unwrap().names.clone();
         let cmdlines = vmm_cmdlines();
         for name in names {
+            // Each VMM is given `<its state directory>/config.json`.
             let needle = format!("{}/", cluster.vm_dir(&name).display());
-            if cmdlines.iter().filter(|c| c.contains(&needle)).count() > 1 {
-                twice.insert(name);
+            match cmdlines.iter().filter(|c| c.contains(&needle)).count() {
+                0 => {}
+                1 => {
+                    out.running.insert(name);
+                }
+                _ => {
+                    out.twice.insert(name.clone());
+                    out.running.insert(name);
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    twice
+    out
 }
 
 /// Whether the latest state has every replica on `hash`, Ready and not
@@ -317,7 +334,7 @@ fn rollout_under_kills(
     let old = hashes(tally).pop_first().context("a template hash")?;
 
     let stop = AtomicBool::new(false);
-    let (outcome, twice) = std::thread::scope(|s| {
+    let (outcome, vmms) = std::thread::scope(|s| {
         let sampler = s.spawn(|| sample_vmms(cluster, tally, &stop));
         let outcome = kill_loop(cluster, &swls, tally, &old, operators);
         stop.store(true, Ordering::Relaxed);
@@ -338,7 +355,7 @@ fn rollout_under_kills(
          (maxSurge {MAX_SURGE}, maxUnavailable {MAX_UNAVAILABLE}), rollout took {:.1}s \
          (status complete {:.1}s after the last replica was replaced): \
          {} states watched ({} relists), max total {} (bound {}; {} with those being deleted), \
-         min available {} (bound {}), {} violations, {} VMs run twice",
+         min available {} (bound {}), {} violations; VMMs seen for {} VMs, {} VMs run twice",
         outcome.kills,
         outcome.kills_mid_rollout,
         outcome.rollout.as_secs_f64(),
@@ -351,7 +368,8 @@ fn rollout_under_kills(
         t.min_available.unwrap_or_default(),
         REPLICAS - MAX_UNAVAILABLE,
         t.violations.len(),
-        twice.len()
+        vmms.running.len(),
+        vmms.twice.len()
     );
     ensure!(
         t.relists == 0,
@@ -362,7 +380,14 @@ fn rollout_under_kills(
         "bounds broken:\n{}",
         t.violations.join("\n")
     );
-    ensure!(twice.is_empty(), "VMs run twice: {twice:?}");
+    ensure!(vmms.twice.is_empty(), "VMs run twice: {:?}", vmms.twice);
+    // The sampler saw the VMMs: those of the new replicas, and of the old
+    // ones until they were stopped.
+    ensure!(
+        vmms.running.len() >= 2 * REPLICAS as usize,
+        "VMMs seen for {:?} only",
+        vmms.running
+    );
     Ok(())
 }
 
