@@ -40,25 +40,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use common::cluster::{Cluster, run_scenario, run_scenario_needing, wait_until};
+use common::vmm_processes;
 use common::{KillVmmOnDrop, alive, recorded_pid};
 
 const LEASE: Duration = Duration::from_secs(3);
 const VMS: usize = 3;
-
-/// Live `runv-vmm` processes started for the VM whose state directory is `dir`.
-fn vmm_processes(dir: &std::path::Path) -> usize {
-    let needle = dir.display().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains("runv-vmm") && c.contains(&needle))
-        .count()
-}
 
 /// The reasons of the Events about MicroVM `name`.
 fn event_reasons(cluster: &Cluster, name: &str) -> Result<Vec<String>> {

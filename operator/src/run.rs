@@ -26,7 +26,7 @@ use tokio::sync::{Mutex, mpsc, watch};
 
 use crate::context::{Assumed, Config, Context, LeaseWatch, Synced, mark_synced};
 use crate::metrics::Metrics;
-use crate::workload::{claim, reconcile as workload};
+use crate::workload::{claim, reconcile as workload, replica};
 use crate::{fencing, microvm, nodes};
 
 /// Runs the operator until `shutdown` resolves. `ready` becomes true once the
@@ -62,7 +62,10 @@ pub async fn run(
         leases_synced,
         move |ok| seen.observe(ok, Timestamp::now()),
     );
-    let Some(vms) = MicroVMWatch::start(&client, vms_synced) else {
+    // Wakes a SecureWorkload at once rather than at its next timed requeue:
+    // for an orphan its selector selects, and for a replica that is gone.
+    let (wake, woken) = mpsc::channel::<ObjectRef<SecureWorkload>>(1024);
+    let Some(vms) = MicroVMWatch::start(&client, vms_synced, wake.clone()) else {
         tracing::error!("a shared store always has subscribers");
         return;
     };
@@ -94,6 +97,7 @@ pub async fn run(
         &client,
         vms.for_workloads,
         vms.for_orphans,
+        (wake, woken),
         workloads_synced,
         ctx.clone(),
         shutdown,
@@ -144,7 +148,12 @@ struct MicroVMWatch {
 }
 
 impl MicroVMWatch {
-    fn start(client: &Client, synced: watch::Sender<bool>) -> Option<Self> {
+    /// `gone` hears of each deleted MicroVM's controlling SecureWorkload.
+    fn start(
+        client: &Client,
+        synced: watch::Sender<bool>,
+        gone: mpsc::Sender<ObjectRef<SecureWorkload>>,
+    ) -> Option<Self> {
         let (store, writer) = reflector::store_shared::<MicroVM>(1024);
         let (for_vms, for_workloads, for_orphans) = (
             writer.subscribe()?,
@@ -158,6 +167,18 @@ impl MicroVMWatch {
         .default_backoff()
         .modify(|vm| vm.managed_fields_mut().clear())
         .reflect_shared(writer)
+        // A shared stream passes on no deletions (kube-rs issue 1590), so a
+        // workload would not hear that a replica is gone (a Recreate waits for
+        // that, and a rollout is complete only then) until its next requeue.
+        // The cache no longer holds the MicroVM when this runs.
+        .inspect(move |e| {
+            if let Ok(watcher::Event::Delete(vm)) = e
+                && let Some(owner) = replica::workload_of(vm)
+            {
+                // A full channel means a reconcile is queued already.
+                let _ = gone.try_send(owner);
+            }
+        })
         .inspect(mark_synced(synced))
         .applied_objects()
         .for_each(|r| log_watch_error("MicroVM", r))
@@ -232,14 +253,18 @@ impl WorkloadController {
         client: &Client,
         owned: ReflectHandle<MicroVM>,
         orphans: ReflectHandle<MicroVM>,
+        (adopt, adopt_rx): (
+            mpsc::Sender<ObjectRef<SecureWorkload>>,
+            mpsc::Receiver<ObjectRef<SecureWorkload>>,
+        ),
         synced: watch::Sender<bool>,
         ctx: Arc<Context>,
         shutdown: impl Future<Output = ()> + Send + Sync + 'static,
     ) -> Self {
         // A SecureWorkload hears of its own replicas through their
-        // ownerReference, and of an orphan its selector selects through
+        // ownerReference (of those deleted, through `adopt_rx` too, see
+        // MicroVMWatch), and of an orphan its selector selects through
         // `adopt`, so it adopts it at once rather than at its next timed requeue.
-        let (adopt, adopt_rx) = mpsc::channel::<ObjectRef<SecureWorkload>>(1024);
         // The cache is built here rather than by Controller::new so that its
         // first list can be noticed without awaiting the store, which the
         // controller itself awaits (see context::Synced).

@@ -63,6 +63,23 @@ pub fn manifest(name: &str, kernel: &str, cmdline: &str) -> String {
     )
 }
 
+/// Starts `runv-operator` against `kubeconfig` without leader election, with
+/// `extra` arguments.
+fn spawn_operator(kubeconfig: &Path, extra: &[String]) -> Agent {
+    let bin = sibling_binary("runv-operator", "runv-operator");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "--namespace",
+        "runv-system",
+        "--leader-elect",
+        "false",
+        "--http-addr",
+        &addr,
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    Agent::spawn(&bin, &args, &[("KUBECONFIG", kubeconfig.as_os_str())])
+}
+
 /// Polls `f` every 100 ms until it says true, for at most `timeout`.
 pub fn wait_until(
     what: &str,
@@ -89,6 +106,9 @@ pub struct Cluster {
     restart: Options,
     /// `runv-operator`.
     pub operator: Agent,
+    /// The arguments it was started with besides the usual ones, for
+    /// [`Cluster::start_operator`].
+    operator_args: Vec<String>,
     /// A kubeconfig for the server.
     pub kubeconfig: PathBuf,
     /// The agent's root directory.
@@ -131,31 +151,41 @@ impl Cluster {
             .create(&PostParams::default(), &ns)
             .await?;
         let kubeconfig = server.kubeconfig_path().to_owned();
-        let operator_bin = sibling_binary("runv-operator", "runv-operator");
-        let op_addr = format!("127.0.0.1:{}", free_port());
-        let mut args = vec![
-            "--namespace",
-            "runv-system",
-            "--leader-elect",
-            "false",
-            "--http-addr",
-            &op_addr,
-        ];
-        args.extend_from_slice(operator_args);
-        let operator = Agent::spawn(
-            &operator_bin,
-            &args,
-            &[("KUBECONFIG", kubeconfig.as_os_str())],
-        );
+        let operator_args: Vec<String> = operator_args.iter().map(|a| (*a).to_owned()).collect();
+        let operator = spawn_operator(&kubeconfig, &operator_args);
         Ok(Self {
             server: std::sync::Mutex::new(Some(server)),
             restart,
             operator,
+            operator_args,
             kubeconfig,
             root: tmp.path().join("agent"),
             vmm: vmm_binary(),
             tmp,
         })
+    }
+
+    /// Starts another `runv-operator` as the first was started (same
+    /// arguments, its own HTTP port), as a restart after a crash does.
+    pub fn start_operator(&self) -> Agent {
+        spawn_operator(&self.kubeconfig, &self.operator_args)
+    }
+
+    /// Kills `operator` (the cluster's own or one from
+    /// [`Cluster::start_operator`]) with SIGKILL and waits, at most 10 s,
+    /// until it is gone.
+    pub fn kill_operator(&self, operator: &Agent) -> Result<()> {
+        let pid = operator
+            .child
+            .as_ref()
+            .context("the operator was waited for")?
+            .id();
+        operator.signal(libc::SIGKILL);
+        wait_until(
+            "the killed operator to exit",
+            Duration::from_secs(10),
+            || Ok(!super::alive(pid)),
+        )
     }
 
     /// A client of the API (which must be up).

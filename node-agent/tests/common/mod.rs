@@ -185,6 +185,29 @@ impl Drop for KillVmmOnDrop {
     }
 }
 
+/// The command lines of every live `runv-vmm` process, arguments joined by spaces.
+pub fn vmm_cmdlines() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("runv-vmm"))
+        .collect()
+}
+
+/// Live `runv-vmm` processes started for the VM whose state directory is `dir`.
+pub fn vmm_processes(dir: &Path) -> usize {
+    let needle = dir.display().to_string();
+    vmm_cmdlines()
+        .iter()
+        .filter(|c| c.contains(&needle))
+        .count()
+}
+
 /// The VMM pid recorded in a VM directory's `vm.json`.
 pub fn recorded_pid(vm_dir: &Path) -> Option<u32> {
     let text = std::fs::read_to_string(vm_dir.join("vm.json")).ok()?;

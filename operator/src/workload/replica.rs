@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use runv_crds::conditions as cond;
 use runv_crds::microvm::Phase;
@@ -126,6 +127,15 @@ pub fn replica(swl: &SecureWorkload, hash: &str, name: String) -> MicroVM {
     }
 }
 
+/// The SecureWorkload that controls `vm`, as a controller trigger names it.
+pub fn workload_of(vm: &MicroVM) -> Option<ObjectRef<SecureWorkload>> {
+    let owner = controller_of(vm)?;
+    let ours = owner.kind == SecureWorkload::kind(&())
+        && owner.api_version == SecureWorkload::api_version(&());
+    let ns = vm.namespace()?;
+    ours.then(|| ObjectRef::new(&owner.name).within(&ns))
+}
+
 /// Whether `vm` is controlled by `swl`.
 pub fn owned_by(vm: &MicroVM, swl: &SecureWorkload) -> bool {
     let Some(uid) = swl.uid() else { return false };
@@ -210,6 +220,22 @@ mod tests {
         );
         assert!(vm.annotations()[CONTAINER_ANNOTATION].contains("web:1"));
         assert!(owned_by(&vm, &swl));
+    }
+
+    #[test]
+    fn a_replica_names_its_workload_and_nothing_else_does() {
+        let swl = workload();
+        let vm = replica(&swl, "abc", "web-abc-0".into());
+        assert_eq!(workload_of(&vm), Some(ObjectRef::new("web").within("prod")));
+        let mut other_kind = vm.clone();
+        other_kind.metadata.owner_references.as_mut().unwrap()[0].kind = "ReplicaSet".into();
+        assert_eq!(workload_of(&other_kind), None);
+        let mut not_controller = vm.clone();
+        not_controller.metadata.owner_references.as_mut().unwrap()[0].controller = Some(false);
+        assert_eq!(workload_of(&not_controller), None);
+        let mut orphan = vm;
+        orphan.metadata.owner_references = None;
+        assert_eq!(workload_of(&orphan), None);
     }
 
     #[test]
