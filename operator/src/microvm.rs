@@ -581,6 +581,12 @@ async fn watch_bound(
         return Ok(Action::await_change());
     }
     if movable {
+        // Its first placement may still be assumed (the cache confirms an
+        // assumption only when the placer next runs): forget it, or the VM
+        // would wait out the assumption before it is placed again.
+        if let Some(uid) = vm.uid() {
+            ctx.placer.lock().await.bindings.remove(&uid);
+        }
         let merge = json!({ "status": { "nodeName": null, "phase": "Pending" } });
         api(vm, ctx)?
             .patch_status(

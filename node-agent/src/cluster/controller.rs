@@ -101,9 +101,18 @@ async fn apply(vm: &MicroVM, ctx: &Context) -> Result<Action, ReconcileError> {
     ctx.exits.watch(&r, ObjectRef::from_obj(vm), vmm);
     let mut requeue = decision.requeue.unwrap_or(Duration::from_secs(30));
     if agent_status(&decision.status) != agent_status(&written) {
-        match write_status(ctx, &r, &decision.status).await {
+        let version = vm.metadata.resource_version.as_deref();
+        match write_status(ctx, &r, version, &decision.status).await {
             Ok(()) => {
                 lock(&ctx.unsent).remove(&r);
+            }
+            Err(e) if is_conflict(&e) => {
+                // The MicroVM changed since it was read (it may have been
+                // moved off this node): decide again on the new version,
+                // which the watch brings at once.
+                tracing::debug!(vm = %r, "status not written: the MicroVM changed meanwhile");
+                lock(&ctx.unsent).insert(r.clone(), decision.status.clone());
+                requeue = requeue.min(CONFLICT_RETRY);
             }
             Err(e) => {
                 // The VM was realized locally; only the report waits. Keep
@@ -134,22 +143,37 @@ async fn apply(vm: &MicroVM, ctx: &Context) -> Result<Action, ReconcileError> {
 /// How soon a status that could not be written is tried again.
 const UNSENT_RETRY: Duration = Duration::from_secs(5);
 
+/// How soon a status refused because the MicroVM changed is decided again
+/// (sooner when the watch brings the new version).
+const CONFLICT_RETRY: Duration = Duration::from_millis(500);
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Applies the agent's status fields.
+/// Applies the agent's status fields, only over `version` of the MicroVM
+/// (the one the decision was made on) when it is known: a MicroVM that
+/// changed meanwhile, for example unbound from this node by the operator,
+/// is not written over (409 Conflict).
 async fn write_status(
     ctx: &Context,
     r: &crate::runtime::VmRef,
+    version: Option<&str>,
     status: &runv_crds::MicroVMStatus,
 ) -> Result<(), kube::Error> {
     let api: Api<MicroVM> = Api::namespaced(ctx.client.clone(), &r.namespace);
-    let body = json!({
+    let mut body = json!({
         "apiVersion": MicroVM::api_version(&()),
         "kind": MicroVM::kind(&()),
         "status": agent_body(status),
     });
+    if let Some(v) = version {
+        body["metadata"] = json!({ "resourceVersion": v });
+    }
     api.patch_status(
         &r.name,
         &PatchParams::apply(MANAGER).force(),

@@ -134,6 +134,8 @@ pub async fn collect_orphans(ctx: &Context) -> Result<usize, ClusterError> {
             match res {
                 Ok(Ok(())) => {
                     tracing::info!(vm = %known, "removed a VM no longer bound to this node");
+                    forget(&ctx.unsent, &known);
+                    forget(&ctx.statuses, &known);
                     removed += 1;
                 }
                 Ok(Err(e)) => {
@@ -144,6 +146,12 @@ pub async fn collect_orphans(ctx: &Context) -> Result<usize, ClusterError> {
         }
     }
     Ok(removed)
+}
+
+fn forget(map: &Mutex<BTreeMap<VmRef, MicroVMStatus>>, vm: &VmRef) {
+    map.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(vm);
 }
 
 /// Renews the Lease every `renew_every`, and reads the Node for evidence that
