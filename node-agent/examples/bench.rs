@@ -36,6 +36,20 @@ impl Drop for Killer {
     }
 }
 
+/// The test guest the build left beside this binary.
+fn test_guest() -> Result<PathBuf> {
+    runv_node_agent::dev::find_test_guest(&std::env::current_exe()?)
+        .context("the test guest (cargo build --release -p runv-vmm)")
+}
+
+/// Its directory, which the benchmark's agent allows kernels from.
+fn guest_dir() -> Result<PathBuf> {
+    Ok(test_guest()?
+        .parent()
+        .context("the test guest's directory")?
+        .to_owned())
+}
+
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -105,8 +119,7 @@ async fn apply_and_time(
     timeout: Duration,
 ) -> Result<Vec<Duration>> {
     let file = dir.join("batch.yaml");
-    let guest = runv_node_agent::dev::find_test_guest(&std::env::current_exe()?)
-        .context("the test guest (cargo build --release -p runv-vmm)")?;
+    let guest = test_guest()?;
     let guest = guest.display().to_string();
     let text: Vec<String> = names.iter().map(|n| manifest(n, &guest)).collect();
     std::fs::write(&file, text.join("---\n"))?;
@@ -233,6 +246,9 @@ async fn main() -> Result<()> {
             .arg(&vmm_bin)
             .args(["--http-addr", &format!("127.0.0.1:{}", free_port())])
             .args(["--vcpus", "100000", "--memory", "1Ti"])
+            // The test guest stays where the build left it.
+            .arg("--allowed-kernel-dir")
+            .arg(guest_dir()?)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,

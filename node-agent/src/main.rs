@@ -45,8 +45,30 @@ struct Cli {
     /// Longest restart delay.
     #[arg(long, global = true, default_value = "300s", value_parser = parse_duration)]
     restart_backoff_max: std::time::Duration,
+    /// A directory kernels and initrds (`spec.boot.kernel`, `spec.boot.initrd`)
+    /// may come from, absolute; repeat it, or separate with commas. Default:
+    /// /var/lib/runv/kernels and /var/lib/runv/guests.
+    #[arg(long = "allowed-kernel-dir", global = true, env = "RUNV_ALLOWED_KERNEL_DIRS",
+          value_delimiter = ',', value_parser = absolute_dir)]
+    allowed_kernel_dirs: Vec<PathBuf>,
+    /// A directory disk images (`spec.disks[].file.path`) may come from,
+    /// absolute; repeat it, or separate with commas. Default:
+    /// /var/lib/runv/images.
+    #[arg(long = "allowed-image-dir", global = true, env = "RUNV_ALLOWED_IMAGE_DIRS",
+          value_delimiter = ',', value_parser = absolute_dir)]
+    allowed_image_dirs: Vec<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// An absolute directory path for an allowlist.
+fn absolute_dir(s: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(s);
+    if p.is_absolute() {
+        Ok(p)
+    } else {
+        Err(format!("{s:?} is not an absolute path"))
+    }
 }
 
 /// `500ms`, `10s`, `5m`, `1h` (a number alone is seconds).
@@ -75,6 +97,12 @@ impl Cli {
         let mut config = RuntimeConfig::new(self.root.clone(), vmm);
         config.backoff.initial = self.restart_backoff;
         config.backoff.max = self.restart_backoff_max.max(self.restart_backoff);
+        if !self.allowed_kernel_dirs.is_empty() {
+            config.allowed.kernels = self.allowed_kernel_dirs.clone();
+        }
+        if !self.allowed_image_dirs.is_empty() {
+            config.allowed.images = self.allowed_image_dirs.clone();
+        }
         config
     }
 

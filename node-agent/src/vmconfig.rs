@@ -102,6 +102,47 @@ pub fn host_files(spec: &MicroVMSpec) -> Vec<(String, String)> {
     out
 }
 
+pub use crate::host::FIRST_PASSED_FD;
+
+/// The host files the agent opens (beneath the allowed directories) and
+/// hands to the VMM as inherited descriptors, numbered from
+/// [`FIRST_PASSED_FD`] in this order: the kernel, the initrd, and every
+/// read-only file disk. (A writable file disk is a private copy the agent
+/// makes from the opened base, in the VM's own directory.)
+pub fn passed_files(spec: &MicroVMSpec) -> Vec<(String, String)> {
+    let mut out = vec![("spec.boot.kernel".to_owned(), spec.boot.kernel.clone())];
+    if let Some(i) = &spec.boot.initrd {
+        out.push(("spec.boot.initrd".to_owned(), i.clone()));
+    }
+    for d in spec.disks.iter().filter(|d| d.read_only) {
+        if let Some(f) = &d.file {
+            out.push((format!("spec.disks[{}].file.path", d.name), f.path.clone()));
+        }
+    }
+    out
+}
+
+/// Points the config's passed host files (see [`passed_files`]) at the
+/// descriptors the VMM inherits (`/proc/self/fd/N`), so the VMM opens
+/// exactly the files the agent checked, never a path again.
+pub fn use_passed_files(c: &mut VmConfig, spec: &MicroVMSpec) {
+    let mut next = FIRST_PASSED_FD;
+    let mut fd = || {
+        let p = std::path::PathBuf::from(format!("/proc/self/fd/{next}"));
+        next += 1;
+        p
+    };
+    c.kernel = fd();
+    if c.initrd.is_some() {
+        c.initrd = Some(fd());
+    }
+    for (disk, d) in c.disks.iter_mut().zip(&spec.disks) {
+        if d.read_only && d.file.is_some() {
+            disk.path = fd();
+        }
+    }
+}
+
 /// One interface as the agent wires it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetPlan {

@@ -136,10 +136,9 @@ async fn the_agent_realizes_reports_and_cleans_up_its_vms() -> Result<()> {
     let root = tempfile::tempdir()?;
     let host = Arc::new(FakeHost::new());
     host.add_file("/k/vmlinux", 1 << 20);
-    let runtime = Arc::new(Runtime::new(
-        RuntimeConfig::new(root.path().to_owned(), "/bin/runv-vmm".into()),
-        host.clone() as Arc<dyn Host>,
-    )?);
+    let mut config = RuntimeConfig::new(root.path().to_owned(), "/bin/runv-vmm".into());
+    config.allowed.kernels = vec!["/k".into()];
+    let runtime = Arc::new(Runtime::new(config, host.clone() as Arc<dyn Host>)?);
 
     // A VM left on the host from before, no longer bound here: removed at start.
     let orphan = VmRef {

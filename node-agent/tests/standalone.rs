@@ -68,13 +68,19 @@ fn a_vm_runs_to_success_and_its_console_is_kept() {
 fn a_missing_kernel_is_named_and_fails() {
     let (_tmp, root, file, vmm) = setup(
         "nokernel",
-        &manifest("nokernel", "", "Always").replace(&common::test_guest(), "/nonexistent/vmlinux"),
+        &manifest("nokernel", "", "Always").replace(
+            &common::test_guest(),
+            "/var/lib/runv/kernels/nonexistent-vmlinux",
+        ),
     );
     let mut agent = Agent::start(&["--root", &root, "standalone", &file, "--vmm", &vmm]);
     assert_eq!(agent.wait(WAIT), Some(1), "{}", agent.output());
     let out = agent.output();
     assert!(out.contains("reason=KernelNotFound"), "{out}");
-    assert!(out.contains("/nonexistent/vmlinux"), "{out}");
+    assert!(
+        out.contains("/var/lib/runv/kernels/nonexistent-vmlinux"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -89,6 +89,9 @@ reasons! {
     InitrdNotFound,
     /// A disk file is not on the node.
     DiskNotFound,
+    /// A host file the spec names is outside the directories the node
+    /// allows for it, leads out of them, or is not a regular file.
+    HostPathNotAllowed,
     /// The spec cannot become a VMM config.
     InvalidSpec,
     /// The node cannot enforce `spec.isolation.limits`.
@@ -136,6 +139,7 @@ impl Reason {
                 | Reason::KernelNotFound
                 | Reason::InitrdNotFound
                 | Reason::DiskNotFound
+                | Reason::HostPathNotAllowed
                 | Reason::InvalidSpec
                 | Reason::LimitsNotEnforceable
                 | Reason::StartFailed

@@ -10,6 +10,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use super::hostfile::{self, HostFile, HostFileError};
 use super::{CopyKind, Disks, HostError};
 
 /// Block size of the sparse copy: zero blocks of this size become holes.
@@ -77,8 +78,22 @@ impl Disks for LinuxDisks {
         path.metadata().is_ok_and(|m| m.is_file())
     }
 
-    fn copy_image(&self, base: &Path, dst: &Path) -> Result<CopyKind, HostError> {
-        let mut src = File::open(base).map_err(|e| HostError::io("opening", base, e))?;
+    fn open_host_file(
+        &self,
+        allowed: &[PathBuf],
+        what: &'static str,
+        path: &Path,
+    ) -> Result<HostFile, HostFileError> {
+        hostfile::open(allowed, what, path)
+    }
+
+    fn copy_image(&self, base: &HostFile, dst: &Path) -> Result<CopyKind, HostError> {
+        let base_path = &base.path;
+        let mut src = base
+            .file
+            .try_clone()
+            .map_err(|e| HostError::io("opening", base_path, e))?;
+        let base = base_path.as_path();
         let len = src
             .metadata()
             .map_err(|e| HostError::io("reading", base, e))?
@@ -149,7 +164,11 @@ mod tests {
         f.write_all(b"end").unwrap();
         drop(f);
         let dst = dir.path().join("copy.img");
-        let kind = LinuxDisks.copy_image(&base, &dst).unwrap();
+        let allowed = [dir.path().to_owned()];
+        let base_file = LinuxDisks
+            .open_host_file(&allowed, "disk images", &base)
+            .unwrap();
+        let kind = LinuxDisks.copy_image(&base_file, &dst).unwrap();
         assert_eq!(std::fs::read(&base).unwrap(), std::fs::read(&dst).unwrap());
         let m = dst.metadata().unwrap();
         assert_eq!(m.len(), 8 << 20);
@@ -163,7 +182,7 @@ mod tests {
         }
         assert!(!temp_name(&dst).exists());
         // Never overwrites.
-        assert!(LinuxDisks.copy_image(&base, &dst).is_err());
+        assert!(LinuxDisks.copy_image(&base_file, &dst).is_err());
         assert_eq!(std::fs::read(&base).unwrap(), std::fs::read(&dst).unwrap());
     }
 
@@ -214,8 +233,9 @@ mod tests {
     #[test]
     fn a_missing_base_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
+        let allowed = [dir.path().to_owned()];
         let e = LinuxDisks
-            .copy_image(&dir.path().join("nope.img"), &dir.path().join("x"))
+            .open_host_file(&allowed, "disk images", &dir.path().join("nope.img"))
             .unwrap_err();
         assert!(e.to_string().contains("nope.img"), "{e}");
     }

@@ -6,6 +6,7 @@
 //!
 //! Test support only: nothing here touches the machine.
 
+use super::hostfile::{HostFile, HostFileError};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -168,7 +169,12 @@ impl FakeHost {
 }
 
 impl Processes for FakeHost {
-    fn spawn(&self, req: &SpawnRequest) -> Result<VmmIdentity, HostError> {
+    fn spawn(
+        &self,
+        req: &SpawnRequest,
+        files: Vec<std::fs::File>,
+    ) -> Result<VmmIdentity, HostError> {
+        drop(files);
         let mut s = self.state();
         if let Some(msg) = &s.fail_spawn {
             return Err(HostError::io(
@@ -249,7 +255,41 @@ impl Disks for FakeHost {
         self.state().files.contains_key(path)
     }
 
-    fn copy_image(&self, base: &Path, dst: &Path) -> Result<CopyKind, HostError> {
+    /// The allowed-directory rule as the real host has it, on paths alone:
+    /// a `..` component counts as leading out; a file the fake has opens
+    /// as `/dev/null`.
+    fn open_host_file(
+        &self,
+        allowed: &[PathBuf],
+        what: &'static str,
+        path: &Path,
+    ) -> Result<HostFile, HostFileError> {
+        let (root, rest) = super::hostfile::beneath(allowed, what, path)?;
+        if rest
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(HostFileError::Escapes {
+                path: path.into(),
+                root,
+                source: std::io::Error::from_raw_os_error(libc::EXDEV),
+            });
+        }
+        if !self.exists(path) {
+            return Err(HostFileError::NotFound { path: path.into() });
+        }
+        let file = std::fs::File::open("/dev/null").map_err(|source| HostFileError::Io {
+            path: path.into(),
+            source,
+        })?;
+        Ok(HostFile {
+            path: path.into(),
+            file,
+        })
+    }
+
+    fn copy_image(&self, base: &HostFile, dst: &Path) -> Result<CopyKind, HostError> {
+        let base = base.path.as_path();
         let mut s = self.state();
         let size = *s
             .files

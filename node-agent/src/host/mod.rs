@@ -21,6 +21,7 @@ pub mod disk;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod files;
+pub mod hostfile;
 pub mod ipam;
 pub mod net;
 pub mod process;
@@ -158,11 +159,19 @@ pub struct SpawnRequest {
     pub cgroup: Vec<PathBuf>,
 }
 
+/// The descriptor number a VMM inherits the first of its passed files at.
+pub const FIRST_PASSED_FD: i32 = 3;
+
 /// Spawning, finding and killing VMM processes. A spawned VMM is its own
 /// session and process group, so it outlives the agent.
 pub trait Processes: Send + Sync {
-    /// Starts a VMM and returns its identity.
-    fn spawn(&self, req: &SpawnRequest) -> Result<VmmIdentity, HostError>;
+    /// Starts a VMM and returns its identity. It inherits `files` as
+    /// descriptors numbered from [`FIRST_PASSED_FD`], in order.
+    fn spawn(
+        &self,
+        req: &SpawnRequest,
+        files: Vec<std::fs::File>,
+    ) -> Result<VmmIdentity, HostError>;
     /// Whether the process still runs and is the same process (not a reused pid).
     /// A zombie child counts as exited and is reaped.
     fn is_alive(&self, id: VmmIdentity) -> bool;
@@ -197,9 +206,19 @@ pub enum CopyKind {
 pub trait Disks: Send + Sync {
     /// Whether a regular file exists at `path`.
     fn exists(&self, path: &Path) -> bool;
-    /// A private copy of `base` at `dst`: reflink where the filesystem can, else
-    /// a sparse copy. `dst` must not exist.
-    fn copy_image(&self, base: &Path, dst: &Path) -> Result<CopyKind, HostError>;
+    /// Opens a file a spec names, only beneath one of `allowed` and only if
+    /// it is a regular file ([`hostfile::open`]); `what` names the kind of
+    /// file in a refusal.
+    fn open_host_file(
+        &self,
+        allowed: &[PathBuf],
+        what: &'static str,
+        path: &Path,
+    ) -> Result<hostfile::HostFile, hostfile::HostFileError>;
+    /// A private copy of `base` (opened by [`Disks::open_host_file`]) at
+    /// `dst`: reflink where the filesystem can, else a sparse copy. `dst`
+    /// must not exist.
+    fn copy_image(&self, base: &hostfile::HostFile, dst: &Path) -> Result<CopyKind, HostError>;
     /// A new sparse zero-filled file of `size` bytes at `dst`. `dst` must not exist.
     fn create_empty(&self, dst: &Path, size: u64) -> Result<(), HostError>;
     /// Gives the directory `dir` (a VM's `run/`) to a jail's `uid`/`gid`,
@@ -385,6 +404,7 @@ mod tests {
         ("disk.rs", include_str!("disk.rs")),
         ("fake.rs", include_str!("fake.rs")),
         ("files.rs", include_str!("files.rs")),
+        ("hostfile.rs", include_str!("hostfile.rs")),
         ("ipam.rs", include_str!("ipam.rs")),
         ("mod.rs", include_str!("mod.rs")),
         ("net.rs", include_str!("net.rs")),

@@ -58,6 +58,47 @@ fn reap(pid: u32) {
     }
 }
 
+/// At most this many files are passed to one VMM (a kernel, an initrd and
+/// the disks of one VM fit many times over).
+const MAX_PASSED: usize = 32;
+
+/// Places `fds` at [`super::FIRST_PASSED_FD`], `+1`, ... without close-on-exec,
+/// so the exec'd VMM inherits them there. Every source is first duplicated
+/// above all sources and targets, then each copy is placed, so no placement
+/// overwrites a source not yet copied. Allocates nothing and calls only
+/// fcntl(2) and dup2(2): async-signal-safe, used between fork and exec.
+fn pass_files(fds: &[libc::c_int]) -> std::io::Result<()> {
+    if fds.len() > MAX_PASSED {
+        return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
+    }
+    let count = fds.len() as libc::c_int;
+    let above = fds
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(super::FIRST_PASSED_FD + count)
+        + 1;
+    let mut high = [0 as libc::c_int; MAX_PASSED];
+    for (h, &fd) in high.iter_mut().zip(fds) {
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor the parent holds
+        // open; it touches no memory. The copy is closed at exec.
+        *h = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, above) };
+        if *h < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    for (i, &h) in high[..fds.len()].iter().enumerate() {
+        // SAFETY: dup2 onto a number this child may reuse: it closes whatever
+        // the agent had there (close-on-exec anyway, and every source is
+        // safe in `high`); the copy it makes has no close-on-exec flag.
+        if unsafe { libc::dup2(h, super::FIRST_PASSED_FD + i as libc::c_int) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Moves the calling process into the cgroup whose `cgroup.procs` is `procs`
 /// (writing `0` means "the writer", in cgroup v1 and v2 alike).
 /// Async-signal-safe: used between fork and exec.
@@ -76,7 +117,11 @@ fn join_cgroup(procs: &std::ffi::CStr) -> std::io::Result<()> {
 }
 
 impl Processes for LinuxProcesses {
-    fn spawn(&self, req: &SpawnRequest) -> Result<VmmIdentity, HostError> {
+    fn spawn(
+        &self,
+        req: &SpawnRequest,
+        files: Vec<std::fs::File>,
+    ) -> Result<VmmIdentity, HostError> {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -124,6 +169,16 @@ impl Processes for LinuxProcesses {
                 }
                 Ok(())
             });
+        }
+        if !files.is_empty() {
+            let fds: Vec<libc::c_int> = files.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+            // SAFETY: the closure runs in the forked child before exec and calls
+            // only fcntl(2) and dup2(2), which are async-signal-safe, on
+            // descriptors the parent holds open (`files` lives until spawn
+            // returns); it allocates nothing (`fds` was built before the fork).
+            unsafe {
+                cmd.pre_exec(move || pass_files(&fds));
+            }
         }
         let child = cmd.spawn().map_err(|e| {
             if req.cgroup.is_empty() {
@@ -266,7 +321,7 @@ mod tests {
     fn spawned_process_is_found_killed_and_reaped() {
         let dir = tempfile::tempdir().unwrap();
         let p = LinuxProcesses;
-        let id = p.spawn(&sleeper(dir.path(), "30")).unwrap();
+        let id = p.spawn(&sleeper(dir.path(), "30"), Vec::new()).unwrap();
         assert!(p.is_alive(id));
         // Its own session: not in our process group.
         // SAFETY: getpgid/getpgrp have no memory-safety preconditions.
@@ -306,7 +361,7 @@ mod tests {
     async fn an_exit_is_seen_when_it_happens_and_only_for_that_process() {
         let dir = tempfile::tempdir().unwrap();
         let p = LinuxProcesses;
-        let id = p.spawn(&sleeper(dir.path(), "30")).unwrap();
+        let id = p.spawn(&sleeper(dir.path(), "30"), Vec::new()).unwrap();
         // Another start time is another process: resolves at once.
         let other = VmmIdentity {
             pid: id.pid,
@@ -333,10 +388,59 @@ mod tests {
     }
 
     #[test]
+    fn passed_files_are_inherited_in_order_and_no_copy_leaks() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("fake-vmm");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\ncat <&3; cat <&4; ls /proc/self/fd | tr '\\n' ' '\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, "kernel;").unwrap();
+        std::fs::write(&b, "initrd;").unwrap();
+        // Opened so that the second source may sit where the first goes.
+        let files = vec![
+            std::fs::File::open(&a).unwrap(),
+            std::fs::File::open(&b).unwrap(),
+        ];
+        let req = SpawnRequest {
+            vmm: script,
+            config: dir.path().join("config.json"),
+            log: dir.path().join("vmm.log"),
+            cgroup: Vec::new(),
+        };
+        let id = LinuxProcesses.spawn(&req, files).unwrap();
+        let start = std::time::Instant::now();
+        while LinuxProcesses.is_alive(id) {
+            assert!(start.elapsed() < std::time::Duration::from_secs(10));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let log = std::fs::read_to_string(dir.path().join("vmm.log")).unwrap();
+        assert!(log.starts_with("kernel;initrd;"), "{log}");
+        // The copies made on the way (above every source) are not inherited:
+        // any other descriptor the child has, this process has too (one it
+        // inherited itself without close-on-exec, as from cargo).
+        let ours: Vec<String> = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        for fd in log["kernel;initrd;".len()..].split_whitespace() {
+            let n: i32 = fd.parse().unwrap();
+            assert!(
+                n <= 5 || ours.iter().any(|o| o == fd),
+                "fd {n} leaked: {log}"
+            );
+        }
+    }
+
+    #[test]
     fn a_process_that_exits_is_not_alive() {
         let dir = tempfile::tempdir().unwrap();
         let p = LinuxProcesses;
-        let id = p.spawn(&sleeper(dir.path(), "0")).unwrap();
+        let id = p.spawn(&sleeper(dir.path(), "0"), Vec::new()).unwrap();
         let start = std::time::Instant::now();
         while p.is_alive(id) {
             assert!(start.elapsed() < std::time::Duration::from_secs(10));
@@ -353,13 +457,13 @@ mod tests {
         std::fs::write(&procs, "").unwrap();
         let mut req = sleeper(dir.path(), "0");
         req.cgroup = vec![procs.clone()];
-        let id = LinuxProcesses.spawn(&req).unwrap();
+        let id = LinuxProcesses.spawn(&req, Vec::new()).unwrap();
         assert_eq!(std::fs::read_to_string(&procs).unwrap(), "0");
         wait_started(dir.path());
         LinuxProcesses.kill(id).unwrap();
         // A cgroup that cannot be joined: no process at all, and the error says so.
         req.cgroup = vec![dir.path().join("gone/cgroup.procs")];
-        let e = LinuxProcesses.spawn(&req).unwrap_err();
+        let e = LinuxProcesses.spawn(&req, Vec::new()).unwrap_err();
         assert!(e.to_string().contains("in its cgroup"), "{e}");
         let log = std::fs::read_to_string(dir.path().join("vmm.log")).unwrap();
         assert_eq!(log.matches("started").count(), 1, "{log}");
@@ -370,7 +474,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut req = sleeper(dir.path(), "0");
         req.vmm = dir.path().join("no-such-vmm");
-        let e = LinuxProcesses.spawn(&req).unwrap_err();
+        let e = LinuxProcesses.spawn(&req, Vec::new()).unwrap_err();
         assert!(e.to_string().contains("no-such-vmm"), "{e}");
     }
 }

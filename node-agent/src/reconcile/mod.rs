@@ -86,6 +86,10 @@ pub struct Facts {
     /// Why the node is fenced, if it is: nothing runs here, a running VMM is
     /// killed, and the status says so (the operator's evidence to move it).
     pub fenced: Option<String>,
+    /// A host file the spec names that it may not use
+    /// (`HostPathNotAllowed`) or that cannot be opened (`StartFailed`), and
+    /// why.
+    pub host_file: Option<(Reason, String)>,
 }
 
 /// Restart backoff, as kubelet's: `initial`, doubled per restart, capped at `max`;
@@ -494,6 +498,12 @@ fn blocked(facts: &Facts) -> Option<Verdict> {
     if let Some(why) = &facts.state_error {
         return Some(Verdict::Blocked {
             reason: Reason::StateUnreadable,
+            message: why.clone(),
+        });
+    }
+    if let Some((reason, why)) = &facts.host_file {
+        return Some(Verdict::Blocked {
+            reason: *reason,
             message: why.clone(),
         });
     }

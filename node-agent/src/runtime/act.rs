@@ -17,6 +17,7 @@ use super::{Runtime, RuntimeError, VmRef, control_target, ms};
 use crate::host::{HostError, SpawnRequest, VmmIdentity};
 use crate::reconcile::Action;
 use crate::state::{VmDir, VmRecord};
+use crate::vmconfig;
 
 impl Runtime {
     /// Carries out `action` for the VM.
@@ -67,12 +68,19 @@ impl Runtime {
             self.host.cgroups().oom_kills(&self.cgroup_name(vm))
         };
         let dir = self.dir(vm);
-        let id = self.host.processes().spawn(&SpawnRequest {
+        // Opened now, beneath the allowed directories, and inherited: the VMM
+        // reads what was checked, whatever the paths name by then.
+        let files = vmconfig::passed_files(spec)
+            .iter()
+            .map(|(field, path)| self.open_host_file(field, path).map(|f| f.file))
+            .collect::<Result<Vec<_>, _>>()?;
+        let request = SpawnRequest {
             vmm: self.config.vmm.clone(),
             config,
             log: dir.vmm_log(),
             cgroup,
-        })?;
+        };
+        let id = self.host.processes().spawn(&request, files)?;
         let recorded = dir.write_record(&VmRecord {
             namespace: vm.namespace.clone(),
             name: vm.name.clone(),

@@ -28,6 +28,7 @@ use runv_crds::quantity::{self, QuantityError};
 use runv_crds::{MicroVMSpec, MicroVMStatus};
 
 use crate::host::cgroup::{CPU_PERIOD_US, Limits, MIN_CPU_QUOTA_US};
+use crate::host::hostfile::{AllowedDirs, HostFile, HostFileError};
 use crate::host::ipam::FileIpam;
 use crate::host::{BridgeSpec, ControlTarget, Host, HostError, VmmIdentity};
 use crate::jail::JailIdAllocator;
@@ -44,6 +45,9 @@ pub enum RuntimeError {
     /// A quantity in the spec (a limit, a disk size) cannot be read.
     #[error(transparent)]
     Quantity(#[from] QuantityError),
+    /// A host file the spec names cannot be used.
+    #[error(transparent)]
+    HostFile(#[from] HostFileError),
 }
 
 impl RuntimeError {
@@ -66,6 +70,8 @@ pub struct RuntimeConfig {
     pub backoff: Backoff,
     /// Serial log bound per VM (kept: about twice this).
     pub serial_limit: u64,
+    /// Where the host files a spec names may come from.
+    pub allowed: AllowedDirs,
 }
 
 impl RuntimeConfig {
@@ -81,6 +87,7 @@ impl RuntimeConfig {
             },
             backoff: Backoff::default(),
             serial_limit: 1 << 20,
+            allowed: AllowedDirs::default(),
         }
     }
 }
@@ -217,6 +224,19 @@ impl Runtime {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// Opens the host file `path` that the spec's `field` names, beneath the
+    /// directories allowed for its kind (kernels and initrds, or disk images).
+    pub fn open_host_file(&self, field: &str, path: &str) -> Result<HostFile, HostFileError> {
+        let (allowed, what) = if field.starts_with("spec.boot.") {
+            (&self.config.allowed.kernels, "kernels and initrds")
+        } else {
+            (&self.config.allowed.images, "disk images")
+        };
+        self.host
+            .disks()
+            .open_host_file(allowed, what, std::path::Path::new(path))
     }
 
     /// The settings.

@@ -8,8 +8,6 @@
 //! first seen booted, when an exit was first seen and whether the OOM killer
 //! caused it), facts that can only be seen once.
 
-use std::path::Path;
-
 use k8s_openapi::jiff::Timestamp;
 use runv_crds::MicroVMSpec;
 use runv_crds::microvm::{InterfaceStatus, Toggle};
@@ -17,23 +15,25 @@ use runv_vmm_api::VmConfig;
 
 use super::{Runtime, VmRef, control_target, from_ms, limits_message, ms, spec_limits};
 use crate::host::VmmIdentity;
+use crate::host::hostfile::HostFileError;
 use crate::jail;
 use crate::reconcile::{Facts, Observed, ObservedExit};
 use crate::state::VmRecord;
 use crate::vmconfig;
+use runv_crds::contract::Reason;
 
 fn prefix_mask(prefix: u8) -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::from(u32::MAX << (32 - u32::from(prefix.min(32))))
 }
 
+/// Why a host file keeps the VM from starting, if one does.
+type HostFileVerdict = Option<(Reason, String)>;
+
 impl Runtime {
     /// What the node says about the spec before anything runs: missing
     /// files, an invalid spec, limits it cannot enforce.
     pub(super) fn facts(&self, vm: &VmRef, spec: &MicroVMSpec) -> Facts {
-        let missing_files = vmconfig::host_files(spec)
-            .into_iter()
-            .filter(|(_, path)| !self.host.disks().exists(Path::new(path)))
-            .collect();
+        let (missing_files, host_file) = self.check_host_files(spec);
         let invalid = vmconfig::build(&vm.namespace, &vm.name, spec, &self.dir(vm), "")
             .err()
             .map(|e| e.to_string())
@@ -56,7 +56,42 @@ impl Runtime {
             start_error: None,
             state_error: self.dir(vm).record_unreadable(),
             fenced: self.fenced(),
+            host_file,
         }
+    }
+
+    /// The host files the spec names that do not exist (field, path), and
+    /// the first one it may not use or that cannot be opened.
+    fn check_host_files(&self, spec: &MicroVMSpec) -> (Vec<(String, String)>, HostFileVerdict) {
+        let mut missing = Vec::new();
+        let mut refused = None;
+        for (field, path) in vmconfig::host_files(spec) {
+            match self.open_host_file(&field, &path) {
+                Ok(_) => {}
+                Err(HostFileError::NotFound { .. }) => missing.push((field, path)),
+                Err(e) if e.is_refusal() => {
+                    let flag = if field.starts_with("spec.boot.") {
+                        "--allowed-kernel-dir"
+                    } else {
+                        "--allowed-image-dir"
+                    };
+                    refused.get_or_insert((
+                        Reason::HostPathNotAllowed,
+                        format!(
+                            "{field}: {e}; use a file from an allowed directory, or ask the \
+                             node's administrator to allow its directory (runv-agent {flag})"
+                        ),
+                    ));
+                }
+                Err(e) => {
+                    refused.get_or_insert((
+                        Reason::StartFailed,
+                        format!("{field}: {}", runv_crds::retry::Chain(&e)),
+                    ));
+                }
+            }
+        }
+        (missing, refused)
     }
 
     /// Whether the running VMM has the limits the spec asks for now.
@@ -223,6 +258,14 @@ impl Runtime {
     /// The VMM config the spec asks for: jailed as the VM's `jail.json` says
     /// when `isolation.jail` is Enabled (`None` until it has ids).
     pub(super) fn vm_config(&self, vm: &VmRef, spec: &MicroVMSpec) -> Option<VmConfig> {
+        let mut c = self.vm_config_with_paths(vm, spec)?;
+        vmconfig::use_passed_files(&mut c, spec);
+        Some(c)
+    }
+
+    /// The config with host paths where the VMM now gets descriptors: what a
+    /// VMM started by an agent from before descriptors were passed has.
+    fn vm_config_with_paths(&self, vm: &VmRef, spec: &MicroVMSpec) -> Option<VmConfig> {
         let extra = self.ip_cmdline(vm, spec);
         let dir = self.dir(vm);
         let mut c = vmconfig::build(&vm.namespace, &vm.name, spec, &dir, &extra).ok()?;
@@ -240,7 +283,9 @@ impl Runtime {
             return false;
         };
         have.start_paused = want.start_paused;
-        have == want
+        // A VMM an older agent started names the host paths themselves: the
+        // same VM, not restarted for it.
+        have == want || Some(&have) == self.vm_config_with_paths(vm, spec).as_ref()
     }
 
     /// The interfaces and vsock CID the status reports.

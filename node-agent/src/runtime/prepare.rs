@@ -6,7 +6,7 @@
 //! the top. Must not spawn, signal or talk to a VMM (that is `act.rs`),
 //! and must not release anything (that is `cleanup.rs`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use runv_crds::MicroVMSpec;
 use runv_crds::microvm::{PowerState, Toggle};
@@ -45,7 +45,9 @@ impl Runtime {
             }
             match (&d.file, &d.empty) {
                 (Some(f), _) if !d.read_only => {
-                    disks.copy_image(Path::new(&f.path), &path)?;
+                    let field = format!("spec.disks[{}].file.path", d.name);
+                    let base = self.open_host_file(&field, &f.path)?;
+                    disks.copy_image(&base, &path)?;
                 }
                 (None, Some(e)) => {
                     let size = runv_crds::quantity::bytes("spec.disks[].empty.size", &e.size)?;

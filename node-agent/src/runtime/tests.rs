@@ -16,6 +16,7 @@ use runv_crds::microvm::{Toggle, VmmLimits};
 
 use super::*;
 use crate::host::fake::{FakeHost, taps};
+use crate::host::hostfile::AllowedDirs;
 use crate::{jail, vmconfig};
 
 fn at(s: i64) -> Timestamp {
@@ -63,7 +64,11 @@ fn env() -> Env {
 }
 
 fn runtime(root: &Path, host: &Arc<FakeHost>) -> Runtime {
-    let cfg = RuntimeConfig::new(root.to_owned(), "/bin/runv-vmm".into());
+    let mut cfg = RuntimeConfig::new(root.to_owned(), "/bin/runv-vmm".into());
+    cfg.allowed = AllowedDirs {
+        kernels: vec!["/k".into()],
+        images: vec!["/img".into()],
+    };
     Runtime::new(cfg, host.clone() as Arc<dyn Host>).unwrap()
 }
 
@@ -630,4 +635,30 @@ fn spec_limits_become_kernel_units() {
     assert!(!limits_from_spec(&limits(None, None)).unwrap().is_limited());
     let e = limits_from_spec(&limits(Some("lots"), None)).unwrap_err();
     assert!(e.to_string().contains("spec.isolation.limits.cpu"), "{e}");
+}
+
+#[test]
+fn a_host_file_outside_the_allowed_directories_starts_nothing_and_says_why() {
+    let e = env();
+    for (field, path) in [
+        ("spec.boot.kernel", "/etc/shadow"),
+        ("spec.boot.kernel", "/k/../etc/shadow"),
+        ("spec.boot.initrd", "/proc/kcore"),
+        ("spec.disks[root].file.path", "/k/vmlinux"),
+    ] {
+        e.host.add_file(path, 1 << 20);
+        let mut s = spec(RunPolicy::Always);
+        match field {
+            "spec.boot.kernel" => s.boot.kernel = path.into(),
+            "spec.boot.initrd" => s.boot.initrd = Some(path.into()),
+            _ => s.disks[0].file.as_mut().unwrap().path = path.into(),
+        }
+        let d =
+            e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+        assert!(e.host.state().spawned.is_empty(), "{path}: spawned");
+        let c = cond::find(&d.status.conditions, cond::READY).unwrap();
+        assert_eq!(c.reason, "HostPathNotAllowed", "{path}: {}", c.message);
+        assert!(c.message.starts_with(field), "{}", c.message);
+        assert!(c.message.contains(path), "{}", c.message);
+    }
 }

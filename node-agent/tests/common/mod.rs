@@ -62,10 +62,12 @@ impl Agent {
     }
 
     /// Any program, with extra environment variables (`RUNV_CGROUP_PARENT` is
-    /// [`TEST_CGROUP_PARENT`] unless given).
+    /// [`TEST_CGROUP_PARENT`] unless given; `RUNV_ALLOWED_KERNEL_DIRS` adds
+    /// the build's test guest directory to the defaults unless given).
     pub fn spawn(program: &Path, args: &[&str], envs: &[(&str, &std::ffi::OsStr)]) -> Self {
         let mut child = Command::new(program)
             .env("RUNV_CGROUP_PARENT", TEST_CGROUP_PARENT)
+            .env("RUNV_ALLOWED_KERNEL_DIRS", test_kernel_dirs())
             .args(args)
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
@@ -216,6 +218,19 @@ pub fn recorded_pid(vm_dir: &Path) -> Option<u32> {
 }
 
 /// The in-repo test guest, built with the VMM.
+/// The directories the tests' agents take kernels from: the defaults and
+/// the directory the build left the test guest in.
+pub fn test_kernel_dirs() -> String {
+    let guest = test_guest();
+    let dir = Path::new(&guest)
+        .parent()
+        .expect("the test guest's directory");
+    format!(
+        "/var/lib/runv/kernels,/var/lib/runv/guests,{}",
+        dir.display()
+    )
+}
+
 pub fn test_guest() -> String {
     vmm_binary();
     runv_node_agent::dev::find_test_guest(Path::new(env!("CARGO_BIN_EXE_runv-agent")))
