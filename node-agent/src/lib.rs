@@ -8,7 +8,8 @@
 //! MicroVM spec into a VMM config; [`reconcile`] decides, as pure functions,
 //! what to do and what status to report; [`runtime`] observes, decides and
 //! acts for each VM; [`standalone`] and [`cluster`] are the two modes;
-//! [`metrics`] renders `/metrics`.
+//! [`metrics`] renders `/metrics`; [`console`] makes guest console output
+//! safe to print.
 //!
 //! Not in a release build: `dev` (building `runv-vmm` and installing the test
 //! guest under `cargo run`, debug builds only), and the test support behind
@@ -16,6 +17,7 @@
 //! root or taps) and `host::fake`.
 
 pub mod cluster;
+pub mod console;
 #[cfg(any(debug_assertions, feature = "testing"))]
 pub mod dev;
 pub mod host;

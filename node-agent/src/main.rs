@@ -275,7 +275,9 @@ fn console_cmd(root: &Path, namespace: &str, name: &str) -> anyhow::Result<()> {
         );
     }
     use std::io::Write;
-    std::io::stdout().write_all(&dir.read_serial())?;
+    // The guest wrote every byte: escape sequences are shown, not obeyed.
+    let text = runv_node_agent::console::sanitize(&dir.read_serial());
+    std::io::stdout().write_all(text.as_bytes())?;
     Ok(())
 }
 

@@ -210,14 +210,16 @@ impl SerialTail {
         self.partial.extend_from_slice(&buf);
         while let Some(pos) = self.partial.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.partial.drain(..=pos).collect();
+            let line = line.strip_suffix(b"\n").unwrap_or(&line);
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            writeln!(out, "{prefix} | {}", crate::console::sanitize(line))?;
+        }
+        if self.partial.len() > 4096 {
             writeln!(
                 out,
                 "{prefix} | {}",
-                String::from_utf8_lossy(&line).trim_end()
+                crate::console::sanitize(&self.partial)
             )?;
-        }
-        if self.partial.len() > 4096 {
-            writeln!(out, "{prefix} | {}", String::from_utf8_lossy(&self.partial))?;
             self.partial.clear();
         }
         Ok(())
