@@ -37,6 +37,16 @@ const MAX_SOCKET_PATH: usize = 107;
 /// Longest exit record read (the VMM writes one short line).
 const MAX_EXIT_FILE: u64 = 64 * 1024;
 
+impl VmRecord {
+    /// Whether this is the record of MicroVM `namespace/name` with `uid`
+    /// (an empty uid, in standalone mode, matches any).
+    pub fn belongs_to(&self, namespace: &str, name: &str, uid: &str) -> bool {
+        self.namespace == namespace
+            && self.name == name
+            && (uid.is_empty() || self.uid.is_empty() || self.uid == uid)
+    }
+}
+
 /// Who a VM directory belongs to and which VMM runs it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

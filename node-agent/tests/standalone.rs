@@ -58,13 +58,19 @@ fn a_vm_runs_to_success_and_its_console_is_kept() {
     // What a guest could write to take over the admin's terminal (clear it,
     // set the clipboard by OSC 52) is shown, not obeyed.
     let serial = std::path::Path::new(&root).join("vms/default_once/serial.log");
-    let mut log = std::fs::OpenOptions::new().append(true).open(&serial).unwrap();
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&serial)
+        .unwrap();
     std::io::Write::write_all(&mut log, b"\x1b[2J\x1b]52;c;ZXZpbA==\x07\n").unwrap();
     let mut console = Agent::start(&["--root", &root, "console", "once"]);
     assert_eq!(console.wait(WAIT), Some(0));
     let shown = console.output();
     assert!(shown.contains("runv-guest: poweroff"), "{shown}");
-    assert!(shown.contains("\\x1b[2J\\x1b]52;c;ZXZpbA==\\x07"), "{shown}");
+    assert!(
+        shown.contains("\\x1b[2J\\x1b]52;c;ZXZpbA==\\x07"),
+        "{shown}"
+    );
     assert!(!shown.contains('\x1b'), "{shown:?}");
 }
 

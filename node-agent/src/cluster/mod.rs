@@ -274,7 +274,7 @@ pub fn samples(ctx: &Context) -> Vec<VmSample> {
         .iter()
         .map(|(r, s)| {
             let dir = ctx.runtime.dir(r);
-            let id = dir.read_record().and_then(|rec| rec.vmm);
+            let id = ctx.runtime.record(r).and_then(|rec| rec.vmm);
             let usage = id.and_then(|id| host.processes().usage(id));
             let view = usage
                 .zip(id)

@@ -34,7 +34,7 @@ impl Runtime {
             Action::Kill => Ok(self.kill(vm)?),
             Action::Shutdown => {
                 let dir = self.dir(vm);
-                if let Some(mut record) = dir.read_record() {
+                if let Some(mut record) = self.record(vm) {
                     record.stop_requested = true;
                     record.shutdown_at_ms = Some(ms(now));
                     dir.write_record(&record)?;
@@ -111,7 +111,7 @@ impl Runtime {
     /// (bounded) until it is gone.
     pub(super) fn kill(&self, vm: &VmRef) -> Result<(), HostError> {
         let dir = self.dir(vm);
-        let Some(mut record) = dir.read_record() else {
+        let Some(mut record) = self.record(vm) else {
             return Ok(());
         };
         let Some(id) = record.vmm else {
@@ -134,7 +134,7 @@ impl Runtime {
     /// Stops the VM: the power button, up to `grace`, then kill. Keeps its state.
     pub fn stop(&self, vm: &VmRef, grace: Duration) -> Result<(), RuntimeError> {
         let dir = self.dir(vm);
-        let Some(mut record) = dir.read_record() else {
+        let Some(mut record) = self.record(vm) else {
             return Ok(());
         };
         let Some(id) = record.vmm else {
@@ -183,7 +183,7 @@ impl Runtime {
     /// something else serves its control socket.
     fn send(&self, vm: &VmRef, request: Request) -> Result<(), HostError> {
         let dir = self.dir(vm);
-        let id = dir.read_record().and_then(|r| r.vmm).ok_or_else(|| {
+        let id = self.record(vm).and_then(|r| r.vmm).ok_or_else(|| {
             HostError::io(
                 "control socket",
                 dir.control_socket(),

@@ -14,6 +14,11 @@ impl Runtime {
     /// its taps, its addresses, its cgroup and its state directory.
     pub fn cleanup(&self, vm: &VmRef) -> Result<(), RuntimeError> {
         let dir = self.dir(vm);
+        if let Some(why) = self.foreign_record(vm) {
+            // Another VM's: nothing here is this VM's to give back.
+            tracing::warn!(vm = %vm, "{why}; leaving it");
+            return Ok(());
+        }
         self.kill(vm)?;
         self.release_network(vm)?;
         self.release_cgroup(vm)?;
@@ -49,7 +54,7 @@ impl Runtime {
     /// adopted). Returns whether it forgot anything.
     pub fn forget_finished_run(&self, vm: &VmRef) -> Result<bool, RuntimeError> {
         let dir = self.dir(vm);
-        let Some(record) = dir.read_record() else {
+        let Some(record) = self.record(vm) else {
             return Ok(false);
         };
         if record

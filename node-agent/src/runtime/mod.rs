@@ -205,6 +205,33 @@ impl Runtime {
         })
     }
 
+    /// The VM's record (`vm.json`), only when it is this VM's: a directory
+    /// name can be shared (a long name is a prefix and a hash) and a MicroVM
+    /// re-created under a name has a new uid, and another VM's VMM must never
+    /// be taken for this one's.
+    pub fn record(&self, vm: &VmRef) -> Option<state::VmRecord> {
+        self.dir(vm)
+            .read_record()
+            .filter(|r| r.belongs_to(&vm.namespace, &vm.name, &vm.uid))
+    }
+
+    /// Why the VM's directory is not its own, if it holds another VM's record.
+    pub fn foreign_record(&self, vm: &VmRef) -> Option<String> {
+        let dir = self.dir(vm);
+        let r = dir.read_record()?;
+        (!r.belongs_to(&vm.namespace, &vm.name, &vm.uid)).then(|| {
+            format!(
+                "the state directory {} holds the record of {}/{} (uid {:?}), not of this VM (uid {:?}); \
+                 nothing is started until that VM is removed from the node",
+                dir.path().display(),
+                r.namespace,
+                r.name,
+                r.uid,
+                vm.uid
+            )
+        })
+    }
+
     /// Marks the node fenced (`Some(why)`), or not: while it is, every
     /// reconcile kills the VM's VMM, starts none, and reports `NodeFenced`
     /// with `why`. Returns whether this changed anything.

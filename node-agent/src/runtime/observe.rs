@@ -54,7 +54,10 @@ impl Runtime {
             invalid,
             limits_error,
             start_error: None,
-            state_error: self.dir(vm).record_unreadable(),
+            state_error: self
+                .dir(vm)
+                .record_unreadable()
+                .or_else(|| self.foreign_record(vm)),
             fenced: self.fenced(),
             host_file,
         }
@@ -110,14 +113,14 @@ impl Runtime {
         &self,
         vm: &VmRef,
     ) -> Option<(VmmIdentity, futures::future::BoxFuture<'static, ()>)> {
-        let id = self.dir(vm).read_record()?.vmm?;
+        let id = self.record(vm)?.vmm?;
         Some((id, self.host.processes().exited(id)))
     }
 
     /// What runs for this VM now.
     pub fn observe(&self, vm: &VmRef, spec: &MicroVMSpec, now: Timestamp) -> Observed {
         let dir = self.dir(vm);
-        let Some(mut record) = dir.read_record() else {
+        let Some(mut record) = self.record(vm) else {
             return Observed::NotRunning {
                 exit: None,
                 last_generation: None,

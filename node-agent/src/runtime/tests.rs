@@ -662,3 +662,33 @@ fn a_host_file_outside_the_allowed_directories_starts_nothing_and_says_why() {
         assert!(c.message.contains(path), "{}", c.message);
     }
 }
+
+#[test]
+fn another_vms_directory_is_never_taken_for_this_ones() {
+    let e = env();
+    let s = spec(RunPolicy::Always);
+    e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    let running = e.host.running();
+    assert_eq!(running.len(), 1);
+    // The same name, another uid (re-created while the old one's state is
+    // still here, or a directory name shared through its hash).
+    let other = VmRef {
+        uid: "uid-2".into(),
+        ..vm()
+    };
+    let d =
+        e.rt.reconcile(&other, &s, 1, &MicroVMStatus::default(), at(1));
+    assert_eq!(ready(&d.status).1, "StateUnreadable");
+    let msg = &cond::find(&d.status.conditions, cond::READY)
+        .unwrap()
+        .message;
+    assert!(msg.contains("holds the record of default/web"), "{msg}");
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    assert_eq!(e.host.state().spawned.len(), 1, "nothing started");
+    assert_eq!(e.host.running(), running, "the other VM's VMM runs on");
+    // Deleting the newcomer gives back nothing of the first VM.
+    e.rt.cleanup(&other).unwrap();
+    assert_eq!(e.host.running(), running);
+    assert!(e.rt.dir(&vm()).path().exists());
+    assert!(e.rt.record(&vm()).is_some());
+}
