@@ -57,6 +57,17 @@ struct Cli {
     #[arg(long = "allowed-image-dir", global = true, env = "RUNV_ALLOWED_IMAGE_DIRS",
           value_delimiter = ',', value_parser = absolute_dir)]
     allowed_image_dirs: Vec<PathBuf>,
+    /// A tap device a `type: Tap` interface may name: an exact name, or a
+    /// prefix ending in `*`; repeat it, or separate with commas. Default:
+    /// none (Tap interfaces are refused). The agent's own names (its bridge,
+    /// `rv...`) are never allowed.
+    #[arg(
+        long = "allowed-tap-device",
+        global = true,
+        env = "RUNV_ALLOWED_TAP_DEVICES",
+        value_delimiter = ','
+    )]
+    allowed_tap_devices: Vec<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -103,6 +114,7 @@ impl Cli {
         if !self.allowed_image_dirs.is_empty() {
             config.allowed.images = self.allowed_image_dirs.clone();
         }
+        config.allowed_taps = self.allowed_tap_devices.clone();
         config
     }
 

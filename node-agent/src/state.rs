@@ -170,6 +170,10 @@ impl VmDir {
     pub fn cgroup_record_path(&self) -> PathBuf {
         self.dir.join("cgroup.json")
     }
+    /// `taps.json`: the tap devices the agent created for this VM.
+    pub fn taps_path(&self) -> PathBuf {
+        self.dir.join("taps.json")
+    }
     /// `jail.json`: the VM's jail uid and gid.
     pub fn jail_ids(&self) -> PathBuf {
         self.dir.join("jail.json")
@@ -260,6 +264,20 @@ impl VmDir {
     pub fn read_cgroup_record(&self) -> Option<CgroupRecord> {
         let text = std::fs::read_to_string(self.cgroup_record_path()).ok()?;
         serde_json::from_str(&text).ok()
+    }
+
+    /// The tap devices the agent created for this VM (`taps.json`); `None`
+    /// when the VM has no such record (never started, or started by an agent
+    /// from before taps were recorded).
+    pub fn read_taps(&self) -> Option<Vec<String>> {
+        let text = std::fs::read_to_string(self.taps_path()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Writes `taps.json` atomically.
+    pub fn write_taps(&self, taps: &[String]) -> Result<(), HostError> {
+        let text = serde_json::to_vec(taps).unwrap_or_default();
+        write_atomic(&self.taps_path(), &text)
     }
 
     /// Writes `cgroup.json` atomically.

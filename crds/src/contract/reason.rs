@@ -92,6 +92,8 @@ reasons! {
     /// A host file the spec names is outside the directories the node
     /// allows for it, leads out of them, or is not a regular file.
     HostPathNotAllowed,
+    /// A device the spec names (a tap) is not one the node allows VMs to use.
+    DeviceNotAllowed,
     /// The spec cannot become a VMM config.
     InvalidSpec,
     /// The node cannot enforce `spec.isolation.limits`.
@@ -140,6 +142,7 @@ impl Reason {
                 | Reason::InitrdNotFound
                 | Reason::DiskNotFound
                 | Reason::HostPathNotAllowed
+                | Reason::DeviceNotAllowed
                 | Reason::InvalidSpec
                 | Reason::LimitsNotEnforceable
                 | Reason::StartFailed

@@ -329,6 +329,12 @@ impl Network for FakeHost {
     fn ensure_bridge(&self, bridge: &BridgeSpec) -> Result<(), HostError> {
         super::check_ifname(&bridge.name)?;
         let mut s = self.state();
+        if matches!(s.links.get(&bridge.name), Some(Some(_))) {
+            return Err(HostError::Invalid {
+                what: "node bridge",
+                value: format!("{} exists and is not a bridge", bridge.name),
+            });
+        }
         s.links.insert(bridge.name.clone(), None);
         if !s.bridges.contains(bridge) {
             s.bridges.push(bridge.clone());

@@ -76,6 +76,13 @@ impl Network for IpNetwork {
         let br = bridge.name.as_str();
         if !self.link_exists(br) {
             self.run("ip", &["link", "add", "name", br, "type", "bridge"])?;
+        } else if !self.is_bridge(br) {
+            // Someone else's device under the bridge's name (a tap squatting
+            // it): never give it the gateway address nor NAT rules.
+            return Err(HostError::Invalid {
+                what: "node bridge",
+                value: format!("{br} exists and is not a bridge"),
+            });
         }
         let addr = format!("{}/{}", bridge.gateway, bridge.prefix);
         self.run("ip", &["addr", "replace", &addr, "dev", br])?;
@@ -129,6 +136,14 @@ impl Network for IpNetwork {
 
     fn link_exists(&self, name: &str) -> bool {
         check_ifname(name).is_ok() && self.succeeds("ip", &["link", "show", "dev", name])
+    }
+}
+
+impl IpNetwork {
+    /// Whether link `name` is a bridge (`ip -d link` says `bridge` as its kind).
+    fn is_bridge(&self, name: &str) -> bool {
+        self.run("ip", &["-d", "-o", "link", "show", "dev", name])
+            .is_ok_and(|out| out.split_whitespace().any(|w| w == "bridge"))
     }
 }
 
@@ -200,5 +215,37 @@ mod tests {
         assert!(!net.link_exists("runvtap-a"));
         net.delete_tap("runvtap-a").unwrap();
         assert!(net.ensure_tap("bad name", "runvbr0").is_err());
+    }
+
+    #[test]
+    fn a_device_squatting_the_bridge_name_is_not_taken_for_the_bridge() {
+        if !require(
+            "a_device_squatting_the_bridge_name_is_not_taken_for_the_bridge",
+            &[Need::Root, Need::Tun, Need::Iptables],
+        ) {
+            return;
+        }
+        let ns = Netns::new("squat");
+        let net = IpNetwork::new(Some(ns.0.clone()));
+        // A tenant's tap created under the bridge's name before the agent ran.
+        net.run("ip", &["tuntap", "add", "dev", "runvbr0", "mode", "tap"])
+            .unwrap();
+        let br = BridgeSpec {
+            name: "runvbr0".into(),
+            gateway: "10.213.0.1".parse().unwrap(),
+            prefix: 24,
+        };
+        let e = net.ensure_bridge(&br).unwrap_err();
+        assert!(
+            e.to_string().contains("runvbr0 exists and is not a bridge"),
+            "{e}"
+        );
+        let addrs = net
+            .run("ip", &["-o", "addr", "show", "dev", "runvbr0"])
+            .unwrap();
+        assert!(
+            !addrs.contains("10.213.0.1"),
+            "the gateway went to the tap: {addrs}"
+        );
     }
 }

@@ -38,8 +38,17 @@ impl Runtime {
 
     /// Deletes the VM's taps and releases its addresses; the VM must not run.
     pub fn release_network(&self, vm: &VmRef) -> Result<(), RuntimeError> {
-        for i in 0..4 {
-            let tap = vmconfig::tap_name(&vm.namespace, &vm.name, i);
+        // Only the taps the agent recorded creating for this VM; a VM that
+        // ran under an agent from before taps were recorded (a record and no
+        // taps.json) has the hashed names of its interfaces.
+        let taps = match self.dir(vm).read_taps() {
+            Some(taps) => taps,
+            None if self.record(vm).is_some() => (0..4)
+                .map(|i| vmconfig::tap_name(&vm.namespace, &vm.name, i))
+                .collect(),
+            None => Vec::new(),
+        };
+        for tap in taps {
             if self.host.network().link_exists(&tap) {
                 self.host.network().delete_tap(&tap)?;
             }

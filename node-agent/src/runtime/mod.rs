@@ -72,6 +72,9 @@ pub struct RuntimeConfig {
     pub serial_limit: u64,
     /// Where the host files a spec names may come from.
     pub allowed: AllowedDirs,
+    /// Tap devices a `Tap` interface may name: exact names, or prefixes
+    /// ending in `*`. Empty: none.
+    pub allowed_taps: Vec<String>,
 }
 
 impl RuntimeConfig {
@@ -88,6 +91,7 @@ impl RuntimeConfig {
             backoff: Backoff::default(),
             serial_limit: 1 << 20,
             allowed: AllowedDirs::default(),
+            allowed_taps: Vec::new(),
         }
     }
 }
@@ -230,6 +234,40 @@ impl Runtime {
                 vm.uid
             )
         })
+    }
+
+    /// Why the `Tap` interface on `tap` may not be used, if it may not: its
+    /// name must be one the node's administrator allowed, and never one of
+    /// the agent's own (the bridge, or the `rv` names of its taps).
+    pub fn tap_refusal(&self, field: &str, tap: &str) -> Option<String> {
+        let own = tap == self.config.bridge.name || tap.starts_with("rv");
+        let allowed = self
+            .config
+            .allowed_taps
+            .iter()
+            .any(|a| match a.strip_suffix('*') {
+                Some(prefix) => tap.starts_with(prefix),
+                None => a == tap,
+            });
+        if own {
+            Some(format!(
+                "{field}: {tap} is a name the agent uses for its own devices (the bridge {} and \
+                 the rv... taps); name another tap device",
+                self.config.bridge.name
+            ))
+        } else if !allowed {
+            Some(format!(
+                "{field}: tap device {tap} is not one this node allows VMs to use ({}); ask the \
+                 node's administrator to allow it (runv-agent --allowed-tap-device)",
+                if self.config.allowed_taps.is_empty() {
+                    "none".to_owned()
+                } else {
+                    self.config.allowed_taps.join(", ")
+                }
+            ))
+        } else {
+            None
+        }
     }
 
     /// Marks the node fenced (`Some(why)`), or not: while it is, every

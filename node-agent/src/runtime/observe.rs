@@ -33,7 +33,10 @@ impl Runtime {
     /// What the node says about the spec before anything runs: missing
     /// files, an invalid spec, limits it cannot enforce.
     pub(super) fn facts(&self, vm: &VmRef, spec: &MicroVMSpec) -> Facts {
-        let (missing_files, host_file) = self.check_host_files(spec);
+        let (missing_files, mut host_file) = self.check_host_files(spec);
+        if host_file.is_none() {
+            host_file = self.check_taps(spec);
+        }
         let invalid = vmconfig::build(&vm.namespace, &vm.name, spec, &self.dir(vm), "")
             .err()
             .map(|e| e.to_string())
@@ -61,6 +64,19 @@ impl Runtime {
             fenced: self.fenced(),
             host_file,
         }
+    }
+
+    /// The first `Tap` interface whose device the VM may not use, and why.
+    fn check_taps(&self, spec: &MicroVMSpec) -> HostFileVerdict {
+        spec.interfaces
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.kind == runv_crds::microvm::InterfaceType::Tap)
+            .find_map(|(n, i)| {
+                let tap = i.tap_device.as_deref().unwrap_or_default();
+                self.tap_refusal(&format!("spec.interfaces[{n}].tapDevice"), tap)
+            })
+            .map(|why| (Reason::DeviceNotAllowed, why))
     }
 
     /// The host files the spec names that do not exist (field, path), and

@@ -66,8 +66,25 @@ impl Runtime {
             self.host.network().ensure_bridge(&self.config.bridge)?;
         }
         let prefix = vmconfig::owner_prefix(&vm.namespace, &vm.name);
+        let dir = self.dir(vm);
+        let recorded = dir.read_taps();
+        // A VM an older agent started has taps it never recorded: its own.
+        let legacy = recorded.is_none() && self.record(vm).is_some();
+        let mut taps = recorded.unwrap_or_default();
         for n in plan.iter().filter(|n| n.managed) {
             self.ipam.allocate(&format!("{prefix}{}", n.name))?;
+            if !taps.contains(&n.tap) {
+                if !legacy && self.host.network().link_exists(&n.tap) {
+                    // Tap names are a hash of the VM's name: another VM's
+                    // device under the same name is never taken over.
+                    return Err(HostError::Invalid {
+                        what: "tap device",
+                        value: format!("{} exists and was not created for this VM", n.tap),
+                    });
+                }
+                taps.push(n.tap.clone());
+                dir.write_taps(&taps)?;
+            }
             self.host
                 .network()
                 .ensure_tap(&n.tap, &self.config.bridge.name)?;

@@ -69,6 +69,7 @@ fn runtime(root: &Path, host: &Arc<FakeHost>) -> Runtime {
         kernels: vec!["/k".into()],
         images: vec!["/img".into()],
     };
+    cfg.allowed_taps = vec!["tenant-a-*".into(), "shared0".into()];
     Runtime::new(cfg, host.clone() as Arc<dyn Host>).unwrap()
 }
 
@@ -691,4 +692,59 @@ fn another_vms_directory_is_never_taken_for_this_ones() {
     assert_eq!(e.host.running(), running);
     assert!(e.rt.dir(&vm()).path().exists());
     assert!(e.rt.record(&vm()).is_some());
+}
+
+#[test]
+fn a_vm_takes_and_deletes_only_taps_it_created() {
+    let e = env();
+    let s = spec(RunPolicy::Always);
+    // Another VM's device already has this VM's tap name (names are hashes).
+    let tap = vmconfig::tap_name("default", "web", 0);
+    e.host
+        .state()
+        .links
+        .insert(tap.clone(), Some("elsewhere".into()));
+    let d =
+        e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    assert!(e.host.state().spawned.is_empty());
+    let msg = &cond::find(&d.status.conditions, cond::READY)
+        .unwrap()
+        .message;
+    assert!(msg.contains("was not created for this VM"), "{msg}");
+    // Deleting this VM leaves the other's device alone.
+    e.rt.cleanup(&vm()).unwrap();
+    assert_eq!(
+        e.host.state().links.get(&tap),
+        Some(&Some("elsewhere".into()))
+    );
+    // Without it, the VM creates its tap, records it, and deletes it at the end.
+    e.host.state().links.remove(&tap);
+    e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(1));
+    assert_eq!(e.host.state().spawned.len(), 1);
+    assert_eq!(e.rt.dir(&vm()).read_taps(), Some(vec![tap.clone()]));
+    e.rt.cleanup(&vm()).unwrap();
+    assert!(!e.host.state().links.contains_key(&tap));
+}
+
+#[test]
+fn a_tap_interface_needs_a_device_the_node_allows() {
+    let e = env();
+    let mut s = spec(RunPolicy::Always);
+    s.interfaces[0].kind = runv_crds::microvm::InterfaceType::Tap;
+    for tap in ["tenant0", "runvbr0", "rv0123456789-0"] {
+        s.interfaces[0].tap_device = Some(tap.into());
+        let d =
+            e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+        assert_eq!(ready(&d.status).1, "DeviceNotAllowed", "{tap}");
+        let msg = &cond::find(&d.status.conditions, cond::READY)
+            .unwrap()
+            .message;
+        assert!(msg.starts_with("spec.interfaces[0].tapDevice: "), "{msg}");
+        assert!(msg.contains(tap), "{msg}");
+        assert!(e.host.state().spawned.is_empty(), "{tap}");
+    }
+    for tap in ["tenant-a-1", "shared0"] {
+        assert_eq!(e.rt.tap_refusal("f", tap), None, "{tap}");
+    }
+    assert!(e.rt.tap_refusal("f", "shared01").is_some());
 }
