@@ -31,7 +31,7 @@ use crate::host::cgroup::{CPU_PERIOD_US, Limits, MIN_CPU_QUOTA_US};
 use crate::host::ipam::FileIpam;
 use crate::host::{BridgeSpec, ControlTarget, Host, HostError, VmmIdentity};
 use crate::jail::JailIdAllocator;
-use crate::reconcile::{Action, Backoff, Decision, Observed, decide};
+use crate::reconcile::{Action, Backoff, Decision, Observed, SandboxPolicy, decide};
 use crate::state::{self, VmDir};
 
 /// Why the runtime could not be set up, or a VM not started, stopped or
@@ -66,6 +66,9 @@ pub struct RuntimeConfig {
     pub backoff: Backoff,
     /// Serial log bound per VM (kept: about twice this).
     pub serial_limit: u64,
+    /// Which parts of the VMM's sandbox a spec may switch off here (none by
+    /// default).
+    pub sandbox: SandboxPolicy,
 }
 
 impl RuntimeConfig {
@@ -81,6 +84,7 @@ impl RuntimeConfig {
             },
             backoff: Backoff::default(),
             serial_limit: 1 << 20,
+            sandbox: SandboxPolicy::default(),
         }
     }
 }

@@ -18,7 +18,7 @@ use runv_vmm_api::VmConfig;
 use super::{Runtime, VmRef, control_target, from_ms, limits_message, ms, spec_limits};
 use crate::host::VmmIdentity;
 use crate::jail;
-use crate::reconcile::{Facts, Observed, ObservedExit};
+use crate::reconcile::{Facts, Observed, ObservedExit, sandbox_refusal};
 use crate::state::VmRecord;
 use crate::vmconfig;
 
@@ -28,7 +28,8 @@ fn prefix_mask(prefix: u8) -> std::net::Ipv4Addr {
 
 impl Runtime {
     /// What the node says about the spec before anything runs: missing
-    /// files, an invalid spec, limits it cannot enforce.
+    /// files, an invalid spec, limits it cannot enforce, a sandbox switched
+    /// off where the node does not allow it.
     pub(super) fn facts(&self, vm: &VmRef, spec: &MicroVMSpec) -> Facts {
         let missing_files = vmconfig::host_files(spec)
             .into_iter()
@@ -53,6 +54,7 @@ impl Runtime {
             missing_files,
             invalid,
             limits_error,
+            sandbox_refused: sandbox_refusal(spec, self.config.sandbox),
             start_error: None,
             state_error: self.dir(vm).record_unreadable(),
             fenced: self.fenced(),

@@ -63,7 +63,17 @@ fn env() -> Env {
 }
 
 fn runtime(root: &Path, host: &Arc<FakeHost>) -> Runtime {
-    let cfg = RuntimeConfig::new(root.to_owned(), "/bin/runv-vmm".into());
+    runtime_with(root, host, |_| {})
+}
+
+/// A runtime whose settings `change` alters first.
+fn runtime_with(
+    root: &Path,
+    host: &Arc<FakeHost>,
+    change: impl FnOnce(&mut RuntimeConfig),
+) -> Runtime {
+    let mut cfg = RuntimeConfig::new(root.to_owned(), "/bin/runv-vmm".into());
+    change(&mut cfg);
     Runtime::new(cfg, host.clone() as Arc<dyn Host>).unwrap()
 }
 
@@ -460,12 +470,86 @@ fn a_jailed_vm_gets_its_own_stable_ids_and_only_run_is_given_to_them() {
     };
     let mut unjailed = spec(RunPolicy::Always);
     unjailed.isolation.jail = Toggle::Disabled;
-    e.rt.reconcile(&plain, &unjailed, 1, &MicroVMStatus::default(), at(3));
+    let allowing = runtime_with(e._root.path(), &e.host, |c| {
+        c.sandbox.allow_jail_disabled = true;
+    });
+    allowing.reconcile(&plain, &unjailed, 1, &MicroVMStatus::default(), at(3));
     let pdir = e.rt.dir(&plain);
     assert!(jail::read(&pdir).is_none());
     assert!(!e.host.state().owners.contains_key(&pdir.run_dir()));
     let text = std::fs::read_to_string(pdir.config()).unwrap();
     assert!(!text.contains("\"jail\""), "{text}");
+}
+
+#[test]
+fn a_sandbox_switched_off_runs_only_where_the_node_allows_it() {
+    for (field, change) in [
+        (
+            "spec.isolation.jail",
+            (|s: &mut MicroVMSpec| s.isolation.jail = Toggle::Disabled) as fn(&mut MicroVMSpec),
+        ),
+        ("spec.isolation.seccomp", |s: &mut MicroVMSpec| {
+            s.isolation.seccomp = Toggle::Disabled;
+        }),
+    ] {
+        let e = env();
+        let mut s = spec(RunPolicy::Always);
+        change(&mut s);
+        // The default node: nothing runs, not even sandboxed after all.
+        let d =
+            e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+        assert!(e.host.state().spawned.is_empty(), "{field}: started");
+        assert!(!e.rt.dir(&vm()).config().exists(), "{field}: no config");
+        let c = cond::find(&d.status.conditions, cond::READY).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "SandboxNotAllowed"),
+            "{field}"
+        );
+        assert!(c.message.contains(field), "{}", c.message);
+        assert!(c.message.contains("--allow-"), "{}", c.message);
+        assert!(cond::is_true(&d.status.conditions, cond::STALLED));
+        let events = crate::reconcile::transitions(&MicroVMStatus::default(), &d.status);
+        assert!(
+            events
+                .iter()
+                .any(|t| t.warning && t.reason == "SandboxNotAllowed"),
+            "{events:?}"
+        );
+
+        // A node whose administrator allows both runs it as asked.
+        let allowing = runtime_with(e._root.path(), &e.host, |c| {
+            c.sandbox.allow_jail_disabled = true;
+            c.sandbox.allow_seccomp_disabled = true;
+        });
+        let d = allowing.reconcile(&vm(), &s, 1, &d.status, at(10));
+        assert_eq!(d.status.phase, Some(Phase::Starting), "{field}");
+        assert_eq!(e.host.state().spawned.len(), 1);
+        let cfg = config_of(&e);
+        assert_eq!(cfg.jail.is_none(), s.isolation.jail == Toggle::Disabled);
+        assert_eq!(cfg.seccomp, s.isolation.seccomp == Toggle::Enabled);
+    }
+}
+
+#[test]
+fn a_running_vm_whose_spec_switches_its_jail_off_is_ended_not_restarted() {
+    let e = env();
+    let s = spec(RunPolicy::Always);
+    let d =
+        e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    let vmm = e.host.running()[0];
+    let mut unjailed = s.clone();
+    unjailed.isolation.jail = Toggle::Disabled;
+    let d = e.rt.reconcile(&vm(), &unjailed, 2, &d.status, at(1));
+    assert!(
+        e.host.running().is_empty(),
+        "the jailed VMM {vmm} still runs"
+    );
+    assert_eq!(e.host.state().spawned.len(), 1, "an unjailed VMM started");
+    assert_eq!(
+        ready(&d.status),
+        ("False".into(), "SandboxNotAllowed".into())
+    );
 }
 
 #[test]
