@@ -687,11 +687,76 @@ fn a_control_socket_another_process_serves_is_sent_nothing() {
     assert!(e.host.state().requests.is_empty(), "no pause was sent");
     assert_eq!(e.host.running(), [vmm.pid], "nothing was killed");
 
-    // Deleting it kills the recorded VMM by its pid, never through the socket.
+    // Deleting it kills the recorded VMM by its cgroup, never through the socket.
     e.rt.cleanup(&vm()).unwrap();
     let st = e.host.state();
     assert!(st.requests.is_empty(), "{:?}", st.requests);
+    assert_eq!(st.cgroup_kills, [(e.rt.cgroup_name(&vm()), vec![vmm.pid])]);
+    assert!(st.running.is_empty());
+}
+
+#[test]
+fn stopping_a_vm_ends_everything_in_its_cgroup() {
+    let e = env();
+    let s = spec(RunPolicy::Always);
+    let d =
+        e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    let name = e.rt.cgroup_name(&vm());
+    let vmm = e.rt.dir(&vm()).read_record().unwrap().vmm.unwrap();
+    // The VMM starts a process in its cgroup; the pid alone would miss it.
+    let stray = e.host.stray(&name);
+    e.host.boot(&e.rt.dir(&vm()).control_socket());
+    let d = e.rt.reconcile(&vm(), &s, 1, &d.status, at(1));
+    assert_eq!(d.status.phase, Some(Phase::Running));
+
+    // Stopped: the guest ignores the button, the grace ends, the VMM is
+    // killed (through its socket) and then its cgroup.
+    e.rt.stop(&vm(), Duration::ZERO).unwrap();
+    {
+        let st = e.host.state();
+        assert!(!st.running.contains_key(&vmm.pid));
+        assert!(st.cgroups[&name].pids.is_empty(), "{:?}", st.cgroups[&name]);
+        assert_eq!(st.cgroup_kills, [(name.clone(), vec![stray])]);
+    }
+
+    // A VMM that ends on its own may leave a process behind: the next start
+    // clears the cgroup before its new VMM joins it.
+    let d = e.rt.reconcile(&vm(), &s, 1, &d.status, at(2));
+    let pid = e.host.running()[0];
+    let stray = e.host.stray(&name);
+    e.host.exit(pid);
+    let d = e.rt.reconcile(&vm(), &s, 1, &d.status, at(100));
+    assert!(e.host.running().is_empty(), "backing off");
+    assert_eq!(e.host.state().cgroups[&name].pids, [stray].into());
+    e.rt.reconcile(&vm(), &s, 1, &d.status, at(200));
+    let st = e.host.state();
+    let new = *st.running.keys().next().expect("restarted");
+    assert_eq!(st.cgroups[&name].pids, [new].into(), "only the new VMM");
+    assert_eq!(st.cgroup_kills.last(), Some(&(name.clone(), vec![stray])));
+    drop(st);
+
+    // Deleted: a stray left at the end is ended too, and the cgroup goes.
+    let stray = e.host.stray(&name);
+    e.rt.cleanup(&vm()).unwrap();
+    let st = e.host.state();
+    assert!(st.running.is_empty());
+    assert!(!st.cgroups.contains_key(&name));
+    assert_eq!(st.cgroup_kills.last(), Some(&(name, vec![stray])));
+}
+
+#[test]
+fn without_a_cgroup_a_vm_is_stopped_by_its_pid() {
+    let e = env();
+    e.host.state().no_cgroups = Some("no cgroup v2 with cpu and memory".into());
+    let s = spec(RunPolicy::Always);
+    e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    let vmm = e.rt.dir(&vm()).read_record().unwrap().vmm.unwrap();
+    // Its control socket does not answer: the pid gets SIGKILL.
+    e.host.hijack(&e.rt.dir(&vm()).control_socket(), 4242);
+    e.rt.stop(&vm(), Duration::ZERO).unwrap();
+    let st = e.host.state();
     assert_eq!(st.killed, [vmm.pid]);
+    assert!(st.cgroup_kills.is_empty());
 }
 
 fn limits(cpu: Option<&str>, memory: Option<&str>) -> VmmLimits {
