@@ -559,7 +559,9 @@ pub enum PowerState {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct Isolation {
-    /// Seccomp filters on every VMM thread.
+    /// Seccomp filters on every VMM thread. `Disabled` runs only on nodes whose agent
+    /// allows it (`--allow-seccomp-disabled`); elsewhere the VM does not start
+    /// (`Ready=False`, reason `SandboxNotAllowed`).
     #[serde(default)]
     pub seccomp: Toggle,
 
@@ -567,7 +569,9 @@ pub struct Isolation {
     /// guest runs, the VMM enters new mount, network and IPC namespaces, chroots into the
     /// VM's state directory and becomes an unprivileged user and group of the VM's own
     /// (given by the node agent), with no capabilities and no_new_privs. There is no PID
-    /// namespace: the VMM starts no processes. Needs the agent to run as root.
+    /// namespace: the VMM starts no processes. Needs the agent to run as root. `Disabled`
+    /// runs only on nodes whose agent allows it (`--allow-jail-disabled`); elsewhere the
+    /// VM does not start (`Ready=False`, reason `SandboxNotAllowed`).
     #[serde(default)]
     pub jail: Toggle,
 

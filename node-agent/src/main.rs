@@ -16,6 +16,7 @@ use runv_node_agent::cluster::node::Capacity;
 use runv_node_agent::cluster::{self, ClusterConfig};
 use runv_node_agent::host::cgroup::CgroupConfig;
 use runv_node_agent::host::{Host, LinuxHost};
+use runv_node_agent::reconcile::SandboxPolicy;
 use runv_node_agent::runtime::{Runtime, RuntimeConfig};
 use runv_node_agent::state::VmDir;
 use runv_node_agent::{standalone, state};
@@ -68,6 +69,16 @@ struct Cli {
         value_delimiter = ','
     )]
     allowed_tap_devices: Vec<String>,
+    /// Let MicroVMs with `spec.isolation.jail: Disabled` run on this node: their
+    /// VMM then runs as root, unconfined, beside the agent. Without it such a
+    /// VM does not start (reason SandboxNotAllowed).
+    #[arg(long, global = true, env = "RUNV_ALLOW_JAIL_DISABLED")]
+    allow_jail_disabled: bool,
+    /// Let MicroVMs with `spec.isolation.seccomp: Disabled` run on this node:
+    /// their VMM threads may then make any syscall. Without it such a VM does
+    /// not start (reason SandboxNotAllowed).
+    #[arg(long, global = true, env = "RUNV_ALLOW_SECCOMP_DISABLED")]
+    allow_seccomp_disabled: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -115,6 +126,17 @@ impl Cli {
             config.allowed.images = self.allowed_image_dirs.clone();
         }
         config.allowed_taps = self.allowed_tap_devices.clone();
+        config.sandbox = SandboxPolicy {
+            allow_jail_disabled: self.allow_jail_disabled,
+            allow_seccomp_disabled: self.allow_seccomp_disabled,
+        };
+        if self.allow_jail_disabled || self.allow_seccomp_disabled {
+            tracing::warn!(
+                allow_jail_disabled = self.allow_jail_disabled,
+                allow_seccomp_disabled = self.allow_seccomp_disabled,
+                "MicroVMs may switch off part of the VMM's sandbox on this node"
+            );
+        }
         config
     }
 
@@ -384,7 +406,45 @@ fn real_main() -> anyhow::Result<()> {
 mod tests {
     use std::time::Duration;
 
-    use super::parse_duration;
+    use clap::Parser;
+
+    use super::{Cli, parse_duration};
+    use runv_node_agent::reconcile::SandboxPolicy;
+
+    #[test]
+    fn the_sandbox_stays_on_unless_a_flag_allows_switching_it_off() {
+        let policy = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).unwrap();
+            cli.runtime_config("/bin/runv-vmm".into()).sandbox
+        };
+        let base = ["runv-agent", "standalone", "vm.yaml"];
+        assert_eq!(policy(&base), SandboxPolicy::default());
+        assert_eq!(
+            policy(&[
+                "runv-agent",
+                "standalone",
+                "vm.yaml",
+                "--allow-jail-disabled"
+            ]),
+            SandboxPolicy {
+                allow_jail_disabled: true,
+                allow_seccomp_disabled: false,
+            }
+        );
+        assert_eq!(
+            policy(&[
+                "runv-agent",
+                "--allow-seccomp-disabled",
+                "run",
+                "--node",
+                "n1"
+            ]),
+            SandboxPolicy {
+                allow_jail_disabled: false,
+                allow_seccomp_disabled: true,
+            }
+        );
+    }
 
     #[test]
     fn durations() {

@@ -6,14 +6,26 @@
 //! lists and their compilation; threads call [`Filter::apply`] themselves, at
 //! their start, and threads they spawn inherit the filter.
 //!
+//! A few syscalls are allowed only with certain arguments ([`ARG_RULES`]):
+//! `clone` only with the flags of a new thread, so no thread, whatever a
+//! guest makes it do, starts a process or enters a new namespace. `clone3`
+//! takes its flags behind a pointer a filter cannot read, so every filter
+//! answers it ENOSYS first (as Firecracker, Cloud Hypervisor and Chromium
+//! do): glibc (2.34 and later tries `clone3` first) then falls back to
+//! `clone`, whose flags the filter checks.
+//!
 //! [`probe`] is a test hook: with `RUNV_VMM_SECCOMP_PROBE` naming a thread
 //! kind in the VMM's environment, that thread tries one syscall no list allows
-//! (`getcwd`) right after installing its filter and reports the result on
-//! stderr. Only whoever starts the VMM sets its environment; a guest cannot.
+//! (`getcwd`) and a fork (`clone` without `CLONE_THREAD`) right after
+//! installing its filter and reports the results on stderr. Only whoever
+//! starts the VMM sets its environment; a guest cannot.
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch, sock_filter,
+};
 
 /// Errors from compiling or installing a filter.
 #[derive(Debug, thiserror::Error)]
@@ -121,11 +133,11 @@ const COMMON_SYSCALLS: &[i64] = &[
     libc::SYS_write,
 ];
 
-/// Starting a thread (Rust std on glibc): stack, guard page, clone, the new
-/// thread's robust list, rseq, name and signal stack.
+/// Starting a thread (Rust std on glibc): stack, guard page, clone (with a
+/// new thread's flags only: see [`ARG_RULES`]), the new thread's robust list,
+/// rseq, name and signal stack.
 const SPAWN_SYSCALLS: &[i64] = &[
     libc::SYS_clone,
-    libc::SYS_clone3,
     libc::SYS_set_robust_list,
     libc::SYS_rseq,
     libc::SYS_prctl,
@@ -192,6 +204,60 @@ const IO_SYSCALLS: &[i64] = &[
     libc::SYS_tgkill,
 ];
 
+/// The `clone` flags of a new thread, exactly as glibc's `pthread_create`
+/// passes them (and Rust's `std::thread` through it): one address space,
+/// filesystem info, file table, signal handlers and SysV semaphore undo list
+/// with its creator, in its thread group, with its own TLS and the tid
+/// futexes; no exit signal. musl adds `CLONE_DETACHED`, which the kernel
+/// ignores (see [`CLONE_IGNORED`]).
+pub const THREAD_CLONE_FLAGS: u64 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM
+    | libc::CLONE_SETTLS
+    | libc::CLONE_PARENT_SETTID
+    | libc::CLONE_CHILD_CLEARTID) as u64;
+
+/// `clone` flags a thread creation may carry or not: `CLONE_DETACHED`
+/// (musl's), which the kernel has ignored since 2.6.
+const CLONE_IGNORED: u64 = libc::CLONE_DETACHED as u64;
+
+/// A syscall allowed only when one argument, masked, has one value.
+#[derive(Debug, Clone, Copy)]
+struct ArgRule {
+    /// The syscall.
+    nr: i64,
+    /// Which argument (0-based).
+    arg: u8,
+    /// The bits compared.
+    mask: u64,
+    /// The value they must have.
+    value: u64,
+}
+
+/// Syscalls that, wherever a list allows them, are allowed only with these
+/// arguments; any other call fails with EPERM.
+const ARG_RULES: &[ArgRule] = &[
+    // clone(flags, ...): a new thread, never a process (no CLONE_THREAD, an
+    // exit signal, CLONE_VFORK, CLONE_PARENT) nor a namespace (CLONE_NEW*).
+    ArgRule {
+        nr: libc::SYS_clone,
+        arg: 0,
+        mask: !CLONE_IGNORED,
+        value: THREAD_CLONE_FLAGS,
+    },
+];
+
+/// Syscalls every filter answers with ENOSYS before its allowlist is
+/// consulted, so that libc falls back to a call the allowlist can check:
+/// `clone3` (its flags are behind a pointer) falls back to `clone`.
+const ENOSYS_SYSCALLS: &[i64] = &[libc::SYS_clone3];
+
+// The prologue's jumps are 8-bit offsets.
+const _: () = assert!(ENOSYS_SYSCALLS.len() < 100);
+
 /// A compiled filter, ready to install on the calling thread.
 #[derive(Debug, Clone)]
 pub struct Filter {
@@ -204,10 +270,31 @@ impl Filter {
         Self::from_list(&allowlist(kind))
     }
 
-    /// Compiles an allowlist of syscall numbers.
+    /// Compiles an allowlist of syscall numbers (those in [`ARG_RULES`]
+    /// allowed only with their arguments), behind the ENOSYS answers of
+    /// [`ENOSYS_SYSCALLS`].
     pub fn from_list(list: &[i64]) -> Result<Self, SeccompError> {
-        let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-            list.iter().map(|&n| (n, Vec::new())).collect();
+        let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+        for &nr in list {
+            let mut conditions = Vec::new();
+            for r in ARG_RULES.iter().filter(|r| r.nr == nr) {
+                conditions.push(
+                    SeccompCondition::new(
+                        r.arg,
+                        SeccompCmpArgLen::Qword,
+                        SeccompCmpOp::MaskedEq(r.mask),
+                        r.value,
+                    )
+                    .map_err(|e| SeccompError::Compile(e.into()))?,
+                );
+            }
+            let chain = if conditions.is_empty() {
+                Vec::new()
+            } else {
+                vec![SeccompRule::new(conditions).map_err(|e| SeccompError::Compile(e.into()))?]
+            };
+            rules.insert(nr, chain);
+        }
         let filter = SeccompFilter::new(
             rules,
             SeccompAction::Errno(libc::EPERM as u32),
@@ -215,9 +302,11 @@ impl Filter {
             TargetArch::x86_64,
         )
         .map_err(|e| SeccompError::Compile(e.into()))?;
-        let program: BpfProgram = filter
+        let allowlist: BpfProgram = filter
             .try_into()
             .map_err(|e: seccompiler::BackendError| SeccompError::Compile(e.into()))?;
+        let mut program = enosys_prologue(ENOSYS_SYSCALLS);
+        program.extend(allowlist);
         Ok(Self { program })
     }
 
@@ -225,6 +314,48 @@ impl Filter {
     pub fn apply(&self) -> Result<(), SeccompError> {
         seccompiler::apply_filter(&self.program).map_err(SeccompError::Apply)
     }
+}
+
+/// BPF that answers each syscall of `nrs` (on x86_64) with ENOSYS and falls
+/// through to the instruction after it for every other call. The program
+/// that follows starts over (it loads the architecture and the number
+/// itself), so this needs nothing from its layout.
+fn enosys_prologue(nrs: &[i64]) -> BpfProgram {
+    // struct seccomp_data: int nr at offset 0, __u32 arch at offset 4.
+    const NR: u32 = 0;
+    const ARCH: u32 = 4;
+    const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+    let load = |k| sock_filter {
+        code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k, jt, jf| sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
+    let ret = |k| sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let enosys = u32::from(SeccompAction::Errno(libc::ENOSYS as u32));
+    // Per syscall: compare, and on a match return ENOSYS (the next
+    // instruction); else skip that return.
+    let mut body = Vec::new();
+    for &nr in nrs {
+        body.push(jeq(u32::try_from(nr).unwrap_or(u32::MAX), 0, 1));
+        body.push(ret(enosys));
+    }
+    // Another architecture skips the whole prologue: the allowlist refuses it.
+    let skip = u8::try_from(body.len() + 1).unwrap_or(u8::MAX);
+    let mut program = vec![load(ARCH), jeq(AUDIT_ARCH_X86_64, 0, skip), load(NR)];
+    program.extend(body);
+    program
 }
 
 /// The allowlist of `kind`.
@@ -266,18 +397,55 @@ pub fn probe(kind: ThreadKind) {
     let mut buf = [0u8; 256];
     // SAFETY: `buf` is writable for the length passed; getcwd writes at most that.
     let rc = unsafe { libc::syscall(libc::SYS_getcwd, buf.as_mut_ptr(), buf.len()) };
-    let what = if rc < 0 {
+    eprintln!(
+        "runv-vmm: seccomp probe: {} thread: getcwd {}",
+        kind.name(),
+        outcome(rc)
+    );
+    eprintln!(
+        "runv-vmm: seccomp probe: {} thread: fork {}",
+        kind.name(),
+        outcome(clone_and_reap(libc::SIGCHLD as u64))
+    );
+}
+
+/// How a probed syscall that returned `rc` went, for the probe's report.
+fn outcome(rc: libc::c_long) -> String {
+    if rc < 0 {
         match std::io::Error::last_os_error().raw_os_error() {
             Some(libc::EPERM) => "refused (EPERM)".to_string(),
             e => format!("failed with errno {e:?}"),
         }
     } else {
         "allowed".to_string()
-    };
-    eprintln!(
-        "runv-vmm: seccomp probe: {} thread: getcwd {what}",
-        kind.name()
-    );
+    }
+}
+
+/// Calls `clone(flags)` with a NULL stack and no other argument: with
+/// `SIGCHLD` alone, a `fork(2)`. A child, if one starts, exits at once and is
+/// reaped (where the filter allows waiting). Returns clone's result.
+///
+/// `flags` must not hold `CLONE_VM` unless the kernel refuses the call
+/// anyway (as it does `CLONE_FS` with `CLONE_NEWNS` or `CLONE_NEWUSER`): a
+/// child sharing this address space and stack could not run here.
+fn clone_and_reap(flags: u64) -> libc::c_long {
+    // SAFETY: per the contract above, the call either fails or is a fork:
+    // the child runs on a copy of this address space and stack and calls
+    // only _exit(2) below; the parent is unaffected.
+    let rc = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
+    if rc == 0 {
+        // SAFETY: in the child: ends it at once, running no destructor,
+        // atexit handler or stdio flush of the parent's state.
+        unsafe { libc::_exit(0) };
+    }
+    if let Ok(pid) = libc::pid_t::try_from(rc)
+        && pid > 0
+    {
+        let mut status = 0;
+        // SAFETY: `status` is a valid out-pointer; `pid` is the child just started.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+    }
+    rc
 }
 
 #[cfg(test)]
@@ -324,14 +492,16 @@ mod tests {
         .unwrap()
     }
 
+    const ALL_KINDS: [ThreadKind; 4] = [
+        ThreadKind::Vcpu,
+        ThreadKind::Main,
+        ThreadKind::Control,
+        ThreadKind::Io,
+    ];
+
     #[test]
     fn every_thread_kind_refuses_what_its_list_leaves_out() {
-        for kind in [
-            ThreadKind::Vcpu,
-            ThreadKind::Main,
-            ThreadKind::Control,
-            ThreadKind::Io,
-        ] {
+        for kind in ALL_KINDS {
             assert_eq!(
                 errno_under(kind, libc::SYS_getcwd),
                 Some(libc::EPERM),
@@ -344,13 +514,107 @@ mod tests {
             assert!(!allowlist(kind).contains(&libc::SYS_openat), "{kind:?}");
         }
         assert!(allowlist(ThreadKind::Main).contains(&libc::SYS_openat));
-        // Only the control threads start threads (clients, the grace timer).
+        // Only the control threads start threads (clients, the grace timer),
+        // and clone3 is on no list (see ENOSYS_SYSCALLS).
         for kind in [ThreadKind::Vcpu, ThreadKind::Main, ThreadKind::Io] {
+            assert!(!allowlist(kind).contains(&libc::SYS_clone), "{kind:?}");
+        }
+        for kind in ALL_KINDS {
             assert!(!allowlist(kind).contains(&libc::SYS_clone3), "{kind:?}");
         }
         // gettid is on every list and still works under the filter.
         for kind in [ThreadKind::Main, ThreadKind::Control, ThreadKind::Io] {
             assert_eq!(errno_under(kind, libc::SYS_gettid), None, "{kind:?}");
+        }
+    }
+
+    /// `clone(flags)` as [`clone_and_reap`] makes it: the errno it failed
+    /// with, or `None` when it started a child (which exited at once).
+    fn clone_errno(flags: u64) -> Option<i32> {
+        let rc = clone_and_reap(flags);
+        (rc < 0).then(|| std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+
+    /// New namespaces for a thread: the kernel refuses both beside CLONE_FS
+    /// (EINVAL), so these calls start nothing wherever they get through.
+    const NAMESPACED_THREADS: [u64; 2] = [
+        THREAD_CLONE_FLAGS | libc::CLONE_NEWNS as u64,
+        THREAD_CLONE_FLAGS | libc::CLONE_NEWUSER as u64,
+    ];
+
+    #[test]
+    fn the_control_filter_lets_threads_start_and_no_process_or_namespace() {
+        // Unfiltered, the kernel itself judges the namespaced clones: EINVAL.
+        for flags in NAMESPACED_THREADS {
+            assert_eq!(clone_errno(flags), Some(libc::EINVAL), "{flags:#x}");
+        }
+        let f = Filter::for_thread(ThreadKind::Control).unwrap();
+        let (thread, fork, raw_fork, namespaced) = std::thread::spawn(move || {
+            f.apply().unwrap();
+            // glibc tries clone3 (ENOSYS), then clone with the thread flags.
+            let thread = std::thread::spawn(|| 7).join().ok();
+            // glibc's fork: clone(CLONE_CHILD_SETTID|CLONE_CHILD_CLEARTID|SIGCHLD).
+            // SAFETY: a child, if the filter let one start, only calls _exit(2).
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                // SAFETY: in the child: ends it at once.
+                unsafe { libc::_exit(0) };
+            }
+            let fork = (pid, std::io::Error::last_os_error().raw_os_error());
+            let raw_fork = clone_errno(libc::SIGCHLD as u64);
+            let namespaced: Vec<Option<i32>> =
+                NAMESPACED_THREADS.iter().map(|f| clone_errno(*f)).collect();
+            (thread, fork, raw_fork, namespaced)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(thread, Some(7), "a thread starts under the filter");
+        assert_eq!(fork, (-1, Some(libc::EPERM)), "fork(3)");
+        assert_eq!(raw_fork, Some(libc::EPERM), "clone(SIGCHLD)");
+        assert_eq!(
+            namespaced,
+            [Some(libc::EPERM); 2],
+            "the filter, not the kernel, refused"
+        );
+    }
+
+    #[test]
+    fn threads_of_the_other_kinds_start_nothing() {
+        for kind in [ThreadKind::Vcpu, ThreadKind::Main, ThreadKind::Io] {
+            let f = Filter::for_thread(kind).unwrap();
+            let (thread, fork) = std::thread::spawn(move || {
+                f.apply().unwrap();
+                let thread = std::thread::Builder::new().spawn(|| 7).is_ok();
+                (thread, clone_errno(libc::SIGCHLD as u64))
+            })
+            .join()
+            .unwrap();
+            assert!(!thread, "{kind:?} started a thread");
+            assert_eq!(fork, Some(libc::EPERM), "{kind:?}");
+        }
+    }
+
+    /// The errno of `clone3` with a zero size (the kernel refuses that size
+    /// with EINVAL, so nothing starts even where the call reaches it).
+    fn clone3_errno() -> Option<i32> {
+        // SAFETY: a NULL clone_args with size 0: the kernel reads nothing.
+        let rc = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) };
+        (rc < 0).then(|| std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+
+    #[test]
+    fn clone3_is_answered_enosys_on_every_thread_kind() {
+        // No filter: the kernel itself looks at it (and refuses size 0).
+        assert_eq!(clone3_errno(), Some(libc::EINVAL));
+        for kind in ALL_KINDS {
+            let f = Filter::for_thread(kind).unwrap();
+            let errno = std::thread::spawn(move || {
+                f.apply().unwrap();
+                clone3_errno()
+            })
+            .join()
+            .unwrap();
+            assert_eq!(errno, Some(libc::ENOSYS), "{kind:?}");
         }
     }
 }

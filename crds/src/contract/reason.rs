@@ -98,6 +98,9 @@ reasons! {
     InvalidSpec,
     /// The node cannot enforce `spec.isolation.limits`.
     LimitsNotEnforceable,
+    /// `spec.isolation` switches off the jail or seccomp, and the node's
+    /// administrator does not allow that on this node.
+    SandboxNotAllowed,
     /// The last start attempt failed.
     StartFailed,
     /// The VMM's control socket is not its own.
@@ -145,6 +148,7 @@ impl Reason {
                 | Reason::DeviceNotAllowed
                 | Reason::InvalidSpec
                 | Reason::LimitsNotEnforceable
+                | Reason::SandboxNotAllowed
                 | Reason::StartFailed
                 | Reason::ControlSocketMismatch
                 | Reason::StateUnreadable

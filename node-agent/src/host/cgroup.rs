@@ -16,6 +16,12 @@
 //! `memory.events`, and in v1's `memory.oom_control` from Linux 4.13): that
 //! counter tells an OOM-killed VMM from one killed otherwise.
 //!
+//! A VM is ended by its cgroup, not only by its VMM's pid, so that nothing
+//! the VMM may have started outlives it: v2's `cgroup.kill` (Linux 5.14)
+//! kills every member at once, forks racing with it included; elsewhere each
+//! pid in `cgroup.procs` gets SIGKILL through a pidfd (so a pid reused
+//! meanwhile is never hit), round after round until the cgroup is empty.
+//!
 //! An absolute parent (`/runv`) is taken from each hierarchy's root; a relative
 //! one (`runv-test`) from the agent's own cgroup in that hierarchy
 //! (`/proc/self/cgroup`). The VMM joins its cgroup itself, in the forked child
@@ -23,7 +29,9 @@
 //! cgroups and never moves a process. It must not decide which VM gets which
 //! limits.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +62,13 @@ impl Limits {
         self.cpu_quota_us.is_some() || self.memory_bytes.is_some()
     }
 }
+
+/// How many times [`Cgroups::kill_all`] kills and looks again, [`KILL_PAUSE`]
+/// apart, before it gives up on a cgroup that does not empty (about 1 s).
+const KILL_ROUNDS: u32 = 200;
+
+/// The pause between two rounds of [`Cgroups::kill_all`].
+const KILL_PAUSE: Duration = Duration::from_millis(5);
 
 /// Where the agent's cgroups go.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -277,6 +292,57 @@ impl LinuxCgroups {
     fn mkdir(dir: &Path) -> Result<(), HostError> {
         std::fs::create_dir_all(dir).map_err(|e| cg_err("creating", dir, e))
     }
+
+    /// The pids in `cgroup.procs` of each of `dirs` (one per hierarchy), merged.
+    fn members(dirs: &[PathBuf]) -> BTreeSet<u32> {
+        dirs.iter()
+            .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+            .flat_map(|s| {
+                s.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect()
+    }
+
+    /// SIGKILL to `pid` if it is a member of `dirs`. A pidfd names one
+    /// process, never a later one with the same pid: opened first, then
+    /// membership checked again, it reaches the member or nothing. Where the
+    /// kernel gives no pidfd (before 5.3), kill(2) right after the check.
+    fn kill_member(pid: u32, dirs: &[PathBuf]) -> Result<(), HostError> {
+        use rustix::io::Errno;
+        use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
+        let Some(raw) = i32::try_from(pid).ok().filter(|p| *p > 0) else {
+            return Ok(());
+        };
+        let Some(id) = Pid::from_raw(raw) else {
+            return Ok(());
+        };
+        let fd = match pidfd_open(id, PidfdFlags::empty()) {
+            Ok(fd) => Some(fd),
+            Err(Errno::SRCH) => return Ok(()),
+            // No pidfds (ENOSYS before 5.3), or none for this process.
+            Err(_) => None,
+        };
+        if !Self::members(dirs).contains(&pid) {
+            return Ok(());
+        }
+        let sent: std::io::Result<()> = match fd {
+            Some(fd) => pidfd_send_signal(&fd, Signal::KILL).map_err(Into::into),
+            // SAFETY: kill(2) has no memory-safety preconditions; `raw` was
+            // a member of the cgroup just above.
+            None => match unsafe { libc::kill(raw, libc::SIGKILL) } {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            },
+        };
+        match sent {
+            Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
+                Err(cg_err("killing a process of", &dirs[0], e))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// The `oom_kill` count in the text of v2's `memory.events` or v1's
@@ -393,6 +459,36 @@ impl Cgroups for LinuxCgroups {
         parse_oom_kill(&std::fs::read_to_string(file).ok()?)
     }
 
+    fn kill_all(&self, name: &str) -> Result<(), HostError> {
+        check_name(name)?;
+        let dirs: Vec<PathBuf> = self.dirs(name).into_iter().filter(|d| d.is_dir()).collect();
+        let Some(first) = dirs.first() else {
+            return Ok(());
+        };
+        let kill_file = first.join("cgroup.kill");
+        let by_file = matches!(self.layout, Ok(Layout::V2 { .. })) && kill_file.is_file();
+        for _ in 0..KILL_ROUNDS {
+            let members = Self::members(&dirs);
+            if members.is_empty() {
+                return Ok(());
+            }
+            if by_file {
+                std::fs::write(&kill_file, "1")
+                    .map_err(|e| cg_err("killing the processes of", first, e))?;
+            } else {
+                for pid in members {
+                    Self::kill_member(pid, &dirs)?;
+                }
+            }
+            std::thread::sleep(KILL_PAUSE);
+        }
+        Err(cg_err(
+            "emptying",
+            first,
+            std::io::ErrorKind::TimedOut.into(),
+        ))
+    }
+
     fn remove(&self, name: &str) -> Result<(), HostError> {
         check_name(name)?;
         for dir in self.dirs(name) {
@@ -404,7 +500,7 @@ impl Cgroups for LinuxCgroups {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
                     Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 100 => {
                         tries += 1;
-                        std::thread::sleep(std::time::Duration::from_millis(10));
+                        std::thread::sleep(Duration::from_millis(10));
                     }
                     Err(e) => return Err(cg_err("removing", &dir, e)),
                 }
@@ -596,5 +692,149 @@ mod tests {
             parent: "/runv/../etc".into(),
         };
         assert!(LinuxCgroups::layout(&bad, "").is_err());
+    }
+
+    /// A `sleep` moved into the cgroups whose `cgroup.procs` are `procs`;
+    /// killed when dropped if it still runs.
+    struct Member(std::process::Child);
+
+    impl Member {
+        fn join(procs: &[PathBuf]) -> Self {
+            let m = Self(
+                std::process::Command::new("sleep")
+                    .arg("600")
+                    .spawn()
+                    .unwrap(),
+            );
+            for p in procs {
+                std::fs::write(p, m.0.id().to_string()).unwrap();
+            }
+            m
+        }
+
+        /// The signal that ended it, once it has ended (it must have).
+        fn ended_by(&mut self) -> Option<i32> {
+            use std::os::unix::process::ExitStatusExt;
+            let start = std::time::Instant::now();
+            loop {
+                if let Some(status) = self.0.try_wait().unwrap() {
+                    return status.signal();
+                }
+                assert!(start.elapsed() < Duration::from_secs(10), "still runs");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    impl Drop for Member {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Removes the test's cgroup directories, innermost first, even on failure.
+    struct Dirs(Vec<PathBuf>);
+
+    impl Drop for Dirs {
+        fn drop(&mut self) {
+            for d in &self.0 {
+                let _ = std::fs::remove_dir(d);
+            }
+        }
+    }
+
+    #[test]
+    fn kill_all_ends_every_member_with_this_machines_cgroups() {
+        if !crate::host::testing::require(
+            "kill_all_ends_every_member_with_this_machines_cgroups",
+            &[crate::host::testing::Need::Root],
+        ) {
+            return;
+        }
+        let parent = format!("runv-kill-{}", std::process::id());
+        let cg = LinuxCgroups::detect(&CgroupConfig {
+            parent,
+            ..CgroupConfig::default()
+        });
+        if cg.available().is_err() {
+            eprintln!("skipping: {}", cg.describe());
+            return;
+        }
+        let procs = cg.ensure("vm", &Limits::default()).unwrap();
+        let mut dirs: Vec<PathBuf> = procs.iter().map(|p| p.parent().unwrap().into()).collect();
+        dirs.extend(
+            procs
+                .iter()
+                .map(|p| p.parent().unwrap().parent().unwrap().into()),
+        );
+        let _dirs = Dirs(dirs);
+        let mut a = Member::join(&procs);
+        let mut b = Member::join(&procs);
+        assert_eq!(cg.procs("vm").len(), 2);
+        cg.kill_all("vm").unwrap();
+        assert_eq!(a.ended_by(), Some(libc::SIGKILL));
+        assert_eq!(b.ended_by(), Some(libc::SIGKILL));
+        assert!(cg.procs("vm").is_empty());
+        cg.remove("vm").unwrap();
+        // Gone, or never there: nothing to do.
+        cg.kill_all("vm").unwrap();
+        eprintln!("kill_all: {}", cg.describe());
+    }
+
+    /// The cgroup v2 mount point, if one is mounted.
+    fn cgroup2_mount() -> Option<PathBuf> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        info.lines().find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let fstype = right.split_whitespace().next()?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (fstype == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+    }
+
+    #[test]
+    fn kill_all_ends_every_member_on_v2_with_cgroup_kill() {
+        if !crate::host::testing::require(
+            "kill_all_ends_every_member_on_v2_with_cgroup_kill",
+            &[crate::host::testing::Need::Root],
+        ) {
+            return;
+        }
+        let Some(mount) = cgroup2_mount() else {
+            eprintln!(
+                "kill_all_ends_every_member_on_v2_with_cgroup_kill: skipping: no cgroup2 mount"
+            );
+            return;
+        };
+        // The v2 layout over whatever cgroup2 is mounted (the unified tree of a
+        // hybrid host too, whose controllers are v1's: no limits are set here).
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let parent = parent_dir(
+            &mount,
+            own_cgroup(&own, "").as_deref(),
+            &format!("runv-kill-v2-{}", std::process::id()),
+        );
+        let dir = parent.join("vm");
+        let _dirs = Dirs(vec![dir.clone(), parent.clone()]);
+        std::fs::create_dir_all(&dir).unwrap();
+        if !dir.join("cgroup.kill").is_file() {
+            eprintln!(
+                "kill_all_ends_every_member_on_v2_with_cgroup_kill: skipping: no cgroup.kill (Linux before 5.14)"
+            );
+            return;
+        }
+        let cg = LinuxCgroups {
+            layout: Ok(Layout::V2 {
+                root: mount,
+                parent,
+            }),
+        };
+        let mut a = Member::join(&[dir.join("cgroup.procs")]);
+        assert_eq!(cg.procs("vm"), [a.0.id()]);
+        cg.kill_all("vm").unwrap();
+        assert_eq!(a.ended_by(), Some(libc::SIGKILL));
+        assert!(cg.procs("vm").is_empty());
+        cg.remove("vm").unwrap();
     }
 }

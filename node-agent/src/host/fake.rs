@@ -67,6 +67,9 @@ pub struct FakeState {
     pub no_cgroups: Option<String>,
     /// When set, creating or limiting a cgroup fails with this OS error.
     pub fail_cgroups: Option<std::io::ErrorKind>,
+    /// Every [`Cgroups::kill_all`] of a cgroup with processes in it: its
+    /// name and the pids it ended.
+    pub cgroup_kills: Vec<(String, Vec<u32>)>,
     next_pid: u32,
 }
 
@@ -109,6 +112,20 @@ impl FakeHost {
         }
         s.running.remove(&pid);
         Self::leave_cgroups(&mut s, pid);
+    }
+
+    /// A process that is not a VMM (one a VMM started, say) joins the
+    /// cgroup `name`; returns its pid. Only a kill of the cgroup ends it.
+    pub fn stray(&self, name: &str) -> u32 {
+        let mut s = self.state();
+        s.next_pid += 1;
+        let pid = 1000 + s.next_pid;
+        s.cgroups
+            .entry(name.to_owned())
+            .or_default()
+            .pids
+            .insert(pid);
+        pid
     }
 
     /// From now on the process `pid` (not the VM's VMM) serves `socket`.
@@ -444,6 +461,23 @@ impl Cgroups for FakeHost {
 
     fn oom_kills(&self, name: &str) -> Option<u64> {
         self.state().cgroups.get(name).map(|c| c.oom_kills)
+    }
+
+    fn kill_all(&self, name: &str) -> Result<(), HostError> {
+        let mut s = self.state();
+        let Some(cg) = s.cgroups.get_mut(name) else {
+            return Ok(());
+        };
+        let pids: Vec<u32> = std::mem::take(&mut cg.pids).into_iter().collect();
+        if pids.is_empty() {
+            return Ok(());
+        }
+        for pid in &pids {
+            s.running.remove(pid);
+            Self::leave_cgroups(&mut s, *pid);
+        }
+        s.cgroup_kills.push((name.to_owned(), pids));
+        Ok(())
     }
 
     fn remove(&self, name: &str) -> Result<(), HostError> {

@@ -306,6 +306,12 @@ pub trait Cgroups: Send + Sync {
     /// since it was created (v2 `memory.events`, v1 `memory.oom_control`,
     /// `oom_kill`); `None` when the cgroup or the counter does not exist.
     fn oom_kills(&self, name: &str) -> Option<u64>;
+    /// Ends every process in the cgroup with SIGKILL (the VMM and whatever
+    /// it started) and waits, about a second at most, until none is left:
+    /// one write to `cgroup.kill` where the kernel has it (v2, Linux 5.14),
+    /// else a SIGKILL to each member of `cgroup.procs` (of every hierarchy),
+    /// round after round. A missing cgroup is not an error.
+    fn kill_all(&self, name: &str) -> Result<(), HostError>;
     /// Removes the cgroup (a missing one is not an error); fails while a
     /// process is still in it.
     fn remove(&self, name: &str) -> Result<(), HostError>;

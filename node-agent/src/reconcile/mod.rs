@@ -18,7 +18,7 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use runv_crds::contract::{self, ExitReason, NotRequested, Reason};
-use runv_crds::microvm::{PowerState, RunPolicy};
+use runv_crds::microvm::{PowerState, RunPolicy, Toggle};
 use runv_crds::{MicroVMSpec, MicroVMStatus};
 use runv_vmm_api::{ExitReason as VmmExit, ExitRecord};
 
@@ -78,6 +78,9 @@ pub struct Facts {
     /// Why the node cannot enforce `spec.isolation.limits` (no usable cgroups,
     /// or creating the VM's cgroup failed), if it cannot.
     pub limits_error: Option<String>,
+    /// Why the sandbox the spec switches off must stay on here (see
+    /// [`sandbox_refusal`]), if it must.
+    pub sandbox_refused: Option<String>,
     /// Why the last start attempt failed, if it did.
     pub start_error: Option<String>,
     /// Why the VM's record (`vm.json`) exists but cannot be read, if so: a
@@ -90,6 +93,52 @@ pub struct Facts {
     /// (`HostPathNotAllowed`) or that cannot be opened (`StartFailed`), and
     /// why.
     pub host_file: Option<(Reason, String)>,
+}
+
+/// Which parts of the VMM's sandbox a spec may switch off on this node: the
+/// node administrator's choice (agent flags), never the tenant's. Both off by
+/// default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SandboxPolicy {
+    /// `spec.isolation.jail: Disabled` may run (`--allow-jail-disabled`).
+    pub allow_jail_disabled: bool,
+    /// `spec.isolation.seccomp: Disabled` may run (`--allow-seccomp-disabled`).
+    pub allow_seccomp_disabled: bool,
+}
+
+/// Why `spec` may not run on a node with `policy`: each part of the sandbox it
+/// switches off that the node does not allow, with the flag that would allow
+/// it. `None` when it may run. The VM is then not started at all: it never
+/// runs with less sandbox than it asked for, nor silently with more.
+pub fn sandbox_refusal(spec: &MicroVMSpec, policy: SandboxPolicy) -> Option<String> {
+    let refused: Vec<String> = [
+        (
+            "spec.isolation.jail",
+            spec.isolation.jail,
+            policy.allow_jail_disabled,
+            "--allow-jail-disabled",
+        ),
+        (
+            "spec.isolation.seccomp",
+            spec.isolation.seccomp,
+            policy.allow_seccomp_disabled,
+            "--allow-seccomp-disabled",
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, toggle, allowed, _)| *toggle == Toggle::Disabled && !allowed)
+    .map(|(field, _, _, flag)| {
+        format!(
+            "{field}: Disabled is not allowed on this node (its administrator allows it with the agent flag {flag})"
+        )
+    })
+    .collect();
+    (!refused.is_empty()).then(|| {
+        format!(
+            "{}; the VM is not started: set Enabled, or run it on a node that allows Disabled",
+            refused.join("; ")
+        )
+    })
 }
 
 /// Restart backoff, as kubelet's: `initial`, doubled per restart, capped at `max`;
@@ -340,8 +389,13 @@ fn decide_running(inputs: &Inputs<'_>, vm: &RunningVm<'_>, plan: &mut Plan) -> V
         return Verdict::Stopping;
     }
     if !vm.config_current {
-        // The spec changed what the VM is: restart it to apply.
+        // The spec changed what the VM is: restart it to apply, unless what
+        // it asks for now cannot start here (then it only ends, and says why).
         plan.actions.push(Action::Kill);
+        if let Some(blocked) = blocked(inputs.facts) {
+            plan.requeue = Some(Duration::from_secs(10));
+            return blocked;
+        }
         plan.actions.push(Action::Start { restart: false });
         return Verdict::Starting;
     }
@@ -498,6 +552,12 @@ fn blocked(facts: &Facts) -> Option<Verdict> {
     if let Some(why) = &facts.state_error {
         return Some(Verdict::Blocked {
             reason: Reason::StateUnreadable,
+            message: why.clone(),
+        });
+    }
+    if let Some(why) = &facts.sandbox_refused {
+        return Some(Verdict::Blocked {
+            reason: Reason::SandboxNotAllowed,
             message: why.clone(),
         });
     }

@@ -67,6 +67,16 @@ fn run(s: &MicroVMSpec, prev: &MicroVMStatus, obs: &Observed, now: i64) -> Decis
     )
 }
 
+fn run_with(
+    s: &MicroVMSpec,
+    prev: &MicroVMStatus,
+    obs: &Observed,
+    facts: &Facts,
+    now: i64,
+) -> Decision {
+    decide(s, 1, prev, obs, facts, &Backoff::default(), at(now))
+}
+
 fn cond_of(status: &MicroVMStatus, t: &str) -> (String, String, String) {
     let c = cond::find(&status.conditions, t).unwrap_or_else(|| panic!("no {t} condition"));
     (c.status.clone(), c.reason.clone(), c.message.clone())
@@ -166,6 +176,97 @@ fn missing_kernel_is_stalled_and_names_the_file() {
         at(0),
     );
     assert_eq!(ready(&d).1, "DiskNotFound");
+}
+
+/// jail × seccomp × what the node allows → refused fields (none: it may run).
+#[test]
+fn sandbox_policy_table() {
+    use runv_crds::microvm::Toggle::{Disabled as Off, Enabled as On};
+    let none = SandboxPolicy::default();
+    let jail_ok = SandboxPolicy {
+        allow_jail_disabled: true,
+        ..none
+    };
+    let seccomp_ok = SandboxPolicy {
+        allow_seccomp_disabled: true,
+        ..none
+    };
+    let both_ok = SandboxPolicy {
+        allow_jail_disabled: true,
+        allow_seccomp_disabled: true,
+    };
+    let jail = "spec.isolation.jail";
+    let seccomp = "spec.isolation.seccomp";
+    let table: &[(_, _, SandboxPolicy, &[&str])] = &[
+        (On, On, none, &[]),
+        (Off, On, none, &[jail]),
+        (On, Off, none, &[seccomp]),
+        (Off, Off, none, &[jail, seccomp]),
+        (Off, On, jail_ok, &[]),
+        (Off, Off, jail_ok, &[seccomp]),
+        (On, Off, jail_ok, &[seccomp]),
+        (On, Off, seccomp_ok, &[]),
+        (Off, Off, seccomp_ok, &[jail]),
+        (Off, Off, both_ok, &[]),
+        (On, On, both_ok, &[]),
+    ];
+    for (j, sc, policy, refused) in table {
+        let mut s = spec(RunPolicy::Always, PowerState::Running);
+        s.isolation.jail = *j;
+        s.isolation.seccomp = *sc;
+        let why = sandbox_refusal(&s, *policy);
+        let case = format!("jail {j:?}, seccomp {sc:?}, {policy:?}: {why:?}");
+        assert_eq!(why.is_none(), refused.is_empty(), "{case}");
+        for field in [jail, seccomp] {
+            let named = why.as_deref().is_some_and(|w| w.contains(field));
+            assert_eq!(named, refused.contains(&field), "{case}");
+        }
+        if let Some(why) = &why {
+            // The message names the flag that would allow each refused field.
+            assert_eq!(
+                why.contains("--allow-jail-disabled"),
+                refused.contains(&jail),
+                "{case}"
+            );
+            assert_eq!(
+                why.contains("--allow-seccomp-disabled"),
+                refused.contains(&seccomp),
+                "{case}"
+            );
+        }
+        // Refused: nothing starts, Ready=False with its own reason and a warning.
+        let facts = Facts {
+            sandbox_refused: why.clone(),
+            ..Facts::default()
+        };
+        let d = run_with(&s, &MicroVMStatus::default(), &never_ran(), &facts, 0);
+        if refused.is_empty() {
+            assert_eq!(d.actions, [Action::Start { restart: false }], "{case}");
+        } else {
+            assert!(d.actions.is_empty(), "{case}");
+            let (st, r, m) = cond_of(&d.status, cond::READY);
+            assert_eq!((st.as_str(), r.as_str()), ("False", "SandboxNotAllowed"));
+            assert_eq!(Some(m), why, "{case}");
+            assert!(Reason::SandboxNotAllowed.warns());
+            assert_eq!(cond_of(&d.status, cond::STALLED).0, "True");
+        }
+    }
+    // A restart after an exit is refused the same way.
+    let mut s = spec(RunPolicy::Always, PowerState::Running);
+    s.isolation.jail = Off;
+    let facts = Facts {
+        sandbox_refused: sandbox_refusal(&s, none),
+        ..Facts::default()
+    };
+    let d = run_with(
+        &s,
+        &MicroVMStatus::default(),
+        &exited(ExitReason::PowerOff, 0),
+        &facts,
+        10_000,
+    );
+    assert!(d.actions.is_empty());
+    assert_eq!(ready(&d).1, "SandboxNotAllowed");
 }
 
 /// runPolicy × how the VM ended → (phase, Ready status, Ready reason, restarts now?).
@@ -568,6 +669,17 @@ fn a_changed_spec_restarts_the_vm() {
         d.actions,
         vec![Action::Kill, Action::Start { restart: false }]
     );
+    // A change to something the node refuses (here: switching the jail off
+    // where that is not allowed) ends the old VMM and starts nothing.
+    let mut unjailed = s.clone();
+    unjailed.isolation.jail = Toggle::Disabled;
+    let facts = Facts {
+        sandbox_refused: sandbox_refusal(&unjailed, SandboxPolicy::default()),
+        ..Facts::default()
+    };
+    let d = run_with(&unjailed, &MicroVMStatus::default(), &obs, &facts, 5);
+    assert_eq!(d.actions, vec![Action::Kill]);
+    assert_eq!(ready(&d), ("False".into(), "SandboxNotAllowed".into()));
 }
 
 #[test]

@@ -3,7 +3,9 @@
 //! socket (SIGKILL as the last resort) — and stop a VM on request.
 //!
 //! Every message goes to the VMM recorded in `vm.json`, and only when its
-//! control socket is that VMM's. Must not decide what to do (that is
+//! control socket is that VMM's. A VM is ended by its cgroup as well as by
+//! its VMM's pid: whatever the VMM may have started ends with it, and a
+//! new VMM joins an empty cgroup. Must not decide what to do (that is
 //! [`crate::reconcile`]'s) and must not release anything the VM holds on
 //! the host (that is `cleanup.rs`).
 
@@ -61,6 +63,9 @@ impl Runtime {
         self.prepare(vm, spec)?;
         let config = self.prepare_config(vm, spec)?;
         let cgroup = self.prepare_cgroup(vm, spec)?;
+        // No VMM runs for the VM now: anything in its cgroup is left over
+        // from an earlier run.
+        self.end_cgroup(vm, None)?;
         // The OOM killer's count before this run, to tell an OOM kill later.
         let oom_kills_at_start = if cgroup.is_empty() {
             None
@@ -98,7 +103,7 @@ impl Runtime {
         if let Err(e) = recorded {
             // A VMM the agent has no record of would be started a second
             // time: end it, and report why the VM cannot start.
-            if let Err(k) = self.host.processes().kill(id) {
+            if let Err(k) = self.end_vmm(vm, id) {
                 tracing::error!(vm = %vm, error = %runv_crds::retry::Chain(&k), "cannot end a VMM whose record could not be written");
             }
             return Err(e.into());
@@ -107,8 +112,8 @@ impl Runtime {
     }
 
     /// Ends the VMM now: through its control socket, else (no answer, or the
-    /// socket is not the VMM's) SIGKILL to the recorded process. Waits
-    /// (bounded) until it is gone.
+    /// socket is not the VMM's) by force, with everything in its cgroup (see
+    /// [`Self::end_vmm`]). Waits (bounded) until they are gone.
     pub(super) fn kill(&self, vm: &VmRef) -> Result<(), HostError> {
         let dir = self.dir(vm);
         let Some(mut record) = self.record(vm) else {
@@ -123,15 +128,46 @@ impl Runtime {
         if procs.is_alive(id) && self.send_to(vm, &dir, id, Request::Kill).is_ok() {
             for _ in 0..200 {
                 if !procs.is_alive(id) {
-                    return Ok(());
+                    break;
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        procs.kill(id)
+        self.end_vmm(vm, id)
     }
 
-    /// Stops the VM: the power button, up to `grace`, then kill. Keeps its state.
+    /// SIGKILL to every process in the VM's cgroup, when its VMM was started
+    /// in one, then to the VMM `id` itself if it still runs (checked to be
+    /// that process, not a reused pid): where there is no cgroup, the pid is
+    /// all there is.
+    fn end_vmm(&self, vm: &VmRef, id: VmmIdentity) -> Result<(), HostError> {
+        let swept = self.end_cgroup(vm, Some(id));
+        self.host.processes().kill(id)?;
+        swept
+    }
+
+    /// Kills whatever runs in the VM's cgroup (`cgroup.json` names it; none
+    /// recorded: nothing to do), and logs each process found there other
+    /// than the VMM `vmm`: a VMM starts no processes, so one that did is
+    /// worth a look.
+    fn end_cgroup(&self, vm: &VmRef, vmm: Option<VmmIdentity>) -> Result<(), HostError> {
+        let Some(record) = self.dir(vm).read_cgroup_record() else {
+            return Ok(());
+        };
+        let cgroups = self.host.cgroups();
+        let others: Vec<u32> = cgroups
+            .procs(&record.name)
+            .into_iter()
+            .filter(|p| vmm.is_none_or(|id| id.pid != *p))
+            .collect();
+        if !others.is_empty() {
+            tracing::warn!(vm = %vm, cgroup = %record.name, pids = ?others, "killing processes other than the VMM in the VM's cgroup");
+        }
+        cgroups.kill_all(&record.name)
+    }
+
+    /// Stops the VM: the power button, up to `grace`, then kill. Ends
+    /// whatever is left in its cgroup either way. Keeps its state.
     pub fn stop(&self, vm: &VmRef, grace: Duration) -> Result<(), RuntimeError> {
         let dir = self.dir(vm);
         let Some(mut record) = self.record(vm) else {
@@ -141,6 +177,7 @@ impl Runtime {
             return Ok(());
         };
         if !self.host.processes().is_alive(id) {
+            self.end_cgroup(vm, None)?;
             return Ok(());
         }
         record.stop_requested = true;
@@ -152,6 +189,7 @@ impl Runtime {
             let start = std::time::Instant::now();
             while start.elapsed() < grace {
                 if !self.host.processes().is_alive(id) {
+                    self.end_cgroup(vm, None)?;
                     return Ok(());
                 }
                 std::thread::sleep(Duration::from_millis(10));

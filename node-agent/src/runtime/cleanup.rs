@@ -10,8 +10,9 @@ use super::{Runtime, RuntimeError, VmRef};
 use crate::vmconfig;
 
 impl Runtime {
-    /// Stops the VM for good and removes everything it had on the host: the VMM,
-    /// its taps, its addresses, its cgroup and its state directory.
+    /// Stops the VM for good and removes everything it had on the host: the VMM
+    /// (and anything in its cgroup), its taps, its addresses, its cgroup and
+    /// its state directory.
     pub fn cleanup(&self, vm: &VmRef) -> Result<(), RuntimeError> {
         let dir = self.dir(vm);
         if let Some(why) = self.foreign_record(vm) {
@@ -30,9 +31,12 @@ impl Runtime {
         Ok(())
     }
 
-    /// Removes the VM's cgroup; the VM must not run.
+    /// Ends whatever is still in the VM's cgroup and removes it; the VMM
+    /// must not run.
     pub fn release_cgroup(&self, vm: &VmRef) -> Result<(), RuntimeError> {
-        self.host.cgroups().remove(&self.recorded_cgroup(vm))?;
+        let name = self.recorded_cgroup(vm);
+        self.host.cgroups().kill_all(&name)?;
+        self.host.cgroups().remove(&name)?;
         Ok(())
     }
 

@@ -32,7 +32,7 @@ use crate::host::hostfile::{AllowedDirs, HostFile, HostFileError};
 use crate::host::ipam::FileIpam;
 use crate::host::{BridgeSpec, ControlTarget, Host, HostError, VmmIdentity};
 use crate::jail::JailIdAllocator;
-use crate::reconcile::{Action, Backoff, Decision, Observed, decide};
+use crate::reconcile::{Action, Backoff, Decision, Observed, SandboxPolicy, decide};
 use crate::state::{self, VmDir};
 
 /// Why the runtime could not be set up, or a VM not started, stopped or
@@ -75,6 +75,9 @@ pub struct RuntimeConfig {
     /// Tap devices a `Tap` interface may name: exact names, or prefixes
     /// ending in `*`. Empty: none.
     pub allowed_taps: Vec<String>,
+    /// Which parts of the VMM's sandbox a spec may switch off here (none by
+    /// default).
+    pub sandbox: SandboxPolicy,
 }
 
 impl RuntimeConfig {
@@ -92,6 +95,7 @@ impl RuntimeConfig {
             serial_limit: 1 << 20,
             allowed: AllowedDirs::default(),
             allowed_taps: Vec::new(),
+            sandbox: SandboxPolicy::default(),
         }
     }
 }

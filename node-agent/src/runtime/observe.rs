@@ -17,7 +17,7 @@ use super::{Runtime, VmRef, control_target, from_ms, limits_message, ms, spec_li
 use crate::host::VmmIdentity;
 use crate::host::hostfile::HostFileError;
 use crate::jail;
-use crate::reconcile::{Facts, Observed, ObservedExit};
+use crate::reconcile::{Facts, Observed, ObservedExit, sandbox_refusal};
 use crate::state::VmRecord;
 use crate::vmconfig;
 use runv_crds::contract::Reason;
@@ -31,7 +31,8 @@ type HostFileVerdict = Option<(Reason, String)>;
 
 impl Runtime {
     /// What the node says about the spec before anything runs: missing
-    /// files, an invalid spec, limits it cannot enforce.
+    /// files, an invalid spec, limits it cannot enforce, a sandbox switched
+    /// off where the node does not allow it.
     pub(super) fn facts(&self, vm: &VmRef, spec: &MicroVMSpec) -> Facts {
         let (missing_files, mut host_file) = self.check_host_files(spec);
         if host_file.is_none() {
@@ -56,6 +57,7 @@ impl Runtime {
             missing_files,
             invalid,
             limits_error,
+            sandbox_refused: sandbox_refusal(spec, self.config.sandbox),
             start_error: None,
             state_error: self
                 .dir(vm)

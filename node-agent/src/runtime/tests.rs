@@ -64,12 +64,22 @@ fn env() -> Env {
 }
 
 fn runtime(root: &Path, host: &Arc<FakeHost>) -> Runtime {
+    runtime_with(root, host, |_| {})
+}
+
+/// A runtime whose settings `change` alters first.
+fn runtime_with(
+    root: &Path,
+    host: &Arc<FakeHost>,
+    change: impl FnOnce(&mut RuntimeConfig),
+) -> Runtime {
     let mut cfg = RuntimeConfig::new(root.to_owned(), "/bin/runv-vmm".into());
     cfg.allowed = AllowedDirs {
         kernels: vec!["/k".into()],
         images: vec!["/img".into()],
     };
     cfg.allowed_taps = vec!["tenant-a-*".into(), "shared0".into()];
+    change(&mut cfg);
     Runtime::new(cfg, host.clone() as Arc<dyn Host>).unwrap()
 }
 
@@ -466,12 +476,86 @@ fn a_jailed_vm_gets_its_own_stable_ids_and_only_run_is_given_to_them() {
     };
     let mut unjailed = spec(RunPolicy::Always);
     unjailed.isolation.jail = Toggle::Disabled;
-    e.rt.reconcile(&plain, &unjailed, 1, &MicroVMStatus::default(), at(3));
+    let allowing = runtime_with(e._root.path(), &e.host, |c| {
+        c.sandbox.allow_jail_disabled = true;
+    });
+    allowing.reconcile(&plain, &unjailed, 1, &MicroVMStatus::default(), at(3));
     let pdir = e.rt.dir(&plain);
     assert!(jail::read(&pdir).is_none());
     assert!(!e.host.state().owners.contains_key(&pdir.run_dir()));
     let text = std::fs::read_to_string(pdir.config()).unwrap();
     assert!(!text.contains("\"jail\""), "{text}");
+}
+
+#[test]
+fn a_sandbox_switched_off_runs_only_where_the_node_allows_it() {
+    for (field, change) in [
+        (
+            "spec.isolation.jail",
+            (|s: &mut MicroVMSpec| s.isolation.jail = Toggle::Disabled) as fn(&mut MicroVMSpec),
+        ),
+        ("spec.isolation.seccomp", |s: &mut MicroVMSpec| {
+            s.isolation.seccomp = Toggle::Disabled;
+        }),
+    ] {
+        let e = env();
+        let mut s = spec(RunPolicy::Always);
+        change(&mut s);
+        // The default node: nothing runs, not even sandboxed after all.
+        let d =
+            e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+        assert!(e.host.state().spawned.is_empty(), "{field}: started");
+        assert!(!e.rt.dir(&vm()).config().exists(), "{field}: no config");
+        let c = cond::find(&d.status.conditions, cond::READY).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "SandboxNotAllowed"),
+            "{field}"
+        );
+        assert!(c.message.contains(field), "{}", c.message);
+        assert!(c.message.contains("--allow-"), "{}", c.message);
+        assert!(cond::is_true(&d.status.conditions, cond::STALLED));
+        let events = crate::reconcile::transitions(&MicroVMStatus::default(), &d.status);
+        assert!(
+            events
+                .iter()
+                .any(|t| t.warning && t.reason == "SandboxNotAllowed"),
+            "{events:?}"
+        );
+
+        // A node whose administrator allows both runs it as asked.
+        let allowing = runtime_with(e._root.path(), &e.host, |c| {
+            c.sandbox.allow_jail_disabled = true;
+            c.sandbox.allow_seccomp_disabled = true;
+        });
+        let d = allowing.reconcile(&vm(), &s, 1, &d.status, at(10));
+        assert_eq!(d.status.phase, Some(Phase::Starting), "{field}");
+        assert_eq!(e.host.state().spawned.len(), 1);
+        let cfg = config_of(&e);
+        assert_eq!(cfg.jail.is_none(), s.isolation.jail == Toggle::Disabled);
+        assert_eq!(cfg.seccomp, s.isolation.seccomp == Toggle::Enabled);
+    }
+}
+
+#[test]
+fn a_running_vm_whose_spec_switches_its_jail_off_is_ended_not_restarted() {
+    let e = env();
+    let s = spec(RunPolicy::Always);
+    let d =
+        e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    let vmm = e.host.running()[0];
+    let mut unjailed = s.clone();
+    unjailed.isolation.jail = Toggle::Disabled;
+    let d = e.rt.reconcile(&vm(), &unjailed, 2, &d.status, at(1));
+    assert!(
+        e.host.running().is_empty(),
+        "the jailed VMM {vmm} still runs"
+    );
+    assert_eq!(e.host.state().spawned.len(), 1, "an unjailed VMM started");
+    assert_eq!(
+        ready(&d.status),
+        ("False".into(), "SandboxNotAllowed".into())
+    );
 }
 
 #[test]
@@ -609,11 +693,76 @@ fn a_control_socket_another_process_serves_is_sent_nothing() {
     assert!(e.host.state().requests.is_empty(), "no pause was sent");
     assert_eq!(e.host.running(), [vmm.pid], "nothing was killed");
 
-    // Deleting it kills the recorded VMM by its pid, never through the socket.
+    // Deleting it kills the recorded VMM by its cgroup, never through the socket.
     e.rt.cleanup(&vm()).unwrap();
     let st = e.host.state();
     assert!(st.requests.is_empty(), "{:?}", st.requests);
+    assert_eq!(st.cgroup_kills, [(e.rt.cgroup_name(&vm()), vec![vmm.pid])]);
+    assert!(st.running.is_empty());
+}
+
+#[test]
+fn stopping_a_vm_ends_everything_in_its_cgroup() {
+    let e = env();
+    let s = spec(RunPolicy::Always);
+    let d =
+        e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    let name = e.rt.cgroup_name(&vm());
+    let vmm = e.rt.dir(&vm()).read_record().unwrap().vmm.unwrap();
+    // The VMM starts a process in its cgroup; the pid alone would miss it.
+    let stray = e.host.stray(&name);
+    e.host.boot(&e.rt.dir(&vm()).control_socket());
+    let d = e.rt.reconcile(&vm(), &s, 1, &d.status, at(1));
+    assert_eq!(d.status.phase, Some(Phase::Running));
+
+    // Stopped: the guest ignores the button, the grace ends, the VMM is
+    // killed (through its socket) and then its cgroup.
+    e.rt.stop(&vm(), Duration::ZERO).unwrap();
+    {
+        let st = e.host.state();
+        assert!(!st.running.contains_key(&vmm.pid));
+        assert!(st.cgroups[&name].pids.is_empty(), "{:?}", st.cgroups[&name]);
+        assert_eq!(st.cgroup_kills, [(name.clone(), vec![stray])]);
+    }
+
+    // A VMM that ends on its own may leave a process behind: the next start
+    // clears the cgroup before its new VMM joins it.
+    let d = e.rt.reconcile(&vm(), &s, 1, &d.status, at(2));
+    let pid = e.host.running()[0];
+    let stray = e.host.stray(&name);
+    e.host.exit(pid);
+    let d = e.rt.reconcile(&vm(), &s, 1, &d.status, at(100));
+    assert!(e.host.running().is_empty(), "backing off");
+    assert_eq!(e.host.state().cgroups[&name].pids, [stray].into());
+    e.rt.reconcile(&vm(), &s, 1, &d.status, at(200));
+    let st = e.host.state();
+    let new = *st.running.keys().next().expect("restarted");
+    assert_eq!(st.cgroups[&name].pids, [new].into(), "only the new VMM");
+    assert_eq!(st.cgroup_kills.last(), Some(&(name.clone(), vec![stray])));
+    drop(st);
+
+    // Deleted: a stray left at the end is ended too, and the cgroup goes.
+    let stray = e.host.stray(&name);
+    e.rt.cleanup(&vm()).unwrap();
+    let st = e.host.state();
+    assert!(st.running.is_empty());
+    assert!(!st.cgroups.contains_key(&name));
+    assert_eq!(st.cgroup_kills.last(), Some(&(name, vec![stray])));
+}
+
+#[test]
+fn without_a_cgroup_a_vm_is_stopped_by_its_pid() {
+    let e = env();
+    e.host.state().no_cgroups = Some("no cgroup v2 with cpu and memory".into());
+    let s = spec(RunPolicy::Always);
+    e.rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    let vmm = e.rt.dir(&vm()).read_record().unwrap().vmm.unwrap();
+    // Its control socket does not answer: the pid gets SIGKILL.
+    e.host.hijack(&e.rt.dir(&vm()).control_socket(), 4242);
+    e.rt.stop(&vm(), Duration::ZERO).unwrap();
+    let st = e.host.state();
     assert_eq!(st.killed, [vmm.pid]);
+    assert!(st.cgroup_kills.is_empty());
 }
 
 fn limits(cpu: Option<&str>, memory: Option<&str>) -> VmmLimits {
