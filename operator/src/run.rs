@@ -137,8 +137,18 @@ where
     (store, watch)
 }
 
+/// Drops what the operator never reads from a cached object: its
+/// managedFields and its annotations.
+fn strip_unread<K: kube::Resource>(obj: &mut K) {
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    meta.annotations = None;
+}
+
 /// One watch of MicroVMs that feeds the cache and both controllers, without
-/// the managedFields no reconcile reads (they are most of an object's size).
+/// the managedFields and annotations no reconcile reads (they are most of an
+/// object's size, and a tenant's to make as large as the API allows: a
+/// SecureWorkload's template annotations are copied into every replica).
 struct MicroVMWatch {
     store: Store<MicroVM>,
     watch: BoxFuture<'static, ()>,
@@ -165,7 +175,7 @@ impl MicroVMWatch {
             watcher::Config::default(),
         )
         .default_backoff()
-        .modify(|vm| vm.managed_fields_mut().clear())
+        .modify(strip_unread)
         .reflect_shared(writer)
         // A shared stream passes on no deletions (kube-rs issue 1590), so a
         // workload would not hear that a replica is gone (a Recreate waits for
@@ -274,6 +284,9 @@ impl WorkloadController {
             watcher::Config::default(),
         )
         .default_backoff()
+        // Its own annotations and managedFields are never read; the
+        // template's annotations (copied into replicas) are kept.
+        .modify(strip_unread)
         .reflect(writer)
         .inspect(mark_synced(synced))
         .applied_objects();
