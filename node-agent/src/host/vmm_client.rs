@@ -8,7 +8,7 @@
 //! and hands the connection to [`VmmClient::from_stream`].
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -66,6 +66,8 @@ pub enum ClientError {
 pub struct VmmClient {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    /// The longest one call may take, all its reads and writes together.
+    timeout: Duration,
 }
 
 fn op_name(req: &Request) -> &'static str {
@@ -82,8 +84,7 @@ fn op_name(req: &Request) -> &'static str {
 
 impl VmmClient {
     /// Connects to whatever listens at `path` (following links, checking no
-    /// peer: for tools and tests); every later read and write waits at most
-    /// `timeout`.
+    /// peer: for tools and tests); every later call takes at most `timeout`.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, ClientError> {
         let connect_err = |source| ClientError::Connect {
             path: path.to_owned(),
@@ -93,34 +94,57 @@ impl VmmClient {
         Self::from_stream(s, timeout)
     }
 
-    /// A client over a connected stream; every later read and write waits at
-    /// most `timeout`.
+    /// A client over a connected stream; every later call takes at most
+    /// `timeout`, however slowly the VMM answers.
     pub fn from_stream(s: UnixStream, timeout: Duration) -> Result<Self, ClientError> {
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
         Ok(Self {
             reader: BufReader::new(s.try_clone()?),
             writer: s,
+            timeout,
         })
     }
 
-    /// Sends one request and reads its response; an error response is returned as is.
+    /// Sends one request and reads its response; an error response is returned
+    /// as is. The whole call is bounded by the client's timeout: a VMM that
+    /// answers a byte at a time (each read in time) is cut off all the same.
     pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        let deadline = std::time::Instant::now() + self.timeout;
         self.writer.write_all(req.encode().as_bytes())?;
-        let mut line = Vec::new();
-        let n = (&mut self.reader)
-            .take(MAX_RESPONSE_BYTES as u64)
-            .read_until(b'\n', &mut line)?;
-        if n == 0 {
-            return Err(ClientError::Io(std::io::ErrorKind::UnexpectedEof.into()));
-        }
-        if line.last() != Some(&b'\n') {
-            return Err(ClientError::TooLong);
-        }
+        let line = self.read_line_by(deadline)?;
         Response::decode(line.trim_ascii_end()).map_err(|source| ClientError::Malformed {
             line: String::from_utf8_lossy(line.trim_ascii_end()).into_owned(),
             source,
         })
+    }
+
+    /// One response line (with its newline), read before `deadline`.
+    fn read_line_by(&mut self, deadline: std::time::Instant) -> Result<Vec<u8>, ClientError> {
+        let mut line = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::Io(std::io::ErrorKind::TimedOut.into()));
+            }
+            self.reader.get_ref().set_read_timeout(Some(left))?;
+            let buf = self.reader.fill_buf()?;
+            if buf.is_empty() {
+                return Err(ClientError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (buf.len(), false),
+            };
+            line.extend_from_slice(&buf[..take]);
+            self.reader.consume(take);
+            if line.len() > MAX_RESPONSE_BYTES {
+                return Err(ClientError::TooLong);
+            }
+            if done {
+                return Ok(line);
+            }
+        }
     }
 
     fn expect_ok(&mut self, req: Request) -> Result<(), ClientError> {
@@ -269,5 +293,34 @@ mod tests {
         // The listener never answers: the call times out.
         let mut c = VmmClient::connect(&sock, Duration::from_millis(100)).unwrap();
         assert!(matches!(c.ping(), Err(ClientError::Io(_))));
+    }
+
+    #[test]
+    fn a_vmm_that_answers_a_byte_at_a_time_is_cut_off_at_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("ctl.sock");
+        let l = UnixListener::bind(&sock).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let drip = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            // Bounded: one byte per 20 ms, well inside each read's wait, for at
+            // most 30 s, never a newline.
+            for _ in 0..1500 {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) || s.write_all(b" ").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let mut c = VmmClient::connect(&sock, Duration::from_millis(300)).unwrap();
+        let e = c.ping().unwrap_err();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(c);
+        drip.join().unwrap();
+        assert!(
+            matches!(&e, ClientError::Io(io) if matches!(io.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)),
+            "{e:?}"
+        );
     }
 }
