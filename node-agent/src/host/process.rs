@@ -327,9 +327,18 @@ mod tests {
         // SAFETY: getpgid/getpgrp have no memory-safety preconditions.
         let (theirs, ours) = unsafe { (libc::getpgid(id.pid as i32), libc::getpgrp()) };
         assert_ne!(theirs, ours);
-        // Once the script has run its first command, it has memory of its own.
+        // Once the script has run its first command, it has memory of its own;
+        // between `exec` dropping the shell's and `sleep` mapping its own the
+        // kernel may show none for a moment, so look (bounded) until it does.
         wait_started(dir.path());
-        let usage = p.usage(id).expect("usage of a running process");
+        let start = std::time::Instant::now();
+        let usage = loop {
+            let usage = p.usage(id).expect("usage of a running process");
+            if usage.rss_bytes > 0 || start.elapsed() > std::time::Duration::from_secs(10) {
+                break usage;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
         assert!(usage.rss_bytes > 0, "{usage:?}");
         // A different start time is a different process, never ours to kill.
         let other = VmmIdentity {
