@@ -99,7 +99,10 @@ fn drive(cluster: &Cluster) -> Result<()> {
 
     // A kernel that does not exist.
     let bad = tmp.path().join("bad.yaml");
-    std::fs::write(&bad, manifest("nokernel", "/nonexistent/vmlinux", ""))?;
+    std::fs::write(
+        &bad,
+        manifest("nokernel", "/var/lib/runv/kernels/nonexistent-vmlinux", ""),
+    )?;
     cluster.kubectl(&["apply", "-f", &bad.display().to_string()])?;
     cluster.kubectl(&[
         "wait",
@@ -114,7 +117,10 @@ fn drive(cluster: &Cluster) -> Result<()> {
         "-o",
         "jsonpath={.status.conditions[?(@.type==\"Ready\")].message}",
     ])?;
-    assert!(msg.contains("/nonexistent/vmlinux"), "{msg}");
+    assert!(
+        msg.contains("/var/lib/runv/kernels/nonexistent-vmlinux"),
+        "{msg}"
+    );
 
     // Delete: VMM and state gone, then the object.
     cluster.kubectl(&["delete", "mvm", "loop-0", "--timeout=180s"])?;
