@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Agent, KillVmmOnDrop, alive, recorded_pid, remove_test_cgroup, vmm_binary};
+use common::{
+    Agent, KillVmmOnDrop, ParentGuard, alive, recorded_pid, remove_test_cgroup, vmm_binary,
+};
 use runv_node_agent::host::cgroup::own_cgroup;
 use runv_node_agent::testing::{Need, require};
 
@@ -68,17 +70,6 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     while !f() {
         assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Removes the test's parent cgroups at the end, even on failure.
-struct ParentGuard(Vec<PathBuf>);
-
-impl Drop for ParentGuard {
-    fn drop(&mut self) {
-        for d in &self.0 {
-            let _ = std::fs::remove_dir(d);
-        }
     }
 }
 

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Agent, KillVmmOnDrop, alive, recorded_pid, remove_test_cgroup, vmm_binary};
+use common::{
+    Agent, KillVmmOnDrop, ParentGuard, alive, recorded_pid, remove_test_cgroup, vmm_binary,
+};
 use runv_node_agent::host::cgroup::own_cgroup;
 use runv_node_agent::testing::{Need, require};
 
@@ -85,17 +87,6 @@ impl Drop for Stray {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-/// Removes the test's cgroups at the end, in order, even on failure.
-struct ParentGuard(Vec<PathBuf>);
-
-impl Drop for ParentGuard {
-    fn drop(&mut self) {
-        for d in &self.0 {
-            let _ = std::fs::remove_dir(d);
-        }
     }
 }
 

@@ -104,21 +104,6 @@ impl Outbox {
             }
         }
     }
-
-    /// How many Events wait.
-    pub fn len(&self) -> usize {
-        lock(&self.queue).len()
-    }
-
-    /// Whether none does.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Events dropped because too many waited.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

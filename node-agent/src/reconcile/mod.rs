@@ -288,21 +288,17 @@ pub fn decide(
     let mut plan = Plan::default();
     let mut status = previous.clone();
     status.observed_generation = Some(generation);
-    let verdict = match (observed, &facts.fenced) {
-        (Observed::Running { .. }, Some(message)) => {
-            plan.actions.push(Action::Kill);
+    let verdict = match &facts.fenced {
+        Some(message) => {
+            if matches!(observed, Observed::Running { .. }) {
+                plan.actions.push(Action::Kill);
+            }
             plan.requeue = Some(FENCED_RECHECK);
             Verdict::Fenced {
                 message: message.clone(),
             }
         }
-        (Observed::NotRunning { .. }, Some(message)) => {
-            plan.requeue = Some(FENCED_RECHECK);
-            Verdict::Fenced {
-                message: message.clone(),
-            }
-        }
-        _ => decide_observed(&inputs, observed, &mut plan, &mut status),
+        None => decide_observed(&inputs, observed, &mut plan, &mut status),
     };
     status::apply(&mut status, spec, generation, &verdict, observed, now);
     Decision {

@@ -36,6 +36,18 @@ pub fn vmm_binary() -> PathBuf {
 /// of one test binary (they name the cgroups).
 pub const TEST_CGROUP_PARENT: &str = "runv-test";
 
+/// Removes the test's parent cgroup directories at the end, in order, even on
+/// failure.
+pub struct ParentGuard(pub Vec<PathBuf>);
+
+impl Drop for ParentGuard {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
 /// Removes a test VM's cgroup under `parent` (best effort; the VMM must be gone).
 pub fn remove_test_cgroup(parent: &str, vm_dir: &Path) {
     use runv_node_agent::host::Cgroups;
