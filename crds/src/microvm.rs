@@ -625,6 +625,13 @@ pub struct MicroVMStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
 
+    /// The tenant the VM belongs to and its node isolation, as the operator resolved
+    /// them at placement from the namespace's `runv.dev/tenant` label and the
+    /// administrator's policy (written by the operator). The agent keeps VMs of
+    /// different tenants apart on the node by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<Tenant>,
+
     /// Scheduled, VMMStarted, GuestBooted, Ready, Paused, Reconciling and Stalled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
