@@ -7,7 +7,7 @@
 //!
 //! | field | unbound | on a live node | on a lost node |
 //! |---|---|---|---|
-//! | `nodeName`, condition `Scheduled` | operator | operator | operator |
+//! | `nodeName`, `tenant`, condition `Scheduled` | operator | operator | operator |
 //! | `phase`, `observedGeneration`, conditions `VMMStarted`, `GuestBooted`, `Ready`, `Paused`, `Reconciling`, `Stalled` | operator | agent | operator |
 //! | `restartCount`, `lastExit`, `bootStartTime`, `bootDurationMillis`, `interfaces`, `vsockCid` | — | agent | — |
 //!
@@ -54,6 +54,8 @@ impl Binding {
 pub enum StatusField {
     /// `nodeName`.
     NodeName,
+    /// `tenant`, resolved with the placement.
+    Tenant,
     /// `phase`.
     Phase,
     /// `observedGeneration`.
@@ -92,7 +94,7 @@ pub fn writer(field: &StatusField, binding: Binding) -> Option<Writer> {
         Binding::OnLiveNode => Writer::Agent,
     };
     match field {
-        StatusField::NodeName => Some(Writer::Operator),
+        StatusField::NodeName | StatusField::Tenant => Some(Writer::Operator),
         StatusField::Condition(t) if t == cond::SCHEDULED => Some(Writer::Operator),
         StatusField::Phase | StatusField::ObservedGeneration | StatusField::Condition(_) => {
             Some(lifecycle)
@@ -132,6 +134,7 @@ pub fn fields_of(status: &serde_json::Value) -> Result<BTreeSet<StatusField>, Ow
     for (key, value) in obj {
         match key.as_str() {
             "nodeName" => out.insert(StatusField::NodeName),
+            "tenant" => out.insert(StatusField::Tenant),
             "phase" => out.insert(StatusField::Phase),
             "observedGeneration" => out.insert(StatusField::ObservedGeneration),
             "conditions" => {
