@@ -237,6 +237,7 @@ pub fn build(
     c.rng = true;
     c.serial = SerialConfig::File {
         path: dir.serial_log(),
+        rotate: None,
     };
     c.control_socket = Some(dir.control_socket());
     c.exit_file = Some(dir.exit_file());

@@ -80,7 +80,10 @@ fn parse_serial(s: &str) -> anyhow::Result<SerialConfig> {
     Ok(match s.split_once(':') {
         None if s == "stdout" => SerialConfig::Stdout,
         None if s == "off" => SerialConfig::Off,
-        Some(("file", p)) => SerialConfig::File { path: p.into() },
+        Some(("file", p)) => SerialConfig::File {
+            path: p.into(),
+            rotate: None,
+        },
         Some(("socket", p)) => SerialConfig::Socket { path: p.into() },
         _ => anyhow::bail!("--serial must be stdout, off, file:PATH or socket:PATH"),
     })

@@ -79,6 +79,8 @@ const VCPU_SYSCALLS: &[i64] = &[
     libc::SYS_fsync,
     libc::SYS_fdatasync,
     libc::SYS_lseek,
+    // Rotating the serial log file (with pread64/pwrite64 above).
+    libc::SYS_ftruncate,
     libc::SYS_recvfrom,
     libc::SYS_sendto,
     libc::SYS_futex,
@@ -161,6 +163,10 @@ const MAIN_SYSCALLS: &[i64] = &[
     libc::SYS_statx,
     libc::SYS_newfstatat,
     libc::SYS_fstat,
+    // The last serial flush may rotate the log file.
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_ftruncate,
     // Kicking vCPU threads on exit.
     libc::SYS_tgkill,
 ];

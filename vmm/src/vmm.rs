@@ -576,7 +576,13 @@ fn with_absolute_paths(cfg: &VmConfig) -> std::io::Result<VmConfig> {
         d.path = abs(&d.path)?;
     }
     match &mut c.serial {
-        runv_vmm_api::SerialConfig::File { path } | runv_vmm_api::SerialConfig::Socket { path } => {
+        runv_vmm_api::SerialConfig::File { path, rotate } => {
+            *path = abs(path)?;
+            if let Some(r) = rotate {
+                r.previous = abs(&r.previous)?;
+            }
+        }
+        runv_vmm_api::SerialConfig::Socket { path } => {
             *path = abs(path)?;
         }
         _ => {}

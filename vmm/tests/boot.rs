@@ -15,6 +15,7 @@ fn config(dir: &Scratch, kernel: &str, cmdline: &str) -> VmConfig {
     c.memory_mib = 64;
     c.serial = SerialConfig::File {
         path: dir.path("serial.log"),
+        rotate: None,
     };
     c.exit_file = Some(dir.path("vm.exit"));
     c

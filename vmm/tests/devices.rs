@@ -23,6 +23,7 @@ fn disk(dir: &Scratch) -> std::path::PathBuf {
 fn boot(dir: &Scratch, cfg: &mut VmConfig) -> (std::process::Output, String) {
     cfg.serial = SerialConfig::File {
         path: dir.path("serial.log"),
+        rotate: None,
     };
     cfg.exit_file = Some(dir.path("vm.exit"));
     let path = dir.path("vm.json");
@@ -198,6 +199,7 @@ fn guest_exchanges_frames_over_virtio_net_through_a_tap() {
     });
     cfg.serial = SerialConfig::File {
         path: dir.path("serial.log"),
+        rotate: None,
     };
     cfg.exit_file = Some(dir.path("vm.exit"));
     let path = dir.path("vm.json");

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::{Control, KillOnDrop, Scratch, read_exit_file, require_kvm, wait_output};
 use runv_vmm_api::{
-    DiskConfig, ExitReason, JailConfig, Request, Response, SerialConfig, VmConfig, VmState,
-    VsockConfig,
+    DiskConfig, ExitReason, JailConfig, Request, Response, SerialConfig, SerialRotation, VmConfig,
+    VmState, VsockConfig,
 };
 
 /// An id from the range the node agent gives jails (docs/agent.md), far from
@@ -56,6 +56,7 @@ fn jailed_config(dir: &Scratch, cmdline: &str) -> VmConfig {
     cfg.memory_mib = 64;
     cfg.serial = SerialConfig::File {
         path: dir.path("serial.log"),
+        rotate: None,
     };
     cfg.control_socket = Some(dir.path("run/ctl.sock"));
     cfg.jail = Some(JailConfig {
@@ -305,4 +306,66 @@ fn a_jailed_config_with_a_late_path_outside_the_root_is_refused() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("controlSocket"), "{stderr}");
+}
+
+/// The tick numbers of the test guest's `loop` lines in `text`.
+fn ticks(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("tick "))
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_jailed_vmm_keeps_its_serial_log_under_its_limit() {
+    let test = "a_jailed_vmm_keeps_its_serial_log_under_its_limit";
+    if !require_kvm_and_root(test) {
+        return;
+    }
+    const LIMIT: u64 = 1024;
+    let dir = jail_dir("jail-serial");
+    let mut cfg = jailed_config(&dir, "test=loop");
+    cfg.serial = SerialConfig::File {
+        path: dir.path("serial.log"),
+        rotate: Some(SerialRotation {
+            limit_bytes: LIMIT,
+            previous: dir.path("serial.log.1"),
+        }),
+    };
+    let child = spawn(&dir, &cfg);
+    let mut c = Control::connect(&dir.path("run/ctl.sock"));
+    // Several limits' worth, so the log rotated more than once (from the
+    // vCPU thread, jailed and under its seccomp filter).
+    let start = Instant::now();
+    let mut printed = 0;
+    for k in 1..=4 {
+        printed = c.wait_serial_past(k * LIMIT);
+    }
+    eprintln!("{test}: {printed} bytes in {:?}", start.elapsed());
+    assert_eq!(c.ask(Request::Pause), Response::Ok);
+    let log = std::fs::read_to_string(dir.path("serial.log")).unwrap();
+    let old = std::fs::read_to_string(dir.path("serial.log.1")).unwrap();
+    // One line may pass the limit before the rotation it triggers.
+    assert!(
+        log.len() as u64 <= LIMIT,
+        "serial.log has {} bytes",
+        log.len()
+    );
+    assert!(
+        (old.len() as u64) > LIMIT && (old.len() as u64) < LIMIT + 64,
+        "serial.log.1 has {} bytes",
+        old.len()
+    );
+    assert!(printed > 4 * LIMIT);
+    // Nothing was lost at the last rotation: the ticks run on across it.
+    let (old_ticks, new_ticks) = (ticks(&old), ticks(&log));
+    assert!(old_ticks.windows(2).all(|w| w[1] == w[0] + 1), "{old}");
+    if let (Some(last), Some(first)) = (old_ticks.last(), new_ticks.first()) {
+        assert_eq!(first, &(last + 1), "a line was lost at the rotation");
+    }
+    assert!(
+        old_ticks.first().is_some_and(|&t| t > 0),
+        "the first rotation did not happen: serial.log.1 starts at tick 0"
+    );
+    drop(child);
 }

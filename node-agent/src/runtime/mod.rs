@@ -68,7 +68,7 @@ pub struct RuntimeConfig {
     pub bridge: BridgeSpec,
     /// Restart backoff.
     pub backoff: Backoff,
-    /// Serial log bound per VM (kept: about twice this).
+    /// Serial log bound per VM, which the VMM enforces (kept: about twice this).
     pub serial_limit: u64,
     /// Where the host files a spec names may come from.
     pub allowed: AllowedDirs,
@@ -352,6 +352,22 @@ impl Runtime {
             .collect()
     }
 
+    /// Rotates the serial log of a VMM that does not bound it itself (one an
+    /// older agent started, whose config has no rotation limit). A VMM this
+    /// agent starts rotates its own log, so only one writer ever truncates it.
+    fn rotate_legacy_serial(&self, vm: &VmRef) {
+        let dir = self.dir(vm);
+        let legacy = dir.read_config().is_some_and(|c| {
+            matches!(
+                c.serial,
+                runv_vmm_api::SerialConfig::File { rotate: None, .. }
+            )
+        });
+        if legacy {
+            let _ = dir.rotate_serial(self.config.serial_limit);
+        }
+    }
+
     /// One reconcile of one VM: observe, decide, act, observe again, decide
     /// the status.
     pub fn reconcile(
@@ -362,7 +378,7 @@ impl Runtime {
         previous: &MicroVMStatus,
         now: Timestamp,
     ) -> Decision {
-        let _ = self.dir(vm).rotate_serial(self.config.serial_limit);
+        self.rotate_legacy_serial(vm);
         let mut facts = self.facts(vm, spec);
         let obs = self.observe(vm, spec, now);
         if let Observed::Running {

@@ -11,7 +11,7 @@
 use k8s_openapi::jiff::Timestamp;
 use runv_crds::MicroVMSpec;
 use runv_crds::microvm::{InterfaceStatus, Toggle};
-use runv_vmm_api::VmConfig;
+use runv_vmm_api::{SerialConfig, SerialRotation, VmConfig};
 
 use super::{Runtime, VmRef, control_target, from_ms, limits_message, ms, spec_limits};
 use crate::host::VmmIdentity;
@@ -290,6 +290,12 @@ impl Runtime {
         let extra = self.ip_cmdline(vm, spec);
         let dir = self.dir(vm);
         let mut c = vmconfig::build(&vm.namespace, &vm.name, spec, &dir, &extra).ok()?;
+        if let SerialConfig::File { rotate, .. } = &mut c.serial {
+            *rotate = Some(SerialRotation {
+                limit_bytes: self.config.serial_limit,
+                previous: dir.serial_log_old(),
+            });
+        }
         if spec.isolation.jail == Toggle::Enabled {
             c.jail = Some(vmconfig::jail(&dir, jail::read(&dir)?));
         }
@@ -304,6 +310,10 @@ impl Runtime {
             return false;
         };
         have.start_paused = want.start_paused;
+        // The serial log is the agent's choice, not the spec's: a VMM an
+        // older agent started without a rotation limit is the same VM (the
+        // agent rotates its log, see `Runtime::reconcile`).
+        have.serial = want.serial.clone();
         // A VMM an older agent started names the host paths themselves: the
         // same VM, not restarted for it.
         have == want || Some(&have) == self.vm_config_with_paths(vm, spec).as_ref()

@@ -48,6 +48,8 @@ pub enum ConfigError {
     Size(String),
     #[error("{field} must not be empty")]
     Empty { field: &'static str },
+    #[error("serial.rotate.limitBytes must be at least {MIN_SERIAL_LIMIT}, got {0}")]
+    SerialLimit(u64),
     #[error("jail.root must be an absolute path other than /, without `..`: {0:?}")]
     JailRoot(PathBuf),
     #[error("jail.{field} must not be 0 (root): the jail runs the VMM as an unprivileged user")]
@@ -222,12 +224,31 @@ pub enum SerialConfig {
     /// The VMM's standard output.
     #[default]
     Stdout,
-    /// Appended to a file.
-    File { path: PathBuf },
+    /// Appended to a file; with `rotate`, kept under about twice its limit by
+    /// the VMM itself.
+    File {
+        path: PathBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rotate: Option<SerialRotation>,
+    },
     /// Streamed to clients of a unix socket the VMM listens on.
     Socket { path: PathBuf },
     /// Discarded.
     Off,
+}
+
+/// The smallest serial log limit.
+pub const MIN_SERIAL_LIMIT: u64 = 1024;
+
+/// How the VMM bounds a serial log file: once the file passes `limitBytes`,
+/// its content moves to `previous` (replacing what was there) and the file
+/// starts again empty, so the two hold at most about `2 × limitBytes`.
+/// Readers see the same two files whoever rotates them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SerialRotation {
+    pub limit_bytes: u64,
+    pub previous: PathBuf,
 }
 
 fn default_vcpus() -> u8 {
@@ -319,6 +340,13 @@ impl VmConfig {
             if let Some(mac) = &n.mac {
                 parse_mac(mac)?;
             }
+        }
+        if let SerialConfig::File {
+            rotate: Some(r), ..
+        } = &self.serial
+            && r.limit_bytes < MIN_SERIAL_LIMIT
+        {
+            return Err(ConfigError::SerialLimit(r.limit_bytes));
         }
         if let Some(j) = &self.jail {
             j.validate()?;
@@ -436,6 +464,10 @@ mod tests {
         c.rng = true;
         c.serial = SerialConfig::File {
             path: "/log/serial".into(),
+            rotate: Some(SerialRotation {
+                limit_bytes: 1 << 20,
+                previous: "/log/serial.1".into(),
+            }),
         };
         c.control_socket = Some("/run/vm.sock".into());
         c
@@ -496,6 +528,17 @@ mod tests {
         let mut c = full();
         c.net[0].mac = Some("02:00:00:00:00".into());
         assert!(matches!(c.validate(), Err(ConfigError::Mac(_))));
+        let mut c = full();
+        if let SerialConfig::File {
+            rotate: Some(r), ..
+        } = &mut c.serial
+        {
+            r.limit_bytes = 100;
+        }
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "serial.rotate.limitBytes must be at least 1024, got 100"
+        );
         assert!(VmConfig::from_json("{not json").is_err());
     }
 

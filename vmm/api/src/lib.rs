@@ -10,7 +10,8 @@ pub mod control;
 pub mod exit;
 
 pub use config::{
-    ConfigError, CpuPolicy, DiskConfig, JailConfig, NetConfig, SerialConfig, VmConfig, VsockConfig,
+    ConfigError, CpuPolicy, DiskConfig, JailConfig, NetConfig, SerialConfig, SerialRotation,
+    VmConfig, VsockConfig,
 };
 pub use control::{Request, Response, VmDescription, VmState};
 pub use exit::{ExitReason, ExitRecord};

@@ -2,15 +2,18 @@
 //!
 //! Output is buffered per line and bounded: at most [`SINK_BUFFER`] bytes wait
 //! for a slow socket reader; anything beyond is dropped and counted, so a guest
-//! printing fast can never make the VMM grow without limit.
+//! printing fast can never make the VMM grow without limit. A file output
+//! with a rotation limit is kept under about twice the limit by the VMM
+//! itself ([`LogFile`]), whether or not anyone watches it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use runv_vmm_api::SerialConfig;
+use runv_vmm_api::{SerialConfig, SerialRotation};
 use vm_superio::{Serial, Trigger};
 
 use super::ioapic::IrqLine;
@@ -52,7 +55,7 @@ impl Trigger for SerialIrq {
 
 enum Target {
     Stdout,
-    File(File),
+    File(LogFile),
     Socket(Arc<Mutex<Vec<UnixStream>>>),
     Off,
 }
@@ -89,13 +92,7 @@ impl SerialSink {
         let target = match cfg {
             SerialConfig::Stdout => Target::Stdout,
             SerialConfig::Off => Target::Off,
-            SerialConfig::File { path } => Target::File(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| SerialError::File(path.display().to_string(), e))?,
-            ),
+            SerialConfig::File { path, rotate } => Target::File(LogFile::open(path, rotate)?),
             SerialConfig::Socket { path } => {
                 let err = |e| SerialError::Socket(path.display().to_string(), e);
                 let _ = std::fs::remove_file(path);
@@ -142,7 +139,7 @@ impl SerialSink {
                 let mut out = io::stdout().lock();
                 out.write_all(&self.buf).and_then(|_| out.flush()).is_ok()
             }
-            Target::File(f) => f.write_all(&self.buf).is_ok(),
+            Target::File(f) => f.append(&self.buf).is_ok(),
             Target::Socket(clients) => {
                 let mut clients = lock(clients);
                 clients.retain_mut(|c| match c.write(&self.buf) {
@@ -181,6 +178,72 @@ impl Write for SerialSink {
     /// vm-superio flushes after every byte; output is sent per line instead
     /// (or when the buffer fills, or when the VM stops via [`Self::flush_buf`]).
     fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An append-only log file, rotated by the VMM when it passes its limit: its
+/// content is copied to the previous file (replacing it) and it is truncated,
+/// as the node agent's readers expect. Everything happens on descriptors
+/// opened before the jail, so it keeps working inside it.
+struct LogFile {
+    file: File,
+    len: u64,
+    rotate: Option<(u64, File)>,
+}
+
+impl LogFile {
+    fn open(path: &std::path::Path, rotate: &Option<SerialRotation>) -> Result<Self, SerialError> {
+        let open = |p: &std::path::Path, append: bool| {
+            OpenOptions::new()
+                .create(true)
+                .append(append)
+                .read(true)
+                .write(true)
+                .open(p)
+                .map_err(|e| SerialError::File(p.display().to_string(), e))
+        };
+        let file = open(path, true)?;
+        let len = file
+            .metadata()
+            .map_err(|e| SerialError::File(path.display().to_string(), e))?
+            .len();
+        let rotate = match rotate {
+            Some(r) => Some((r.limit_bytes, open(&r.previous, false)?)),
+            None => None,
+        };
+        let mut log = Self { file, len, rotate };
+        log.rotate_if_full()
+            .map_err(|e| SerialError::File(path.display().to_string(), e))?;
+        Ok(log)
+    }
+
+    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        self.file.write_all(data)?;
+        self.len += data.len() as u64;
+        self.rotate_if_full()
+    }
+
+    fn rotate_if_full(&mut self) -> io::Result<()> {
+        let Some((limit, previous)) = &self.rotate else {
+            return Ok(());
+        };
+        if self.len <= *limit {
+            return Ok(());
+        }
+        previous.set_len(0)?;
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut at = 0u64;
+        loop {
+            let n = self.file.read_at(&mut chunk, at)?;
+            if n == 0 {
+                break;
+            }
+            previous.write_all_at(&chunk[..n], at)?;
+            at += n as u64;
+        }
+        self.file.set_len(0)?;
+        self.len = 0;
         Ok(())
     }
 }
@@ -280,7 +343,10 @@ mod tests {
         let tx = Arc::new(AtomicU64::new(0));
         let dropped = Arc::new(AtomicU64::new(0));
         let sink = SerialSink::open(
-            &SerialConfig::File { path: path.clone() },
+            &SerialConfig::File {
+                path: path.clone(),
+                rotate: None,
+            },
             tx.clone(),
             dropped.clone(),
             None,
