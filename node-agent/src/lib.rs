@@ -25,6 +25,7 @@ pub mod jail;
 pub mod metrics;
 pub mod reconcile;
 pub mod runtime;
+pub mod scrape;
 pub mod standalone;
 pub mod state;
 #[cfg(any(test, feature = "testing"))]

@@ -294,26 +294,29 @@ pub fn samples(ctx: &Context) -> Vec<VmSample> {
 }
 
 async fn serve(ctx: Arc<Context>) -> Result<(), ClusterError> {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
     use axum::routing::get;
     let addr = ctx.config.http_addr;
-    let metrics_ctx = ctx.clone();
+    let cache = Arc::new(crate::scrape::ScrapeCache::default());
+    let metrics = move || {
+        let (ctx, cache) = (ctx.clone(), cache.clone());
+        async move {
+            let node = ctx.config.node.clone();
+            let render = move || metrics::render(&node, &samples(&ctx)) + &ctx.errors.render(&node);
+            match cache.page(render).await {
+                Ok(page) => (
+                    [("content-type", "text/plain; version=0.0.4")],
+                    page.to_string(),
+                )
+                    .into_response(),
+                Err(busy) => (StatusCode::SERVICE_UNAVAILABLE, busy.to_string()).into_response(),
+            }
+        }
+    };
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/metrics",
-            get(move || {
-                let ctx = metrics_ctx.clone();
-                async move {
-                    let node = ctx.config.node.clone();
-                    let text = tokio::task::spawn_blocking(move || {
-                        metrics::render(&node, &samples(&ctx)) + &ctx.errors.render(&node)
-                    })
-                    .await
-                    .unwrap_or_default();
-                    ([("content-type", "text/plain; version=0.0.4")], text)
-                }
-            }),
-        );
+        .route("/metrics", get(metrics));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ClusterError::Http { addr, source })?;
