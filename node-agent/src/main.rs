@@ -79,6 +79,16 @@ struct Cli {
     /// not start (reason SandboxNotAllowed).
     #[arg(long, global = true, env = "RUNV_ALLOW_SECCOMP_DISABLED")]
     allow_seccomp_disabled: bool,
+    /// Largest disk a VM may have on this node: an empty disk's size, or a
+    /// writable disk's base image. A quantity: `256Gi`, `10G`.
+    #[arg(long, global = true, env = "RUNV_MAX_DISK_SIZE", default_value = "256Gi",
+          value_parser = parse_size)]
+    max_disk_size: u64,
+    /// Longest a writable disk's copy from its base may take before the start
+    /// is given up (the partial copy is removed): `10m`, `90s`.
+    #[arg(long, global = true, env = "RUNV_DISK_COPY_TIMEOUT", default_value = "10m",
+          value_parser = parse_duration)]
+    disk_copy_timeout: std::time::Duration,
     #[command(subcommand)]
     command: Command,
 }
@@ -91,6 +101,11 @@ fn absolute_dir(s: &str) -> Result<PathBuf, String> {
     } else {
         Err(format!("{s:?} is not an absolute path"))
     }
+}
+
+/// A size as a Kubernetes quantity, in bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    runv_crds::quantity::bytes("--max-disk-size", s).map_err(|e| e.to_string())
 }
 
 /// `500ms`, `10s`, `5m`, `1h` (a number alone is seconds).
@@ -126,6 +141,8 @@ impl Cli {
             config.allowed.images = self.allowed_image_dirs.clone();
         }
         config.allowed_taps = self.allowed_tap_devices.clone();
+        config.max_disk_bytes = self.max_disk_size;
+        config.disk_copy_timeout = self.disk_copy_timeout;
         config.sandbox = SandboxPolicy {
             allow_jail_disabled: self.allow_jail_disabled,
             allow_seccomp_disabled: self.allow_seccomp_disabled,

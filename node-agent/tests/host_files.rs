@@ -42,6 +42,17 @@ fn disk(path: &Path, read_only: bool) -> String {
 /// Runs `runv-agent standalone` on `body` with `images` as the only allowed
 /// image directory; its exit code and output.
 fn run(tmp: &Path, name: &str, body: &str, images: &Path) -> (Option<i32>, String) {
+    run_with(tmp, name, body, images, &[])
+}
+
+/// [`run`] with more agent flags.
+fn run_with(
+    tmp: &Path,
+    name: &str,
+    body: &str,
+    images: &Path,
+    flags: &[&str],
+) -> (Option<i32>, String) {
     let file = tmp.join(format!("{name}.yaml"));
     std::fs::write(&file, body).unwrap();
     let root = tmp.join(format!("root-{name}"));
@@ -52,16 +63,10 @@ fn run(tmp: &Path, name: &str, body: &str, images: &Path) -> (Option<i32>, Strin
     );
     let images = images.display().to_string();
     let _guard = KillVmmOnDrop(Path::new(&root).join("vms").join(format!("default_{name}")));
-    let mut agent = Agent::start(&[
-        "--root",
-        &root,
-        "--allowed-image-dir",
-        &images,
-        "standalone",
-        &file,
-        "--vmm",
-        &vmm,
-    ]);
+    let mut args = vec!["--root", &root, "--allowed-image-dir", &images];
+    args.extend_from_slice(flags);
+    args.extend(["standalone", &file, "--vmm", &vmm]);
+    let mut agent = Agent::start(&args);
     let code = agent.wait(WAIT);
     (code, agent.output())
 }
@@ -184,4 +189,45 @@ fn an_allowed_disk_reaches_the_guest_through_a_descriptor() {
     let config: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(config["kernel"], "/proc/self/fd/3", "{text}");
     assert_eq!(config["disks"][0]["path"], "/proc/self/fd/4", "{text}");
+}
+
+#[test]
+fn a_disk_larger_than_the_node_allows_is_refused_before_it_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    image(&images.join("base.img"), "BASE");
+    let guest = common::test_guest();
+    let cases = [
+        (
+            "huge-empty",
+            "spec.disks[d].empty.size is 2199023255552 bytes",
+            manifest(
+                "huge-empty",
+                &guest,
+                "  disks:\n  - name: d\n    empty: { size: 2Ti }\n",
+            ),
+            "256Gi",
+        ),
+        (
+            "big-base",
+            "spec.disks[d].file.path is 1048576 bytes",
+            manifest("big-base", &guest, &disk(&images.join("base.img"), false)),
+            "512Ki",
+        ),
+    ];
+    for (name, says, body, limit) in &cases {
+        let (code, out) = run_with(tmp.path(), name, body, &images, &["--max-disk-size", limit]);
+        assert_eq!(code, Some(1), "{name}: {out}");
+        assert!(out.contains(says), "{name}: {out}");
+        assert!(
+            out.contains("(runv-agent --max-disk-size)"),
+            "{name}: {out}"
+        );
+        assert!(!out.contains("VMM started"), "{name}: a VMM ran: {out}");
+        let disk = tmp
+            .path()
+            .join(format!("root-{name}/vms/default_{name}/disks/d.img"));
+        assert!(!disk.exists(), "{name}: {} was written", disk.display());
+    }
 }

@@ -9,6 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::hostfile::{self, HostFile, HostFileError};
 use super::{CopyKind, Disks, HostError};
@@ -54,11 +55,26 @@ fn try_reflink(src: &File, dst: &File) -> bool {
     rc == 0
 }
 
-fn sparse_copy(src: &mut File, dst: &mut File, len: u64, path: &Path) -> Result<(), HostError> {
+/// Copies `len` bytes block by block, leaving zero blocks as holes; gives up
+/// once it took longer than `timeout`.
+fn sparse_copy(
+    src: &mut File,
+    dst: &mut File,
+    len: u64,
+    path: &Path,
+    timeout: Duration,
+) -> Result<(), HostError> {
     let io = |e| HostError::io("copying to", path, e);
+    let deadline = Instant::now() + timeout;
     let mut buf = vec![0u8; BLOCK];
     let mut offset = 0u64;
     while offset < len {
+        if Instant::now() >= deadline {
+            return Err(HostError::CopyTimedOut {
+                path: path.to_owned(),
+                after: timeout,
+            });
+        }
         let want = usize::try_from((len - offset).min(BLOCK as u64)).unwrap_or(BLOCK);
         let block = &mut buf[..want];
         src.read_exact(block).map_err(io)?;
@@ -87,7 +103,12 @@ impl Disks for LinuxDisks {
         hostfile::open(allowed, what, path)
     }
 
-    fn copy_image(&self, base: &HostFile, dst: &Path) -> Result<CopyKind, HostError> {
+    fn copy_image(
+        &self,
+        base: &HostFile,
+        dst: &Path,
+        timeout: Duration,
+    ) -> Result<CopyKind, HostError> {
         let base_path = &base.path;
         let mut src = base
             .file
@@ -104,7 +125,7 @@ impl Disks for LinuxDisks {
         let kind = if try_reflink(&src, &out) {
             CopyKind::Reflink
         } else {
-            if let Err(e) = sparse_copy(&mut src, &mut out, len, &tmp) {
+            if let Err(e) = sparse_copy(&mut src, &mut out, len, &tmp, timeout) {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(e);
             }
@@ -168,7 +189,9 @@ mod tests {
         let base_file = LinuxDisks
             .open_host_file(&allowed, "disk images", &base)
             .unwrap();
-        let kind = LinuxDisks.copy_image(&base_file, &dst).unwrap();
+        let kind = LinuxDisks
+            .copy_image(&base_file, &dst, Duration::from_secs(600))
+            .unwrap();
         assert_eq!(std::fs::read(&base).unwrap(), std::fs::read(&dst).unwrap());
         let m = dst.metadata().unwrap();
         assert_eq!(m.len(), 8 << 20);
@@ -182,8 +205,38 @@ mod tests {
         }
         assert!(!temp_name(&dst).exists());
         // Never overwrites.
-        assert!(LinuxDisks.copy_image(&base_file, &dst).is_err());
+        assert!(
+            LinuxDisks
+                .copy_image(&base_file, &dst, Duration::from_secs(600))
+                .is_err()
+        );
         assert_eq!(std::fs::read(&base).unwrap(), std::fs::read(&dst).unwrap());
+    }
+
+    #[test]
+    fn a_copy_past_its_timeout_is_given_up_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.img");
+        std::fs::write(&base, vec![7u8; 3 * BLOCK]).unwrap();
+        let base_file = LinuxDisks
+            .open_host_file(&[dir.path().to_owned()], "disk images", &base)
+            .unwrap();
+        let dst = dir.path().join("copy.img");
+        match LinuxDisks.copy_image(&base_file, &dst, Duration::ZERO) {
+            Err(e @ HostError::CopyTimedOut { .. }) => {
+                assert!(e.to_string().contains("--disk-copy-timeout"), "{e}");
+                assert!(!dst.exists() && !temp_name(&dst).exists());
+            }
+            // A reflink is one ioctl, with no time to run over.
+            Ok(CopyKind::Reflink) => {
+                assert_eq!(std::fs::read(&dst).unwrap(), vec![7u8; 3 * BLOCK]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut src = File::open(&base).unwrap();
+        let mut out = File::create(dir.path().join("direct.img")).unwrap();
+        let e = sparse_copy(&mut src, &mut out, 3 * BLOCK as u64, &base, Duration::ZERO);
+        assert!(matches!(e, Err(HostError::CopyTimedOut { .. })), "{e:?}");
     }
 
     #[test]

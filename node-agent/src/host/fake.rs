@@ -305,7 +305,12 @@ impl Disks for FakeHost {
         })
     }
 
-    fn copy_image(&self, base: &HostFile, dst: &Path) -> Result<CopyKind, HostError> {
+    fn copy_image(
+        &self,
+        base: &HostFile,
+        dst: &Path,
+        _timeout: std::time::Duration,
+    ) -> Result<CopyKind, HostError> {
         let base = base.path.as_path();
         let mut s = self.state();
         let size = *s

@@ -110,6 +110,30 @@ pub enum HostError {
     /// This node has no cgroups the agent can use.
     #[error("{0}")]
     CgroupsUnavailable(String),
+    /// A disk is larger than the node allows one to be.
+    #[error(
+        "{field} is {size} bytes, more than this node's limit of {limit} bytes per disk \
+         (runv-agent --max-disk-size)"
+    )]
+    DiskTooLarge {
+        /// The spec field the size comes from.
+        field: String,
+        /// The disk's size.
+        size: u64,
+        /// The node's limit.
+        limit: u64,
+    },
+    /// A disk copy did not finish in the time the node allows; nothing of it is left.
+    #[error(
+        "copying {} did not finish within {}s (runv-agent --disk-copy-timeout); the partial copy was removed",
+        path.display(), after.as_secs()
+    )]
+    CopyTimedOut {
+        /// The disk being written.
+        path: PathBuf,
+        /// The time allowed.
+        after: std::time::Duration,
+    },
 }
 
 impl HostError {
@@ -216,9 +240,14 @@ pub trait Disks: Send + Sync {
         path: &Path,
     ) -> Result<hostfile::HostFile, hostfile::HostFileError>;
     /// A private copy of `base` (opened by [`Disks::open_host_file`]) at
-    /// `dst`: reflink where the filesystem can, else a sparse copy. `dst`
-    /// must not exist.
-    fn copy_image(&self, base: &hostfile::HostFile, dst: &Path) -> Result<CopyKind, HostError>;
+    /// `dst`: reflink where the filesystem can, else a sparse copy, given up
+    /// (and removed) when it takes longer than `timeout`. `dst` must not exist.
+    fn copy_image(
+        &self,
+        base: &hostfile::HostFile,
+        dst: &Path,
+        timeout: std::time::Duration,
+    ) -> Result<CopyKind, HostError>;
     /// A new sparse zero-filled file of `size` bytes at `dst`. `dst` must not exist.
     fn create_empty(&self, dst: &Path, size: u64) -> Result<(), HostError>;
     /// Gives the directory `dir` (a VM's `run/`) to a jail's `uid`/`gid`,

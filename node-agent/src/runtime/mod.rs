@@ -78,7 +78,17 @@ pub struct RuntimeConfig {
     /// Which parts of the VMM's sandbox a spec may switch off here (none by
     /// default).
     pub sandbox: SandboxPolicy,
+    /// Largest disk a VM may have here, in bytes: an empty disk's size or a
+    /// writable copy's base.
+    pub max_disk_bytes: u64,
+    /// Longest a writable disk's copy may take before it is given up.
+    pub disk_copy_timeout: Duration,
 }
+
+/// Default [`RuntimeConfig::max_disk_bytes`]: 256 GiB.
+pub const DEFAULT_MAX_DISK_BYTES: u64 = 256 << 30;
+/// Default [`RuntimeConfig::disk_copy_timeout`]: 10 minutes.
+pub const DEFAULT_DISK_COPY_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl RuntimeConfig {
     /// Defaults for a state directory and VMM binary.
@@ -96,6 +106,8 @@ impl RuntimeConfig {
             allowed: AllowedDirs::default(),
             allowed_taps: Vec::new(),
             sandbox: SandboxPolicy::default(),
+            max_disk_bytes: DEFAULT_MAX_DISK_BYTES,
+            disk_copy_timeout: DEFAULT_DISK_COPY_TIMEOUT,
         }
     }
 }

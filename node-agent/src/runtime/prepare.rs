@@ -47,14 +47,30 @@ impl Runtime {
                 (Some(f), _) if !d.read_only => {
                     let field = format!("spec.disks[{}].file.path", d.name);
                     let base = self.open_host_file(&field, &f.path)?;
-                    disks.copy_image(&base, &path)?;
+                    let size = base
+                        .file
+                        .metadata()
+                        .map_err(|e| HostError::io("reading", &base.path, e))?
+                        .len();
+                    self.check_disk_size(field, size)?;
+                    disks.copy_image(&base, &path, self.config.disk_copy_timeout)?;
                 }
                 (None, Some(e)) => {
                     let size = runv_crds::quantity::bytes("spec.disks[].empty.size", &e.size)?;
+                    self.check_disk_size(format!("spec.disks[{}].empty.size", d.name), size)?;
                     disks.create_empty(&path, size)?;
                 }
                 _ => {}
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses a disk larger than the node allows one to be.
+    fn check_disk_size(&self, field: String, size: u64) -> Result<(), HostError> {
+        let limit = self.config.max_disk_bytes;
+        if size > limit {
+            return Err(HostError::DiskTooLarge { field, size, limit });
         }
         Ok(())
     }
