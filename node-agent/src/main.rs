@@ -84,6 +84,12 @@ struct Cli {
     #[arg(long, global = true, env = "RUNV_MAX_DISK_SIZE", default_value = "256Gi",
           value_parser = parse_size)]
     max_disk_size: u64,
+    /// What every VM's disks on this node together may grow to (the lengths
+    /// of their files; sparse disks never outgrow them). A quantity; default:
+    /// 90% of the filesystem holding --root. A start whose new disks would
+    /// pass it fails, naming it.
+    #[arg(long, global = true, env = "RUNV_EPHEMERAL_STORAGE", value_parser = parse_size)]
+    ephemeral_storage: Option<u64>,
     /// Longest a writable disk's copy from its base may take before the start
     /// is given up (the partial copy is removed): `10m`, `90s`.
     #[arg(long, global = true, env = "RUNV_DISK_COPY_TIMEOUT", default_value = "10m",
@@ -105,7 +111,7 @@ fn absolute_dir(s: &str) -> Result<PathBuf, String> {
 
 /// A size as a Kubernetes quantity, in bytes.
 fn parse_size(s: &str) -> Result<u64, String> {
-    runv_crds::quantity::bytes("--max-disk-size", s).map_err(|e| e.to_string())
+    runv_crds::quantity::bytes("a size", s).map_err(|e| e.to_string())
 }
 
 /// `500ms`, `10s`, `5m`, `1h` (a number alone is seconds).
@@ -143,6 +149,10 @@ impl Cli {
         config.allowed_taps = self.allowed_tap_devices.clone();
         config.max_disk_bytes = self.max_disk_size;
         config.disk_copy_timeout = self.disk_copy_timeout;
+        config.ephemeral_storage = self.ephemeral_storage.unwrap_or_else(|| {
+            runv_node_agent::host::disk::filesystem_size(&self.root)
+                .map_or(u64::MAX, |s| s / 10 * 9)
+        });
         config.sandbox = SandboxPolicy {
             allow_jail_disabled: self.allow_jail_disabled,
             allow_seccomp_disabled: self.allow_seccomp_disabled,

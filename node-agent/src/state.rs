@@ -368,6 +368,19 @@ impl VmDir {
     }
 }
 
+/// Every VM directory under `root`, with a record or not (a VM whose start
+/// failed before it ran has disks but no record).
+pub fn list_dirs(root: &Path) -> Vec<VmDir> {
+    let Ok(entries) = std::fs::read_dir(root.join("vms")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| VmDir::at(e.path()))
+        .collect()
+}
+
 /// Every VM directory under `root` with a readable record.
 pub fn list(root: &Path) -> Vec<(VmDir, VmRecord)> {
     let Ok(entries) = std::fs::read_dir(root.join("vms")) else {

@@ -231,3 +231,47 @@ fn a_disk_larger_than_the_node_allows_is_refused_before_it_is_written() {
         assert!(!disk.exists(), "{name}: {} was written", disk.display());
     }
 }
+
+#[test]
+fn disks_past_the_nodes_ephemeral_storage_are_refused() {
+    if !require(
+        "disks_past_the_nodes_ephemeral_storage_are_refused",
+        &[Need::Kvm],
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let guest = common::test_guest();
+    let empty = |size: &str| format!("  disks:\n  - name: d\n    empty: {{ size: {size} }}\n");
+    // Two VMs in one agent: the first takes 2 GiB of the node's 3 GiB.
+    let body = [
+        manifest("first", &guest, &empty("2Gi")),
+        manifest("second", &guest, &empty("2Gi")),
+    ]
+    .join("---\n");
+    let (code, out) = run_with(
+        tmp.path(),
+        "both",
+        &body,
+        &images,
+        &["--ephemeral-storage", "3Gi"],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(
+            "the VM's new disks need 2147483648 bytes, and the node's VM disks already take \
+             2147483648 of its 3221225472 bytes of ephemeral storage (runv-agent --ephemeral-storage)"
+        ),
+        "{out}"
+    );
+    let root = tmp.path().join("root-both/vms");
+    let disk = |vm: &str| root.join(format!("default_{vm}/disks/d.img"));
+    assert!(disk("first").exists(), "{out}");
+    assert!(!disk("second").exists(), "{out}");
+    assert!(
+        out.contains("first status phase=Succeeded"),
+        "the first VM ran: {out}"
+    );
+}

@@ -17,6 +17,14 @@ use super::{CopyKind, Disks, HostError};
 /// Block size of the sparse copy: zero blocks of this size become holes.
 const BLOCK: usize = 64 * 1024;
 
+/// The size in bytes of the filesystem holding `path`, or of its nearest
+/// existing ancestor (the agent's root may not exist yet).
+pub fn filesystem_size(path: &Path) -> Option<u64> {
+    let at = path.ancestors().find(|p| p.exists())?;
+    let st = rustix::fs::statvfs(at).ok()?;
+    Some(st.f_blocks.saturating_mul(st.f_frsize))
+}
+
 /// Disks on this Linux host.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LinuxDisks;
@@ -92,6 +100,18 @@ fn sparse_copy(
 impl Disks for LinuxDisks {
     fn exists(&self, path: &Path) -> bool {
         path.metadata().is_ok_and(|m| m.is_file())
+    }
+
+    fn apparent_size(&self, dir: &Path) -> u64 {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.metadata().ok())
+            .filter(std::fs::Metadata::is_file)
+            .map(|m| m.len())
+            .sum()
     }
 
     fn open_host_file(

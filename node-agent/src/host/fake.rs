@@ -272,6 +272,15 @@ impl Disks for FakeHost {
         self.state().files.contains_key(path)
     }
 
+    fn apparent_size(&self, dir: &Path) -> u64 {
+        let s = self.state();
+        s.files
+            .iter()
+            .filter(|(p, _)| p.parent() == Some(dir))
+            .map(|(_, len)| *len)
+            .sum()
+    }
+
     /// The allowed-directory rule as the real host has it, on paths alone:
     /// a `..` component counts as leading out; a file the fake has opens
     /// as `/dev/null`.

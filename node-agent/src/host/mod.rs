@@ -123,6 +123,20 @@ pub enum HostError {
         /// The node's limit.
         limit: u64,
     },
+    /// The VM's new disks do not fit in what is left of the node's ephemeral
+    /// storage for VM disks.
+    #[error(
+        "the VM's new disks need {needed} bytes, and the node's VM disks already take {used} \
+         of its {capacity} bytes of ephemeral storage (runv-agent --ephemeral-storage)"
+    )]
+    OutOfStorage {
+        /// What this VM's disks not yet created need.
+        needed: u64,
+        /// What every VM's disks on the node may grow to now.
+        used: u64,
+        /// The node's ephemeral storage for VM disks.
+        capacity: u64,
+    },
     /// A disk copy did not finish in the time the node allows; nothing of it is left.
     #[error(
         "copying {} did not finish within {}s (runv-agent --disk-copy-timeout); the partial copy was removed",
@@ -230,6 +244,9 @@ pub enum CopyKind {
 pub trait Disks: Send + Sync {
     /// Whether a regular file exists at `path`.
     fn exists(&self, path: &Path) -> bool;
+    /// The sum of the lengths of the regular files directly in `dir` (what
+    /// its sparse disks may grow to); 0 when it does not exist.
+    fn apparent_size(&self, dir: &Path) -> u64;
     /// Opens a file a spec names, only beneath one of `allowed` and only if
     /// it is a regular file ([`hostfile::open`]); `what` names the kind of
     /// file in a refusal.

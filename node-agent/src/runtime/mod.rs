@@ -83,6 +83,9 @@ pub struct RuntimeConfig {
     pub max_disk_bytes: u64,
     /// Longest a writable disk's copy may take before it is given up.
     pub disk_copy_timeout: Duration,
+    /// Bytes every VM's disks together may grow to on this node (their
+    /// files' lengths: sparse disks never outgrow them). `u64::MAX`: no bound.
+    pub ephemeral_storage: u64,
 }
 
 /// Default [`RuntimeConfig::max_disk_bytes`]: 256 GiB.
@@ -108,6 +111,7 @@ impl RuntimeConfig {
             sandbox: SandboxPolicy::default(),
             max_disk_bytes: DEFAULT_MAX_DISK_BYTES,
             disk_copy_timeout: DEFAULT_DISK_COPY_TIMEOUT,
+            ephemeral_storage: u64::MAX,
         }
     }
 }
@@ -158,6 +162,9 @@ pub struct Runtime {
     exits_seen: std::sync::Mutex<std::collections::HashMap<VmRef, (VmmIdentity, i64, bool)>>,
     /// Why the node is fenced, while it is.
     fence: std::sync::Mutex<Option<String>>,
+    /// Held while a VM's disks are measured against the node's ephemeral
+    /// storage and created, so two starts cannot both take the last of it.
+    storage: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -222,6 +229,7 @@ impl Runtime {
             jail_ids: JailIdAllocator::default(),
             exits_seen: std::sync::Mutex::default(),
             fence: std::sync::Mutex::default(),
+            storage: std::sync::Mutex::default(),
         })
     }
 

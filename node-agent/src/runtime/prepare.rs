@@ -13,7 +13,7 @@ use runv_crds::microvm::{PowerState, Toggle};
 
 use super::{Runtime, RuntimeError, VmRef, spec_limits};
 use crate::host::HostError;
-use crate::state::CgroupRecord;
+use crate::state::{self, CgroupRecord};
 use crate::vmconfig;
 
 impl Runtime {
@@ -34,10 +34,13 @@ impl Runtime {
         Ok(())
     }
 
-    /// A private copy of every writable file disk, and every empty disk.
+    /// A private copy of every writable file disk, and every empty disk,
+    /// each within the node's size limit and all within what is left of its
+    /// ephemeral storage.
     fn prepare_disks(&self, vm: &VmRef, spec: &MicroVMSpec) -> Result<(), RuntimeError> {
         let dir = self.dir(vm);
         let disks = self.host.disks();
+        let mut todo = Vec::new();
         for d in &spec.disks {
             let path = dir.disk(&d.name);
             if disks.exists(&path) {
@@ -53,15 +56,53 @@ impl Runtime {
                         .map_err(|e| HostError::io("reading", &base.path, e))?
                         .len();
                     self.check_disk_size(field, size)?;
-                    disks.copy_image(&base, &path, self.config.disk_copy_timeout)?;
+                    todo.push((path, size, Some(base)));
                 }
                 (None, Some(e)) => {
                     let size = runv_crds::quantity::bytes("spec.disks[].empty.size", &e.size)?;
                     self.check_disk_size(format!("spec.disks[{}].empty.size", d.name), size)?;
-                    disks.create_empty(&path, size)?;
+                    todo.push((path, size, None));
                 }
                 _ => {}
             }
+        }
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let _storage = self
+            .storage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.check_storage(todo.iter().map(|(_, size, _)| *size).sum())?;
+        for (path, size, base) in todo {
+            match base {
+                Some(base) => {
+                    disks.copy_image(&base, &path, self.config.disk_copy_timeout)?;
+                }
+                None => disks.create_empty(&path, size)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses new disks of `needed` bytes when every VM's disks on the node
+    /// could then grow past its ephemeral storage.
+    fn check_storage(&self, needed: u64) -> Result<(), HostError> {
+        let capacity = self.config.ephemeral_storage;
+        if capacity == u64::MAX {
+            return Ok(());
+        }
+        let disks = self.host.disks();
+        let used: u64 = state::list_dirs(&self.config.root)
+            .iter()
+            .map(|d| disks.apparent_size(&d.disks()))
+            .sum();
+        if used.saturating_add(needed) > capacity {
+            return Err(HostError::OutOfStorage {
+                needed,
+                used,
+                capacity,
+            });
         }
         Ok(())
     }
