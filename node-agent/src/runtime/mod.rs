@@ -1,7 +1,7 @@
 //! Realizing MicroVMs on this host, one reconcile at a time, in phases, one
 //! file each: `observe` what runs, [`decide`] (pure, in [`crate::reconcile`]),
 //! `prepare` the host and `act`, observe again; `cleanup` gives back what a
-//! VM held. Shared by standalone and cluster mode; knows nothing of
+//! VM held; `egress` keeps the node's network rules in step with the VMs. Shared by standalone and cluster mode; knows nothing of
 //! the Kubernetes API (callers pass the spec and the previous status, and
 //! publish the result).
 //!
@@ -13,6 +13,7 @@
 
 mod act;
 mod cleanup;
+mod egress;
 mod observe;
 mod prepare;
 
@@ -27,7 +28,9 @@ use runv_crds::microvm::VmmLimits;
 use runv_crds::quantity::{self, QuantityError};
 use runv_crds::{MicroVMSpec, MicroVMStatus};
 
+pub use self::egress::tenant_of;
 use crate::host::cgroup::{CPU_PERIOD_US, Limits, MIN_CPU_QUOTA_US};
+use crate::host::egress::{EgressError, EgressPolicy};
 use crate::host::hostfile::{AllowedDirs, HostFile, HostFileError};
 use crate::host::ipam::FileIpam;
 use crate::host::{BridgeSpec, ControlTarget, Host, HostError, VmmIdentity};
@@ -48,6 +51,24 @@ pub enum RuntimeError {
     /// A host file the spec names cannot be used.
     #[error(transparent)]
     HostFile(#[from] HostFileError),
+    /// The egress rules cannot be rendered from the records.
+    #[error(transparent)]
+    Egress(#[from] EgressError),
+    /// A `Nat` interface asks for a MAC another interface on the node has.
+    #[error(
+        "{field}: {mac} is already the MAC of {vm}'s interface {interface} on this node; \
+         give this interface another MAC"
+    )]
+    MacInUse {
+        /// The spec field.
+        field: String,
+        /// The MAC.
+        mac: String,
+        /// The VM that has it.
+        vm: String,
+        /// Its interface.
+        interface: String,
+    },
 }
 
 impl RuntimeError {
@@ -78,6 +99,8 @@ pub struct RuntimeConfig {
     /// Which parts of the VMM's sandbox a spec may switch off here (none by
     /// default).
     pub sandbox: SandboxPolicy,
+    /// Where `Nat` VMs may send beyond the node.
+    pub egress: EgressPolicy,
 }
 
 impl RuntimeConfig {
@@ -96,6 +119,7 @@ impl RuntimeConfig {
             allowed: AllowedDirs::default(),
             allowed_taps: Vec::new(),
             sandbox: SandboxPolicy::default(),
+            egress: EgressPolicy::default(),
         }
     }
 }
@@ -146,6 +170,8 @@ pub struct Runtime {
     exits_seen: std::sync::Mutex<std::collections::HashMap<VmRef, (VmmIdentity, i64, bool)>>,
     /// Why the node is fenced, while it is.
     fence: std::sync::Mutex<Option<String>>,
+    /// Held while the egress rules are rebuilt.
+    egress_lock: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -195,7 +221,9 @@ pub fn spec_limits(spec: &MicroVMSpec) -> Result<Option<Limits>, QuantityError> 
 }
 
 impl Runtime {
-    /// A runtime over `host`, with its state in `config.root`.
+    /// A runtime over `host`, with its state in `config.root`. When VMs have
+    /// network records, the node's egress rules are rebuilt from them first:
+    /// a restarted agent re-establishes them before it reconciles anything.
     pub fn new(config: RuntimeConfig, host: Arc<dyn Host>) -> Result<Self, RuntimeError> {
         state::create_root(&config.root)?;
         let ipam = FileIpam::open(
@@ -203,14 +231,19 @@ impl Runtime {
             config.bridge.gateway,
             config.bridge.prefix,
         )?;
-        Ok(Self {
+        let rt = Self {
             config,
             host,
             ipam,
             jail_ids: JailIdAllocator::default(),
             exits_seen: std::sync::Mutex::default(),
             fence: std::sync::Mutex::default(),
-        })
+            egress_lock: std::sync::Mutex::default(),
+        };
+        if !state::list_net(&rt.config.root).is_empty() {
+            rt.apply_egress()?;
+        }
+        Ok(rt)
     }
 
     /// The VM's record (`vm.json`), only when it is this VM's: a directory
@@ -363,6 +396,10 @@ impl Runtime {
         now: Timestamp,
     ) -> Decision {
         let _ = self.dir(vm).rotate_serial(self.config.serial_limit);
+        let tenant = tenant_of(vm, spec, previous);
+        if let Err(e) = self.sync_network(vm, spec, &tenant) {
+            tracing::warn!(vm = %vm, error = %runv_crds::retry::Chain(&e), "egress rules not rebuilt");
+        }
         let mut facts = self.facts(vm, spec);
         let obs = self.observe(vm, spec, now);
         if let Observed::Running {
@@ -383,7 +420,7 @@ impl Runtime {
         let mut acted = false;
         for action in &first.actions {
             acted = true;
-            if let Err(e) = self.act(vm, spec, generation, action, now) {
+            if let Err(e) = self.act(vm, spec, &tenant, generation, action, now) {
                 tracing::warn!(vm = %vm, ?action, error = %runv_crds::retry::Chain(&e), "action failed");
                 if matches!(action, Action::Start { .. }) {
                     if e.is_cgroup() {
