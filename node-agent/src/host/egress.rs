@@ -18,12 +18,21 @@
 //!   ethertype 0x88b5 passes; every other ethertype (IPv6 among them: the
 //!   agent assigns none) is dropped, and so is anything from an `rv` tap the
 //!   records do not name;
-//! - frames go from port to port only between taps of one tenant;
+//! - frames go from port to port only between taps of one tenant, and a
+//!   unicast frame leaves the bridge through a tap only when it is addressed
+//!   to that tap's VM (so a frame for a VM the bridge has not learnt, or has
+//!   forgotten, is not flooded to the others);
 //! - from the VMs to the node itself (any of its addresses): only ICMP echo
 //!   and DNS to the gateway, and return traffic;
 //! - forwarded by the node: nothing between VMs of different tenants, and
 //!   nothing to the denied CIDRs (link-local always among them) unless an
 //!   allowed CIDR names it, before or after DNAT; no IPv6.
+//!
+//! Where `br_netfilter` is loaded (Kubernetes nodes load it), bridged IPv4
+//! frames pass the `inet` forward hook too, with the bridge as both
+//! interfaces: there the VM-to-VM chain lets broadcast and multicast by
+//! (the kernel routes neither, so only bridged frames carry them) and
+//! leaves the port-to-port decision to the `bridge` table.
 //!
 //! This module renders text and parses CIDRs; it runs nothing.
 
@@ -212,7 +221,20 @@ fn render_bridge(ports: &[Port]) -> String {
         let taps = set(taps, true);
         let _ = writeln!(out, "    iifname {taps} oifname {taps} accept");
     }
-    out.push_str("    iifname \"rv*\" counter drop\n  }\n}\n");
+    out.push_str("    iifname \"rv*\" counter drop\n  }\n");
+    out.push_str("  chain postrouting {\n");
+    out.push_str("    type filter hook postrouting priority filter; policy accept;\n");
+    for p in ports {
+        let _ = write!(
+            out,
+            "    oifname \"{tap}\" ether daddr != {mac} \
+             ether daddr & 01:00:00:00:00:00 == 00:00:00:00:00:00 counter drop\n    \
+             oifname \"{tap}\" accept\n",
+            tap = p.tap,
+            mac = mac_text(&p.mac)
+        );
+    }
+    out.push_str("    oifname \"rv*\" counter drop\n  }\n}\n");
     out
 }
 
@@ -256,6 +278,12 @@ fn render_inet(bridge: &BridgeSpec, policy: &EgressPolicy, ports: &[Port]) -> St
         let ips = set(group.iter().map(|p| p.ip).collect::<BTreeSet<_>>(), false);
         let _ = writeln!(out, "    ip saddr {ips} ip daddr {ips} accept");
     }
+    let host_bits = u32::MAX.checked_shr(u32::from(bridge.prefix)).unwrap_or(0);
+    let subnet_broadcast = Ipv4Addr::from(u32::from(gw) | host_bits);
+    let _ = writeln!(
+        out,
+        "    ip daddr {{ 255.255.255.255, {subnet_broadcast}, 224.0.0.0/4 }} accept"
+    );
     out.push_str("    counter drop\n  }\n}\n");
     out
 }
@@ -363,6 +391,17 @@ mod tests {
         assert_eq!(p1[3], "ether type 0x88b5 accept");
         assert_eq!(p1[4], "counter drop", "IPv6 and every other ethertype");
         assert_eq!(p1.len(), 5);
+        let post = chain(&text, "postrouting");
+        assert_eq!(
+            &post[3..],
+            [
+                "oifname \"rvb-0\" ether daddr != 02:00:00:00:00:03 \
+                 ether daddr & 01:00:00:00:00:00 == 00:00:00:00:00:00 counter drop",
+                "oifname \"rvb-0\" accept",
+                "oifname \"rv*\" counter drop",
+            ],
+            "unicast out of a tap only to its own VM"
+        );
     }
 
     #[test]
@@ -388,6 +427,7 @@ mod tests {
             [
                 "ip saddr { 10.213.0.2, 10.213.0.4 } ip daddr { 10.213.0.2, 10.213.0.4 } accept",
                 "ip saddr { 10.213.0.3 } ip daddr { 10.213.0.3 } accept",
+                "ip daddr { 255.255.255.255, 10.213.255.255, 224.0.0.0/4 } accept",
                 "counter drop",
             ]
         );
