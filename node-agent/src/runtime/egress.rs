@@ -96,9 +96,10 @@ impl Runtime {
     }
 
     /// Keeps the rules in step with a VM whose network is in place: when its
-    /// tenant changed (the operator wrote `status.tenant`), or it has taps but
-    /// no record (an agent from before records started it), the record is
-    /// written again and the rules rebuilt. Otherwise nothing is written.
+    /// tenant changed (the operator wrote `status.tenant`), or its recorded
+    /// taps exist but it has no network record (an agent from before records
+    /// started it), the record is written again and the rules rebuilt.
+    /// Otherwise nothing is written.
     pub(super) fn sync_network(
         &self,
         vm: &VmRef,
@@ -108,7 +109,9 @@ impl Runtime {
         let dir = self.dir(vm);
         let stale = match dir.read_net() {
             Some(r) => r.tenant != tenant,
-            None => dir.read_taps().is_some_and(|t| !t.is_empty()),
+            None => dir
+                .read_taps()
+                .is_some_and(|t| t.iter().any(|t| self.host.network().link_exists(t))),
         };
         if !stale {
             return Ok(());
@@ -308,5 +311,31 @@ mod tests {
         );
         let vmm = cond::find(&d.status.conditions, cond::VMM_STARTED).unwrap();
         assert_eq!(vmm.status, "True", "{:?}", d.status.conditions);
+    }
+
+    #[test]
+    fn a_vm_an_older_agent_wired_gets_its_record_at_the_next_reconcile() {
+        let root = tempfile::tempdir().unwrap();
+        let host = Arc::new(FakeHost::new());
+        host.add_file("/k/vmlinux", 1 << 20);
+        let rt = runtime(root.path(), &host);
+        let none = MicroVMStatus::default();
+        let s = spec(None, Some("02:00:00:00:00:0b"));
+        rt.reconcile(&vm("old"), &s, 1, &none, at(0));
+        // As an agent from before network records left it: taps, no record.
+        let dir = rt.dir(&vm("old"));
+        dir.remove_net().unwrap();
+        rt.reconcile(&vm("old"), &s, 1, &none, at(1));
+        let record = dir.read_net().expect("the record is written again");
+        assert_eq!(
+            record.tenant, "default",
+            "the namespace, with no tenant given"
+        );
+        assert_eq!(record.interfaces[0].mac, "02:00:00:00:00:0b");
+        assert!(last_rules(&host).contains("ether saddr != 02:00:00:00:00:0b"));
+        // Its taps gone (the network released), nothing is recorded again.
+        rt.release_network(&vm("old")).unwrap();
+        rt.sync_network(&vm("old"), &s, "default").unwrap();
+        assert!(dir.read_net().is_none());
     }
 }
