@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 use runv_node_agent::cluster::node::Capacity;
 use runv_node_agent::cluster::{self, ClusterConfig};
 use runv_node_agent::host::cgroup::CgroupConfig;
+use runv_node_agent::host::egress::{Cidr, EgressError};
 use runv_node_agent::host::{Host, LinuxHost};
 use runv_node_agent::reconcile::SandboxPolicy;
 use runv_node_agent::runtime::{Runtime, RuntimeConfig};
@@ -95,8 +96,27 @@ struct Cli {
     #[arg(long, global = true, env = "RUNV_DISK_COPY_TIMEOUT", default_value = "10m",
           value_parser = parse_duration)]
     disk_copy_timeout: std::time::Duration,
+    /// A destination `Nat` VMs may not reach, as an IPv4 CIDR; repeat it, or
+    /// separate with commas. Replaces the default list: 169.254.0.0/16,
+    /// 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, 127.0.0.0/8,
+    /// 224.0.0.0/4 (where node, pod and service networks and cloud metadata
+    /// live). Link-local 169.254.0.0/16 stays denied whatever is given.
+    #[arg(long = "egress-deny-cidr", global = true, env = "RUNV_EGRESS_DENY_CIDRS",
+          value_delimiter = ',', value_parser = parse_cidr)]
+    egress_deny_cidrs: Vec<Cidr>,
+    /// An exception to the denied destinations, as an IPv4 CIDR (a cluster
+    /// service VMs must reach, say); repeat it, or separate with commas.
+    /// Default: none.
+    #[arg(long = "egress-allow-cidr", global = true, env = "RUNV_EGRESS_ALLOW_CIDRS",
+          value_delimiter = ',', value_parser = parse_cidr)]
+    egress_allow_cidrs: Vec<Cidr>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// An IPv4 CIDR for the egress lists.
+fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    s.parse().map_err(|e: EgressError| e.to_string())
 }
 
 /// An absolute directory path for an allowlist.
@@ -153,6 +173,10 @@ impl Cli {
             runv_node_agent::host::disk::filesystem_size(&self.root)
                 .map_or(u64::MAX, |s| s / 10 * 9)
         });
+        if !self.egress_deny_cidrs.is_empty() {
+            config.egress.deny = self.egress_deny_cidrs.clone();
+        }
+        config.egress.allow = self.egress_allow_cidrs.clone();
         config.sandbox = SandboxPolicy {
             allow_jail_disabled: self.allow_jail_disabled,
             allow_seccomp_disabled: self.allow_seccomp_disabled,

@@ -5,6 +5,8 @@
 //! <root>/vms/<ns>_<name>/vm.json    who the VM is and which VMM process runs it
 //!                      config.json  the runv-vmm config
 //!                      cgroup.json  the cgroup its running VMM was given, with its limits
+//!                      net.json     its tenant and Nat interfaces (tap, MAC, address):
+//!                                   what the node's egress rules are rebuilt from
 //!                      jail.json    the uid/gid of its jailed VMM (crate::jail)
 //!                      run/         what the VMM writes itself: ctl.sock (control
 //!                                   socket), ctl.sock.exit (exit record), vsock.sock
@@ -280,6 +282,28 @@ impl VmDir {
         write_atomic(&self.taps_path(), &text)
     }
 
+    /// `net.json`: the VM's tenant and `Nat` interfaces, for the egress rules.
+    pub fn net_path(&self) -> PathBuf {
+        self.dir.join("net.json")
+    }
+
+    /// The VM's network record (`net.json`), if it has a readable one.
+    pub fn read_net(&self) -> Option<NetRecord> {
+        let text = std::fs::read_to_string(self.net_path()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Writes `net.json` atomically.
+    pub fn write_net(&self, record: &NetRecord) -> Result<(), HostError> {
+        let text = serde_json::to_vec(record).unwrap_or_default();
+        write_atomic(&self.net_path(), &text)
+    }
+
+    /// Removes `net.json` (a missing one is not an error).
+    pub fn remove_net(&self) -> Result<(), HostError> {
+        files::remove_file(&self.net_path())
+    }
+
     /// Writes `cgroup.json` atomically.
     pub fn write_cgroup_record(&self, record: &CgroupRecord) -> Result<(), HostError> {
         let text = serde_json::to_vec(record).unwrap_or_default();
@@ -390,6 +414,49 @@ pub fn list(root: &Path) -> Vec<(VmDir, VmRecord)> {
         .filter_map(Result::ok)
         .map(|e| VmDir::at(e.path()))
         .filter_map(|d| d.read_record().map(|r| (d, r)))
+        .collect();
+    out.sort_by(|a, b| a.0.path().cmp(b.0.path()));
+    out
+}
+
+/// A VM's tenant and its `Nat` interfaces, as the agent wired them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetRecord {
+    /// Namespace of the MicroVM.
+    pub namespace: String,
+    /// Name of the MicroVM.
+    pub name: String,
+    /// The tenant the VM belongs to (see `runtime::tenant_of`).
+    pub tenant: String,
+    /// Its `Nat` interfaces.
+    pub interfaces: Vec<NetInterface>,
+}
+
+/// One `Nat` interface of a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetInterface {
+    /// The interface's name in the spec.
+    pub name: String,
+    /// Its tap on the bridge.
+    pub tap: String,
+    /// The guest's MAC, lower case.
+    pub mac: String,
+    /// The guest's address.
+    pub ip: std::net::Ipv4Addr,
+}
+
+/// Every VM directory under `root` with a network record (whether or not a
+/// VMM was ever recorded for it), in directory order.
+pub fn list_net(root: &Path) -> Vec<(VmDir, NetRecord)> {
+    let Ok(entries) = std::fs::read_dir(root.join("vms")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(VmDir, NetRecord)> = entries
+        .filter_map(Result::ok)
+        .map(|e| VmDir::at(e.path()))
+        .filter_map(|d| d.read_net().map(|r| (d, r)))
         .collect();
     out.sort_by(|a, b| a.0.path().cmp(b.0.path()));
     out

@@ -114,7 +114,7 @@ fn wait_until(what: &str, agent: &Agent, mut f: impl FnMut() -> bool) {
 fn a_nat_vm_gets_a_tap_on_the_bridge_and_an_address_and_deletion_frees_them() {
     if !require(
         "a_nat_vm_gets_a_tap_on_the_bridge_and_an_address_and_deletion_frees_them",
-        &[Need::Root, Need::Kvm, Need::Tun, Need::Iptables],
+        &[Need::Root, Need::Kvm, Need::Tun, Need::Iptables, Need::Nft],
     ) {
         return;
     }

@@ -354,6 +354,56 @@ static void rng_irq_test(struct dev *d, int level)
 static u8 net_rx[NET_RX_BUFS][2048];
 static u8 net_tx[2048];
 
+/*
+ * net=relay: for each 0x88b5 frame to this guest's MAC whose payload starts
+ * with "runv-relay:", send the rest of the payload out verbatim as a frame of
+ * its own, one line per frame. Tests craft any frame (a spoofed source, an ARP, a datagram to
+ * anywhere) and have it leave through the guest's real tap. Bounded: at most
+ * NET_RELAY_MAX frames, and it stops after NET_RELAY_IDLE empty waits.
+ */
+#define NET_RELAY_MAX 64
+#define NET_RELAY_IDLE 30
+static void net_relay(struct dev *d, const u8 *mac)
+{
+	static const char mark[] = "runv-relay:";
+	const u32 m = sizeof(mark) - 1;
+	u32 relayed = 0, idle = 0;
+	puts("runv-guest: virtio-net relay ready\n");
+	while (relayed < NET_RELAY_MAX && idle < NET_RELAY_IDLE) {
+		u32 id, len;
+		if (!wait_used(d, 0, &id, &len)) {
+			idle++;
+			continue;
+		}
+		idle = 0;
+		u8 *f = net_rx[id % NET_RX_BUFS] + 12;
+		u32 flen = len > 12 && len <= sizeof(net_rx[0]) ? len - 12 : 0;
+		int to_us = 1;
+		for (int i = 0; i < 6 && flen >= 6; i++)
+			to_us &= f[i] == mac[i];
+		if (to_us && flen >= 14 + m + 14 && f[12] == 0x88 && f[13] == 0xb5 &&
+		    str_eq((const char *)f + 14, (int)m, mark)) {
+			u32 n = flen - 14 - m;
+			memset(net_tx, 0, 12);
+			memcpy(net_tx + 12, f + 14 + m, n);
+			struct vring *tx = d->q[1];
+			tx->desc[0].addr = (u64)net_tx;
+			tx->desc[0].len = 12 + n;
+			tx->desc[0].flags = 0;
+			post(d, 1, 0);
+			u32 tid, tlen;
+			if (!wait_used(d, 1, &tid, &tlen))
+				fail("virtio-net: transmit did not complete");
+			relayed++;
+			puts("runv-guest: virtio-net relayed frame ");
+			putdec(relayed);
+			puts("\n");
+		}
+		post(d, 0, (u16)(id % NET_RX_BUFS));
+	}
+	puts("runv-guest: virtio-net relay done\n");
+}
+
 static void net_test(struct dev *d)
 {
 	u8 mac[6];
@@ -374,6 +424,12 @@ static void net_test(struct dev *d)
 		rx->desc[i].flags = F_WRITE;
 		rx->desc[i].next = 0;
 		post(d, 0, i);
+	}
+	int mlen;
+	const char *mode = cmdline_get("net", &mlen);
+	if (mode && str_eq(mode, mlen, "relay")) {
+		net_relay(d, mac);
+		return;
 	}
 	for (;;) {
 		u32 id, len;

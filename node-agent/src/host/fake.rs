@@ -48,6 +48,8 @@ pub struct FakeState {
     pub links: BTreeMap<String, Option<String>>,
     /// Bridges set up, with their spec.
     pub bridges: Vec<BridgeSpec>,
+    /// Every ruleset applied through [`Network::apply_egress`], in order.
+    pub egress: Vec<String>,
     /// Paused fake VMMs, by control socket.
     pub paused: BTreeSet<PathBuf>,
     /// Serial bytes written by each fake guest, by control socket.
@@ -388,6 +390,11 @@ impl Network for FakeHost {
 
     fn delete_tap(&self, tap: &str) -> Result<(), HostError> {
         self.state().links.remove(tap);
+        Ok(())
+    }
+
+    fn apply_egress(&self, ruleset: &str) -> Result<(), HostError> {
+        self.state().egress.push(ruleset.to_owned());
         Ok(())
     }
 

@@ -1,7 +1,8 @@
 //! Host side effects, behind traits: VMM processes ([`Processes`]), disk images
-//! ([`Disks`]), networking ([`Network`]), per-VM cgroups ([`Cgroups`]) and the
-//! VMMs' control sockets ([`Control`], speaking [`vmm_client`]), plus the
-//! node-local IPAM ([`ipam`]) and the agent's own files ([`files`]).
+//! ([`Disks`]), networking ([`Network`], its rules rendered by [`egress`]),
+//! per-VM cgroups ([`Cgroups`]) and the VMMs' control sockets ([`Control`],
+//! speaking [`vmm_client`]), plus the node-local IPAM ([`ipam`]) and the
+//! agent's own files ([`files`]).
 //!
 //! Reconcile logic talks to a [`Host`] only, so it runs against the in-memory
 //! fakes in `fake` (built for tests and with the `testing` feature) without
@@ -18,6 +19,7 @@
 pub mod cgroup;
 pub mod control;
 pub mod disk;
+pub mod egress;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod files;
@@ -296,6 +298,10 @@ pub trait Network: Send + Sync {
     fn delete_tap(&self, tap: &str) -> Result<(), HostError>;
     /// Whether a network device of this name exists.
     fn link_exists(&self, name: &str) -> bool;
+    /// Replaces the agent's own nftables tables with `ruleset` (rendered by
+    /// [`egress::render`]) in one transaction: all of it holds, or none of it
+    /// changed. Touches no other table.
+    fn apply_egress(&self, ruleset: &str) -> Result<(), HostError>;
 }
 
 /// What a running VMM says about itself.
@@ -454,6 +460,7 @@ mod tests {
         ("cgroup.rs", include_str!("cgroup.rs")),
         ("control.rs", include_str!("control.rs")),
         ("disk.rs", include_str!("disk.rs")),
+        ("egress.rs", include_str!("egress.rs")),
         ("fake.rs", include_str!("fake.rs")),
         ("files.rs", include_str!("files.rs")),
         ("hostfile.rs", include_str!("hostfile.rs")),

@@ -1,5 +1,5 @@
-//! Real node networking through iproute2 (`ip`) and `iptables`, optionally
-//! inside a network namespace (tests create their own).
+//! Real node networking through iproute2 (`ip`), `iptables` and `nft`,
+//! optionally inside a network namespace (tests create their own).
 //!
 //! Why commands and not a netlink crate: the pieces needed are a bridge, an
 //! address, persistent tap devices and a masquerade rule. `rtnetlink` covers
@@ -7,9 +7,12 @@
 //! (netfilter has no well-kept Rust crate), so a crate would still leave two
 //! of four steps to commands; iproute2 and iptables are the tools node
 //! operators already read and debug with, and every call here is idempotent
-//! and named in its error. This module must not choose names or addresses.
+//! and named in its error. What VMs may send is nftables' (see
+//! [`super::egress`] for why): the ruleset goes to `nft -f -` whole. This
+//! module must not choose names, addresses or rules.
 
-use std::process::Command;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
 
 use super::{BridgeSpec, HostError, Network, check_ifname};
 
@@ -51,6 +54,32 @@ impl IpNetwork {
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
             })
         }
+    }
+
+    /// Runs `program args` with `input` on its stdin.
+    fn run_with_input(&self, program: &str, args: &[&str], input: &str) -> Result<(), HostError> {
+        let mut child = self
+            .command(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| HostError::io("running", program, e))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A failed write shows as the program's own failure below.
+            let _ = stdin.write_all(input.as_bytes());
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| HostError::io("waiting for", program, e))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(HostError::Command {
+            command: format!("{program} {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
     }
 
     fn succeeds(&self, program: &str, args: &[&str]) -> bool {
@@ -136,6 +165,10 @@ impl Network for IpNetwork {
 
     fn link_exists(&self, name: &str) -> bool {
         check_ifname(name).is_ok() && self.succeeds("ip", &["link", "show", "dev", name])
+    }
+
+    fn apply_egress(&self, ruleset: &str) -> Result<(), HostError> {
+        self.run_with_input("nft", &["-f", "-"], ruleset)
     }
 }
 
@@ -247,5 +280,63 @@ mod tests {
             !addrs.contains("10.213.0.1"),
             "the gateway went to the tap: {addrs}"
         );
+    }
+
+    #[test]
+    fn the_egress_rules_replace_only_the_agents_tables_in_one_apply() {
+        use crate::host::egress::{EgressPolicy, Port, render};
+        if !require(
+            "the_egress_rules_replace_only_the_agents_tables_in_one_apply",
+            &[Need::Root, Need::Nft],
+        ) {
+            return;
+        }
+        let ns = Netns::new("nft");
+        let net = IpNetwork::new(Some(ns.0.clone()));
+        // Someone else's table, which must survive every apply.
+        net.run_with_input(
+            "nft",
+            &["-f", "-"],
+            "table inet other {\n chain c {\n }\n}\n",
+        )
+        .unwrap();
+        let br = BridgeSpec {
+            name: "runvbr0".into(),
+            gateway: "10.213.0.1".parse().unwrap(),
+            prefix: 16,
+        };
+        let port = |tap: &str, last: u8, tenant: &str| Port {
+            tap: tap.into(),
+            mac: [2, 0, 0, 0, 0, last],
+            ip: std::net::Ipv4Addr::new(10, 213, 0, last),
+            tenant: tenant.into(),
+        };
+        let two = [port("rva-0", 2, "a"), port("rvb-0", 3, "b")];
+        let policy = EgressPolicy::default();
+        net.apply_egress(&render(&br, &policy, &two).unwrap())
+            .unwrap();
+        net.apply_egress(&render(&br, &policy, &two).unwrap())
+            .unwrap();
+        let list = net.run("nft", &["list", "ruleset"]).unwrap();
+        assert_eq!(list.matches("chain port").count(), 2, "{list}");
+        assert!(list.contains("table inet other"), "{list}");
+        // One port fewer, and a ruleset that fails: the tables stay whole.
+        net.apply_egress(&render(&br, &policy, &two[..1]).unwrap())
+            .unwrap();
+        let bad =
+            render(&br, &policy, &two[..1]).unwrap() + "table inet runv { chain x { nonsense } }\n";
+        assert!(net.apply_egress(&bad).is_err());
+        let list = net.run("nft", &["list", "ruleset"]).unwrap();
+        assert_eq!(list.matches("chain port").count(), 1, "{list}");
+        assert!(list.contains("elements = { 10.0.0.0/8,"), "{list}");
+        // Deleted by someone: the next apply has it back.
+        net.run("nft", &["delete", "table", "bridge", "runv"])
+            .unwrap();
+        net.apply_egress(&render(&br, &policy, &two).unwrap())
+            .unwrap();
+        let list = net
+            .run("nft", &["list", "table", "bridge", "runv"])
+            .unwrap();
+        assert_eq!(list.matches("chain port").count(), 2, "{list}");
     }
 }

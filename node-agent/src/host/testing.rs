@@ -1,5 +1,5 @@
 //! The one gate for tests that need the machine: `/dev/kvm`, root,
-//! `/dev/net/tun`, `iptables`. If something is missing the test skips with the
+//! `/dev/net/tun`, `iptables`, `nft`. If something is missing the test skips with the
 //! reason on stderr, except when `RUNV_REQUIRE_KVM=1` (CI), where it fails.
 //!
 //! Used by unit tests and integration tests alike; it changes nothing on the host.
@@ -15,6 +15,17 @@ pub enum Need {
     Tun,
     /// An `iptables` program is installed.
     Iptables,
+    /// An `nft` program (nftables) is installed.
+    Nft,
+}
+
+/// Why `program --version` does not run, if it does not.
+fn not_installed(program: &str) -> Option<String> {
+    let found = std::process::Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    (!found).then(|| format!("{program} is not installed"))
 }
 
 fn missing(need: Need) -> Option<String> {
@@ -31,13 +42,8 @@ fn missing(need: Need) -> Option<String> {
         Need::Tun => open("/dev/net/tun"),
         // SAFETY: geteuid has no preconditions and cannot fail.
         Need::Root => (unsafe { libc::geteuid() } != 0).then(|| "not running as root".to_owned()),
-        Need::Iptables => {
-            let found = std::process::Command::new("iptables")
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success());
-            (!found).then(|| "iptables is not installed".to_owned())
-        }
+        Need::Iptables => not_installed("iptables"),
+        Need::Nft => not_installed("nft"),
     }
 }
 

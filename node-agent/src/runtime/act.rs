@@ -27,12 +27,13 @@ impl Runtime {
         &self,
         vm: &VmRef,
         spec: &MicroVMSpec,
+        tenant: &str,
         generation: i64,
         action: &Action,
         now: Timestamp,
     ) -> Result<(), RuntimeError> {
         match action {
-            Action::Start { .. } => self.start(vm, spec, generation, now),
+            Action::Start { .. } => self.start(vm, spec, tenant, generation, now),
             Action::Kill => Ok(self.kill(vm)?),
             Action::Shutdown => {
                 let dir = self.dir(vm);
@@ -52,15 +53,17 @@ impl Runtime {
         }
     }
 
-    /// Prepares the host and spawns the VMM, recording it in `vm.json`.
+    /// Prepares the host (for a VM of `tenant`) and spawns the VMM,
+    /// recording it in `vm.json`.
     fn start(
         &self,
         vm: &VmRef,
         spec: &MicroVMSpec,
+        tenant: &str,
         generation: i64,
         now: Timestamp,
     ) -> Result<(), RuntimeError> {
-        self.prepare(vm, spec)?;
+        self.prepare(vm, spec, tenant)?;
         let config = self.prepare_config(vm, spec)?;
         let cgroup = self.prepare_cgroup(vm, spec)?;
         // No VMM runs for the VM now: anything in its cgroup is left over

@@ -40,7 +40,8 @@ impl Runtime {
         Ok(())
     }
 
-    /// Deletes the VM's taps and releases its addresses; the VM must not run.
+    /// Deletes the VM's taps, releases its addresses and drops its ports
+    /// from the egress rules; the VM must not run.
     pub fn release_network(&self, vm: &VmRef) -> Result<(), RuntimeError> {
         // Only the taps the agent recorded creating for this VM; a VM that
         // ran under an agent from before taps were recorded (a record and no
@@ -59,7 +60,7 @@ impl Runtime {
         }
         self.ipam
             .release_prefix(&vmconfig::owner_prefix(&vm.namespace, &vm.name))?;
-        Ok(())
+        self.forget_network(vm)
     }
 
     /// Forgets a finished run (record, exit file, serial log) so the VM starts

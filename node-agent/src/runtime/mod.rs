@@ -1,7 +1,7 @@
 //! Realizing MicroVMs on this host, one reconcile at a time, in phases, one
 //! file each: `observe` what runs, [`decide`] (pure, in [`crate::reconcile`]),
 //! `prepare` the host and `act`, observe again; `cleanup` gives back what a
-//! VM held. Shared by standalone and cluster mode; knows nothing of
+//! VM held; `egress` keeps the node's network rules in step with the VMs. Shared by standalone and cluster mode; knows nothing of
 //! the Kubernetes API (callers pass the spec and the previous status, and
 //! publish the result).
 //!
@@ -13,6 +13,7 @@
 
 mod act;
 mod cleanup;
+mod egress;
 mod observe;
 mod prepare;
 
@@ -27,7 +28,9 @@ use runv_crds::microvm::VmmLimits;
 use runv_crds::quantity::{self, QuantityError};
 use runv_crds::{MicroVMSpec, MicroVMStatus};
 
+pub use self::egress::tenant_of;
 use crate::host::cgroup::{CPU_PERIOD_US, Limits, MIN_CPU_QUOTA_US};
+use crate::host::egress::{EgressError, EgressPolicy};
 use crate::host::hostfile::{AllowedDirs, HostFile, HostFileError};
 use crate::host::ipam::FileIpam;
 use crate::host::{BridgeSpec, ControlTarget, Host, HostError, VmmIdentity};
@@ -48,6 +51,24 @@ pub enum RuntimeError {
     /// A host file the spec names cannot be used.
     #[error(transparent)]
     HostFile(#[from] HostFileError),
+    /// The egress rules cannot be rendered from the records.
+    #[error(transparent)]
+    Egress(#[from] EgressError),
+    /// A `Nat` interface asks for a MAC another interface on the node has.
+    #[error(
+        "{field}: {mac} is already the MAC of {vm}'s interface {interface} on this node; \
+         give this interface another MAC"
+    )]
+    MacInUse {
+        /// The spec field.
+        field: String,
+        /// The MAC.
+        mac: String,
+        /// The VM that has it.
+        vm: String,
+        /// Its interface.
+        interface: String,
+    },
 }
 
 impl RuntimeError {
@@ -86,6 +107,8 @@ pub struct RuntimeConfig {
     /// Bytes every VM's disks together may grow to on this node (their
     /// files' lengths: sparse disks never outgrow them). `u64::MAX`: no bound.
     pub ephemeral_storage: u64,
+    /// Where `Nat` VMs may send beyond the node.
+    pub egress: EgressPolicy,
 }
 
 /// Default [`RuntimeConfig::max_disk_bytes`]: 256 GiB.
@@ -112,6 +135,7 @@ impl RuntimeConfig {
             max_disk_bytes: DEFAULT_MAX_DISK_BYTES,
             disk_copy_timeout: DEFAULT_DISK_COPY_TIMEOUT,
             ephemeral_storage: u64::MAX,
+            egress: EgressPolicy::default(),
         }
     }
 }
@@ -165,6 +189,8 @@ pub struct Runtime {
     /// Held while a VM's disks are measured against the node's ephemeral
     /// storage and created, so two starts cannot both take the last of it.
     storage: std::sync::Mutex<()>,
+    /// Held while the egress rules are rebuilt.
+    egress_lock: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -214,7 +240,9 @@ pub fn spec_limits(spec: &MicroVMSpec) -> Result<Option<Limits>, QuantityError> 
 }
 
 impl Runtime {
-    /// A runtime over `host`, with its state in `config.root`.
+    /// A runtime over `host`, with its state in `config.root`. When VMs have
+    /// network records, the node's egress rules are rebuilt from them first:
+    /// a restarted agent re-establishes them before it reconciles anything.
     pub fn new(config: RuntimeConfig, host: Arc<dyn Host>) -> Result<Self, RuntimeError> {
         state::create_root(&config.root)?;
         let ipam = FileIpam::open(
@@ -222,7 +250,7 @@ impl Runtime {
             config.bridge.gateway,
             config.bridge.prefix,
         )?;
-        Ok(Self {
+        let rt = Self {
             config,
             host,
             ipam,
@@ -230,7 +258,12 @@ impl Runtime {
             exits_seen: std::sync::Mutex::default(),
             fence: std::sync::Mutex::default(),
             storage: std::sync::Mutex::default(),
-        })
+            egress_lock: std::sync::Mutex::default(),
+        };
+        if !state::list_net(&rt.config.root).is_empty() {
+            rt.apply_egress()?;
+        }
+        Ok(rt)
     }
 
     /// The VM's record (`vm.json`), only when it is this VM's: a directory
@@ -399,6 +432,10 @@ impl Runtime {
         now: Timestamp,
     ) -> Decision {
         self.rotate_legacy_serial(vm);
+        let tenant = tenant_of(vm, spec, previous);
+        if let Err(e) = self.sync_network(vm, spec, &tenant) {
+            tracing::warn!(vm = %vm, error = %runv_crds::retry::Chain(&e), "egress rules not rebuilt");
+        }
         let mut facts = self.facts(vm, spec);
         let obs = self.observe(vm, spec, now);
         if let Observed::Running {
@@ -419,7 +456,7 @@ impl Runtime {
         let mut acted = false;
         for action in &first.actions {
             acted = true;
-            if let Err(e) = self.act(vm, spec, generation, action, now) {
+            if let Err(e) = self.act(vm, spec, &tenant, generation, action, now) {
                 tracing::warn!(vm = %vm, ?action, error = %runv_crds::retry::Chain(&e), "action failed");
                 if matches!(action, Action::Start { .. }) {
                     if e.is_cgroup() {

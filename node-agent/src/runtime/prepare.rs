@@ -1,6 +1,7 @@
 //! Prepare: everything a VMM needs on the host before it is spawned — the
 //! VM's directory and jail ids, its disks, the bridge, its taps and
-//! addresses, its config file and its cgroup with the spec's limits.
+//! addresses (and the egress rules that hold them), its config file and its
+//! cgroup with the spec's limits.
 //!
 //! Every step is idempotent, so a start that failed halfway is retried from
 //! the top. Must not spawn, signal or talk to a VMM (that is `act.rs`),
@@ -17,8 +18,13 @@ use crate::state::{self, CgroupRecord};
 use crate::vmconfig;
 
 impl Runtime {
-    /// The VM's directory, jail ids, disks and network.
-    pub(super) fn prepare(&self, vm: &VmRef, spec: &MicroVMSpec) -> Result<(), RuntimeError> {
+    /// The VM's directory, jail ids, disks and network (for a VM of `tenant`).
+    pub(super) fn prepare(
+        &self,
+        vm: &VmRef,
+        spec: &MicroVMSpec,
+        tenant: &str,
+    ) -> Result<(), RuntimeError> {
         let dir = self.dir(vm);
         dir.create()?;
         if spec.isolation.jail == Toggle::Enabled {
@@ -30,7 +36,7 @@ impl Runtime {
                 .give_dir(&dir.run_dir(), ids.uid, ids.gid)?;
         }
         self.prepare_disks(vm, spec)?;
-        self.prepare_network(vm, spec)?;
+        self.prepare_network(vm, spec, tenant)?;
         Ok(())
     }
 
@@ -116,12 +122,21 @@ impl Runtime {
         Ok(())
     }
 
-    /// The bridge, and a tap and an address per `Nat` interface.
-    fn prepare_network(&self, vm: &VmRef, spec: &MicroVMSpec) -> Result<(), HostError> {
+    /// The bridge, a tap and an address per `Nat` interface, and the egress
+    /// rules with them (before the VMM is spawned): no MAC another
+    /// interface on the node has.
+    fn prepare_network(
+        &self,
+        vm: &VmRef,
+        spec: &MicroVMSpec,
+        tenant: &str,
+    ) -> Result<(), RuntimeError> {
         let plan = vmconfig::net_plan(&vm.namespace, &vm.name, spec);
-        if plan.iter().any(|n| n.managed) {
-            self.host.network().ensure_bridge(&self.config.bridge)?;
+        if !plan.iter().any(|n| n.managed) {
+            return Ok(());
         }
+        self.check_macs(vm, &plan)?;
+        self.host.network().ensure_bridge(&self.config.bridge)?;
         let prefix = vmconfig::owner_prefix(&vm.namespace, &vm.name);
         let dir = self.dir(vm);
         let recorded = dir.read_taps();
@@ -137,7 +152,8 @@ impl Runtime {
                     return Err(HostError::Invalid {
                         what: "tap device",
                         value: format!("{} exists and was not created for this VM", n.tap),
-                    });
+                    }
+                    .into());
                 }
                 taps.push(n.tap.clone());
                 dir.write_taps(&taps)?;
@@ -146,7 +162,7 @@ impl Runtime {
                 .network()
                 .ensure_tap(&n.tap, &self.config.bridge.name)?;
         }
-        Ok(())
+        self.record_network(vm, &plan, tenant)
     }
 
     /// Writes the VMM's config for this start and clears what the last run
