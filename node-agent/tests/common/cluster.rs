@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use runv_e2e::{Options, TestServer};
 use serde_json::json;
 
@@ -147,8 +147,15 @@ impl Cluster {
         }
         let server = TestServer::start(opts).await?;
         let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "runv-system"}}))?;
-        Api::<Namespace>::all(server.client()?)
-            .create(&PostParams::default(), &ns)
+        let namespaces = Api::<Namespace>::all(server.client()?);
+        namespaces.create(&PostParams::default(), &ns).await?;
+        // The tests pin their VMs to n1 (see `manifest`): the administrator
+        // allows that in `default`.
+        let allow = json!({"metadata": {"labels": {
+            runv_crds::contract::ALLOW_NODE_NAME_LABEL: runv_crds::contract::ALLOW_VALUE
+        }}});
+        namespaces
+            .patch("default", &PatchParams::default(), &Patch::Merge(&allow))
             .await?;
         let kubeconfig = server.kubeconfig_path().to_owned();
         let operator_args: Vec<String> = operator_args.iter().map(|a| (*a).to_owned()).collect();
