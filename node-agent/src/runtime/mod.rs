@@ -1,7 +1,7 @@
 //! Realizing MicroVMs on this host, one reconcile at a time, in phases, one
 //! file each: `observe` what runs, [`decide`] (pure, in [`crate::reconcile`]),
-//! `prepare` the host and `act`, observe again; `cleanup` gives back what a
-//! VM held. Shared by standalone and cluster mode; knows nothing of
+//! `admit` a start against the node's room and tenants, `prepare` the host
+//! and `act`, observe again; `cleanup` gives back what a VM held. Shared by standalone and cluster mode; knows nothing of
 //! the Kubernetes API (callers pass the spec and the previous status, and
 //! publish the result).
 //!
@@ -12,6 +12,7 @@
 //! files makes a syscall itself.
 
 mod act;
+mod admit;
 mod cleanup;
 mod observe;
 mod prepare;
@@ -32,7 +33,8 @@ use crate::host::hostfile::{AllowedDirs, HostFile, HostFileError};
 use crate::host::ipam::FileIpam;
 use crate::host::{BridgeSpec, ControlTarget, Host, HostError, VmmIdentity};
 use crate::jail::JailIdAllocator;
-use crate::reconcile::{Action, Backoff, Decision, Observed, SandboxPolicy, decide};
+use crate::reconcile::admit::Allocatable;
+use crate::reconcile::{Action, Backoff, Decision, Facts, Observed, SandboxPolicy, decide};
 use crate::state::{self, VmDir};
 
 /// Why the runtime could not be set up, or a VM not started, stopped or
@@ -78,6 +80,10 @@ pub struct RuntimeConfig {
     /// Which parts of the VMM's sandbox a spec may switch off here (none by
     /// default).
     pub sandbox: SandboxPolicy,
+    /// What the node advertises to placement (cluster mode): no VM starts
+    /// beyond it, nor against tenant isolation (see `admit.rs`). `None`
+    /// (standalone mode): no such check.
+    pub allocatable: Option<Allocatable>,
 }
 
 impl RuntimeConfig {
@@ -96,6 +102,7 @@ impl RuntimeConfig {
             allowed: AllowedDirs::default(),
             allowed_taps: Vec::new(),
             sandbox: SandboxPolicy::default(),
+            allocatable: None,
         }
     }
 }
@@ -146,6 +153,8 @@ pub struct Runtime {
     exits_seen: std::sync::Mutex<std::collections::HashMap<VmRef, (VmmIdentity, i64, bool)>>,
     /// Why the node is fenced, while it is.
     fence: std::sync::Mutex<Option<String>>,
+    /// Held while a start is admitted and its claim written.
+    admission: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -210,6 +219,7 @@ impl Runtime {
             jail_ids: JailIdAllocator::default(),
             exits_seen: std::sync::Mutex::default(),
             fence: std::sync::Mutex::default(),
+            admission: std::sync::Mutex::default(),
         })
     }
 
@@ -340,16 +350,45 @@ impl Runtime {
             .map_or_else(|| self.cgroup_name(vm), |r| r.name)
     }
 
-    /// Every VM with a state directory here.
+    /// Every VM with a state directory here: a record, or a claim.
     pub fn known(&self) -> Vec<VmRef> {
-        state::list(&self.config.root)
+        let mut known: Vec<VmRef> = state::list(&self.config.root)
             .into_iter()
             .map(|(_, r)| VmRef {
                 namespace: r.namespace,
                 name: r.name,
                 uid: r.uid,
             })
-            .collect()
+            .collect();
+        known.extend(self.claimed_without_record());
+        known
+    }
+
+    /// Whether `first` starts the VM and the node does not admit it (or
+    /// cannot record its claim): then `facts` says why, and the decision is
+    /// to be made again, to start nothing. Admitted before any action, so a
+    /// refused restart is not counted as one.
+    fn start_refused(
+        &self,
+        vm: &VmRef,
+        spec: &MicroVMSpec,
+        previous: &MicroVMStatus,
+        first: &Decision,
+        facts: &mut Facts,
+    ) -> bool {
+        let starts = first
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Start { .. }));
+        if !starts {
+            return false;
+        }
+        match self.admit(vm, spec, previous.tenant.as_ref()) {
+            Ok(None) => return false,
+            Ok(Some(refusal)) => facts.admission = Some(refusal),
+            Err(e) => facts.start_error = Some(runv_crds::retry::Chain(&e).to_string()),
+        }
+        true
     }
 
     /// One reconcile of one VM: observe, decide, act, observe again, decide
@@ -379,7 +418,10 @@ impl Runtime {
             }
         }
         let backoff = &self.config.backoff;
-        let first = decide(spec, generation, previous, &obs, &facts, backoff, now);
+        let mut first = decide(spec, generation, previous, &obs, &facts, backoff, now);
+        if self.start_refused(vm, spec, previous, &first, &mut facts) {
+            first = decide(spec, generation, previous, &obs, &facts, backoff, now);
+        }
         let mut acted = false;
         for action in &first.actions {
             acted = true;
