@@ -232,7 +232,8 @@ impl Cluster {
 
     /// Starts `runv-agent run` for node `node` with its state in `root`,
     /// inside the network namespace `netns` if one is given, with `extra`
-    /// arguments.
+    /// arguments (`--vcpus` and `--memory` among them size the node; else
+    /// it offers 64 vCPUs and 64 GiB).
     pub fn start_agent_as(
         &self,
         node: &str,
@@ -263,11 +264,14 @@ impl Cluster {
             &vmm,
             "--http-addr",
             &addr,
-            "--vcpus",
-            "64",
-            "--memory",
-            "64Gi",
         ]);
+        // A roomy node, unless the test sizes it.
+        if !extra.contains(&"--vcpus") {
+            args.extend(["--vcpus", "64"]);
+        }
+        if !extra.contains(&"--memory") {
+            args.extend(["--memory", "64Gi"]);
+        }
         args.extend_from_slice(extra);
         // nsenter execs the agent: the pid is the agent's.
         let program = if netns.is_some() { "nsenter" } else { &agent };
