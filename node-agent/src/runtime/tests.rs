@@ -1046,3 +1046,31 @@ fn standalone_mode_admits_without_claims() {
     assert_eq!(d.status.phase, Some(Phase::Starting));
     assert!(e.rt.dir(&vm()).read_claim().is_none());
 }
+
+#[test]
+fn two_vms_started_at_once_are_never_both_admitted_into_one_room() {
+    let e = env();
+    let rt = Arc::new(runtime_with(e._root.path(), &e.host, |c| {
+        c.allocatable = Some(Allocatable {
+            vcpus: 1,
+            memory: 1 << 30,
+        })
+    }));
+    let shared = placed_as("default", runv_crds::microvm::NodeIsolation::Shared);
+    let gate = Arc::new(std::sync::Barrier::new(2));
+    let runs: Vec<_> = ["race-a", "race-b"]
+        .into_iter()
+        .map(|name| {
+            let (rt, gate, shared) = (rt.clone(), gate.clone(), shared.clone());
+            std::thread::spawn(move || {
+                gate.wait();
+                let d = rt.reconcile(&named(name), &spec(RunPolicy::Always), 1, &shared, at(0));
+                ready(&d.status).1
+            })
+        })
+        .collect();
+    let mut reasons: Vec<String> = runs.into_iter().map(|r| r.join().unwrap()).collect();
+    reasons.sort();
+    assert_eq!(reasons, ["Booting", "OutOfCapacity"]);
+    assert_eq!(e.host.state().spawned.len(), 1);
+}
