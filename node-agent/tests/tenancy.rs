@@ -8,8 +8,9 @@
 //!   namespace's administrator labels allow them (`NodeNameNotAllowed`,
 //!   `ExclusiveNotAllowed`); a label added later places the VM.
 //! - The agent refuses to start a pinned VM over its capacity
-//!   (`OutOfCapacity`) or beside another tenant's Exclusive VM
-//!   (`IsolationConflict`), whatever the operator bound to it.
+//!   (`OutOfCapacity`), beside another tenant's Exclusive VM, or an Exclusive
+//!   one beside another tenant's (`IsolationConflict`), whatever the operator
+//!   bound to it.
 //! - Succeeded and Failed VMs keep their place: switched back to `Always`
 //!   they restart where they were, and nothing else took their room.
 
@@ -350,6 +351,31 @@ fn isolation(cluster: &Cluster) -> Result<()> {
         message.contains("another tenant that cannot share"),
         "{message}"
     );
+    // Once the Exclusive VM is gone, the other tenant's pinned VM starts; then
+    // a new Exclusive VM pinned beside it is the one refused.
+    cluster.kubectl(&["delete", "-n", "iso-acme", "mvm", "iso-x", "--timeout=60s"])?;
+    wait_ready(cluster, "iso-mallory", "iso-m").with_context(|| agent.output())?;
+    let _late = KillVmmOnDrop(vm_dir(cluster, "iso-acme", "iso-y"));
+    apply(
+        cluster,
+        "y.yaml",
+        &vm("iso-y", "iso-acme", 1, "Always", exclusive),
+    )?;
+    wait_reason(
+        cluster,
+        "iso-acme",
+        "iso-y",
+        "Ready",
+        "IsolationConflict",
+        60,
+    )
+    .with_context(|| agent.output())?;
+    let message = condition(cluster, "iso-acme", "iso-y", "Ready", "message")?;
+    ensure!(
+        message.contains("iso-mallory/iso-m (tenant iso-mallory)"),
+        "{message}"
+    );
+    ensure!(recorded_pid(&vm_dir(cluster, "iso-acme", "iso-y")).is_none());
     Ok(())
 }
 
