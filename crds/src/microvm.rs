@@ -163,7 +163,12 @@ pub struct MicroVMSpec {
     #[schemars(length(max = 32), schema_with = "tolerations_schema")]
     pub tolerations: Vec<Toleration>,
 
-    /// Pins the VM to this node, bypassing placement. Immutable once set.
+    /// Pins the VM to this node, bypassing placement's choice (selectors, taints,
+    /// cordon). Only in a namespace its administrator labelled
+    /// `runv.dev/allow-node-name: "true"`; elsewhere the VM is not placed
+    /// (`Scheduled=False`, reason `NodeNameNotAllowed`). The node's agent still
+    /// refuses to start it over the node's capacity or beside another tenant's
+    /// Exclusive VM. Immutable once set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 253),
@@ -176,7 +181,9 @@ pub struct MicroVMSpec {
     pub isolation: Isolation,
 
     /// The tenant the VM belongs to, and whether it shares nodes with other tenants.
-    /// Immutable.
+    /// The tenant is the namespace's (its `runv.dev/tenant` label, set by an
+    /// administrator, else its name): a different `name` is refused
+    /// (`Scheduled=False`, reason `TenantNotAllowed`). Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<Tenant>,
 }
@@ -299,7 +306,7 @@ fn tolerations_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Sc
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Tenant {
-    /// Tenant name, a DNS label.
+    /// Tenant name, a DNS label: the namespace's tenant.
     #[schemars(
         length(min = 1, max = 63),
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -319,7 +326,9 @@ pub enum NodeIsolation {
     #[default]
     Shared,
     /// The VMs run only on nodes that run no other tenant's VMs, and no VM of another
-    /// tenant (or of no tenant) is placed beside them.
+    /// tenant is placed beside them. Only in a namespace its administrator labelled
+    /// `runv.dev/allow-exclusive: "true"`; elsewhere the VM is not placed
+    /// (`Scheduled=False`, reason `ExclusiveNotAllowed`).
     Exclusive,
 }
 

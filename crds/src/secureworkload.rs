@@ -120,7 +120,9 @@ pub struct SecureWorkloadSpec {
     pub strategy: UpdateStrategy,
 
     /// The tenant the workload belongs to, copied to each replica's `spec.tenant`.
-    /// Placement uses it to keep tenants apart.
+    /// Placement uses it to keep tenants apart. As for a MicroVM, the name must be
+    /// the namespace's tenant, and `Exclusive` needs the namespace's
+    /// `runv.dev/allow-exclusive` label.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<Tenant>,
 }

@@ -18,6 +18,7 @@ use runv_node_agent::host::cgroup::CgroupConfig;
 use runv_node_agent::host::egress::{Cidr, EgressError};
 use runv_node_agent::host::{Host, LinuxHost};
 use runv_node_agent::reconcile::SandboxPolicy;
+use runv_node_agent::reconcile::admit::Allocatable;
 use runv_node_agent::runtime::{Runtime, RuntimeConfig};
 use runv_node_agent::state::VmDir;
 use runv_node_agent::{standalone, state};
@@ -424,10 +425,14 @@ fn real_main() -> anyhow::Result<()> {
                 lease_duration,
                 renew_every: lease_renew_interval,
             };
-            let runtime = Runtime::new(
-                cli.runtime_config(find_vmm(vmm.clone())?),
-                Arc::new(cli.host("/runv")),
-            )?;
+            let mut runtime_config = cli.runtime_config(find_vmm(vmm.clone())?);
+            // No VM starts beyond what the Node advertises, nor against
+            // tenant isolation, whatever placement bound here.
+            runtime_config.allocatable = Some(Allocatable {
+                vcpus: capacity.vcpus,
+                memory: capacity.memory,
+            });
+            let runtime = Runtime::new(runtime_config, Arc::new(cli.host("/runv")))?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
                 let client = kube::Client::try_default()

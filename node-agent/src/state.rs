@@ -8,6 +8,8 @@
 //!                      net.json     its tenant and Nat interfaces (tap, MAC, address):
 //!                                   what the node's egress rules are rebuilt from
 //!                      jail.json    the uid/gid of its jailed VMM (crate::jail)
+//!                      claim.json   the place it holds on the node, written when
+//!                                   it is admitted (crate::reconcile::admit)
 //!                      run/         what the VMM writes itself: ctl.sock (control
 //!                                   socket), ctl.sock.exit (exit record), vsock.sock
 //!                      serial.log   console output (serial.log.1: the previous part)
@@ -32,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::host::cgroup::Limits;
 pub use crate::host::files::write_atomic;
 use crate::host::{HostError, VmmIdentity, files};
+use crate::reconcile::admit::Claim;
 
 /// Longest unix socket path Linux accepts (`sun_path` less the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -276,6 +279,24 @@ impl VmDir {
         serde_json::from_str(&text).ok()
     }
 
+    /// `claim.json`: the place the VM holds on the node.
+    pub fn claim_path(&self) -> PathBuf {
+        self.dir.join("claim.json")
+    }
+
+    /// The VM's claim; `None` when it has none (never admitted, or admitted
+    /// by an agent from before claims were written).
+    pub fn read_claim(&self) -> Option<Claim> {
+        let text = std::fs::read_to_string(self.claim_path()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Writes `claim.json` atomically.
+    pub fn write_claim(&self, claim: &Claim) -> Result<(), HostError> {
+        let text = serde_json::to_vec(claim).unwrap_or_default();
+        write_atomic(&self.claim_path(), &text)
+    }
+
     /// Writes `taps.json` atomically.
     pub fn write_taps(&self, taps: &[String]) -> Result<(), HostError> {
         let text = serde_json::to_vec(taps).unwrap_or_default();
@@ -392,17 +413,18 @@ impl VmDir {
     }
 }
 
-/// Every VM directory under `root`, with a record or not (a VM whose start
-/// failed before it ran has disks but no record).
-pub fn list_dirs(root: &Path) -> Vec<VmDir> {
+/// Every VM directory under `root`.
+pub fn dirs(root: &Path) -> Vec<VmDir> {
     let Ok(entries) = std::fs::read_dir(root.join("vms")) else {
         return Vec::new();
     };
-    entries
+    let mut out: Vec<VmDir> = entries
         .filter_map(Result::ok)
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .map(|e| VmDir::at(e.path()))
-        .collect()
+        .collect();
+    out.sort_by(|a, b| a.path().cmp(b.path()));
+    out
 }
 
 /// Every VM directory under `root` with a readable record.

@@ -190,9 +190,12 @@ async fn the_agent_realizes_reports_and_cleans_up_its_vms() -> Result<()> {
     let alloc = node.status.unwrap().allocatable.unwrap();
     assert_eq!(alloc["runv.dev/vcpus"].0, "8");
     assert_eq!(alloc["runv.dev/memory"].0, (16u64 << 30).to_string());
-    let lease = Api::<Lease>::namespaced(client.clone(), "runv-system")
-        .get("runv-agent-n1")
-        .await?;
+    // The agent renews its Lease just after it publishes the Node's status.
+    let leases = Api::<Lease>::namespaced(client.clone(), "runv-system");
+    let lease = eventually("the Lease", || async {
+        Ok(leases.get_opt("runv-agent-n1").await?)
+    })
+    .await?;
     assert_eq!(
         lease.spec.as_ref().unwrap().lease_duration_seconds,
         Some(40)

@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use runv_crds::contract::ownership::{self, LIFECYCLE_CONDITIONS, StatusField};
 use runv_crds::contract::{Binding, Reason, Writer};
-use runv_crds::microvm::{ExitStatus, PowerState, RunPolicy};
+use runv_crds::microvm::{ExitStatus, NodeIsolation, PowerState, RunPolicy, Tenant};
 use runv_crds::{MicroVM, MicroVMStatus};
 use runv_node_agent::reconcile::{Backoff, Facts, Observed, ObservedExit, agent_body, decide};
 use runv_operator::microvm::OperatorStatus;
@@ -23,8 +23,9 @@ fn at(s: i64) -> Timestamp {
     Timestamp::from_second(1_800_000_000 + s).unwrap()
 }
 
-/// A VM whose status already carries the agent's run record, so a body that
-/// re-applied the whole status type would be caught naming it.
+/// A VM whose status already carries the agent's run record and the
+/// operator's tenant, so a body that re-applied the whole status type would
+/// be caught naming them.
 fn vm(policy: RunPolicy, power: PowerState) -> MicroVM {
     let mut vm: MicroVM = serde_json::from_value(serde_json::json!({
         "apiVersion": "runv.dev/v1alpha1", "kind": "MicroVM",
@@ -43,9 +44,17 @@ fn vm(policy: RunPolicy, power: PowerState) -> MicroVM {
             time: Time(at(0)),
         }),
         boot_start_time: Some(Time(at(0))),
+        tenant: Some(tenant()),
         ..MicroVMStatus::default()
     });
     vm
+}
+
+fn tenant() -> Tenant {
+    Tenant {
+        name: "default".into(),
+        node_isolation: NodeIsolation::Shared,
+    }
 }
 
 /// Every state the operator writes in, with the body it applies.
@@ -54,14 +63,20 @@ fn operator_bodies() -> Vec<(String, Binding, serde_json::Value)> {
         OperatorStatus::Scheduled {
             node: "n1".into(),
             pinned: false,
+            tenant: tenant(),
         },
         OperatorStatus::Scheduled {
             node: "n1".into(),
             pinned: true,
+            tenant: tenant(),
         },
         OperatorStatus::Unschedulable {
             message: "0/1 nodes".into(),
         },
+        OperatorStatus::Refused(runv_operator::tenancy::Refusal {
+            reason: Reason::NodeNameNotAllowed,
+            message: "spec.nodeName".into(),
+        }),
         OperatorStatus::NotRequested,
         OperatorStatus::NodeLost {
             node: "n1".into(),
@@ -236,6 +251,8 @@ fn operator_and_agent_bodies_never_overlap() {
             .any(|f| matches!(f, StatusField::RunRecord(_)))
     );
     assert!(operator_all.contains(&StatusField::NodeName));
+    assert!(operator_all.contains(&StatusField::Tenant));
     assert!(!agent_all.contains(&StatusField::NodeName));
+    assert!(!agent_all.contains(&StatusField::Tenant));
     assert!(!agent_all.contains(&StatusField::Condition("Scheduled".into())));
 }

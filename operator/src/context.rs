@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -84,6 +84,9 @@ pub struct Context {
     pub leases: Store<Lease>,
     /// MicroVMs cache.
     pub microvms: Store<MicroVM>,
+    /// Namespaces cache (labels only): tenants and the administrator's policy
+    /// ([`crate::tenancy`]).
+    pub namespaces: Store<Namespace>,
     /// The placement lock and its assumed bindings.
     pub placer: Mutex<Assumed>,
     /// Publishes events.k8s.io/v1 Events.
@@ -172,6 +175,8 @@ pub struct Synced {
     pub leases: watch::Receiver<bool>,
     /// The MicroVM cache.
     pub microvms: watch::Receiver<bool>,
+    /// The Namespace cache.
+    pub namespaces: watch::Receiver<bool>,
 }
 
 impl Synced {
@@ -181,12 +186,13 @@ impl Synced {
             nodes: watch::channel(true).1,
             leases: watch::channel(true).1,
             microvms: watch::channel(true).1,
+            namespaces: watch::channel(true).1,
         }
     }
 
-    /// Waits until all three caches are filled; false if a watch ended first.
+    /// Waits until all four caches are filled; false if a watch ended first.
     pub async fn wait(&self) -> bool {
-        for flag in [&self.nodes, &self.leases, &self.microvms] {
+        for flag in [&self.nodes, &self.leases, &self.microvms, &self.namespaces] {
             // Each result is dropped at once: its guard must not live across an await.
             if flag.clone().wait_for(|s| *s).await.is_err() {
                 return false;
@@ -201,6 +207,7 @@ impl Synced {
             ("Node", &self.nodes),
             ("Lease", &self.leases),
             ("MicroVM", &self.microvms),
+            ("Namespace", &self.namespaces),
         ]
         .into_iter()
         .filter(|(_, rx)| !*rx.borrow())
@@ -231,7 +238,7 @@ impl std::fmt::Debug for Context {
 
 impl Context {
     /// Waits until the caches every reconcile reads (Nodes, agent Leases,
-    /// MicroVMs) have been filled by their first list; false if a cache's
+    /// MicroVMs, Namespaces) have been filled by their first list; false if a cache's
     /// watch ended first. kube-runtime only holds a controller until its own
     /// cache is filled: a MicroVM reconciled against an empty Node cache would
     /// look bound to a deleted node, and a SecureWorkload against an empty
@@ -318,10 +325,12 @@ mod synced_tests {
         let (nodes, nodes_rx) = watch::channel(false);
         let (leases, leases_rx) = watch::channel(false);
         let (vms, vms_rx) = watch::channel(false);
+        let (namespaces, namespaces_rx) = watch::channel(false);
         let synced = Synced {
             nodes: nodes_rx,
             leases: leases_rx,
             microvms: vms_rx,
+            namespaces: namespaces_rx,
         };
         // Several tasks wait at once, as the monitor and every reconcile do.
         let waiters: Vec<_> = (0..8)
@@ -331,17 +340,19 @@ mod synced_tests {
             })
             .collect();
         tokio::task::yield_now().await;
-        assert_eq!(synced.waiting(), ["Node", "Lease", "MicroVM"]);
+        assert_eq!(synced.waiting(), ["Node", "Lease", "MicroVM", "Namespace"]);
         let mut mark_nodes = mark_synced::<()>(nodes);
         mark_nodes(&Ok(kube::runtime::watcher::Event::InitApply(())));
         assert_eq!(
             synced.waiting(),
-            ["Node", "Lease", "MicroVM"],
+            ["Node", "Lease", "MicroVM", "Namespace"],
             "not before InitDone"
         );
         mark_nodes(&Ok(kube::runtime::watcher::Event::InitDone));
         mark_synced::<()>(leases)(&Ok(kube::runtime::watcher::Event::InitDone));
         mark_synced::<()>(vms)(&Ok(kube::runtime::watcher::Event::InitDone));
+        assert_eq!(synced.waiting(), ["Namespace"]);
+        mark_synced::<()>(namespaces)(&Ok(kube::runtime::watcher::Event::InitDone));
         assert!(synced.waiting().is_empty());
         for waiter in waiters {
             let woken = tokio::time::timeout(Duration::from_secs(5), waiter).await;

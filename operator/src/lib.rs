@@ -14,6 +14,7 @@ pub mod microvm;
 pub mod nodes;
 pub mod placement;
 pub mod run;
+pub mod tenancy;
 #[cfg(test)]
 pub mod testing;
 pub mod workload;

@@ -1,12 +1,14 @@
 //! The MicroVM controller: binds each MicroVM that wants to run to a node,
-//! reports when no node can take it, marks the VMs of a lost node Unknown and
-//! moves `Always` VMs off a fenced node.
+//! with the tenant its namespace gives it ([`crate::tenancy`]), refuses what
+//! the namespace does not allow, reports when no node can take it, marks the
+//! VMs of a lost node Unknown and moves `Always` VMs off a fenced node.
 //!
-//! It writes only the status fields the operator owns (phase, nodeName and the
-//! condition set of [`OperatorStatus`]) with server-side apply, and only at
-//! transitions; once a node's agent runs the VM, the agent reports it.
+//! It writes only the status fields the operator owns (phase, nodeName,
+//! tenant and the condition set of [`OperatorStatus`]) with server-side
+//! apply, and only at transitions; once a node's agent runs the VM, the agent
+//! reports it.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +21,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use runv_crds::conditions::{self as cond, Row, Status};
 use runv_crds::contract::{self, Binding, Reason};
-use runv_crds::microvm::{Phase, RunPolicy};
+use runv_crds::microvm::{Phase, RunPolicy, Tenant};
 use runv_crds::quantity::QuantityError;
 use runv_crds::{MicroVM, MicroVMStatus};
 use serde_json::json;
@@ -27,6 +29,7 @@ use serde_json::json;
 use crate::context::{Assumed, Context, MANAGER};
 use crate::nodes;
 use crate::placement::{self, Bound, Request, TenantRef};
+use crate::tenancy::{self, Refusal};
 
 /// Controller name in metrics and logs.
 pub const CONTROLLER: &str = "microvm";
@@ -62,24 +65,41 @@ pub fn wants_to_run(vm: &MicroVM) -> bool {
     contract::wants_to_run(&vm.spec)
 }
 
-/// Whether a bound VM still holds its node's capacity.
-pub fn holds_capacity(vm: &MicroVM) -> bool {
-    !matches!(
-        vm.status.as_ref().and_then(|s| s.phase),
-        Some(Phase::Succeeded | Phase::Failed)
-    )
-}
-
 /// The node a VM is bound to.
 pub fn bound_node(vm: &MicroVM) -> Option<&str> {
     vm.status.as_ref().and_then(|s| s.node_name.as_deref())
 }
 
-fn tenant_of(vm: &MicroVM) -> Option<TenantRef> {
-    vm.spec.tenant.as_ref().map(|t| TenantRef {
+fn tenant_ref(t: &Tenant) -> TenantRef {
+    TenantRef {
         name: t.name.clone(),
         isolation: t.node_isolation,
-    })
+    }
+}
+
+/// The labels of the VM's Namespace, when the cache holds it.
+fn namespace_labels(vm: &MicroVM, ctx: &Context) -> Option<BTreeMap<String, String>> {
+    let ns = ctx.namespaces.get(&ObjectRef::new(&vm.namespace()?))?;
+    Some(ns.labels().clone())
+}
+
+/// The tenant a bound VM holds its node as: the one resolved when it was
+/// placed (`status.tenant`); for a VM placed before that was recorded, what
+/// its namespace gives it now (Shared where its spec is refused), never its
+/// spec alone.
+fn placed_tenant(vm: &MicroVM, ctx: &Context) -> TenantRef {
+    if let Some(t) = vm.status.as_ref().and_then(|s| s.tenant.as_ref()) {
+        return tenant_ref(t);
+    }
+    let ns = vm.namespace().unwrap_or_default();
+    let labels = namespace_labels(vm, ctx).unwrap_or_default();
+    match tenancy::resolve(&vm.spec, &ns, &labels) {
+        Ok(t) => tenant_ref(&t),
+        Err(_) => TenantRef {
+            name: tenancy::namespace_tenant(&ns, &labels).to_owned(),
+            isolation: runv_crds::microvm::NodeIsolation::Shared,
+        },
+    }
 }
 
 /// The uid of the VM's controlling owner (its SecureWorkload), for spreading.
@@ -90,33 +110,36 @@ fn group_of(vm: &MicroVM) -> Option<String> {
         .map(|o| o.uid.clone())
 }
 
-/// What the VM asks of a node.
-pub fn request(vm: &MicroVM) -> Result<Request, QuantityError> {
+/// What the VM, of `tenant`, asks of a node.
+pub fn request(vm: &MicroVM, tenant: &Tenant) -> Result<Request, QuantityError> {
     Ok(Request {
         vcpus: u64::from(vm.spec.resources.vcpus),
         memory: vm.spec.resources.memory_bytes()?,
         node_selector: vm.spec.node_selector.clone(),
         tolerations: vm.spec.tolerations.clone(),
-        tenant: tenant_of(vm),
+        tenant: Some(tenant_ref(tenant)),
         group: group_of(vm),
     })
 }
 
-/// The VM as the placer accounts it on `node`. A quantity the API should have
-/// refused counts as zero memory rather than stopping all placement.
-pub fn bound(vm: &MicroVM, node: &str) -> Bound {
+/// The VM, of `tenant`, as the placer accounts it on `node`. A quantity the
+/// API should have refused counts as zero memory rather than stopping all
+/// placement.
+pub fn bound(vm: &MicroVM, node: &str, tenant: TenantRef) -> Bound {
     Bound {
         node: node.to_owned(),
         vcpus: u64::from(vm.spec.resources.vcpus),
         memory: vm.spec.resources.memory_bytes().unwrap_or(0),
-        tenant: tenant_of(vm),
+        tenant: Some(tenant),
         group: group_of(vm),
     }
 }
 
 /// The status the operator writes at one of its transitions.
 ///
-/// The operator writes `nodeName` and `Scheduled` always, and the lifecycle
+/// The operator writes `nodeName`, `tenant` and `Scheduled` always (a
+/// bound VM's tenant again as it was resolved at its placement, since an
+/// apply that left it out would remove it), and the lifecycle
 /// fields (phase, observedGeneration, the other six conditions) only where
 /// [`runv_crds::contract::ownership`] gives them to it: while the VM is
 /// unbound (including the bind itself, the handoff to the agent) and while
@@ -129,12 +152,16 @@ pub enum OperatorStatus {
         node: String,
         /// Bound by `spec.nodeName` rather than chosen.
         pinned: bool,
+        /// The tenant and node isolation resolved from the namespace.
+        tenant: Tenant,
     },
     /// Wants to run, no node can take it.
     Unschedulable {
         /// Why, per node.
         message: String,
     },
+    /// Not placed: the spec asks what its namespace does not allow.
+    Refused(Refusal),
     /// Does not want to run and has no node.
     NotRequested,
     /// Bound to a node whose agent stopped reporting.
@@ -153,7 +180,7 @@ impl OperatorStatus {
     fn phase(&self) -> Phase {
         match self {
             OperatorStatus::Scheduled { .. } => Phase::Scheduled,
-            OperatorStatus::Unschedulable { .. } => Phase::Pending,
+            OperatorStatus::Unschedulable { .. } | OperatorStatus::Refused(_) => Phase::Pending,
             OperatorStatus::NotRequested => Phase::Stopped,
             OperatorStatus::NodeLost { .. } => Phase::Unknown,
         }
@@ -177,13 +204,32 @@ impl OperatorStatus {
         }
     }
 
+    /// The tenant to apply: the resolved one at the bind, the recorded one
+    /// while bound, none while unbound.
+    fn tenant(&self, vm: &MicroVM) -> Option<Tenant> {
+        match self {
+            OperatorStatus::Scheduled { tenant, .. } => Some(tenant.clone()),
+            OperatorStatus::NodeLost { .. } => vm.status.as_ref().and_then(|s| s.tenant.clone()),
+            _ => None,
+        }
+    }
+
     /// The seven MicroVM conditions.
     fn rows(&self, vm: &MicroVM) -> [Row; 7] {
         use Status::{False, True, Unknown};
         let not_paused = Row::new(cond::PAUSED, False, Reason::NotPaused);
         let no_stall = Row::new(cond::STALLED, False, Reason::Progressing);
         match self {
-            OperatorStatus::Scheduled { node, pinned } => {
+            OperatorStatus::Refused(Refusal { reason, message }) => [
+                Row::new(cond::SCHEDULED, False, *reason).message(message.clone()),
+                Row::new(cond::VMM_STARTED, False, Reason::NotScheduled),
+                Row::new(cond::GUEST_BOOTED, False, Reason::NotScheduled),
+                Row::new(cond::READY, False, *reason).message(message.clone()),
+                not_paused,
+                Row::new(cond::RECONCILING, False, *reason),
+                Row::new(cond::STALLED, True, *reason).message(message.clone()),
+            ],
+            OperatorStatus::Scheduled { node, pinned, .. } => {
                 let scheduled = if *pinned {
                     Row::new(cond::SCHEDULED, True, Reason::Pinned)
                         .message(format!("pinned to node {node} by spec.nodeName"))
@@ -249,8 +295,10 @@ impl OperatorStatus {
         let current = vm.status.clone().unwrap_or_default();
         let generation = vm.metadata.generation;
         let mut conditions: Vec<Condition> = current.conditions.clone();
+        let tenant = self.tenant(vm);
         let mut changed = current.phase != Some(self.phase())
             || current.node_name.as_deref() != self.node()
+            || current.tenant != tenant
             || current.observed_generation != generation;
         for row in self.rows(vm) {
             changed |= row.set(&mut conditions, generation, Time(now));
@@ -258,6 +306,7 @@ impl OperatorStatus {
         changed.then(|| MicroVMStatus {
             phase: Some(self.phase()),
             node_name: self.node().map(str::to_owned),
+            tenant,
             observed_generation: generation,
             conditions,
             ..MicroVMStatus::default()
@@ -270,7 +319,7 @@ impl OperatorStatus {
     }
 }
 
-/// The fields of `status` the operator applies: phase, nodeName,
+/// The fields of `status` the operator applies: phase, nodeName, tenant,
 /// observedGeneration and the conditions, never the agent's run record
 /// (`restartCount` and the rest), which an apply of the whole status type
 /// would reset.
@@ -281,6 +330,9 @@ pub fn operator_body(status: &MicroVMStatus) -> serde_json::Value {
     }
     if let Some(node) = &status.node_name {
         body.insert("nodeName".into(), json!(node));
+    }
+    if let Some(tenant) = &status.tenant {
+        body.insert("tenant".into(), json!(tenant));
     }
     if let Some(generation) = status.observed_generation {
         body.insert("observedGeneration".into(), json!(generation));
@@ -371,7 +423,30 @@ async fn place(vm: &MicroVM, ctx: &Context, now: Timestamp) -> Result<Action, Re
         // Bound a moment ago; the cache has not caught up yet.
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
-    let req = request(vm)?;
+    let ns = vm
+        .namespace()
+        .ok_or(ReconcileError::Incomplete("namespace"))?;
+    let Some(labels) = namespace_labels(vm, ctx) else {
+        // A MicroVM's namespace exists: the cache has not caught up yet.
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    };
+    let tenant = match tenancy::resolve(&vm.spec, &ns, &labels) {
+        Ok(t) => t,
+        Err(refusal) => {
+            drop(assumed);
+            let (reason, message) = (refusal.reason, refusal.message.clone());
+            return report_not_placed(
+                vm,
+                ctx,
+                OperatorStatus::Refused(refusal),
+                reason,
+                message,
+                now,
+            )
+            .await;
+        }
+    };
+    let req = request(vm, &tenant)?;
     let outcome = match &vm.spec.node_name {
         // spec.nodeName bypasses the placer's checks (selector, taints, cordon,
         // room: the agent refuses what does not fit), but never binds to a node
@@ -385,10 +460,19 @@ async fn place(vm: &MicroVM, ctx: &Context, now: Timestamp) -> Result<Action, Re
     match outcome {
         Ok((node, pinned)) => {
             // Assume first: a write whose answer is lost may still have happened.
+            let held = bound(vm, &node, tenant_ref(&tenant));
             assumed
                 .bindings
-                .insert(uid.clone(), (bound(vm, &node), std::time::Instant::now()));
-            let written = bind(vm, ctx, &node, pinned, now).await;
+                .insert(uid.clone(), (held, std::time::Instant::now()));
+            let status = OperatorStatus::Scheduled {
+                node: node.clone(),
+                pinned,
+                tenant,
+            };
+            let written = match status.to_apply(vm, now) {
+                Some(s) => apply_status(vm, s, ctx).await,
+                None => Ok(()),
+            };
             if let Err(ReconcileError::Api(kube::Error::Api(_))) = &written {
                 // The API refused it: nothing was bound.
                 assumed.bindings.remove(&uid);
@@ -406,7 +490,10 @@ async fn place(vm: &MicroVM, ctx: &Context, now: Timestamp) -> Result<Action, Re
         }
         Err(message) => {
             drop(assumed);
-            report_unschedulable(vm, ctx, message, now).await
+            let status = OperatorStatus::Unschedulable {
+                message: message.clone(),
+            };
+            report_not_placed(vm, ctx, status, Reason::Unschedulable, message, now).await
         }
     }
 }
@@ -441,10 +528,10 @@ fn choose(
         };
         match bound_node(&other) {
             Some(node) => {
+                // Whatever its phase: a Succeeded or Failed VM keeps its
+                // place until it is deleted (docs/operations.md).
                 assumed.bindings.remove(&other_uid);
-                if holds_capacity(&other) {
-                    used.push(bound(&other, node));
-                }
+                used.push(bound(&other, node, placed_tenant(&other, ctx)));
             }
             None if assumed.holds(&other_uid) => {
                 if let Some((b, _)) = assumed.bindings.get(&other_uid) {
@@ -465,29 +552,16 @@ fn choose(
     decision
 }
 
-/// Writes the binding to `node` (the handoff of the lifecycle fields to the
-/// node's agent).
-async fn bind(
+/// Shows why the VM is not placed (`status`: unschedulable, or refused with
+/// `reason`), with a Warning Event when the message is new: `FailedScheduling`
+/// when no node can take it, the refusal's reason when its namespace does not
+/// allow what it asks. Both are retried: a node may get room, an
+/// administrator may label the namespace.
+async fn report_not_placed(
     vm: &MicroVM,
     ctx: &Context,
-    node: &str,
-    pinned: bool,
-    now: Timestamp,
-) -> Result<(), ReconcileError> {
-    let status = OperatorStatus::Scheduled {
-        node: node.to_owned(),
-        pinned,
-    };
-    match status.to_apply(vm, now) {
-        Some(s) => apply_status(vm, s, ctx).await,
-        None => Ok(()),
-    }
-}
-
-/// Shows why no node can take the VM, with an Event when the reason is new.
-async fn report_unschedulable(
-    vm: &MicroVM,
-    ctx: &Context,
+    status: OperatorStatus,
+    reason: Reason,
     message: String,
     now: Timestamp,
 ) -> Result<Action, ReconcileError> {
@@ -497,23 +571,15 @@ async fn report_unschedulable(
         .as_ref()
         .and_then(|s| cond::find(&s.conditions, cond::SCHEDULED))
         .map(|c| c.message.clone());
-    if let Some(s) = (OperatorStatus::Unschedulable {
-        message: message.clone(),
-    })
-    .to_apply(vm, now)
-    {
+    if let Some(s) = status.to_apply(vm, now) {
         apply_status(vm, s, ctx).await?;
     }
     if before.as_deref() != Some(message.as_str()) {
-        publish(
-            ctx,
-            vm,
-            EventType::Warning,
-            "FailedScheduling",
-            message,
-            "Place",
-        )
-        .await;
+        let event = match reason {
+            Reason::Unschedulable => "FailedScheduling",
+            other => other.as_str(),
+        };
+        publish(ctx, vm, EventType::Warning, event, message, "Place").await;
     }
     Ok(Action::requeue(ctx.config.retry_unschedulable))
 }
@@ -587,7 +653,8 @@ async fn watch_bound(
         if let Some(uid) = vm.uid() {
             ctx.placer.lock().await.bindings.remove(&uid);
         }
-        let merge = json!({ "status": { "nodeName": null, "phase": "Pending" } });
+        // The tenant is resolved again with the next placement.
+        let merge = json!({ "status": { "nodeName": null, "tenant": null, "phase": "Pending" } });
         api(vm, ctx)?
             .patch_status(
                 &vm.name_any(),

@@ -1,4 +1,4 @@
-//! Wires the operator together: caches of Nodes, agent Leases and MicroVMs,
+//! Wires the operator together: caches of Nodes, agent Leases, Namespaces and MicroVMs,
 //! the MicroVM and SecureWorkload controllers, and the node monitor that
 //! fences lost nodes and retries pending placements when capacity changes.
 
@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, future};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
@@ -44,6 +44,7 @@ pub async fn run(
     let (leases_synced, leases_synced_rx) = watch::channel(false);
     let (vms_synced, vms_synced_rx) = watch::channel(false);
     let (workloads_synced, workloads_synced_rx) = watch::channel(false);
+    let (namespaces_synced, namespaces_synced_rx) = watch::channel(false);
     let node_filter = watcher::Config::default().labels(&format!("{}=true", nodes::AGENT_LABEL));
     let (nodes_store, node_watch) = cache(
         "Node",
@@ -62,6 +63,14 @@ pub async fn run(
         leases_synced,
         move |ok| seen.observe(ok, Timestamp::now()),
     );
+    // Only the labels are read: the tenant and the administrator's policy.
+    let (namespaces_store, namespace_watch) = cache(
+        "Namespace",
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+        namespaces_synced,
+        |_| (),
+    );
     // Wakes a SecureWorkload at once rather than at its next timed requeue:
     // for an orphan its selector selects, and for a replica that is gone.
     let (wake, woken) = mpsc::channel::<ObjectRef<SecureWorkload>>(1024);
@@ -78,6 +87,7 @@ pub async fn run(
         nodes: nodes_store,
         leases: leases_store,
         microvms: vms.store,
+        namespaces: namespaces_store,
         placer: Mutex::new(Assumed::default()),
         recorder: Recorder::new(client.clone(), reporter),
         metrics,
@@ -88,6 +98,7 @@ pub async fn run(
             nodes: nodes_synced_rx,
             leases: leases_synced_rx,
             microvms: vms_synced_rx,
+            namespaces: namespaces_synced_rx,
         },
         microvm_retry: Retry::default(),
         workload_retry: Retry::default(),
@@ -106,6 +117,7 @@ pub async fn run(
     tokio::select! {
         _ = node_watch => tracing::error!("node watch ended"),
         _ = lease_watch => tracing::error!("lease watch ended"),
+        _ = namespace_watch => tracing::error!("namespace watch ended"),
         _ = vms.watch => tracing::error!("MicroVM watch ended"),
         _ = future::join(microvms, workloads.controller) => tracing::info!("controllers stopped"),
         _ = monitor => tracing::error!("node monitor ended"),
@@ -114,7 +126,8 @@ pub async fn run(
 }
 
 /// A cache of `api`'s objects that `synced` reports filled, and the watch
-/// that keeps it (to be polled).
+/// that keeps it (to be polled). Annotations and managedFields are dropped:
+/// no reconcile reads them of a Node, a Lease or a Namespace.
 fn cache<K>(
     kind: &'static str,
     api: Api<K>,
@@ -127,7 +140,7 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (store, writer) = reflector::store::<K>();
-    let watch = reflector::reflector(writer, watcher(api, config))
+    let watch = reflector::reflector(writer, watcher(api, config).modify(strip_unread))
         .default_backoff()
         .inspect(mark_synced(synced))
         .inspect(move |r| on_result(r.is_ok()))
@@ -377,7 +390,7 @@ struct NodeView {
     cordoned: bool,
     vcpus: u64,
     memory: u64,
-    /// MicroVMs bound to it that hold capacity.
+    /// MicroVMs bound to it (each holds capacity, whatever its phase).
     used: usize,
     /// What nodeSelectors and tolerations read (see [`placement_labels_hash`]).
     labels_hash: u64,
@@ -446,9 +459,7 @@ async fn monitor(
             fencing::fence(&ctx, &node, lease.as_deref(), now).await;
             let used = vms
                 .iter()
-                .filter(|vm| {
-                    microvm::bound_node(vm) == Some(name.as_str()) && microvm::holds_capacity(vm)
-                })
+                .filter(|vm| microvm::bound_node(vm) == Some(name.as_str()))
                 .count();
             names.insert(name.clone());
             fp.insert(

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use http::{Request, Response, StatusCode};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{Node, NodeSpec, NodeStatus, Taint};
+use k8s_openapi::api::core::v1::{Namespace, Node, NodeSpec, NodeStatus, Taint};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -179,18 +179,31 @@ pub fn context(nodes: Vec<Node>, leases: Vec<Lease>, vms: Vec<MicroVM>) -> (Mock
     (api, ctx)
 }
 
-/// A context over `api` with these caches.
+/// A context over `api` with these caches, and the Namespace `default`
+/// without labels.
 pub fn context_on(
     api: &MockApi,
     nodes: Vec<Node>,
     leases: Vec<Lease>,
     vms: Vec<MicroVM>,
 ) -> Arc<Context> {
+    context_in(api, nodes, leases, vms, vec![namespace("default", &[])])
+}
+
+/// A context over `api` with these caches, Namespaces included.
+pub fn context_in(
+    api: &MockApi,
+    nodes: Vec<Node>,
+    leases: Vec<Lease>,
+    vms: Vec<MicroVM>,
+    namespaces: Vec<Namespace>,
+) -> Arc<Context> {
     Arc::new(Context {
         client: api.client.clone(),
         nodes: store(nodes),
         leases: store(leases),
         microvms: store(vms),
+        namespaces: store(namespaces),
         placer: AsyncMutex::new(Assumed::default()),
         recorder: Recorder::new(
             api.client.clone(),
@@ -246,6 +259,30 @@ impl VmBuilder {
         self.0.spec.node_name = Some(node.into());
         self
     }
+    /// Moves it to namespace `ns`.
+    pub fn in_namespace(mut self, ns: &str) -> Self {
+        self.0.metadata.namespace = Some(ns.into());
+        self
+    }
+    /// Sets spec.tenant.
+    pub fn tenant(mut self, name: &str, isolation: runv_crds::microvm::NodeIsolation) -> Self {
+        self.0.spec.tenant = Some(runv_crds::microvm::Tenant {
+            name: name.into(),
+            node_isolation: isolation,
+        });
+        self
+    }
+    /// Sets status.tenant, as the operator resolved it at its placement.
+    pub fn placed_as(mut self, name: &str, isolation: runv_crds::microvm::NodeIsolation) -> Self {
+        self.0
+            .status
+            .get_or_insert_with(MicroVMStatus::default)
+            .tenant = Some(runv_crds::microvm::Tenant {
+            name: name.into(),
+            node_isolation: isolation,
+        });
+        self
+    }
     /// Sets the run policy.
     pub fn policy(mut self, p: RunPolicy) -> Self {
         self.0.spec.run_policy = p;
@@ -299,6 +336,23 @@ impl VmBuilder {
     /// The MicroVM.
     pub fn build(self) -> MicroVM {
         self.0
+    }
+}
+
+/// A Namespace with `labels`.
+pub fn namespace(name: &str, labels: &[(&str, &str)]) -> Namespace {
+    Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            ),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
     }
 }
 

@@ -26,6 +26,20 @@ pub const AGENT_LABEL: &str = "runv.dev/agent";
 /// The value of [`AGENT_LABEL`] on a runv node.
 pub const AGENT_LABEL_VALUE: &str = "true";
 
+/// Label an administrator sets on a Namespace: the tenant its MicroVMs
+/// belong to. Without it the tenant is the namespace's name. A MicroVM's
+/// `spec.tenant.name` may only repeat it.
+pub const TENANT_LABEL: &str = "runv.dev/tenant";
+/// Label an administrator sets on a Namespace (value [`ALLOW_VALUE`]) to let
+/// its MicroVMs pin themselves to a node with `spec.nodeName`.
+pub const ALLOW_NODE_NAME_LABEL: &str = "runv.dev/allow-node-name";
+/// Label an administrator sets on a Namespace (value [`ALLOW_VALUE`]) to let
+/// its MicroVMs ask for nodes of their own (`spec.tenant.nodeIsolation:
+/// Exclusive`).
+pub const ALLOW_EXCLUSIVE_LABEL: &str = "runv.dev/allow-exclusive";
+/// The value of an allow label that allows.
+pub const ALLOW_VALUE: &str = "true";
+
 /// Extended resource in a Node's `status.allocatable`: vCPUs offered to microVMs.
 pub const RESOURCE_VCPUS: &str = "runv.dev/vcpus";
 /// Extended resource in a Node's `status.allocatable`: memory offered, in bytes.

@@ -180,6 +180,7 @@ mod tests {
     fn every_field() -> Vec<StatusField> {
         let mut all = vec![
             StatusField::NodeName,
+            StatusField::Tenant,
             StatusField::Phase,
             StatusField::ObservedGeneration,
         ];
@@ -201,7 +202,9 @@ mod tests {
             for f in every_field() {
                 let w = writer(&f, b);
                 match &f {
-                    StatusField::NodeName => assert_eq!(w, Some(Writer::Operator)),
+                    StatusField::NodeName | StatusField::Tenant => {
+                        assert_eq!(w, Some(Writer::Operator))
+                    }
                     StatusField::Condition(t) if t == cond::SCHEDULED => {
                         assert_eq!(w, Some(Writer::Operator))
                     }

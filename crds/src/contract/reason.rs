@@ -47,6 +47,14 @@ reasons! {
     PinnedNodeLost,
     /// Bound, waiting for the node's agent.
     Pending,
+    /// `spec.tenant.name` is not the tenant the namespace belongs to.
+    TenantNotAllowed,
+    /// `spec.nodeName` is set in a namespace whose administrator does not
+    /// allow pinning.
+    NodeNameNotAllowed,
+    /// `spec.tenant.nodeIsolation: Exclusive` is set in a namespace whose
+    /// administrator does not allow exclusive nodes.
+    ExclusiveNotAllowed,
     // Lifecycle (the agent's, and the operator's while it holds them).
     /// The VMM is being started.
     Starting,
@@ -110,6 +118,12 @@ reasons! {
     /// The node carries a fencing taint: its agent stopped the VM and starts
     /// none there.
     NodeFenced,
+    /// The VM does not fit in what the node's agent advertises, beside the
+    /// VMs that hold a place there.
+    OutOfCapacity,
+    /// Starting the VM would put an `Exclusive` tenant's VM beside another
+    /// tenant's on the node.
+    IsolationConflict,
     // How the last run ended, when it failed (see [`super::ExitReason`]).
     /// The guest kernel panicked.
     GuestPanicked,
@@ -153,6 +167,8 @@ impl Reason {
                 | Reason::ControlSocketMismatch
                 | Reason::StateUnreadable
                 | Reason::NodeFenced
+                | Reason::OutOfCapacity
+                | Reason::IsolationConflict
         )
     }
 }

@@ -9,6 +9,7 @@
 //! `previous` (the MicroVM's status) and the observation, never the agent's
 //! memory, so a restarted agent decides the same.
 
+pub mod admit;
 mod status;
 #[cfg(test)]
 mod tests;
@@ -93,6 +94,10 @@ pub struct Facts {
     /// (`HostPathNotAllowed`) or that cannot be opened (`StartFailed`), and
     /// why.
     pub host_file: Option<(Reason, String)>,
+    /// Why the node does not admit the VM now, beside the VMs holding a
+    /// place here (`OutOfCapacity`, `IsolationConflict`; see [`admit`]), if
+    /// it does not. Known only once a start is decided.
+    pub admission: Option<(Reason, String)>,
 }
 
 /// Which parts of the VMM's sandbox a spec may switch off on this node: the
@@ -583,6 +588,12 @@ fn blocked(facts: &Facts) -> Option<Verdict> {
     if let Some(why) = &facts.limits_error {
         return Some(Verdict::Blocked {
             reason: Reason::LimitsNotEnforceable,
+            message: why.clone(),
+        });
+    }
+    if let Some((reason, why)) = &facts.admission {
+        return Some(Verdict::Blocked {
+            reason: *reason,
             message: why.clone(),
         });
     }

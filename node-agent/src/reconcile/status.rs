@@ -361,11 +361,12 @@ pub(crate) fn apply(
 }
 
 /// The status fields the agent owns on its node (see
-/// [`runv_crds::contract::ownership`]): everything but `nodeName` and the
-/// `Scheduled` condition, which are the operator's.
+/// [`runv_crds::contract::ownership`]): everything but `nodeName`, `tenant`
+/// and the `Scheduled` condition, which are the operator's.
 pub fn agent_status(status: &MicroVMStatus) -> MicroVMStatus {
     MicroVMStatus {
         node_name: None,
+        tenant: None,
         conditions: status
             .conditions
             .iter()

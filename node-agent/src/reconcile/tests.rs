@@ -774,3 +774,28 @@ fn a_fenced_node_kills_starts_nothing_and_says_why() {
     // Looked at again soon, to start once the taint is gone.
     assert!(d.requeue.is_some_and(|q| q <= Duration::from_secs(5)));
 }
+
+#[test]
+fn a_start_the_node_does_not_admit_starts_nothing_and_warns() {
+    for reason in [Reason::OutOfCapacity, Reason::IsolationConflict] {
+        let facts = Facts {
+            admission: Some((reason, "no room".into())),
+            ..Facts::default()
+        };
+        let s = spec(RunPolicy::Always, PowerState::Running);
+        // First start, and a restart after an exit: neither happens, and the
+        // refused restart is not counted.
+        for (obs, now) in [(never_ran(), 0), (exited(ExitReason::PowerOff, 0), 10_000)] {
+            let d = run_with(&s, &ran_before(2, 0), &obs, &facts, now);
+            assert!(d.actions.is_empty(), "{reason:?}");
+            assert_eq!(d.status.restart_count, 2);
+            let (st, r, m) = cond_of(&d.status, cond::READY);
+            assert_eq!(
+                (st.as_str(), r.as_str(), m.as_str()),
+                ("False", reason.as_str(), "no room")
+            );
+            assert_eq!(d.requeue, Some(Duration::from_secs(10)), "retried");
+            assert!(reason.warns());
+        }
+    }
+}

@@ -1,7 +1,9 @@
 //! Realizing MicroVMs on this host, one reconcile at a time, in phases, one
 //! file each: `observe` what runs, [`decide`] (pure, in [`crate::reconcile`]),
-//! `prepare` the host and `act`, observe again; `cleanup` gives back what a
-//! VM held; `egress` keeps the node's network rules in step with the VMs. Shared by standalone and cluster mode; knows nothing of
+//! `admit` a start against the node's room and tenants, `prepare` the host
+//! and `act`, observe again; `cleanup` gives back what a VM held; `egress`
+//! keeps the node's network rules in step with the VMs. Shared by standalone
+//! and cluster mode; knows nothing of
 //! the Kubernetes API (callers pass the spec and the previous status, and
 //! publish the result).
 //!
@@ -12,6 +14,7 @@
 //! files makes a syscall itself.
 
 mod act;
+mod admit;
 mod cleanup;
 mod egress;
 mod observe;
@@ -35,7 +38,8 @@ use crate::host::hostfile::{AllowedDirs, HostFile, HostFileError};
 use crate::host::ipam::FileIpam;
 use crate::host::{BridgeSpec, ControlTarget, Host, HostError, VmmIdentity};
 use crate::jail::JailIdAllocator;
-use crate::reconcile::{Action, Backoff, Decision, Observed, SandboxPolicy, decide};
+use crate::reconcile::admit::Allocatable;
+use crate::reconcile::{Action, Backoff, Decision, Facts, Observed, SandboxPolicy, decide};
 use crate::state::{self, VmDir};
 
 /// Why the runtime could not be set up, or a VM not started, stopped or
@@ -109,6 +113,10 @@ pub struct RuntimeConfig {
     pub ephemeral_storage: u64,
     /// Where `Nat` VMs may send beyond the node.
     pub egress: EgressPolicy,
+    /// What the node advertises to placement (cluster mode): no VM starts
+    /// beyond it, nor against tenant isolation (see `admit.rs`). `None`
+    /// (standalone mode): no such check.
+    pub allocatable: Option<Allocatable>,
 }
 
 /// Default [`RuntimeConfig::max_disk_bytes`]: 256 GiB.
@@ -136,6 +144,7 @@ impl RuntimeConfig {
             disk_copy_timeout: DEFAULT_DISK_COPY_TIMEOUT,
             ephemeral_storage: u64::MAX,
             egress: EgressPolicy::default(),
+            allocatable: None,
         }
     }
 }
@@ -191,6 +200,8 @@ pub struct Runtime {
     storage: std::sync::Mutex<()>,
     /// Held while the egress rules are rebuilt.
     egress_lock: std::sync::Mutex<()>,
+    /// Held while a start is admitted and its claim written.
+    admission: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -259,6 +270,7 @@ impl Runtime {
             fence: std::sync::Mutex::default(),
             storage: std::sync::Mutex::default(),
             egress_lock: std::sync::Mutex::default(),
+            admission: std::sync::Mutex::default(),
         };
         if !state::list_net(&rt.config.root).is_empty() {
             rt.apply_egress()?;
@@ -393,16 +405,45 @@ impl Runtime {
             .map_or_else(|| self.cgroup_name(vm), |r| r.name)
     }
 
-    /// Every VM with a state directory here.
+    /// Every VM with a state directory here: a record, or a claim.
     pub fn known(&self) -> Vec<VmRef> {
-        state::list(&self.config.root)
+        let mut known: Vec<VmRef> = state::list(&self.config.root)
             .into_iter()
             .map(|(_, r)| VmRef {
                 namespace: r.namespace,
                 name: r.name,
                 uid: r.uid,
             })
-            .collect()
+            .collect();
+        known.extend(self.claimed_without_record());
+        known
+    }
+
+    /// Whether `first` starts the VM and the node does not admit it (or
+    /// cannot record its claim): then `facts` says why, and the decision is
+    /// to be made again, to start nothing. Admitted before any action, so a
+    /// refused restart is not counted as one.
+    fn start_refused(
+        &self,
+        vm: &VmRef,
+        spec: &MicroVMSpec,
+        previous: &MicroVMStatus,
+        first: &Decision,
+        facts: &mut Facts,
+    ) -> bool {
+        let starts = first
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Start { .. }));
+        if !starts {
+            return false;
+        }
+        match self.admit(vm, spec, previous.tenant.as_ref()) {
+            Ok(None) => return false,
+            Ok(Some(refusal)) => facts.admission = Some(refusal),
+            Err(e) => facts.start_error = Some(runv_crds::retry::Chain(&e).to_string()),
+        }
+        true
     }
 
     /// Rotates the serial log of a VMM that does not bound it itself (one an
@@ -452,7 +493,10 @@ impl Runtime {
             }
         }
         let backoff = &self.config.backoff;
-        let first = decide(spec, generation, previous, &obs, &facts, backoff, now);
+        let mut first = decide(spec, generation, previous, &obs, &facts, backoff, now);
+        if self.start_refused(vm, spec, previous, &first, &mut facts) {
+            first = decide(spec, generation, previous, &obs, &facts, backoff, now);
+        }
         let mut acted = false;
         for action in &first.actions {
             acted = true;

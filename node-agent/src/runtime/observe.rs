@@ -65,6 +65,7 @@ impl Runtime {
                 .or_else(|| self.foreign_record(vm)),
             fenced: self.fenced(),
             host_file,
+            admission: None,
         }
     }
 

@@ -99,7 +99,7 @@ impl Runtime {
             return Ok(());
         }
         let disks = self.host.disks();
-        let used: u64 = state::list_dirs(&self.config.root)
+        let used: u64 = state::dirs(&self.config.root)
             .iter()
             .map(|d| disks.apparent_size(&d.disks()))
             .sum();

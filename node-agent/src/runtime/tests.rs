@@ -897,3 +897,180 @@ fn a_tap_interface_needs_a_device_the_node_allows() {
     }
     assert!(e.rt.tap_refusal("f", "shared01").is_some());
 }
+
+fn named(name: &str) -> VmRef {
+    VmRef {
+        namespace: "default".into(),
+        name: name.into(),
+        uid: format!("uid-{name}"),
+    }
+}
+
+/// A status the operator bound with `tenant` (its `status.tenant`).
+fn placed_as(tenant: &str, isolation: runv_crds::microvm::NodeIsolation) -> MicroVMStatus {
+    MicroVMStatus {
+        tenant: Some(runv_crds::microvm::Tenant {
+            name: tenant.into(),
+            node_isolation: isolation,
+        }),
+        ..MicroVMStatus::default()
+    }
+}
+
+/// A runtime for a node advertising 2 vCPUs and 1 GiB.
+fn small_node(e: &Env) -> Runtime {
+    runtime_with(e._root.path(), &e.host, |c| {
+        c.allocatable = Some(Allocatable {
+            vcpus: 2,
+            memory: 1 << 30,
+        })
+    })
+}
+
+#[test]
+fn a_start_over_the_nodes_capacity_is_refused_and_retried() {
+    let e = env();
+    let rt = small_node(&e);
+    let mut big = spec(RunPolicy::Always);
+    big.resources.vcpus = 2;
+    let shared = placed_as("default", runv_crds::microvm::NodeIsolation::Shared);
+    let started = rt.reconcile(&named("big"), &big, 1, &shared, at(0));
+    assert_eq!(started.status.phase, Some(Phase::Starting));
+    let small = spec(RunPolicy::Always);
+    let d = rt.reconcile(&named("small"), &small, 1, &shared, at(1));
+    assert_eq!(ready(&d.status), ("False".into(), "OutOfCapacity".into()));
+    let msg = &cond::find(&d.status.conditions, cond::READY)
+        .unwrap()
+        .message;
+    assert!(msg.contains("needs 1 vCPUs and 64 MiB"), "{msg}");
+    assert_eq!(d.requeue, Some(Duration::from_secs(10)));
+    assert_eq!(e.host.state().spawned.len(), 1, "nothing more started");
+    assert!(rt.dir(&named("small")).read_claim().is_none());
+    // A VM that ended keeps its place: still refused once `big` has exited.
+    let pid = e.host.running()[0];
+    e.host.exit(pid);
+    let mut once = big.clone();
+    once.run_policy = RunPolicy::Once;
+    let d = rt.reconcile(&named("big"), &once, 1, &started.status, at(2));
+    assert_eq!(d.status.phase, Some(Phase::Failed));
+    let d = rt.reconcile(&named("small"), &small, 1, &shared, at(3));
+    assert_eq!(ready(&d.status).1, "OutOfCapacity");
+    // Once it is removed from the node, its place is free.
+    rt.cleanup(&named("big")).unwrap();
+    let d = rt.reconcile(&named("small"), &small, 1, &shared, at(4));
+    assert_eq!(d.status.phase, Some(Phase::Starting));
+    assert!(rt.dir(&named("small")).read_claim().is_some());
+}
+
+#[test]
+fn a_start_beside_another_tenants_exclusive_vm_is_refused() {
+    use runv_crds::microvm::NodeIsolation::{Exclusive, Shared};
+    let e = env();
+    let rt = small_node(&e);
+    let s = spec(RunPolicy::Always);
+    let d = rt.reconcile(&named("acme"), &s, 1, &placed_as("acme", Exclusive), at(0));
+    assert_eq!(d.status.phase, Some(Phase::Starting));
+    let d = rt.reconcile(
+        &named("mallory"),
+        &s,
+        1,
+        &placed_as("mallory", Shared),
+        at(1),
+    );
+    assert_eq!(ready(&d.status).1, "IsolationConflict");
+    // Its own tenant's VMs may join it.
+    let d = rt.reconcile(&named("acme-2"), &s, 1, &placed_as("acme", Shared), at(2));
+    assert_eq!(d.status.phase, Some(Phase::Starting));
+    assert_eq!(e.host.state().spawned.len(), 2);
+}
+
+#[test]
+fn an_exclusive_vm_does_not_start_beside_another_tenants() {
+    use runv_crds::microvm::NodeIsolation::{Exclusive, Shared};
+    let e = env();
+    let rt = small_node(&e);
+    let s = spec(RunPolicy::Always);
+    rt.reconcile(&named("blue"), &s, 1, &placed_as("blue", Shared), at(0));
+    let d = rt.reconcile(&named("acme"), &s, 1, &placed_as("acme", Exclusive), at(1));
+    assert_eq!(ready(&d.status).1, "IsolationConflict");
+    let msg = &cond::find(&d.status.conditions, cond::READY)
+        .unwrap()
+        .message;
+    assert!(msg.contains("default/blue (tenant blue)"), "{msg}");
+}
+
+#[test]
+fn a_refused_restart_is_not_counted_as_one() {
+    let e = env();
+    let rt = small_node(&e);
+    let shared = placed_as("default", runv_crds::microvm::NodeIsolation::Shared);
+    let s = spec(RunPolicy::Always);
+    let d = rt.reconcile(&named("a"), &s, 1, &shared, at(0));
+    // Another VM's place appears meanwhile (an agent from before claims
+    // started it, say): the restart no longer fits.
+    let other = rt.dir(&named("b"));
+    other.create().unwrap();
+    other
+        .write_claim(&crate::reconcile::admit::Claim {
+            namespace: "default".into(),
+            name: "b".into(),
+            uid: "uid-b".into(),
+            vcpus: 2,
+            memory: 64 << 20,
+            tenant: shared.tenant.clone(),
+        })
+        .unwrap();
+    let pid = e.host.running()[0];
+    e.host.exit(pid);
+    let d = rt.reconcile(&named("a"), &s, 1, &d.status, at(3));
+    assert_eq!(ready(&d.status).1, "CrashLoopBackOff");
+    // Its back-off over, the restart is decided, and refused.
+    let d = rt.reconcile(&named("a"), &s, 1, &d.status, at(13));
+    assert_eq!(ready(&d.status).1, "OutOfCapacity");
+    assert_eq!(e.host.state().spawned.len(), 1);
+    assert_eq!(d.status.restart_count, 0);
+    // The place without a record is known, so it is collected as an orphan.
+    assert!(rt.known().contains(&named("b")));
+}
+
+#[test]
+fn standalone_mode_admits_without_claims() {
+    let e = env();
+    let d = e.rt.reconcile(
+        &vm(),
+        &spec(RunPolicy::Always),
+        1,
+        &MicroVMStatus::default(),
+        at(0),
+    );
+    assert_eq!(d.status.phase, Some(Phase::Starting));
+    assert!(e.rt.dir(&vm()).read_claim().is_none());
+}
+
+#[test]
+fn two_vms_started_at_once_are_never_both_admitted_into_one_room() {
+    let e = env();
+    let rt = Arc::new(runtime_with(e._root.path(), &e.host, |c| {
+        c.allocatable = Some(Allocatable {
+            vcpus: 1,
+            memory: 1 << 30,
+        })
+    }));
+    let shared = placed_as("default", runv_crds::microvm::NodeIsolation::Shared);
+    let gate = Arc::new(std::sync::Barrier::new(2));
+    let runs: Vec<_> = ["race-a", "race-b"]
+        .into_iter()
+        .map(|name| {
+            let (rt, gate, shared) = (rt.clone(), gate.clone(), shared.clone());
+            std::thread::spawn(move || {
+                gate.wait();
+                let d = rt.reconcile(&named(name), &spec(RunPolicy::Always), 1, &shared, at(0));
+                ready(&d.status).1
+            })
+        })
+        .collect();
+    let mut reasons: Vec<String> = runs.into_iter().map(|r| r.join().unwrap()).collect();
+    reasons.sort();
+    assert_eq!(reasons, ["Booting", "OutOfCapacity"]);
+    assert_eq!(e.host.state().spawned.len(), 1);
+}

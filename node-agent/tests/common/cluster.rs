@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use runv_e2e::{Options, TestServer};
 use serde_json::json;
 
@@ -147,8 +147,15 @@ impl Cluster {
         }
         let server = TestServer::start(opts).await?;
         let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "runv-system"}}))?;
-        Api::<Namespace>::all(server.client()?)
-            .create(&PostParams::default(), &ns)
+        let namespaces = Api::<Namespace>::all(server.client()?);
+        namespaces.create(&PostParams::default(), &ns).await?;
+        // The tests pin their VMs to n1 (see `manifest`): the administrator
+        // allows that in `default`.
+        let allow = json!({"metadata": {"labels": {
+            runv_crds::contract::ALLOW_NODE_NAME_LABEL: runv_crds::contract::ALLOW_VALUE
+        }}});
+        namespaces
+            .patch("default", &PatchParams::default(), &Patch::Merge(&allow))
             .await?;
         let kubeconfig = server.kubeconfig_path().to_owned();
         let operator_args: Vec<String> = operator_args.iter().map(|a| (*a).to_owned()).collect();
@@ -225,7 +232,8 @@ impl Cluster {
 
     /// Starts `runv-agent run` for node `node` with its state in `root`,
     /// inside the network namespace `netns` if one is given, with `extra`
-    /// arguments.
+    /// arguments (`--vcpus` and `--memory` among them size the node; else
+    /// it offers 64 vCPUs and 64 GiB).
     pub fn start_agent_as(
         &self,
         node: &str,
@@ -256,11 +264,14 @@ impl Cluster {
             &vmm,
             "--http-addr",
             &addr,
-            "--vcpus",
-            "64",
-            "--memory",
-            "64Gi",
         ]);
+        // A roomy node, unless the test sizes it.
+        if !extra.contains(&"--vcpus") {
+            args.extend(["--vcpus", "64"]);
+        }
+        if !extra.contains(&"--memory") {
+            args.extend(["--memory", "64Gi"]);
+        }
         args.extend_from_slice(extra);
         // nsenter execs the agent: the pid is the agent's.
         let program = if netns.is_some() { "nsenter" } else { &agent };

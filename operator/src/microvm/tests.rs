@@ -6,7 +6,33 @@ use std::sync::Arc;
 use runv_crds::microvm::{Phase, PowerState, RunPolicy};
 
 use super::*;
-use crate::testing::{MockApi, context, context_on, fenced, lease, node, vm};
+use crate::testing::{
+    MockApi, context, context_in, context_on, fenced, lease, namespace, node, vm,
+};
+use runv_crds::contract::{ALLOW_EXCLUSIVE_LABEL, ALLOW_NODE_NAME_LABEL, TENANT_LABEL};
+use runv_crds::microvm::NodeIsolation;
+
+/// A mock API knowing `vms`, and a context whose caches hold these objects and
+/// the Namespaces `namespaces`.
+fn context_with_namespaces(
+    nodes: Vec<k8s_openapi::api::core::v1::Node>,
+    leases: Vec<k8s_openapi::api::coordination::v1::Lease>,
+    vms: Vec<MicroVM>,
+    namespaces: Vec<k8s_openapi::api::core::v1::Namespace>,
+) -> (MockApi, Arc<Context>) {
+    let api = MockApi::new(
+        vms.iter()
+            .map(|v| serde_json::to_value(v).unwrap())
+            .collect(),
+    );
+    let ctx = context_in(&api, nodes, leases, vms, namespaces);
+    (api, ctx)
+}
+
+/// `default`, where an administrator allows pinning.
+fn pinning_allowed() -> k8s_openapi::api::core::v1::Namespace {
+    namespace("default", &[(ALLOW_NODE_NAME_LABEL, "true")])
+}
 
 fn status_patches(api: &MockApi) -> Vec<crate::testing::Recorded> {
     api.calls()
@@ -99,19 +125,43 @@ async fn unchanged_unschedulable_status_is_not_rewritten() {
 #[tokio::test]
 async fn capacity_of_bound_vms_is_accounted() {
     let existing = vm("old").size(3, "1Gi").bound("n1", Phase::Running).build();
-    let finished = vm("done")
-        .size(4, "2Gi")
-        .bound("n2", Phase::Succeeded)
-        .build();
+    let stopped = vm("off").size(1, "1Gi").bound("n2", Phase::Stopped).build();
     let a = vm("a").size(2, "512Mi").build();
     let (api, ctx) = context(
         vec![node("n1", 4, "8Gi"), node("n2", 4, "2Gi")],
         vec![lease("n1", 1), lease("n2", 1)],
-        vec![existing, finished, a.clone()],
+        vec![existing, stopped, a.clone()],
     );
     reconcile(Arc::new(a), ctx).await.unwrap();
-    // n1 has one vCPU left; n2's only VM has finished, so its capacity is free.
+    // n1 has one vCPU left; n2 three, beside a VM that is stopped but keeps its place.
     assert_eq!(status_patches(&api)[0].body["status"]["nodeName"], "n2");
+}
+
+#[tokio::test]
+async fn succeeded_and_failed_vms_keep_their_place() {
+    // A VM that ended may be switched back to Always and restart where it is:
+    // its capacity is never given to another VM while it is bound.
+    let done = vm("done")
+        .size(4, "1Gi")
+        .bound("n1", Phase::Succeeded)
+        .build();
+    let failed = vm("failed")
+        .size(4, "1Gi")
+        .bound("n2", Phase::Failed)
+        .build();
+    let a = vm("a").size(1, "128Mi").build();
+    let (api, ctx) = context(
+        vec![node("n1", 4, "8Gi"), node("n2", 4, "8Gi")],
+        vec![lease("n1", 1), lease("n2", 1)],
+        vec![done, failed, a.clone()],
+    );
+    reconcile(Arc::new(a), ctx).await.unwrap();
+    let p = &status_patches(&api)[0];
+    assert!(p.body["status"].get("nodeName").is_none(), "{}", p.body);
+    assert_eq!(
+        condition(&p.body, "Scheduled")["message"],
+        "0/2 nodes can run it (1 vCPUs, 128 MiB): 2 have too few free vCPUs"
+    );
 }
 
 #[tokio::test]
@@ -130,7 +180,7 @@ async fn concurrent_reconciles_never_overcommit() {
         r.unwrap();
     }
     let patches = status_patches(&api);
-    let mut per_node = std::collections::BTreeMap::new();
+    let mut per_node = BTreeMap::new();
     let mut pending = 0;
     for p in &patches {
         match p.body["status"]["nodeName"].as_str() {
@@ -178,10 +228,19 @@ async fn pinned_vm_is_bound_to_its_node() {
     let mut edge = node("edge-1", 1, "64Mi");
     edge.spec.as_mut().unwrap().unschedulable = Some(true);
     let a = vm("a").size(4, "1Gi").pinned("edge-1").build();
-    let (api, ctx) = context(vec![edge], vec![lease("edge-1", 1)], vec![a.clone()]);
+    let (api, ctx) = context_with_namespaces(
+        vec![edge],
+        vec![lease("edge-1", 1)],
+        vec![a.clone()],
+        vec![pinning_allowed()],
+    );
     reconcile(Arc::new(a), ctx).await.unwrap();
     let p = &status_patches(&api)[0];
     assert_eq!(p.body["status"]["nodeName"], "edge-1");
+    assert_eq!(
+        p.body["status"]["tenant"],
+        serde_json::json!({"name": "default", "nodeIsolation": "Shared"})
+    );
     assert_eq!(condition(&p.body, "Scheduled")["reason"], "Pinned");
     assert_eq!(api.event_reasons(), ["Scheduled"]);
 }
@@ -191,7 +250,8 @@ async fn pinned_and_unavailable(
     leases: Vec<k8s_openapi::api::coordination::v1::Lease>,
 ) -> String {
     let a = vm("a").pinned("edge-1").policy(RunPolicy::Always).build();
-    let (api, ctx) = context(nodes, leases, vec![a.clone()]);
+    let (api, ctx) =
+        context_with_namespaces(nodes, leases, vec![a.clone()], vec![pinning_allowed()]);
     let action = reconcile(Arc::new(a), ctx.clone()).await.unwrap();
     assert_eq!(action, Action::requeue(ctx.config.retry_unschedulable));
     let p = &status_patches(&api)[0];
@@ -541,7 +601,7 @@ async fn always_vm_leaves_a_fenced_node() {
     assert!(!p.query.contains("force"));
     assert_eq!(
         p.body,
-        serde_json::json!({ "status": { "nodeName": null, "phase": "Pending" } })
+        serde_json::json!({ "status": { "nodeName": null, "tenant": null, "phase": "Pending" } })
     );
     assert_eq!(api.event_reasons(), ["Rescheduling"]);
 }
@@ -674,4 +734,213 @@ async fn a_write_with_an_unreadable_answer_is_assumed_to_have_happened() {
     reconcile(Arc::new(b), ctx).await.unwrap_err();
     let last = api.calls().into_iter().last().unwrap();
     assert_eq!(last.body["status"]["phase"], "Pending");
+}
+
+/// Reconciles `a` on one roomy node n1 with these Namespaces; the status
+/// patches and Event reasons.
+async fn place_in(
+    a: MicroVM,
+    others: Vec<MicroVM>,
+    namespaces: Vec<k8s_openapi::api::core::v1::Namespace>,
+) -> (Vec<crate::testing::Recorded>, Vec<String>, Action) {
+    let mut vms = others;
+    vms.push(a.clone());
+    let (api, ctx) = context_with_namespaces(
+        vec![node("n1", 8, "8Gi")],
+        vec![lease("n1", 1)],
+        vms,
+        namespaces,
+    );
+    let action = reconcile(Arc::new(a), ctx).await.unwrap();
+    (status_patches(&api), api.event_reasons(), action)
+}
+
+/// Asserts `patches` is one refusal with `reason`, naming every part of `names`.
+fn assert_refused(patches: &[crate::testing::Recorded], reason: &str, names: &[&str]) {
+    assert_eq!(patches.len(), 1, "{patches:?}");
+    let status = &patches[0].body["status"];
+    assert!(status.get("nodeName").is_none(), "{status}");
+    assert!(status.get("tenant").is_none(), "{status}");
+    assert_eq!(status["phase"], "Pending");
+    let sched = condition(&patches[0].body, "Scheduled");
+    assert_eq!(sched["status"], "False");
+    assert_eq!(sched["reason"], reason);
+    let message = sched["message"].as_str().unwrap();
+    for part in names {
+        assert!(message.contains(part), "{part}: {message}");
+    }
+    assert_eq!(condition(&patches[0].body, "Ready")["reason"], reason);
+    assert_eq!(condition(&patches[0].body, "Stalled")["status"], "True");
+}
+
+#[tokio::test]
+async fn the_tenant_comes_from_the_namespace_label_and_is_written_with_the_placement() {
+    let a = vm("a").in_namespace("blue-dev").build();
+    let ns = namespace("blue-dev", &[(TENANT_LABEL, "blue")]);
+    let (patches, events, _) = place_in(a, vec![], vec![ns.clone()]).await;
+    assert_eq!(patches[0].body["status"]["nodeName"], "n1");
+    assert_eq!(
+        patches[0].body["status"]["tenant"],
+        serde_json::json!({"name": "blue", "nodeIsolation": "Shared"})
+    );
+    assert_eq!(events, ["Scheduled"]);
+    // Without the label, the namespace's name; spec.tenant may repeat it.
+    let b = vm("b")
+        .in_namespace("green")
+        .tenant("green", NodeIsolation::Shared)
+        .build();
+    let (patches, _, _) = place_in(b, vec![], vec![namespace("green", &[])]).await;
+    assert_eq!(patches[0].body["status"]["tenant"]["name"], "green");
+}
+
+#[tokio::test]
+async fn a_tenant_name_other_than_the_namespaces_is_refused() {
+    let a = vm("a")
+        .in_namespace("mallory")
+        .tenant("victim", NodeIsolation::Shared)
+        .build();
+    let (patches, events, action) = place_in(
+        a,
+        vec![],
+        vec![namespace("mallory", &[(TENANT_LABEL, "mallory")])],
+    )
+    .await;
+    assert_refused(
+        &patches,
+        "TenantNotAllowed",
+        &[
+            "spec.tenant.name",
+            "\"victim\"",
+            "namespace mallory",
+            "runv.dev/tenant=mallory",
+        ],
+    );
+    assert_eq!(events, ["TenantNotAllowed"]);
+    // Retried: an administrator may relabel the namespace.
+    assert_eq!(
+        action,
+        Action::requeue(crate::context::Config::default().retry_unschedulable)
+    );
+}
+
+#[tokio::test]
+async fn a_pin_is_refused_without_the_namespace_label() {
+    let a = vm("a").pinned("n1").build();
+    let (patches, events, _) = place_in(a.clone(), vec![], vec![namespace("default", &[])]).await;
+    assert_refused(
+        &patches,
+        "NodeNameNotAllowed",
+        &[
+            "spec.nodeName",
+            "n1",
+            "namespace default",
+            "runv.dev/allow-node-name=true",
+        ],
+    );
+    assert_eq!(events, ["NodeNameNotAllowed"]);
+    // With it, bound to the pinned node.
+    let (patches, _, _) = place_in(a, vec![], vec![pinning_allowed()]).await;
+    assert_eq!(patches[0].body["status"]["nodeName"], "n1");
+    assert_eq!(condition(&patches[0].body, "Scheduled")["reason"], "Pinned");
+}
+
+#[tokio::test]
+async fn exclusive_is_refused_without_the_namespace_label() {
+    let a = vm("a")
+        .in_namespace("acme")
+        .tenant("acme", NodeIsolation::Exclusive)
+        .build();
+    let (patches, events, _) = place_in(a.clone(), vec![], vec![namespace("acme", &[])]).await;
+    assert_refused(
+        &patches,
+        "ExclusiveNotAllowed",
+        &[
+            "spec.tenant.nodeIsolation",
+            "namespace acme",
+            "runv.dev/allow-exclusive=true",
+        ],
+    );
+    assert_eq!(events, ["ExclusiveNotAllowed"]);
+    let allowed = namespace("acme", &[(ALLOW_EXCLUSIVE_LABEL, "true")]);
+    let (patches, _, _) = place_in(a, vec![], vec![allowed]).await;
+    assert_eq!(
+        patches[0].body["status"]["tenant"],
+        serde_json::json!({"name": "acme", "nodeIsolation": "Exclusive"})
+    );
+}
+
+#[tokio::test]
+async fn an_unchanged_refusal_is_not_rewritten() {
+    let mut a = vm("a").pinned("n1").build();
+    let (patches, _, _) = place_in(a.clone(), vec![], vec![namespace("default", &[])]).await;
+    let shown: MicroVMStatus = serde_json::from_value(patches[0].body["status"].clone()).unwrap();
+    a.status = Some(shown);
+    let (patches, events, _) = place_in(a, vec![], vec![namespace("default", &[])]).await;
+    assert!(patches.is_empty(), "{patches:?}");
+    assert!(events.is_empty(), "{events:?}");
+}
+
+#[tokio::test]
+async fn isolation_reads_the_tenant_resolved_at_placement_not_the_spec() {
+    // A VM of tenant mallory that claims acme in its spec (an older operator
+    // placed it) is still mallory's: acme's Exclusive VM does not go beside it.
+    let squatter = vm("squatter")
+        .in_namespace("mallory")
+        .tenant("acme", NodeIsolation::Shared)
+        .bound("n1", Phase::Running)
+        .placed_as("mallory", NodeIsolation::Shared)
+        .build();
+    let a = vm("a")
+        .in_namespace("acme")
+        .tenant("acme", NodeIsolation::Exclusive)
+        .build();
+    let namespaces = vec![
+        namespace("acme", &[(ALLOW_EXCLUSIVE_LABEL, "true")]),
+        namespace("mallory", &[]),
+    ];
+    let (patches, _, _) = place_in(a, vec![squatter], namespaces.clone()).await;
+    assert_eq!(
+        condition(&patches[0].body, "Scheduled")["message"],
+        "0/1 nodes can run it (1 vCPUs, 128 MiB): 1 run VMs of another tenant that cannot share"
+    );
+    // A VM placed before status.tenant was written counts as its namespace's.
+    let legacy = vm("legacy")
+        .in_namespace("mallory")
+        .tenant("acme", NodeIsolation::Shared)
+        .bound("n1", Phase::Running)
+        .build();
+    let b = vm("b")
+        .in_namespace("acme")
+        .tenant("acme", NodeIsolation::Exclusive)
+        .build();
+    let (patches, _, _) = place_in(b, vec![legacy], namespaces).await;
+    assert!(patches[0].body["status"].get("nodeName").is_none());
+}
+
+#[tokio::test]
+async fn a_vm_whose_namespace_is_not_cached_yet_waits() {
+    let a = vm("a").in_namespace("new").build();
+    let (patches, events, action) = place_in(a, vec![], vec![]).await;
+    assert!(patches.is_empty() && events.is_empty());
+    assert_eq!(action, Action::requeue(Duration::from_secs(2)));
+}
+
+#[test]
+fn a_lost_node_keeps_the_tenant_in_the_operators_apply() {
+    // Left out of an apply, a field the operator owns would be removed.
+    let a = vm("a")
+        .bound("n1", Phase::Running)
+        .placed_as("blue", NodeIsolation::Exclusive)
+        .build();
+    let body = OperatorStatus::NodeLost {
+        node: "n1".into(),
+        reason: Reason::NodeLost,
+        message: "gone".into(),
+    }
+    .body(&a, Timestamp::now())
+    .unwrap();
+    assert_eq!(
+        body["tenant"],
+        serde_json::json!({"name": "blue", "nodeIsolation": "Exclusive"})
+    );
 }
