@@ -18,6 +18,8 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::secureworkload::Container;
+
 /// Desired state of a microVM.
 // `#[kube(printcolumn(..))]` repeats keys by design, one group per column.
 #[allow(clippy::duplicated_attributes)]
@@ -186,6 +188,31 @@ pub struct MicroVMSpec {
     /// (`Scheduled=False`, reason `TenantNotAllowed`). Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<Tenant>,
+
+    /// A container image for the VM: the node pulls it, builds a read-only root
+    /// filesystem image from it and attaches that as the VM's first disk
+    /// (`/dev/vda`, before `disks`), and writes the container's merged config
+    /// for the guest. `boot.kernel` is still required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<Container>,
+
+    /// Secrets of type `kubernetes.io/dockerconfigjson` in the VM's namespace that
+    /// the node uses to pull `container.image`, as a Pod's `imagePullSecrets`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+}
+
+/// A reference to an object in the same namespace, by name.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalObjectReference {
+    /// The object's name.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub name: String,
 }
 
 /// Longest label value Kubernetes accepts.
@@ -674,6 +701,22 @@ pub struct MicroVMStatus {
     /// The guest's vsock context ID.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_cid: Option<i64>,
+
+    /// The container image the VM last started with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerStatus>,
+}
+
+/// The container image a VM runs, as a Pod's `containerStatuses[].image` and
+/// `imageID`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerStatus {
+    /// The image as the spec names it.
+    pub image: String,
+    /// The image resolved to its manifest digest: `registry/repository@sha256:...`.
+    #[serde(rename = "imageID")]
+    pub image_id: String,
 }
 
 /// Lifecycle phase of a MicroVM.

@@ -85,6 +85,10 @@ use crate::microvm::{
         .message("cannot be set: set spec.tenant, which the operator copies to each replica")
         .field_path(".template.spec.tenant")
         .reason(Reason::FieldValueForbidden),
+    validation = Rule::new("!has(self.template.spec.container)")
+        .message("cannot be set: set spec.container, which the operator copies to each replica")
+        .field_path(".template.spec.container")
+        .reason(Reason::FieldValueForbidden),
     validation = Rule::new("!has(self.template.spec.nodeName)")
         .message("cannot be set: the operator places each replica")
         .field_path(".template.spec.nodeName")
@@ -112,7 +116,8 @@ pub struct SecureWorkloadSpec {
     /// The MicroVM each replica is created from.
     pub template: MicroVMTemplate,
 
-    /// The container each replica runs inside its VM.
+    /// The container each replica runs inside its VM, copied to each replica's
+    /// `spec.container`.
     pub container: Container,
 
     /// How replicas are replaced when the template or container changes.
@@ -281,6 +286,45 @@ pub struct Container {
         .message("must be an absolute path")
         .reason(Reason::FieldValueInvalid))]
     pub working_dir: Option<String>,
+
+    /// When the node pulls the image: `Always` (resolve the tag with the registry
+    /// at every start), `IfNotPresent` or `Never`. Unset, as for a Pod: `Always`
+    /// for a `:latest` or untagged image, else `IfNotPresent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<ImagePullPolicy>,
+}
+
+/// When the node pulls a container image.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImagePullPolicy {
+    /// Resolve the reference with the registry at every start; blobs the node
+    /// has are not fetched again.
+    Always,
+    /// Use the node's copy when it has one.
+    IfNotPresent,
+    /// Only the node's copy; a start without one fails with `ErrImageNeverPull`.
+    Never,
+}
+
+impl Container {
+    /// The pull policy, defaulted as a Pod's: `Always` for a `:latest` or
+    /// untagged (and not digest-pinned) image, else `IfNotPresent`.
+    pub fn pull_policy(&self) -> ImagePullPolicy {
+        if let Some(p) = self.image_pull_policy {
+            return p;
+        }
+        let image = self.image.as_str();
+        if image.contains('@') {
+            return ImagePullPolicy::IfNotPresent;
+        }
+        // The tag follows the last `:` after the last `/` (a registry port
+        // comes before a `/`).
+        let last = image.rsplit('/').next().unwrap_or(image);
+        match last.rsplit_once(':') {
+            Some((_, "latest")) | None => ImagePullPolicy::Always,
+            Some(_) => ImagePullPolicy::IfNotPresent,
+        }
+    }
 }
 
 /// One environment variable.
@@ -391,4 +435,39 @@ pub struct SecureWorkloadStatus {
     /// HorizontalPodAutoscaler.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn container(image: &str, policy: Option<ImagePullPolicy>) -> Container {
+        Container {
+            image: image.into(),
+            command: Vec::new(),
+            args: Vec::new(),
+            env: Vec::new(),
+            working_dir: None,
+            image_pull_policy: policy,
+        }
+    }
+
+    #[test]
+    fn the_pull_policy_defaults_as_a_pods() {
+        use ImagePullPolicy::{Always, IfNotPresent, Never};
+        for (image, want) in [
+            ("web", Always),
+            ("web:latest", Always),
+            ("registry:5000/team/web", Always),
+            ("registry:5000/team/web:latest", Always),
+            ("registry:5000/team/web:1.2", IfNotPresent),
+            ("web:1.2", IfNotPresent),
+            ("web@sha256:0123", IfNotPresent),
+            ("web:latest@sha256:0123", IfNotPresent),
+        ] {
+            assert_eq!(container(image, None).pull_policy(), want, "{image}");
+        }
+        assert_eq!(container("web", Some(Never)).pull_policy(), Never);
+        assert_eq!(container("web:1", Some(Always)).pull_policy(), Always);
+    }
 }

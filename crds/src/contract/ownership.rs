@@ -9,7 +9,7 @@
 //! |---|---|---|---|
 //! | `nodeName`, `tenant`, condition `Scheduled` | operator | operator | operator |
 //! | `phase`, `observedGeneration`, conditions `VMMStarted`, `GuestBooted`, `Ready`, `Paused`, `Reconciling`, `Stalled` | operator | agent | operator |
-//! | `restartCount`, `lastExit`, `bootStartTime`, `bootDurationMillis`, `interfaces`, `vsockCid` | — | agent | — |
+//! | `restartCount`, `lastExit`, `bootStartTime`, `bootDurationMillis`, `interfaces`, `vsockCid`, `container` | — | agent | — |
 //!
 //! The handoffs: the operator's bind (taken while the VM is unbound) writes
 //! the lifecycle fields one last time ("waiting for the agent"); the agent's
@@ -63,18 +63,19 @@ pub enum StatusField {
     /// One entry of `conditions`, keyed by type.
     Condition(String),
     /// `restartCount`, `lastExit`, `bootStartTime`, `bootDurationMillis`,
-    /// `interfaces` or `vsockCid`, by its wire name.
+    /// `interfaces`, `vsockCid` or `container`, by its wire name.
     RunRecord(&'static str),
 }
 
 /// The wire names of the run record.
-pub const RUN_RECORD: [&str; 6] = [
+pub const RUN_RECORD: [&str; 7] = [
     "restartCount",
     "lastExit",
     "bootStartTime",
     "bootDurationMillis",
     "interfaces",
     "vsockCid",
+    "container",
 ];
 
 /// The condition types of a VM's lifecycle (every one but `Scheduled`).

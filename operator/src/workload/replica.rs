@@ -18,8 +18,6 @@ use super::plan::Replica;
 pub const HASH_LABEL: &str = "runv.dev/template-hash";
 /// Label naming the owning SecureWorkload (for `kubectl get mvm -l`).
 pub const WORKLOAD_LABEL: &str = "runv.dev/secureworkload";
-/// Annotation carrying the container spec into the replica, as JSON.
-pub const CONTAINER_ANNOTATION: &str = "runv.dev/container";
 
 /// A stable hash of everything a replica is made from: the MicroVM template,
 /// the container and the tenant. Ten hex digits of SHA-256 over their JSON,
@@ -106,13 +104,10 @@ pub fn replica(swl: &SecureWorkload, hash: &str, name: String) -> MicroVM {
     let mut labels: BTreeMap<String, String> = swl.spec.template.metadata.labels.clone();
     labels.insert(HASH_LABEL.into(), hash.into());
     labels.insert(WORKLOAD_LABEL.into(), swl.name_any());
-    let mut annotations = swl.spec.template.metadata.annotations.clone();
-    annotations.insert(
-        CONTAINER_ANNOTATION.into(),
-        serde_json::to_string(&swl.spec.container).unwrap_or_default(),
-    );
+    let annotations = swl.spec.template.metadata.annotations.clone();
     let mut spec = swl.spec.template.spec.clone();
     spec.tenant.clone_from(&swl.spec.tenant);
+    spec.container = Some(swl.spec.container.clone());
     MicroVM {
         metadata: ObjectMeta {
             name: Some(name),
@@ -218,7 +213,11 @@ mod tests {
             vm.spec.tenant.as_ref().map(|t| t.name.as_str()),
             Some("blue")
         );
-        assert!(vm.annotations()[CONTAINER_ANNOTATION].contains("web:1"));
+        assert_eq!(
+            vm.spec.container.as_ref().map(|c| c.image.as_str()),
+            Some(swl.spec.container.image.as_str())
+        );
+        assert!(vm.annotations().is_empty(), "{:?}", vm.annotations());
         assert!(owned_by(&vm, &swl));
     }
 
