@@ -46,5 +46,7 @@ pub mod store;
 pub mod unpack;
 
 pub use digest::Digest;
+/// The reference and credential types the API takes, from `oci-client`.
+pub use oci_client::{Reference, secrets::RegistryAuth};
 pub use pull::{PullConfig, PulledImage, Puller};
 pub use store::BlobStore;

@@ -21,6 +21,7 @@ pub mod console;
 #[cfg(any(debug_assertions, feature = "testing"))]
 pub mod dev;
 pub mod host;
+pub mod images;
 pub mod jail;
 pub mod metrics;
 pub mod reconcile;

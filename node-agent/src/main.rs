@@ -12,11 +12,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use runv_image::PullConfig;
+use runv_image::images::Images;
+use runv_image::rootfs::Format;
+use runv_image::unpack::Limits;
 use runv_node_agent::cluster::node::Capacity;
+use runv_node_agent::cluster::secrets::ApiSecrets;
 use runv_node_agent::cluster::{self, ClusterConfig};
 use runv_node_agent::host::cgroup::CgroupConfig;
 use runv_node_agent::host::egress::{Cidr, EgressError};
 use runv_node_agent::host::{Host, LinuxHost};
+use runv_node_agent::images::{DockerConfigFile, NodeImages, PullSecrets};
 use runv_node_agent::reconcile::SandboxPolicy;
 use runv_node_agent::reconcile::admit::Allocatable;
 use runv_node_agent::runtime::{Runtime, RuntimeConfig};
@@ -92,6 +98,28 @@ struct Cli {
     /// pass it fails, naming it.
     #[arg(long, global = true, env = "RUNV_EPHEMERAL_STORAGE", value_parser = parse_size)]
     ephemeral_storage: Option<u64>,
+    /// Where container images are kept (blobs, root filesystem images).
+    /// Default: `images` under --root.
+    #[arg(long, global = true, env = "RUNV_IMAGE_STORE")]
+    image_store: Option<PathBuf>,
+    /// A registry (`host[:port]`) reached over plain HTTP; repeat it, or
+    /// separate with commas. Registries on a loopback address always may be.
+    #[arg(
+        long = "insecure-registry",
+        global = true,
+        env = "RUNV_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    insecure_registries: Vec<String>,
+    /// A PEM file of CA certificates registries are verified against, besides
+    /// the system's roots; repeat it, or separate with commas.
+    #[arg(
+        long = "registry-ca",
+        global = true,
+        env = "RUNV_REGISTRY_CAS",
+        value_delimiter = ','
+    )]
+    registry_cas: Vec<PathBuf>,
     /// Longest a writable disk's copy from its base may take before the start
     /// is given up (the partial copy is removed): `10m`, `90s`.
     #[arg(long, global = true, env = "RUNV_DISK_COPY_TIMEOUT", default_value = "10m",
@@ -192,6 +220,34 @@ impl Cli {
         config
     }
 
+    /// The node's image service, pulling on `runtime` with credentials from
+    /// `secrets`.
+    fn images(
+        &self,
+        runtime: tokio::runtime::Handle,
+        secrets: Box<dyn PullSecrets>,
+    ) -> anyhow::Result<Arc<NodeImages>> {
+        let root = self
+            .image_store
+            .clone()
+            .unwrap_or_else(|| self.root.join("images"));
+        let mut extra_ca_pem = Vec::new();
+        for ca in &self.registry_cas {
+            extra_ca_pem.push(
+                std::fs::read(ca)
+                    .with_context(|| format!("reading --registry-ca {}", ca.display()))?,
+            );
+        }
+        let pull = PullConfig {
+            insecure_registries: self.insecure_registries.clone(),
+            extra_ca_pem,
+            ..PullConfig::default()
+        };
+        let images = Images::open(&root, pull, Limits::default(), Format::default())
+            .with_context(|| format!("opening the image store {}", root.display()))?;
+        Ok(Arc::new(NodeImages::new(images, &root, runtime, secrets)))
+    }
+
     /// The real host, with the VMs' cgroups where `--cgroup-parent` says, else
     /// under `default_parent`.
     fn host(&self, default_parent: &str) -> LinuxHost {
@@ -224,6 +280,10 @@ enum Command {
         /// Stop the VMs after this many seconds if they have not settled.
         #[arg(long)]
         timeout: Option<u64>,
+        /// A docker config file (`~/.docker/config.json`) with registry
+        /// credentials for every VM's image (standalone mode has no Secrets).
+        #[arg(long, env = "RUNV_DOCKER_CONFIG")]
+        docker_config: Option<PathBuf>,
     },
     /// Run as the node agent of a cluster.
     Run {
@@ -322,6 +382,7 @@ fn standalone_cmd(
     path: &Path,
     vmm: Option<PathBuf>,
     timeout: Option<u64>,
+    docker_config: Option<PathBuf>,
 ) -> anyhow::Result<bool> {
     let mut out = std::io::stdout();
     let vms = standalone::load(path)?;
@@ -332,7 +393,17 @@ fn standalone_cmd(
     runv_node_agent::dev::provide_test_guest(&vms, &mut out)
         .context("installing the test guest")?;
     install_signal_handlers()?;
-    let rt = Runtime::new(cli.runtime_config(vmm), Arc::new(cli.host("runv")))?;
+    // Pulls run on a runtime of their own; the standalone loop blocks on them.
+    let pulls = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the image pull runtime")?;
+    let images = cli.images(
+        pulls.handle().clone(),
+        Box::new(DockerConfigFile(docker_config)),
+    )?;
+    let rt = Runtime::new(cli.runtime_config(vmm), Arc::new(cli.host("runv")))?.with_images(images);
     let ok = standalone::run(
         &rt,
         &vms,
@@ -388,8 +459,9 @@ fn real_main() -> anyhow::Result<()> {
             ref path,
             ref vmm,
             timeout,
+            ref docker_config,
         } => {
-            if !standalone_cmd(&cli, path, vmm.clone(), timeout)? {
+            if !standalone_cmd(&cli, path, vmm.clone(), timeout, docker_config.clone())? {
                 std::process::exit(1);
             }
         }
@@ -432,12 +504,15 @@ fn real_main() -> anyhow::Result<()> {
                 vcpus: capacity.vcpus,
                 memory: capacity.memory,
             });
-            let runtime = Runtime::new(runtime_config, Arc::new(cli.host("/runv")))?;
             let rt = tokio::runtime::Runtime::new()?;
+            let client = rt
+                .block_on(kube::Client::try_default())
+                .context("cannot reach the Kubernetes API (kubeconfig or in-cluster config)")?;
+            let secrets = ApiSecrets::new(client.clone(), rt.handle().clone());
+            let images = cli.images(rt.handle().clone(), Box::new(secrets))?;
+            let runtime = Runtime::new(runtime_config, Arc::new(cli.host("/runv")))?
+                .with_images(images);
             rt.block_on(async move {
-                let client = kube::Client::try_default()
-                    .await
-                    .context("cannot reach the Kubernetes API (kubeconfig or in-cluster config)")?;
                 // SIGTERM (what the kubelet sends a DaemonSet pod) or Ctrl-C:
                 // stop reconciling and return; the VMMs keep running.
                 let mut term =

@@ -259,7 +259,8 @@ pub fn run(
                 .entry(r.clone())
                 .or_default()
                 .poll(&rt.dir(&r).serial_log(), &r.name, out)?;
-            for t in crate::reconcile::transitions(&previous, &d.status) {
+            let events = d.events.iter().cloned();
+            for t in events.chain(crate::reconcile::transitions(&previous, &d.status)) {
                 writeln!(
                     out,
                     "{} {} {}: {}",

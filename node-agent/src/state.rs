@@ -179,6 +179,16 @@ impl VmDir {
     pub fn taps_path(&self) -> PathBuf {
         self.dir.join("taps.json")
     }
+    /// `image.json`: the container image the VM's root filesystem disk is
+    /// made from ([`crate::images::ImageRecord`]).
+    pub fn image_record_path(&self) -> PathBuf {
+        self.dir.join("image.json")
+    }
+    /// `container.json`: the merged container config for the guest
+    /// (`runv_image::container`'s versioned format).
+    pub fn container_config(&self) -> PathBuf {
+        self.dir.join("container.json")
+    }
     /// `jail.json`: the VM's jail uid and gid.
     pub fn jail_ids(&self) -> PathBuf {
         self.dir.join("jail.json")
@@ -257,6 +267,18 @@ impl VmDir {
     pub fn read_config(&self) -> Option<VmConfig> {
         let text = std::fs::read_to_string(self.config()).ok()?;
         serde_json::from_str(&text).ok()
+    }
+
+    /// The image record; `None` when absent or unreadable.
+    pub fn read_image_record(&self) -> Option<crate::images::ImageRecord> {
+        let text = std::fs::read_to_string(self.image_record_path()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Writes `image.json` atomically.
+    pub fn write_image_record(&self, record: &crate::images::ImageRecord) -> Result<(), HostError> {
+        let text = serde_json::to_string_pretty(record).unwrap_or_default();
+        write_atomic(&self.image_record_path(), text.as_bytes())
     }
 
     /// Writes `config.json` atomically.

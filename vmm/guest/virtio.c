@@ -242,6 +242,14 @@ static void blk_test(struct dev *d)
 	for (int i = 0; i < 32 && buf_b[i] >= 32 && buf_b[i] < 127; i++)
 		putc((char)buf_b[i]);
 	puts("\n");
+	/* The 32-bit word at byte 1024, where erofs keeps its superblock magic. */
+	if (cap > 2) {
+		if (blk_rw(d, 0, 2, buf_b, 512))
+			fail("virtio-blk read of sector 2");
+		puts("runv-guest: virtio-blk magic1024=");
+		puthex((u64)buf_b[0] | (u64)buf_b[1] << 8 | (u64)buf_b[2] << 16 | (u64)buf_b[3] << 24);
+		puts("\n");
+	}
 	for (u64 i = 0; i < 4096; i++)
 		buf_a[i] = pattern(i);
 	u8 st = blk_rw(d, 1, 8, buf_a, 4096);

@@ -111,6 +111,14 @@ reasons! {
     SandboxNotAllowed,
     /// The last start attempt failed.
     StartFailed,
+    /// Pulling `spec.container.image` failed (kubelet's reason).
+    ErrImagePull,
+    /// Waiting before pulling `spec.container.image` again (kubelet's back-off).
+    ImagePullBackOff,
+    /// `spec.container.image` is not a valid image reference.
+    InvalidImageName,
+    /// `spec.container.image` is not on the node and its pull policy is `Never`.
+    ErrImageNeverPull,
     /// The VMM's control socket is not its own.
     ControlSocketMismatch,
     /// The VM's state record on the node cannot be read.
@@ -164,6 +172,10 @@ impl Reason {
                 | Reason::LimitsNotEnforceable
                 | Reason::SandboxNotAllowed
                 | Reason::StartFailed
+                | Reason::ErrImagePull
+                | Reason::ImagePullBackOff
+                | Reason::InvalidImageName
+                | Reason::ErrImageNeverPull
                 | Reason::ControlSocketMismatch
                 | Reason::StateUnreadable
                 | Reason::NodeFenced

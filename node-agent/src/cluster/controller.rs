@@ -126,7 +126,8 @@ async fn apply(vm: &MicroVM, ctx: &Context) -> Result<Action, ReconcileError> {
     } else {
         lock(&ctx.unsent).remove(&r);
     }
-    for t in transitions(&previous, &decision.status) {
+    let events = decision.events.iter().cloned();
+    for t in events.chain(transitions(&previous, &decision.status)) {
         let event = Pending {
             reference: vm.object_ref(&()),
             warning: t.warning,

@@ -11,6 +11,7 @@ pub mod controller;
 pub mod exits;
 pub mod node;
 pub mod outbox;
+pub mod secrets;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

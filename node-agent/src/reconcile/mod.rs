@@ -98,6 +98,8 @@ pub struct Facts {
     /// place here (`OutOfCapacity`, `IsolationConflict`; see [`admit`]), if
     /// it does not. Known only once a start is decided.
     pub admission: Option<(Reason, String)>,
+    /// Why the VM's container image is not ready, if it is not.
+    pub image: Option<crate::images::ImageFailure>,
 }
 
 /// Which parts of the VMM's sandbox a spec may switch off on this node: the
@@ -210,6 +212,9 @@ pub struct Decision {
     pub status: MicroVMStatus,
     /// When to look again even if nothing changes.
     pub requeue: Option<Duration>,
+    /// Events of this reconcile that no status change shows (an image
+    /// pulled), besides those [`transitions`] derives.
+    pub events: Vec<Transition>,
 }
 
 /// Whether an exit is a clean end of the guest (power-off or reset).
@@ -251,6 +256,9 @@ pub(crate) enum Verdict {
     Starting,
     /// Cannot start: something on the node or in the spec must change.
     Blocked { reason: Reason, message: String },
+    /// Cannot start yet: the container image is not ready, and trying again
+    /// may help (kubelet's `ErrImagePull`, `ImagePullBackOff`).
+    ImageWaiting { reason: Reason, message: String },
     /// The node is fenced: stopped (or being killed), nothing starts here.
     Fenced { message: String },
 }
@@ -307,6 +315,7 @@ pub fn decide(
     };
     status::apply(&mut status, spec, generation, &verdict, observed, now);
     Decision {
+        events: Vec::new(),
         actions: plan.actions,
         status,
         requeue: plan.requeue,
@@ -393,8 +402,7 @@ fn decide_running(inputs: &Inputs<'_>, vm: &RunningVm<'_>, plan: &mut Plan) -> V
         // The spec changed what the VM is: restart it to apply, unless what
         // it asks for now cannot start here (then it only ends, and says why).
         plan.actions.push(Action::Kill);
-        if let Some(blocked) = blocked(inputs.facts) {
-            plan.requeue = Some(Duration::from_secs(10));
+        if let Some(blocked) = cannot_start(inputs.facts, plan) {
             return blocked;
         }
         plan.actions.push(Action::Start { restart: false });
@@ -465,8 +473,7 @@ fn decide_not_running(
     if !wants_start(inputs, exit.is_some(), own_exit, last_generation) {
         return ended(inputs, own_exit);
     }
-    if let Some(blocked) = blocked(inputs.facts) {
-        plan.requeue = Some(Duration::from_secs(10));
+    if let Some(blocked) = cannot_start(inputs.facts, plan) {
         return blocked;
     }
     let restart = own_exit.is_some()
@@ -546,6 +553,28 @@ fn ended(inputs: &Inputs<'_>, own_exit: Option<&ObservedExit>) -> Verdict {
         Verdict::Succeeded
     } else {
         Verdict::Failed
+    }
+}
+
+/// Why the VM cannot start now, and when to look again: what [`blocked`]
+/// finds (every 10 s), else its image not being ready (when the pull may
+/// be tried again; an image failure nothing but a spec change mends blocks).
+fn cannot_start(facts: &Facts, plan: &mut Plan) -> Option<Verdict> {
+    if let Some(v) = blocked(facts) {
+        plan.requeue = Some(Duration::from_secs(10));
+        return Some(v);
+    }
+    let image = facts.image.as_ref()?;
+    let (reason, message) = (image.reason, image.message.clone());
+    match image.retry {
+        Some(retry) => {
+            plan.requeue = Some(retry.max(Duration::from_millis(100)));
+            Some(Verdict::ImageWaiting { reason, message })
+        }
+        None => {
+            plan.requeue = Some(Duration::from_secs(10));
+            Some(Verdict::Blocked { reason, message })
+        }
     }
 }
 

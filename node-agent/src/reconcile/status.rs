@@ -147,6 +147,7 @@ fn rows(verdict: &Verdict, spec: &MicroVMSpec, seen: &Seen) -> Rows {
         Verdict::Failed => failed(spec, seen),
         Verdict::BackOff { remaining, failure } => back_off(*remaining, *failure, seen),
         Verdict::Blocked { reason, message } => blocked(*reason, message, seen),
+        Verdict::ImageWaiting { reason, message } => image_waiting(*reason, message, seen),
         Verdict::Fenced { message } => fenced(message, seen),
     }
 }
@@ -313,6 +314,20 @@ fn blocked(reason: Reason, message: &str, seen: &Seen) -> Rows {
         seen.paused_row(),
         Row::new(cond::RECONCILING, False, reason),
         Row::new(cond::STALLED, True, reason).message(message),
+    ];
+    (Phase::Scheduled, rows)
+}
+
+/// Waiting for the container image (pulling failed, or backing off): not
+/// running, still reconciling, not stalled, since the next try may work.
+fn image_waiting(reason: Reason, message: &str, seen: &Seen) -> Rows {
+    let rows = [
+        Row::new(cond::VMM_STARTED, False, reason).message(message),
+        Row::new(cond::GUEST_BOOTED, False, Reason::NotRunning),
+        ready(False, reason, message),
+        seen.paused_row(),
+        reconciling(reason),
+        not_stalled(),
     ];
     (Phase::Scheduled, rows)
 }

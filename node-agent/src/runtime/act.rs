@@ -78,10 +78,17 @@ impl Runtime {
         let dir = self.dir(vm);
         // Opened now, beneath the allowed directories, and inherited: the VMM
         // reads what was checked, whatever the paths name by then.
-        let files = vmconfig::passed_files(spec)
+        let mut files = vmconfig::passed_files(spec)
             .iter()
             .map(|(field, path)| self.open_host_file(field, path).map(|f| f.file))
             .collect::<Result<Vec<_>, _>>()?;
+        if spec.container.is_some() {
+            // Recorded by `prepare_image` in this reconcile; the config
+            // could not be written without it.
+            if let Some(record) = self.current_image(vm, spec) {
+                files.push(self.open_rootfs(&record)?.file);
+            }
+        }
         let request = SpawnRequest {
             vmm: self.config.vmm.clone(),
             config,

@@ -17,6 +17,7 @@ mod act;
 mod admit;
 mod cleanup;
 mod egress;
+mod image;
 mod observe;
 mod prepare;
 
@@ -202,6 +203,9 @@ pub struct Runtime {
     egress_lock: std::sync::Mutex<()>,
     /// Held while a start is admitted and its claim written.
     admission: std::sync::Mutex<()>,
+    /// Where container images come from (`None`: VMs with `spec.container`
+    /// do not start here).
+    images: Option<Arc<dyn crate::images::ImageSource>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -271,11 +275,18 @@ impl Runtime {
             storage: std::sync::Mutex::default(),
             egress_lock: std::sync::Mutex::default(),
             admission: std::sync::Mutex::default(),
+            images: None,
         };
         if !state::list_net(&rt.config.root).is_empty() {
             rt.apply_egress()?;
         }
         Ok(rt)
+    }
+
+    /// The same runtime with container images from `images`.
+    pub fn with_images(mut self, images: Arc<dyn crate::images::ImageSource>) -> Self {
+        self.images = Some(images);
+        self
     }
 
     /// The VM's record (`vm.json`), only when it is this VM's: a directory
@@ -497,6 +508,21 @@ impl Runtime {
         if self.start_refused(vm, spec, previous, &first, &mut facts) {
             first = decide(spec, generation, previous, &obs, &facts, backoff, now);
         }
+        let mut events = Vec::new();
+        if first
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Start { .. }))
+            && let Some(container) = &spec.container
+        {
+            match self.prepare_image(vm, spec, container) {
+                Ok(pulled) => events.extend(pulled),
+                Err(failure) => {
+                    facts.image = Some(failure);
+                    first = decide(spec, generation, previous, &obs, &facts, backoff, now);
+                }
+            }
+        }
         let mut acted = false;
         for action in &first.actions {
             acted = true;
@@ -525,6 +551,8 @@ impl Runtime {
         let (interfaces, cid) = self.addresses(vm, spec);
         decision.status.interfaces = interfaces;
         decision.status.vsock_cid = cid;
+        decision.status.container = self.container_status(vm, spec);
+        decision.events = events;
         decision
     }
 }

@@ -13,6 +13,7 @@ use runv_crds::MicroVMSpec;
 use runv_crds::microvm::{InterfaceStatus, Toggle};
 use runv_vmm_api::{SerialConfig, SerialRotation, VmConfig};
 
+use super::image::attach_rootfs;
 use super::{Runtime, VmRef, control_target, from_ms, limits_message, ms, spec_limits};
 use crate::host::VmmIdentity;
 use crate::host::hostfile::HostFileError;
@@ -66,6 +67,7 @@ impl Runtime {
             fenced: self.fenced(),
             host_file,
             admission: None,
+            image: None,
         }
     }
 
@@ -280,14 +282,30 @@ impl Runtime {
     /// The VMM config the spec asks for: jailed as the VM's `jail.json` says
     /// when `isolation.jail` is Enabled (`None` until it has ids).
     pub(super) fn vm_config(&self, vm: &VmRef, spec: &MicroVMSpec) -> Option<VmConfig> {
-        let mut c = self.vm_config_with_paths(vm, spec)?;
+        let mut c = self.vm_config_without_image(vm, spec)?;
         vmconfig::use_passed_files(&mut c, spec);
+        if spec.container.is_some() {
+            // The root filesystem is the descriptor after the spec's files.
+            self.current_image(vm, spec)?;
+            let passed = i32::try_from(vmconfig::passed_files(spec).len()).ok()?;
+            let fd = vmconfig::FIRST_PASSED_FD + passed;
+            attach_rootfs(&mut c, format!("/proc/self/fd/{fd}").into());
+        }
         Some(c)
     }
 
     /// The config with host paths where the VMM now gets descriptors: what a
     /// VMM started by an agent from before descriptors were passed has.
     fn vm_config_with_paths(&self, vm: &VmRef, spec: &MicroVMSpec) -> Option<VmConfig> {
+        let mut c = self.vm_config_without_image(vm, spec)?;
+        if spec.container.is_some() {
+            attach_rootfs(&mut c, self.current_image(vm, spec)?.rootfs);
+        }
+        Some(c)
+    }
+
+    /// The config with host paths, and no root filesystem disk.
+    fn vm_config_without_image(&self, vm: &VmRef, spec: &MicroVMSpec) -> Option<VmConfig> {
         let extra = self.ip_cmdline(vm, spec);
         let dir = self.dir(vm);
         let mut c = vmconfig::build(&vm.namespace, &vm.name, spec, &dir, &extra).ok()?;

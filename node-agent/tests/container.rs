@@ -1,0 +1,220 @@
+//! A MicroVM with `spec.container`, through the real `runv-agent standalone`
+//! and `runv-vmm`, with its image in a real registry on loopback (Debian's
+//! `docker-registry`, pushed to with `skopeo`): the agent pulls the image,
+//! builds its read-only root filesystem image (erofs), attaches it as the
+//! VM's first disk and reports the resolved digest. The test guest reads the
+//! disk's superblock and prints the erofs magic, which proves the disk the
+//! VM got is the image's. A second run uses the node's copy; a reference that
+//! does not parse, a `Never` policy without the image and a registry that
+//! wants credentials the node does not have each fail with kubelet's reason,
+//! and the credentials given in a docker config file make the pull work.
+//!
+//! Needs root, /dev/kvm, docker-registry, skopeo, htpasswd and mkfs.erofs.
+
+mod common;
+#[path = "../../image/tests/support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::{Agent, KillVmmOnDrop, vmm_binary};
+use runv_node_agent::testing::{Need, require};
+use support::{LayerBlob, Layout, Registry, TarBuilder, require_tools};
+
+const WAIT: Duration = Duration::from_secs(120);
+/// erofs's superblock magic, at byte 1024 of the filesystem image.
+const EROFS_MAGIC: &str = "magic1024=0xe0f5e1e2";
+
+/// Pushes a two-layer image as `app:1` to `registry`.
+fn push_image(registry: &Registry, dir: &Path, extra: &[&str]) {
+    let mut layout = Layout::new(&dir.join("layout"));
+    let base = TarBuilder::default()
+        .dir("bin", 0o755)
+        .file("bin/app", 0o755, b"#!/bin/sh\necho hello\n")
+        .finish();
+    let top = TarBuilder::default()
+        .dir("etc", 0o755)
+        .file("etc/motd", 0o644, b"runv\n")
+        .finish();
+    let manifest = layout.image(
+        &[
+            LayerBlob {
+                tar: base,
+                gzip: true,
+            },
+            LayerBlob {
+                tar: top,
+                gzip: false,
+            },
+        ],
+        serde_json::json!({"Entrypoint": ["/bin/app"], "Env": ["A=1"]}),
+        "amd64",
+    );
+    layout.tag(&manifest, "1");
+    registry.push(&layout.dir, "1", "app", extra);
+}
+
+fn manifest(name: &str, image: &str, policy: &str) -> String {
+    format!(
+        "apiVersion: runv.dev/v1alpha1\nkind: MicroVM\nmetadata:\n  name: {name}\nspec:\n  resources: {{ vcpus: 1, memory: 64Mi }}\n  boot:\n    kernel: {}\n    cmdline: \"console=ttyS0\"\n  runPolicy: Once\n  container:\n    image: \"{image}\"\n    args: [\"--greeting\", \"$(WHO)\"]\n    env: [{{ name: WHO, value: world }}]\n{policy}",
+        common::test_guest()
+    )
+}
+
+/// Runs `runv-agent standalone` on `body` with its state in `root`; its exit
+/// code and output.
+fn run(root: &Path, name: &str, body: &str, flags: &[&str]) -> (Option<i32>, String) {
+    let file = root.with_extension(format!("{name}.yaml"));
+    std::fs::write(&file, body).unwrap();
+    let (root_s, file_s, vmm) = (
+        root.display().to_string(),
+        file.display().to_string(),
+        vmm_binary().display().to_string(),
+    );
+    let _guard = KillVmmOnDrop(root.join("vms").join(format!("default_{name}")));
+    let mut args = vec!["--root", &root_s];
+    args.extend_from_slice(&["standalone", &file_s, "--vmm", &vmm]);
+    args.extend_from_slice(flags);
+    let mut agent = Agent::start(&args);
+    let code = agent.wait(WAIT);
+    (code, agent.output())
+}
+
+fn needs(test: &str) -> bool {
+    require(test, &[Need::Kvm, Need::Root])
+        && require_tools(
+            test,
+            &["docker-registry", "skopeo", "htpasswd", "mkfs.erofs"],
+        )
+}
+
+#[test]
+fn a_container_vm_boots_with_its_image_as_a_read_only_first_disk() {
+    let test = "a_container_vm_boots_with_its_image_as_a_read_only_first_disk";
+    if !needs(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::start(None);
+    push_image(&registry, tmp.path(), &[]);
+    let image = format!("{}/app:1", registry.addr);
+    let root = tmp.path().join("root");
+
+    let (code, out) = run(&root, "app", &manifest("app", &image, ""), &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!("app Normal Pulling: Pulling image {image:?}")),
+        "{out}"
+    );
+    assert!(
+        out.contains("app Normal Pulled: Successfully pulled image"),
+        "{out}"
+    );
+    // The first disk is the image's filesystem, read-only.
+    assert!(out.contains("virtio-blk") && out.contains(" ro\n"), "{out}");
+    assert!(out.contains(EROFS_MAGIC), "{out}");
+    let dir = root.join("vms/default_app");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("image.json")).unwrap()).unwrap();
+    let image_id = record["imageID"].as_str().unwrap().to_owned();
+    assert!(
+        image_id.starts_with(&format!("{}/app@sha256:", registry.addr)),
+        "{record}"
+    );
+    // The merged config for the guest: the image's entrypoint, the spec's
+    // args with $(WHO) expanded, both environments.
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("container.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["argv"],
+        serde_json::json!(["/bin/app", "--greeting", "world"]),
+        "{config}"
+    );
+    assert!(config["env"].to_string().contains("A=1"), "{config}");
+    assert!(config["env"].to_string().contains("WHO=world"), "{config}");
+    assert_eq!(config["imageID"], image_id.as_str());
+    // The VMM was handed the root filesystem as a descriptor, first.
+    let vmm_config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(vmm_config["disks"][0]["readOnly"], true, "{vmm_config}");
+    assert!(
+        vmm_config["disks"][0]["path"]
+            .as_str()
+            .unwrap()
+            .starts_with("/proc/self/fd/"),
+        "{vmm_config}"
+    );
+
+    // Again, IfNotPresent (a tagged image): the node's copy, nothing pulled.
+    let (code, out) = run(&root, "app", &manifest("app", &image, ""), &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("Pulling image"), "{out}");
+    assert!(out.contains("already present on machine"), "{out}");
+    assert!(out.contains(EROFS_MAGIC), "{out}");
+}
+
+#[test]
+fn image_failures_carry_kubelets_reasons() {
+    let test = "image_failures_carry_kubelets_reasons";
+    if !needs(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::start(Some(("alice", "s3cret")));
+    push_image(&registry, tmp.path(), &["--dest-creds", "alice:s3cret"]);
+    let image = format!("{}/app:1", registry.addr);
+
+    // A reference that does not parse: refused, nothing tried again.
+    let (code, out) = run(
+        &tmp.path().join("bad"),
+        "bad",
+        &manifest("bad", "UPPER/Case::x", ""),
+        &[],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("reason=InvalidImageName"), "{out}");
+    assert!(out.contains("spec.container.image"), "{out}");
+
+    // Never, and the node has no copy.
+    let (code, out) = run(
+        &tmp.path().join("never"),
+        "never",
+        &manifest("never", &image, "    imagePullPolicy: Never\n"),
+        &["--timeout", "5"],
+    );
+    assert!(out.contains("Warning ErrImageNeverPull"), "{code:?} {out}");
+    assert!(out.contains("never stopped"), "{out}");
+
+    // Credentials the node does not have: ErrImagePull, then the back-off.
+    let (code, out) = run(
+        &tmp.path().join("anon"),
+        "anon",
+        &manifest("anon", &image, ""),
+        &["--timeout", "5"],
+    );
+    assert!(out.contains("Warning ErrImagePull"), "{code:?} {out}");
+    assert!(out.contains("Warning ImagePullBackOff"), "{out}");
+    assert!(!out.contains(EROFS_MAGIC), "{out}");
+
+    // With a docker config naming them, the pull works.
+    let auth = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+    let config = tmp.path().join("docker-config.json");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"auths": {{"{}": {{"auth": "{auth}"}}}}}}"#,
+            registry.addr
+        ),
+    )
+    .unwrap();
+    let (code, out) = run(
+        &tmp.path().join("auth"),
+        "auth",
+        &manifest("auth", &image, ""),
+        &["--docker-config", &config.display().to_string()],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(EROFS_MAGIC), "{out}");
+}
