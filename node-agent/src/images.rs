@@ -14,6 +14,7 @@
 //! `spawn_blocking`, or standalone's loop); the pull runs on the tokio
 //! runtime whose handle the source holds.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -22,7 +23,8 @@ use runv_crds::contract::Reason;
 use runv_crds::secureworkload::{Container, ImagePullPolicy};
 use runv_image::auth::Keyring;
 use runv_image::container::{ContainerConfig, Overrides, merge};
-use runv_image::images::{Images, PullBackoff, PullPolicy};
+use runv_image::Digest;
+use runv_image::images::{GcPolicy, Images, PullBackoff, PullPolicy};
 use runv_image::pull::parse_reference;
 use serde::{Deserialize, Serialize};
 
@@ -90,6 +92,10 @@ pub trait ImageSource: Send + Sync {
     /// The directory the root filesystem images are in (the VMM is given them
     /// from there only).
     fn rootfs_dir(&self) -> PathBuf;
+
+    /// Collects images no VM uses once the disk is as full as kubelet's image
+    /// GC thresholds say (`in_use`: manifest digests); what it removed.
+    fn collect(&self, in_use: &[String]) -> Result<String, String>;
 }
 
 /// Docker config JSON documents for a VM's pull, from its `imagePullSecrets`.
@@ -280,5 +286,18 @@ impl ImageSource for NodeImages {
 
     fn rootfs_dir(&self) -> PathBuf {
         self.root.join("rootfs")
+    }
+
+    fn collect(&self, in_use: &[String]) -> Result<String, String> {
+        let in_use: HashSet<Digest> = in_use.iter().filter_map(|d| d.parse().ok()).collect();
+        let report = self
+            .runtime
+            .block_on(self.images.gc(GcPolicy::default(), &in_use))
+            .map_err(|e| runv_crds::retry::Chain(&e).to_string())?;
+        Ok(format!(
+            "{} image(s) removed, {} bytes freed",
+            report.removed.len(),
+            report.freed
+        ))
     }
 }

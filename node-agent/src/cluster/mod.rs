@@ -202,6 +202,22 @@ async fn heartbeat(ctx: Arc<Context>) {
     }
 }
 
+/// How often unused images are collected (when the disk is full enough).
+const IMAGE_GC_EVERY: Duration = Duration::from_secs(300);
+
+/// Collects unused images every [`IMAGE_GC_EVERY`], as kubelet's image GC.
+async fn collect_images(ctx: Arc<Context>) {
+    loop {
+        tokio::time::sleep(IMAGE_GC_EVERY).await;
+        let rt = ctx.runtime.clone();
+        match tokio::task::spawn_blocking(move || rt.collect_images()).await {
+            Ok(Some(Ok(report))) => tracing::info!("image garbage collection: {report}"),
+            Ok(Some(Err(e))) => tracing::warn!(error = %e, "image garbage collection failed"),
+            Ok(None) | Err(_) => {}
+        }
+    }
+}
+
 /// Stops every VM of a node that carries the fencing taint `taint`, once.
 /// From then on, until the taint is gone, each reconcile reports its VM
 /// stopped (`NodeFenced`) and starts nothing; the VMMs' exits ask for those
@@ -372,6 +388,7 @@ pub async fn run(
             }
         }
     });
+    let images = tokio::spawn(collect_images(ctx.clone()));
     let api: Api<MicroVM> = Api::all(client);
     let selector = format!("status.nodeName={}", ctx.config.node);
     let shutdown = shutdown.shared();
@@ -395,5 +412,6 @@ pub async fn run(
     };
     beat.abort();
     gc.abort();
+    images.abort();
     result
 }

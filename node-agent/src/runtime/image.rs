@@ -115,6 +115,19 @@ impl Runtime {
         })
     }
 
+    /// Collects the node's images that no VM's directory records, when the
+    /// disk is full enough (kubelet's thresholds); `None` without an image
+    /// service. An image a VM uses is never removed, whether it runs or not.
+    pub fn collect_images(&self) -> Option<Result<String, String>> {
+        let images = self.images.as_ref()?;
+        let in_use: Vec<String> = crate::state::dirs(&self.config.root)
+            .iter()
+            .filter_map(crate::state::VmDir::read_image_record)
+            .map(|r| r.manifest_digest)
+            .collect();
+        Some(images.collect(&in_use))
+    }
+
     /// Opens the VM's root filesystem image, only from the image service's
     /// directory, to hand the VMM as a descriptor.
     pub(super) fn open_rootfs(&self, record: &ImageRecord) -> Result<HostFile, HostError> {
