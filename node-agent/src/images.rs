@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use runv_crds::contract::Reason;
 use runv_crds::secureworkload::{Container, ImagePullPolicy};
+use runv_image::Digest;
 use runv_image::auth::Keyring;
 use runv_image::container::{ContainerConfig, Overrides, merge};
-use runv_image::Digest;
 use runv_image::images::{GcPolicy, Images, PullBackoff, PullPolicy};
 use runv_image::pull::parse_reference;
 use serde::{Deserialize, Serialize};

@@ -510,8 +510,8 @@ fn real_main() -> anyhow::Result<()> {
                 .context("cannot reach the Kubernetes API (kubeconfig or in-cluster config)")?;
             let secrets = ApiSecrets::new(client.clone(), rt.handle().clone());
             let images = cli.images(rt.handle().clone(), Box::new(secrets))?;
-            let runtime = Runtime::new(runtime_config, Arc::new(cli.host("/runv")))?
-                .with_images(images);
+            let runtime =
+                Runtime::new(runtime_config, Arc::new(cli.host("/runv")))?.with_images(images);
             rt.block_on(async move {
                 // SIGTERM (what the kubelet sends a DaemonSet pod) or Ctrl-C:
                 // stop reconciling and return; the VMMs keep running.

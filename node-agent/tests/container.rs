@@ -9,6 +9,11 @@
 //! wants credentials the node does not have each fail with kubelet's reason,
 //! and the credentials given in a docker config file make the pull work.
 //!
+//! In cluster mode (the test server, the real operator, `runv-agent run` and
+//! `kubectl`), a SecureWorkload's replicas pull the image with the
+//! credentials of a `kubectl create secret docker-registry` Secret named in
+//! `imagePullSecrets`, and each replica's status shows the image's digest.
+//!
 //! Needs root, /dev/kvm, docker-registry, skopeo, htpasswd and mkfs.erofs.
 
 mod common;
@@ -19,6 +24,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine as _;
+use common::cluster::{Cluster, run_scenario_needing, wait_until};
 use common::{Agent, KillVmmOnDrop, vmm_binary};
 use runv_node_agent::testing::{Need, require};
 use support::{LayerBlob, Layout, Registry, TarBuilder, require_tools};
@@ -113,7 +119,11 @@ fn a_container_vm_boots_with_its_image_as_a_read_only_first_disk() {
         "{out}"
     );
     // The first disk is the image's filesystem, read-only.
-    assert!(out.contains("virtio-blk") && out.contains(" ro\n"), "{out}");
+    assert!(
+        out.contains("virtio-blk sectors=") && out.contains(" ro\n"),
+        "{out}"
+    );
+    assert!(out.contains("virtio-blk ro write refused"), "{out}");
     assert!(out.contains(EROFS_MAGIC), "{out}");
     let dir = root.join("vms/default_app");
     let record: serde_json::Value =
@@ -217,4 +227,79 @@ fn image_failures_carry_kubelets_reasons() {
     );
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains(EROFS_MAGIC), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secureworkload_pulls_its_image_with_its_pull_secret() -> anyhow::Result<()> {
+    let test = "a_secureworkload_pulls_its_image_with_its_pull_secret";
+    if !require_tools(
+        test,
+        &["docker-registry", "skopeo", "htpasswd", "mkfs.erofs"],
+    ) {
+        return Ok(());
+    }
+    run_scenario_needing(test, &[Need::Root], workload_pulls).await
+}
+
+fn workload_pulls(cluster: &Cluster) -> anyhow::Result<()> {
+    let registry = Registry::start(Some(("bob", "hunter2")));
+    push_image(
+        &registry,
+        cluster.tmp.path(),
+        &["--dest-creds", "bob:hunter2"],
+    );
+    let image = format!("{}/app:1", registry.addr);
+    let server = registry.addr.to_string();
+    cluster.kubectl(&[
+        "create",
+        "secret",
+        "docker-registry",
+        "regcred",
+        "--docker-server",
+        &server,
+        "--docker-username",
+        "bob",
+        "--docker-password",
+        "hunter2",
+    ])?;
+    let mut agent = cluster.start_agent();
+    let body = format!(
+        "apiVersion: runv.dev/v1alpha1\nkind: SecureWorkload\nmetadata:\n  name: img\n  namespace: default\nspec:\n  replicas: 2\n  selector: {{ matchLabels: {{ app: img }} }}\n  template:\n    metadata: {{ labels: {{ app: img }} }}\n    spec:\n      resources: {{ vcpus: 1, memory: 64Mi }}\n      boot: {{ kernel: {}, cmdline: console=ttyS0 }}\n      runPolicy: Once\n      imagePullSecrets: [{{ name: regcred }}]\n  container:\n    image: \"{image}\"\n",
+        common::test_guest()
+    );
+    let file = cluster.tmp.path().join("swl.yaml");
+    std::fs::write(&file, body)?;
+    cluster.kubectl(&["apply", "-f", &file.display().to_string()])?;
+    let ids = || -> anyhow::Result<Vec<String>> {
+        let out = cluster.kubectl(&[
+            "get",
+            "mvm",
+            "-l",
+            "app=img",
+            "-o",
+            "jsonpath={range .items[*]}{.status.phase} {.status.container.imageID}{\"\\n\"}{end}",
+        ])?;
+        Ok(out.lines().map(str::to_owned).collect())
+    };
+    let done = |l: &String| l.starts_with("Succeeded ");
+    wait_until("both replicas ran", Duration::from_secs(180), || {
+        Ok(ids()?.iter().filter(|l| done(l)).count() == 2)
+    })
+    .map_err(|e| e.context(agent.output()))?;
+    let prefix = format!("Succeeded {}/app@sha256:", registry.addr);
+    for line in ids()? {
+        assert!(line.starts_with(&prefix), "{line}");
+    }
+    // Each replica booted with the image's filesystem as its first disk.
+    let names = cluster.kubectl(&["get", "mvm", "-l", "app=img", "-o", "name"])?;
+    for name in names.lines() {
+        let name = name.trim_start_matches("microvm.runv.dev/");
+        let log = std::fs::read_to_string(cluster.vm_dir(name).join("serial.log"))?;
+        assert!(log.contains(EROFS_MAGIC), "{name}: {log}");
+    }
+    let events = cluster.kubectl(&["get", "events", "-o", "jsonpath={.items[*].reason}"])?;
+    assert!(events.contains("Pulled"), "{events}");
+    agent.signal(libc::SIGTERM);
+    agent.wait(Duration::from_secs(10));
+    Ok(())
 }
