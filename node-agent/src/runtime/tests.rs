@@ -1074,3 +1074,134 @@ fn two_vms_started_at_once_are_never_both_admitted_into_one_room() {
     assert_eq!(reasons, ["Booting", "OutOfCapacity"]);
     assert_eq!(e.host.state().spawned.len(), 1);
 }
+
+/// An image source that hands out one image per reference (or fails as
+/// told), and remembers what it was asked to keep when collecting.
+#[derive(Default)]
+struct FakeImages {
+    fail: std::sync::Mutex<Option<crate::images::ImageFailure>>,
+    kept: std::sync::Mutex<Vec<Vec<String>>>,
+}
+
+impl crate::images::ImageSource for FakeImages {
+    fn prepare(
+        &self,
+        _key: &str,
+        _namespace: &str,
+        container: &runv_crds::secureworkload::Container,
+        _secrets: &[String],
+    ) -> Result<crate::images::Prepared, crate::images::ImageFailure> {
+        if let Some(f) = self.fail.lock().unwrap().clone() {
+            return Err(f);
+        }
+        let hex = if container.image.ends_with(":2") {
+            "b2"
+        } else {
+            "b1"
+        };
+        let config = serde_json::from_value(serde_json::json!({
+            "version": 1, "imageID": format!("reg/app@sha256:{hex}"),
+            "manifestDigest": format!("sha256:{hex}"), "argv": ["/app"],
+            "env": [], "workingDir": "/", "user": "",
+        }))
+        .unwrap();
+        Ok(crate::images::Prepared {
+            record: crate::images::ImageRecord {
+                image: container.image.clone(),
+                image_id: format!("reg/app@sha256:{hex}"),
+                manifest_digest: format!("sha256:{hex}"),
+                rootfs: format!("/store/rootfs/{hex}.img").into(),
+                container: serde_json::to_string(container).unwrap(),
+            },
+            config,
+            pulled: true,
+            took: Duration::from_millis(5),
+        })
+    }
+
+    fn rootfs_dir(&self) -> PathBuf {
+        "/store/rootfs".into()
+    }
+
+    fn collect(&self, in_use: &[String]) -> Result<String, String> {
+        self.kept.lock().unwrap().push(in_use.to_vec());
+        Ok(String::new())
+    }
+}
+
+fn container_spec(image: &str) -> MicroVMSpec {
+    let mut s = spec(RunPolicy::Always);
+    s.container = Some(serde_json::from_value(serde_json::json!({ "image": image })).unwrap());
+    s
+}
+
+#[test]
+fn a_container_vm_gets_its_image_first_read_only_and_reports_it() {
+    let Env { _root, host, rt } = env();
+    host.add_file("/store/rootfs/b1.img", 8 << 20);
+    host.add_file("/store/rootfs/b2.img", 8 << 20);
+    let images = Arc::new(FakeImages::default());
+    let rt = rt.with_images(images.clone());
+    let s = container_spec("reg/app:1");
+    let d = rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    let reasons: Vec<&str> = d.events.iter().map(|e| e.reason.as_str()).collect();
+    assert_eq!(reasons, ["Pulling", "Pulled"]);
+    let status = d.status.container.clone().expect("status.container");
+    assert_eq!(status.image_id, "reg/app@sha256:b1");
+    let dir = rt.dir(&vm());
+    let config = VmConfig::from_file(&dir.config()).unwrap();
+    // The kernel is descriptor 3; the root filesystem the next one, first.
+    assert_eq!(config.disks[0].path, Path::new("/proc/self/fd/4"));
+    assert!(config.disks[0].read_only);
+    assert_eq!(config.disks.len(), 3);
+    assert!(dir.container_config().is_file());
+
+    // Running: nothing pulled again, nothing restarted.
+    host.boot(&dir.control_socket());
+    let d2 = rt.reconcile(&vm(), &s, 1, &d.status, at(2));
+    assert!(d2.events.is_empty());
+    assert_eq!(host.state().spawned.len(), 1);
+
+    // Another image: the VM restarts with it.
+    let s2 = container_spec("reg/app:2");
+    let d3 = rt.reconcile(&vm(), &s2, 2, &d2.status, at(3));
+    assert_eq!(host.state().spawned.len(), 2, "{:?}", d3.status.conditions);
+    assert_eq!(d3.status.container.unwrap().image_id, "reg/app@sha256:b2");
+
+    // Collection keeps what the VM's directory records.
+    assert_eq!(rt.collect_images(), Some(Ok(String::new())));
+    assert_eq!(images.kept.lock().unwrap()[0], ["sha256:b2"]);
+}
+
+#[test]
+fn an_image_that_is_not_ready_starts_nothing_and_says_why() {
+    let Env { _root, host, rt } = env();
+    let images = Arc::new(FakeImages::default());
+    let rt = rt.with_images(images.clone());
+    let s = container_spec("reg/app:1");
+    *images.fail.lock().unwrap() = Some(crate::images::ImageFailure {
+        reason: runv_crds::contract::Reason::ErrImagePull,
+        message: "pulling \"reg/app:1\": 401".into(),
+        retry: Some(Duration::from_secs(10)),
+    });
+    let d = rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    assert!(host.state().spawned.is_empty());
+    assert_eq!(ready(&d.status), ("False".into(), "ErrImagePull".into()));
+    let stalled = cond::find(&d.status.conditions, cond::STALLED).unwrap();
+    assert_eq!(stalled.status, "False", "the next try may work");
+    assert_eq!(d.requeue, Some(Duration::from_secs(10)));
+    // A reference nothing but a spec change mends: stalled.
+    *images.fail.lock().unwrap() = Some(crate::images::ImageFailure {
+        reason: runv_crds::contract::Reason::InvalidImageName,
+        message: "spec.container.image: invalid".into(),
+        retry: None,
+    });
+    let d = rt.reconcile(&vm(), &s, 1, &d.status, at(11));
+    assert!(host.state().spawned.is_empty());
+    assert_eq!(
+        ready(&d.status),
+        ("False".into(), "InvalidImageName".into())
+    );
+    let stalled = cond::find(&d.status.conditions, cond::STALLED).unwrap();
+    assert_eq!(stalled.status, "True");
+}
