@@ -1,8 +1,9 @@
 //! Chaos: the operator is killed with SIGKILL while it rolls a SecureWorkload
 //! out, on the real test server, operator, `runv-agent run` and `runv-vmm` on
 //! /dev/kvm. Ten replicas (maxSurge 1, maxUnavailable 1) boot the test guest
-//! asleep in `hlt`; a new container image (a new template hash) starts the
-//! rollout, and the operator is killed three times, each soon after it is
+//! asleep in `hlt`, with their container image (pulled from a `docker-registry`
+//! on loopback) as their first disk; a new image (a new template hash) starts
+//! the rollout, and the operator is killed three times, each soon after it is
 //! seen to create or delete a replica, staying down 1.5 s each time.
 //!
 //! What it proves: the rollout still finishes (every replica on the new
@@ -26,7 +27,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use common::cluster::{Cluster, run_scenario, wait_until};
-use common::{Agent, KillVmmOnDrop, vmm_cmdlines};
+use common::images::Registry;
+use common::{Agent, KillVmmOnDrop, push_test_image, vmm_cmdlines};
 use futures::StreamExt;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
@@ -253,6 +255,7 @@ struct Outcome {
 /// the rollout to finish. The restarted operators are pushed to `operators`.
 fn kill_loop(
     cluster: &Cluster,
+    registry: &Registry,
     swls: &Api<SecureWorkload>,
     tally: &Mutex<Tally>,
     old: &str,
@@ -266,7 +269,8 @@ fn kill_loop(
     };
     let mut known = moves();
     let started = Instant::now();
-    let patch = serde_json::json!({ "spec": { "container": { "image": "chaos-rollout:2" } } });
+    let image = format!("{}/app:2", registry.addr);
+    let patch = serde_json::json!({ "spec": { "container": { "image": image } } });
     rt.block_on(swls.patch(NAME, &PatchParams::default(), &Patch::Merge(&patch)))?;
     let (mut kills, mut kills_mid_rollout) = (0, 0);
     for delay in KILL_DELAYS {
@@ -323,8 +327,13 @@ fn rollout_under_kills(
     let client = cluster.client()?;
     let swls: Api<SecureWorkload> = Api::namespaced(client.clone(), "default");
     let watch = rt.spawn(observe(Api::namespaced(client, "default"), tally.clone()));
+    // Two images in a registry on loopback: the replicas pull them.
+    let registry = Registry::start(None);
+    push_test_image(&registry, cluster.tmp.path(), "1", &[]);
+    push_test_image(&registry, cluster.tmp.path(), "2", &[]);
     let file = cluster.tmp.path().join("workload.yaml");
-    std::fs::write(&file, workload(&common::test_guest(), "chaos-rollout:1"))?;
+    let image = format!("{}/app:1", registry.addr);
+    std::fs::write(&file, workload(&common::test_guest(), &image))?;
     cluster.kubectl(&["apply", "-f", &file.display().to_string()])?;
     wait_until("every replica Ready", Duration::from_secs(120), || {
         let hashes = hashes(tally);
@@ -336,7 +345,7 @@ fn rollout_under_kills(
     let stop = AtomicBool::new(false);
     let (outcome, vmms) = std::thread::scope(|s| {
         let sampler = s.spawn(|| sample_vmms(cluster, tally, &stop));
-        let outcome = kill_loop(cluster, &swls, tally, &old, operators);
+        let outcome = kill_loop(cluster, &registry, &swls, tally, &old, operators);
         stop.store(true, Ordering::Relaxed);
         (outcome, sampler.join().expect("the VMM sampler"))
     });
@@ -411,9 +420,10 @@ fn operator_kill_loop(cluster: &Cluster) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_kills_during_a_rollout_keep_its_bounds_and_it_finishes() -> Result<()> {
-    run_scenario(
-        "operator_kills_during_a_rollout_keep_its_bounds_and_it_finishes",
-        operator_kill_loop,
-    )
-    .await
+    let test = "operator_kills_during_a_rollout_keep_its_bounds_and_it_finishes";
+    // The replicas pull their images from a registry the test starts.
+    if !common::images::require_tools(test, &["docker-registry", "skopeo", "mkfs.erofs"]) {
+        return Ok(());
+    }
+    run_scenario(test, operator_kill_loop).await
 }

@@ -17,50 +17,20 @@
 //! Needs root, /dev/kvm, docker-registry, skopeo, htpasswd and mkfs.erofs.
 
 mod common;
-#[path = "../../image/tests/support/mod.rs"]
-mod support;
 
 use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine as _;
 use common::cluster::{Cluster, run_scenario_needing, wait_until};
+use common::images::{Registry, require_tools};
+use common::push_test_image;
 use common::{Agent, KillVmmOnDrop, vmm_binary};
 use runv_node_agent::testing::{Need, require};
-use support::{LayerBlob, Layout, Registry, TarBuilder, require_tools};
 
 const WAIT: Duration = Duration::from_secs(120);
 /// erofs's superblock magic, at byte 1024 of the filesystem image.
 const EROFS_MAGIC: &str = "magic1024=0xe0f5e1e2";
-
-/// Pushes a two-layer image as `app:1` to `registry`.
-fn push_image(registry: &Registry, dir: &Path, extra: &[&str]) {
-    let mut layout = Layout::new(&dir.join("layout"));
-    let base = TarBuilder::default()
-        .dir("bin", 0o755)
-        .file("bin/app", 0o755, b"#!/bin/sh\necho hello\n")
-        .finish();
-    let top = TarBuilder::default()
-        .dir("etc", 0o755)
-        .file("etc/motd", 0o644, b"runv\n")
-        .finish();
-    let manifest = layout.image(
-        &[
-            LayerBlob {
-                tar: base,
-                gzip: true,
-            },
-            LayerBlob {
-                tar: top,
-                gzip: false,
-            },
-        ],
-        serde_json::json!({"Entrypoint": ["/bin/app"], "Env": ["A=1"]}),
-        "amd64",
-    );
-    layout.tag(&manifest, "1");
-    registry.push(&layout.dir, "1", "app", extra);
-}
 
 fn manifest(name: &str, image: &str, policy: &str) -> String {
     format!(
@@ -104,7 +74,7 @@ fn a_container_vm_boots_with_its_image_as_a_read_only_first_disk() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let registry = Registry::start(None);
-    push_image(&registry, tmp.path(), &[]);
+    push_test_image(&registry, tmp.path(), "1", &[]);
     let image = format!("{}/app:1", registry.addr);
     let root = tmp.path().join("root");
 
@@ -173,7 +143,12 @@ fn image_failures_carry_kubelets_reasons() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let registry = Registry::start(Some(("alice", "s3cret")));
-    push_image(&registry, tmp.path(), &["--dest-creds", "alice:s3cret"]);
+    push_test_image(
+        &registry,
+        tmp.path(),
+        "1",
+        &["--dest-creds", "alice:s3cret"],
+    );
     let image = format!("{}/app:1", registry.addr);
 
     // A reference that does not parse: refused, nothing tried again.
@@ -243,9 +218,10 @@ async fn a_secureworkload_pulls_its_image_with_its_pull_secret() -> anyhow::Resu
 
 fn workload_pulls(cluster: &Cluster) -> anyhow::Result<()> {
     let registry = Registry::start(Some(("bob", "hunter2")));
-    push_image(
+    push_test_image(
         &registry,
         cluster.tmp.path(),
+        "1",
         &["--dest-creds", "bob:hunter2"],
     );
     let image = format!("{}/app:1", registry.addr);
@@ -288,7 +264,10 @@ fn workload_pulls(cluster: &Cluster) -> anyhow::Result<()> {
     .map_err(|e| e.context(agent.output()))?;
     let prefix = format!("Succeeded {}/app@sha256:", registry.addr);
     for line in ids()? {
-        assert!(line.starts_with(&prefix), "{line}");
+        if !line.starts_with(&prefix) {
+            let all = cluster.kubectl(&["get", "mvm", "-o", "yaml"])?;
+            panic!("{line}\n{all}\n{}", agent.output());
+        }
     }
     // Each replica booted with the image's filesystem as its first disk.
     let names = cluster.kubectl(&["get", "mvm", "-l", "app=img", "-o", "name"])?;

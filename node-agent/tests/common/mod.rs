@@ -3,6 +3,41 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+/// runv-image's test support: a real `docker-registry` on loopback, OCI
+/// layouts written by the test, pushed with `skopeo`.
+#[path = "../../../image/tests/support/mod.rs"]
+pub mod images;
+
+/// Pushes a two-layer image as `app:TAG` to `registry` (its entrypoint
+/// `/bin/app`, `A=1` in its environment, and `TAG` in `/etc/motd`, so each
+/// tag is its own image); `extra` are skopeo flags (credentials).
+pub fn push_test_image(registry: &images::Registry, dir: &Path, tag: &str, extra: &[&str]) {
+    let mut layout = images::Layout::new(&dir.join(format!("layout-{tag}")));
+    let base = images::TarBuilder::default()
+        .dir("bin", 0o755)
+        .file("bin/app", 0o755, b"#!/bin/sh\necho hello\n")
+        .finish();
+    let top = images::TarBuilder::default()
+        .dir("etc", 0o755)
+        .file("etc/motd", 0o644, tag.as_bytes())
+        .finish();
+    let manifest = layout.image(
+        &[
+            images::LayerBlob {
+                tar: base,
+                gzip: true,
+            },
+            images::LayerBlob {
+                tar: top,
+                gzip: false,
+            },
+        ],
+        serde_json::json!({"Entrypoint": ["/bin/app"], "Env": ["A=1"]}),
+        "amd64",
+    );
+    layout.tag(&manifest, tag);
+    registry.push(&layout.dir, tag, "app", extra);
+}
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
