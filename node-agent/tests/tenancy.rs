@@ -286,11 +286,13 @@ async fn the_agent_refuses_a_vm_beside_another_tenants_exclusive_one() -> Result
 }
 
 fn isolation(cluster: &Cluster) -> Result<()> {
-    let agent = cluster.start_agent();
+    // Dropped after the agent, so that it restarts none of the VMMs they end.
     let _guards = [
         KillVmmOnDrop(vm_dir(cluster, "iso-acme", "iso-x")),
         KillVmmOnDrop(vm_dir(cluster, "iso-mallory", "iso-m")),
+        KillVmmOnDrop(vm_dir(cluster, "iso-mallory", "iso-u")),
     ];
+    let agent = cluster.start_agent();
     namespace(
         cluster,
         "iso-acme",

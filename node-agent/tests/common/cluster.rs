@@ -357,7 +357,11 @@ pub async fn run_scenario_needing(
     }
     let cluster = std::sync::Arc::new(Cluster::start().await?);
     let c = cluster.clone();
-    let result = tokio::task::spawn_blocking(move || scenario(&c)).await?;
+    let result = tokio::task::spawn_blocking(move || scenario(&c)).await;
+    // The scenario's agents are gone with it, failed or not: end any VMM
+    // it left behind.
+    super::kill_vmms_under(cluster.tmp.path());
+    let result = result?;
     let cluster = std::sync::Arc::into_inner(cluster).context("the cluster is still shared")?;
     cluster.shutdown().await?;
     result

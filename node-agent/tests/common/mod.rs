@@ -218,33 +218,67 @@ pub struct KillVmmOnDrop(pub PathBuf);
 
 impl Drop for KillVmmOnDrop {
     fn drop(&mut self) {
-        if let Some(pid) = recorded_pid(&self.0)
-            && alive(pid)
-        {
-            // SAFETY: kill(2) on the pid this test's VM recorded.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGKILL);
-            }
-            let start = Instant::now();
-            while alive(pid) && start.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
+        // The recorded VMM, and any other started for this VM directory (a
+        // test may have made its record unreadable).
+        let mut pids = vmm_pids(&self.0);
+        pids.extend(recorded_pid(&self.0).filter(|p| alive(*p)));
+        kill_all(&pids);
         remove_test_cgroup(TEST_CGROUP_PARENT, &self.0);
     }
 }
 
-/// The command lines of every live `runv-vmm` process, arguments joined by spaces.
-pub fn vmm_cmdlines() -> Vec<String> {
+/// Ends every `runv-vmm` whose command line names a file under `dir` (a
+/// test's scratch directory): none outlives its test, whatever order its
+/// guards and agents were dropped in.
+pub fn kill_vmms_under(dir: &Path) {
+    kill_all(&vmm_pids(dir));
+}
+
+/// SIGKILL to `pids`, then waits (at most 5 s) until they are gone.
+fn kill_all(pids: &[u32]) {
+    for &pid in pids {
+        // SAFETY: kill(2) on a VMM a test started: its pid recorded in the
+        // test's VM directory, or its command line naming the test's files.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGKILL);
+        }
+    }
+    let start = Instant::now();
+    while pids.iter().any(|p| alive(*p)) && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Every live `runv-vmm` process: its pid and its command line, arguments
+/// joined by spaces.
+fn vmms() -> Vec<(u32, String)> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     entries
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains("runv-vmm"))
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            Some((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")))
+        })
+        .filter(|(_, c)| c.contains("runv-vmm"))
+        .collect()
+}
+
+/// The command lines of every live `runv-vmm` process, arguments joined by spaces.
+pub fn vmm_cmdlines() -> Vec<String> {
+    vmms().into_iter().map(|(_, c)| c).collect()
+}
+
+/// The pids of live `runv-vmm` processes whose command line names a file in
+/// the VM directory `dir` (their config).
+pub fn vmm_pids(dir: &Path) -> Vec<u32> {
+    let needle = format!("{}/", dir.display());
+    vmms()
+        .into_iter()
+        .filter(|(_, c)| c.contains(&needle))
+        .map(|(p, _)| p)
         .collect()
 }
 
