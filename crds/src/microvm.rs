@@ -707,8 +707,10 @@ pub struct MicroVMStatus {
     pub container: Option<ContainerStatus>,
 }
 
-/// The container image a VM runs, as a Pod's `containerStatuses[].image` and
-/// `imageID`.
+/// The container a VM runs, as a Pod's `containerStatuses[]`: its image,
+/// where its process is, how its last run ended, and how often it was
+/// restarted. The VM's life is the container's life: a restart of the
+/// container is a new boot of the VM.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerStatus {
@@ -717,6 +719,76 @@ pub struct ContainerStatus {
     /// The image resolved to its manifest digest: `registry/repository@sha256:...`.
     #[serde(rename = "imageID")]
     pub image_id: String,
+    /// Where the container's process is now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<ContainerState>,
+    /// How the previous run ended, once the container was restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_state: Option<ContainerState>,
+    /// The container's process runs (the guest reported it started).
+    #[serde(default)]
+    pub ready: bool,
+    /// Times the container was restarted.
+    #[serde(default)]
+    pub restart_count: i32,
+}
+
+/// One of `waiting`, `running` or `terminated`, as a Pod's container state.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerState {
+    /// Not running yet: the image is being pulled, or the guest boots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<ContainerStateWaiting>,
+    /// Running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<ContainerStateRunning>,
+    /// Ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminated: Option<ContainerStateTerminated>,
+}
+
+/// A container that is not running yet.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerStateWaiting {
+    /// `ContainerCreating` (the guest boots), or an image reason such as
+    /// `ErrImagePull`.
+    pub reason: String,
+    /// Details.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A running container.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerStateRunning {
+    /// When its process started (the guest's clock).
+    pub started_at: Time,
+}
+
+/// A container that ended.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerStateTerminated {
+    /// The exit status; 128 + the signal when a signal ended it.
+    pub exit_code: i32,
+    /// The signal that ended it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// `Completed` (exit code 0), `Error`, `OOMKilled`, `StartError` (it
+    /// could not be started) or `ContainerStatusUnknown` (the VM ended
+    /// without the guest reporting the container's end).
+    pub reason: String,
+    /// Details: why it could not start, or what ended the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When it started, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When it ended.
+    pub finished_at: Time,
 }
 
 /// Lifecycle phase of a MicroVM.

@@ -21,6 +21,7 @@ use runv_node_agent::cluster::secrets::ApiSecrets;
 use runv_node_agent::cluster::{self, ClusterConfig};
 use runv_node_agent::host::cgroup::CgroupConfig;
 use runv_node_agent::host::egress::{Cidr, EgressError};
+use runv_node_agent::host::guest::GuestLinks;
 use runv_node_agent::host::{Host, LinuxHost};
 use runv_node_agent::images::{DockerConfigFile, NodeImages, PullSecrets};
 use runv_node_agent::reconcile::SandboxPolicy;
@@ -316,6 +317,21 @@ enum Command {
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         lease_renew_interval: std::time::Duration,
     },
+    /// Print a container VM's container output (stdout and stderr, as
+    /// kept on this node: 5 files of 10 MiB per run).
+    Logs {
+        /// The MicroVM's name.
+        name: String,
+        /// Its namespace.
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// Keep printing what the container writes, until it ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// The run before the current one (after a restart).
+        #[arg(short, long)]
+        previous: bool,
+    },
     /// Print a VM's kept serial console output.
     Console {
         /// The MicroVM's name.
@@ -403,7 +419,11 @@ fn standalone_cmd(
         pulls.handle().clone(),
         Box::new(DockerConfigFile(docker_config)),
     )?;
-    let rt = Runtime::new(cli.runtime_config(vmm), Arc::new(cli.host("runv")))?.with_images(images);
+    // The standalone loop reconciles every 200 ms: it needs no news.
+    let links = GuestLinks::new(pulls.handle().clone(), Arc::new(|_: &str| {}));
+    let rt = Runtime::new(cli.runtime_config(vmm), Arc::new(cli.host("runv")))?
+        .with_images(images)
+        .with_guest_links(Arc::new(links));
     let ok = standalone::run(
         &rt,
         &vms,
@@ -414,7 +434,47 @@ fn standalone_cmd(
     Ok(ok)
 }
 
+fn logs_cmd(
+    root: &Path,
+    namespace: &str,
+    name: &str,
+    follow: bool,
+    previous: bool,
+) -> anyhow::Result<()> {
+    let dir = known_vm(root, namespace, name)?;
+    let (log, record) = if previous {
+        (dir.container_log_previous(), dir.container_run_previous())
+    } else {
+        (dir.container_log(), dir.container_run())
+    };
+    if !record.is_file() {
+        bail!(
+            "{namespace}/{name} has {} container run on this node{}",
+            if previous { "no previous" } else { "no" },
+            if previous {
+                " (it was not restarted)"
+            } else {
+                " (no spec.container, or it has not started)"
+            }
+        );
+    }
+    install_signal_handlers()?;
+    let mut out = std::io::stdout().lock();
+    runv_node_agent::console::print_logs(&log, &record, follow && !previous, &mut out, &STOP)?;
+    Ok(())
+}
+
 fn console_cmd(root: &Path, namespace: &str, name: &str) -> anyhow::Result<()> {
+    let dir = known_vm(root, namespace, name)?;
+    use std::io::Write;
+    // The guest wrote every byte: escape sequences are shown, not obeyed.
+    let text = runv_node_agent::console::sanitize(&dir.read_serial());
+    std::io::stdout().write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// The VM's directory, when the agent knows the VM.
+fn known_vm(root: &Path, namespace: &str, name: &str) -> anyhow::Result<VmDir> {
     let dir = VmDir::new(root, namespace, name);
     if dir.read_record().is_none() {
         let known: Vec<String> = state::list(root)
@@ -431,11 +491,7 @@ fn console_cmd(root: &Path, namespace: &str, name: &str) -> anyhow::Result<()> {
             }
         );
     }
-    use std::io::Write;
-    // The guest wrote every byte: escape sequences are shown, not obeyed.
-    let text = runv_node_agent::console::sanitize(&dir.read_serial());
-    std::io::stdout().write_all(text.as_bytes())?;
-    Ok(())
+    Ok(dir)
 }
 
 fn main() {
@@ -469,6 +525,12 @@ fn real_main() -> anyhow::Result<()> {
             ref name,
             ref namespace,
         } => console_cmd(&cli.root, namespace, name)?,
+        Command::Logs {
+            ref name,
+            ref namespace,
+            follow,
+            previous,
+        } => logs_cmd(&cli.root, namespace, name, follow, previous)?,
         Command::Run {
             ref node,
             ref namespace,
@@ -510,8 +572,11 @@ fn real_main() -> anyhow::Result<()> {
                 .context("cannot reach the Kubernetes API (kubeconfig or in-cluster config)")?;
             let secrets = ApiSecrets::new(client.clone(), rt.handle().clone());
             let images = cli.images(rt.handle().clone(), Box::new(secrets))?;
-            let runtime =
-                Runtime::new(runtime_config, Arc::new(cli.host("/runv")))?.with_images(images);
+            // cluster::run sends the links' news to the controller.
+            let links = GuestLinks::new(rt.handle().clone(), Arc::new(|_: &str| {}));
+            let runtime = Runtime::new(runtime_config, Arc::new(cli.host("/runv")))?
+                .with_images(images)
+                .with_guest_links(Arc::new(links));
             rt.block_on(async move {
                 // SIGTERM (what the kubelet sends a DaemonSet pod) or Ctrl-C:
                 // stop reconciling and return; the VMMs keep running.

@@ -184,6 +184,27 @@ impl VmDir {
     pub fn image_record_path(&self) -> PathBuf {
         self.dir.join("image.json")
     }
+    /// `container/run.json`: what the guest reported of the container's
+    /// current run (`host::guest::RunRecord`).
+    pub fn container_run(&self) -> PathBuf {
+        self.dir.join("container/run.json")
+    }
+
+    /// The run record of the container's previous run.
+    pub fn container_run_previous(&self) -> PathBuf {
+        self.dir.join("container/previous.json")
+    }
+
+    /// The container's log (CRI format), rotated as `current.log.N`.
+    pub fn container_log(&self) -> PathBuf {
+        self.dir.join("container/current.log")
+    }
+
+    /// The previous run's log.
+    pub fn container_log_previous(&self) -> PathBuf {
+        self.dir.join("container/previous.log")
+    }
+
     /// `container.json`: the merged container config for the guest
     /// (`runv_image::container`'s versioned format).
     pub fn container_config(&self) -> PathBuf {

@@ -180,6 +180,12 @@ pub fn net_plan(namespace: &str, name: &str, spec: &MicroVMSpec) -> Vec<NetPlan>
         .collect()
 }
 
+/// Whether the VM gets a vsock device: asked for, or a container VM (its
+/// `runv-init` talks to the agent over it).
+pub fn has_vsock(spec: &MicroVMSpec) -> bool {
+    spec.vsock.as_ref().is_some_and(|v| v.enabled) || spec.container.is_some()
+}
+
 /// The jail of a VM whose directory is `dir`: that directory becomes the
 /// VMM's root, and it runs as `ids` (`spec.isolation.jail: Enabled`). Its
 /// control socket, exit file and vsock socket are in `run/`, inside the root.
@@ -228,7 +234,8 @@ pub fn build(
             mac: Some(n.mac),
         })
         .collect();
-    if spec.vsock.as_ref().is_some_and(|v| v.enabled) {
+    // A container VM's guest reports its container over vsock.
+    if has_vsock(spec) {
         c.vsock = Some(VsockConfig {
             guest_cid: vsock_cid(namespace, name),
             uds_path: dir.vsock(),

@@ -112,6 +112,7 @@ fn exit(reason: ExitReason, requested: bool, oom_killed: bool) -> Observed {
             at: at(50),
             requested,
             oom_killed,
+            container: None,
         }),
         last_generation: Some(1),
     }

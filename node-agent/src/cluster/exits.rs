@@ -35,6 +35,17 @@ impl Exits {
         (exits, rx)
     }
 
+    /// Asks for a reconcile of the MicroVM a key `namespace/name` names
+    /// (a guest reported something).
+    pub fn requester(&self) -> crate::host::guest::OnChange {
+        let tx = self.tx.clone();
+        Arc::new(move |key: &str| {
+            if let Some((namespace, name)) = key.split_once('/') {
+                let _ = tx.unbounded_send(ObjectRef::new(name).within(namespace));
+            }
+        })
+    }
+
     /// Waits on `vmm` (the VM's recorded VMM and its exit, from
     /// [`crate::runtime::Runtime::exit_watch`]) unless that one is waited on
     /// already. Needs a tokio runtime.

@@ -354,6 +354,9 @@ pub async fn run(
         instance: Some(config.node.clone()),
     };
     let (exits, exited) = exits::Exits::new();
+    if let Some(links) = runtime.guest_links() {
+        links.set_on_change(exits.requester());
+    }
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),

@@ -23,8 +23,10 @@ pub mod egress;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod files;
+pub mod guest;
 pub mod hostfile;
 pub mod ipam;
+pub mod logs;
 pub mod net;
 pub mod process;
 #[cfg(any(test, feature = "testing"))]
@@ -463,8 +465,10 @@ mod tests {
         ("egress.rs", include_str!("egress.rs")),
         ("fake.rs", include_str!("fake.rs")),
         ("files.rs", include_str!("files.rs")),
+        ("guest.rs", include_str!("guest.rs")),
         ("hostfile.rs", include_str!("hostfile.rs")),
         ("ipam.rs", include_str!("ipam.rs")),
+        ("logs.rs", include_str!("logs.rs")),
         ("mod.rs", include_str!("mod.rs")),
         ("net.rs", include_str!("net.rs")),
         ("process.rs", include_str!("process.rs")),

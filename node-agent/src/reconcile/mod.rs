@@ -37,6 +37,10 @@ pub struct ObservedExit {
     /// The kernel's OOM killer ended it: it left no exit record and its
     /// cgroup's `oom_kill` count rose during the run.
     pub oom_killed: bool,
+    /// For a VM with `spec.container`: the container's exit code as the
+    /// guest reported it, `None` when it reported none (the VM ended
+    /// without it). Not set for other VMs.
+    pub container: Option<Option<i32>>,
 }
 
 /// What is on the host for this VM.
@@ -219,6 +223,10 @@ pub struct Decision {
 
 /// Whether an exit is a clean end of the guest (power-off or reset).
 pub fn is_clean(exit: &ObservedExit) -> bool {
+    // A container VM's run is its container's: clean when that exited 0.
+    if let Some(code) = exit.container {
+        return code == Some(0);
+    }
     exit.record
         .as_ref()
         .is_some_and(|r| matches!(r.reason, VmmExit::PowerOff | VmmExit::Reset) && r.exit_code == 0)
@@ -541,7 +549,14 @@ fn ended(inputs: &Inputs<'_>, own_exit: Option<&ObservedExit>) -> Verdict {
     }
     let clean = match own_exit {
         Some(e) => is_clean(e),
-        // Its host state may be gone; its status says how it ended.
+        // Its host state may be gone; its status says how it ended: a
+        // container VM by its container's exit code.
+        None if inputs.spec.container.is_some() => inputs
+            .previous
+            .container
+            .as_ref()
+            .and_then(|c| c.state.as_ref()?.terminated.as_ref())
+            .is_some_and(|t| t.exit_code == 0),
         None => inputs
             .previous
             .last_exit

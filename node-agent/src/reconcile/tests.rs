@@ -35,6 +35,7 @@ fn never_ran() -> Observed {
 fn exited(reason: ExitReason, when: i64) -> Observed {
     Observed::NotRunning {
         exit: Some(ObservedExit {
+            container: None,
             record: Some(ExitRecord::new(reason, format!("{reason:?}"))),
             at: at(when),
             requested: false,
@@ -379,6 +380,7 @@ fn run_policy_table() {
 fn a_vmm_killed_without_an_exit_record_is_a_failure() {
     let obs = Observed::NotRunning {
         exit: Some(ObservedExit {
+            container: None,
             record: None,
             at: at(3),
             requested: false,
@@ -402,6 +404,7 @@ fn a_vmm_killed_without_an_exit_record_is_a_failure() {
 fn an_oom_killed_vmm_is_a_failure_named_so_and_backs_off() {
     let oom = Observed::NotRunning {
         exit: Some(ObservedExit {
+            container: None,
             record: None,
             at: at(3),
             requested: false,
@@ -591,6 +594,7 @@ fn stop_asks_the_guest_then_kills_after_the_grace_period() {
     // Down: Stopped and Ready.
     let down = Observed::NotRunning {
         exit: Some(ObservedExit {
+            container: None,
             record: Some(ExitRecord::new(ExitReason::PowerOff, "bye")),
             at: at(31),
             requested: true,
@@ -619,6 +623,7 @@ fn a_requested_stop_does_not_end_a_once_vm() {
     let s = spec(RunPolicy::Once, PowerState::Running);
     let down = Observed::NotRunning {
         exit: Some(ObservedExit {
+            container: None,
             record: Some(ExitRecord::new(ExitReason::Killed, "killed")),
             at: at(5),
             requested: true,
@@ -796,6 +801,44 @@ fn a_start_the_node_does_not_admit_starts_nothing_and_warns() {
             );
             assert_eq!(d.requeue, Some(Duration::from_secs(10)), "retried");
             assert!(reason.warns());
+        }
+    }
+}
+
+#[test]
+fn a_container_vms_run_policy_follows_its_containers_exit_code() {
+    let long_ago = 10_000;
+    // The guest powers off cleanly in every case: what counts is the code.
+    let container_exit = |code: Option<i32>| Observed::NotRunning {
+        exit: Some(ObservedExit {
+            container: Some(code),
+            record: Some(ExitRecord::new(ExitReason::PowerOff, "powered off")),
+            at: at(100),
+            requested: false,
+            oom_killed: false,
+        }),
+        last_generation: Some(1),
+    };
+    let cases = [
+        (RunPolicy::Once, Some(0), Some(Phase::Succeeded), false),
+        (RunPolicy::Once, Some(3), Some(Phase::Failed), false),
+        (RunPolicy::Once, None, Some(Phase::Failed), false),
+        (RunPolicy::RerunOnFailure, Some(0), Some(Phase::Succeeded), false),
+        (RunPolicy::RerunOnFailure, Some(3), None, true),
+        (RunPolicy::RerunOnFailure, None, None, true),
+        (RunPolicy::Always, Some(0), None, true),
+    ];
+    for (policy, code, phase, restarts) in cases {
+        let mut s = spec(policy, PowerState::Running);
+        s.container = Some(serde_json::from_value(serde_json::json!({"image": "app:1"})).unwrap());
+        let d = run(&s, &ran_before(0, 1), &container_exit(code), long_ago);
+        let started = d
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Start { restart: true }));
+        assert_eq!(started, restarts, "{policy:?} after exit {code:?}");
+        if let Some(p) = phase {
+            assert_eq!(d.status.phase, Some(p), "{policy:?} after exit {code:?}");
         }
     }
 }

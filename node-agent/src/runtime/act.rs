@@ -43,10 +43,17 @@ impl Runtime {
                     dir.write_record(&record)?;
                 }
                 // The VMM ends the VM itself if the guest ignores the button.
-                let grace = Duration::from_secs(
-                    u64::try_from(spec.termination_grace_period_seconds).unwrap_or(0),
-                );
-                Ok(self.send(vm, Request::shutdown_within(grace))?)
+                let secs = u64::try_from(spec.termination_grace_period_seconds).unwrap_or(0);
+                if spec.container.is_some()
+                    && self.stop_container(vm, u32::try_from(secs).unwrap_or(u32::MAX))
+                {
+                    // runv-init stops the container (SIGTERM, SIGKILL after
+                    // the grace period) and powers off; the VMM's own
+                    // deadline is the backstop, a little later.
+                    let backstop = Duration::from_secs(secs.saturating_add(10));
+                    return Ok(self.send(vm, Request::shutdown_within(backstop))?);
+                }
+                Ok(self.send(vm, Request::shutdown_within(Duration::from_secs(secs)))?)
             }
             Action::Pause => Ok(self.send(vm, Request::Pause)?),
             Action::Resume => Ok(self.send(vm, Request::Resume)?),
@@ -83,6 +90,7 @@ impl Runtime {
             .map(|(field, path)| self.open_host_file(field, path).map(|f| f.file))
             .collect::<Result<Vec<_>, _>>()?;
         if spec.container.is_some() {
+            self.begin_container_run(vm)?;
             // Recorded by `prepare_image` in this reconcile; the config
             // could not be written without it.
             if let Some(record) = self.current_image(vm, spec) {

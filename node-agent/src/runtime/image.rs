@@ -5,7 +5,6 @@
 
 use runv_crds::MicroVMSpec;
 use runv_crds::contract::Reason;
-use runv_crds::microvm::ContainerStatus;
 use runv_crds::secureworkload::Container;
 use runv_vmm_api::{DiskConfig, VmConfig};
 
@@ -98,20 +97,6 @@ impl Runtime {
         self.dir(vm)
             .read_image_record()
             .filter(|r| r.is_for(container))
-    }
-
-    /// `status.container`: the image the VM last started with.
-    pub(super) fn container_status(
-        &self,
-        vm: &VmRef,
-        spec: &MicroVMSpec,
-    ) -> Option<ContainerStatus> {
-        spec.container.as_ref()?;
-        let r = self.dir(vm).read_image_record()?;
-        Some(ContainerStatus {
-            image: r.image,
-            image_id: r.image_id,
-        })
     }
 
     /// Collects the node's images that no VM's directory records, when the

@@ -16,6 +16,7 @@
 mod act;
 mod admit;
 mod cleanup;
+mod container;
 mod egress;
 mod image;
 mod observe;
@@ -206,6 +207,9 @@ pub struct Runtime {
     /// Where container images come from (`None`: VMs with `spec.container`
     /// do not start here).
     images: Option<Arc<dyn crate::images::ImageSource>>,
+    /// The channels to container VMs' guests (`None`: their containers'
+    /// output and exits are not recorded).
+    links: Option<Arc<crate::host::guest::GuestLinks>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -276,6 +280,7 @@ impl Runtime {
             egress_lock: std::sync::Mutex::default(),
             admission: std::sync::Mutex::default(),
             images: None,
+            links: None,
         };
         if !state::list_net(&rt.config.root).is_empty() {
             rt.apply_egress()?;
@@ -287,6 +292,17 @@ impl Runtime {
     pub fn with_images(mut self, images: Arc<dyn crate::images::ImageSource>) -> Self {
         self.images = Some(images);
         self
+    }
+
+    /// The same runtime with links to container VMs' guests.
+    pub fn with_guest_links(mut self, links: Arc<crate::host::guest::GuestLinks>) -> Self {
+        self.links = Some(links);
+        self
+    }
+
+    /// The links to container VMs' guests, if there are.
+    pub fn guest_links(&self) -> Option<&Arc<crate::host::guest::GuestLinks>> {
+        self.links.as_ref()
     }
 
     /// The VM's record (`vm.json`), only when it is this VM's: a directory
@@ -538,20 +554,22 @@ impl Runtime {
                 break;
             }
         }
-        let mut decision = if acted {
+        let (mut decision, obs) = if acted {
             let obs = self.observe(vm, spec, now);
             let mut second = decide(spec, generation, &first.status, &obs, &facts, backoff, now);
             if !second.actions.is_empty() {
                 second.requeue = Some(Duration::from_millis(100));
             }
-            second
+            (second, obs)
         } else {
-            first
+            (first, obs)
         };
+        self.keep_link(vm, spec, &obs);
         let (interfaces, cid) = self.addresses(vm, spec);
         decision.status.interfaces = interfaces;
         decision.status.vsock_cid = cid;
-        decision.status.container = self.container_status(vm, spec);
+        let restarts = decision.status.restart_count;
+        decision.status.container = self.container_status(vm, spec, &obs, restarts, now);
         decision.events = events;
         decision
     }

@@ -176,6 +176,10 @@ impl Runtime {
                 record: exit,
                 at,
                 requested: record.stop_requested,
+                container: spec
+                    .container
+                    .as_ref()
+                    .map(|_| self.container_exit_code(vm)),
             }),
             last_generation: Some(record.generation),
         }
@@ -226,8 +230,20 @@ impl Runtime {
             }
             Err(_) => None,
         };
-        if record.booted_at_ms.is_none() && view.as_ref().is_some_and(|v| v.serial_bytes > 0) {
-            record.booted_at_ms = Some(ms(now));
+        // A container VM's guest is up when runv-init said Hello (its link
+        // recorded when); another's when its first serial byte came.
+        let booted = match spec.container {
+            Some(_) => crate::host::guest::RunRecord::read(&dir.container_run())
+                .and_then(|r| r.booted_at_ms),
+            None => view
+                .as_ref()
+                .is_some_and(|v| v.serial_bytes > 0)
+                .then(|| ms(now)),
+        };
+        if record.booted_at_ms.is_none()
+            && let Some(at) = booted
+        {
+            record.booted_at_ms = Some(at.max(record.started_at_ms));
             let _ = dir.write_record(record);
         }
         let config_current = dir
@@ -354,11 +370,8 @@ impl Runtime {
                 name: n.name,
             })
             .collect();
-        let cid = spec
-            .vsock
-            .as_ref()
-            .filter(|v| v.enabled)
-            .map(|_| i64::from(vmconfig::vsock_cid(&vm.namespace, &vm.name)));
+        let cid = vmconfig::has_vsock(spec)
+            .then(|| i64::from(vmconfig::vsock_cid(&vm.namespace, &vm.name)));
         (ifaces, cid)
     }
 }

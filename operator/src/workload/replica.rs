@@ -137,6 +137,17 @@ pub fn owned_by(vm: &MicroVM, swl: &SecureWorkload) -> bool {
     vm.namespace() == swl.namespace() && controller_of(vm).is_some_and(|o| o.uid == uid)
 }
 
+/// A replica with a container is available only while the guest reports
+/// its container running; one without is when its VM runs.
+fn container_running(vm: &MicroVM) -> bool {
+    vm.spec.container.is_none()
+        || vm
+            .status
+            .as_ref()
+            .and_then(|s| s.container.as_ref())
+            .is_some_and(|c| c.ready)
+}
+
 /// How the planner sees a replica.
 pub fn view(vm: &MicroVM) -> Replica {
     let status = vm.status.as_ref();
@@ -146,7 +157,9 @@ pub fn view(vm: &MicroVM) -> Replica {
         hash: vm.labels().get(HASH_LABEL).cloned().unwrap_or_default(),
         scheduled: status.is_some_and(|s| s.node_name.is_some()),
         ready,
-        available: ready && status.and_then(|s| s.phase) == Some(Phase::Running),
+        available: ready
+            && status.and_then(|s| s.phase) == Some(Phase::Running)
+            && container_running(vm),
         terminating: vm.metadata.deletion_timestamp.is_some(),
     }
 }
@@ -175,6 +188,46 @@ mod tests {
         swl.metadata.labels =
             Some([("argocd.argoproj.io/instance".to_owned(), "x".to_owned())].into());
         swl
+    }
+
+    #[test]
+    fn a_container_replica_is_available_only_while_its_container_runs() {
+        let swl = workload();
+        let mut vm = replica(&swl, "abc", "web-abc-0".into());
+        let mut status = runv_crds::MicroVMStatus {
+            phase: Some(Phase::Running),
+            ..Default::default()
+        };
+        cond::Row::new(
+            cond::READY,
+            cond::Status::True,
+            runv_crds::contract::Reason::Running,
+        )
+        .set(
+            &mut status.conditions,
+            Some(1),
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ),
+        );
+        vm.status = Some(status.clone());
+        assert!(!view(&vm).available, "no container status yet");
+        let mut container = runv_crds::microvm::ContainerStatus {
+            image: "web:1".into(),
+            image_id: "r/web@sha256:00".into(),
+            state: None,
+            last_state: None,
+            ready: false,
+            restart_count: 0,
+        };
+        status.container = Some(container.clone());
+        vm.status = Some(status.clone());
+        assert!(!view(&vm).available, "the guest boots");
+        container.ready = true;
+        status.container = Some(container);
+        vm.status = Some(status);
+        assert!(view(&vm).available);
+        assert!(view(&vm).ready);
     }
 
     #[test]
