@@ -1,8 +1,9 @@
 //! Host side effects, behind traits: VMM processes ([`Processes`]), disk images
 //! ([`Disks`]), networking ([`Network`], its rules rendered by [`egress`]),
 //! per-VM cgroups ([`Cgroups`]) and the VMMs' control sockets ([`Control`],
-//! speaking [`vmm_client`]), plus the node-local IPAM ([`ipam`]) and the
-//! agent's own files ([`files`]).
+//! speaking [`vmm_client`]), plus the node-local IPAM ([`ipam`]), the
+//! agent's own files ([`files`]) and the guest kit's initramfs ([`guestkit`],
+//! laid out by [`initramfs`]).
 //!
 //! Reconcile logic talks to a [`Host`] only, so it runs against the in-memory
 //! fakes in `fake` (built for tests and with the `testing` feature) without
@@ -23,7 +24,9 @@ pub mod egress;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod files;
+pub mod guestkit;
 pub mod hostfile;
+pub mod initramfs;
 pub mod ipam;
 pub mod net;
 pub mod process;
@@ -463,7 +466,9 @@ mod tests {
         ("egress.rs", include_str!("egress.rs")),
         ("fake.rs", include_str!("fake.rs")),
         ("files.rs", include_str!("files.rs")),
+        ("guestkit.rs", include_str!("guestkit.rs")),
         ("hostfile.rs", include_str!("hostfile.rs")),
+        ("initramfs.rs", include_str!("initramfs.rs")),
         ("ipam.rs", include_str!("ipam.rs")),
         ("mod.rs", include_str!("mod.rs")),
         ("net.rs", include_str!("net.rs")),
