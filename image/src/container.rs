@@ -29,14 +29,10 @@
 //! A reader refuses a `version` it does not know. New optional fields may
 //! appear within a version; a field's meaning never changes within one.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
-/// The current format version.
-pub const VERSION: u32 = 1;
-
-/// `PATH` when neither image nor spec sets one (containerd's default).
-pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub use runv_vmm_api::guest::{CONFIG_VERSION as VERSION, ContainerConfig, DEFAULT_PATH};
 
 /// Why the container config could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -105,27 +101,6 @@ pub struct Overrides {
     pub env: Vec<(String, String)>,
     /// `workingDir`.
     pub working_dir: Option<String>,
-}
-
-/// The merged config, as written for the guest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ContainerConfig {
-    /// Format version, [`VERSION`].
-    pub version: u32,
-    /// `registry/repository@digest` (Pod status' imageID).
-    #[serde(rename = "imageID")]
-    pub image_id: String,
-    /// The image manifest's digest (names the root filesystem disk).
-    pub manifest_digest: String,
-    /// The program and its arguments.
-    pub argv: Vec<String>,
-    /// `NAME=value` strings.
-    pub env: Vec<String>,
-    /// The working directory.
-    pub working_dir: String,
-    /// The user (`name`, `uid`, `uid:gid`, …; empty means root).
-    pub user: String,
 }
 
 /// Merges the image's config with the overrides by Kubernetes' rules.
@@ -211,21 +186,19 @@ fn expand(s: &str, env: &[(String, String)]) -> String {
     out
 }
 
-impl ContainerConfig {
-    /// Writes the file atomically (temporary file, fsync, rename).
-    pub fn write(&self, path: &Path) -> Result<(), ContainerError> {
-        let err = |source| ContainerError::Write {
-            path: path.to_owned(),
-            source,
-        };
-        let temp = path.with_extension("json.tmp");
-        let body = serde_json::to_vec_pretty(self).expect("plain data serialises");
-        std::fs::write(&temp, body).map_err(err)?;
-        std::fs::File::open(&temp)
-            .and_then(|f| f.sync_all())
-            .map_err(err)?;
-        std::fs::rename(&temp, path).map_err(err)
-    }
+/// Writes the file atomically (temporary file, fsync, rename).
+pub fn write(config: &ContainerConfig, path: &Path) -> Result<(), ContainerError> {
+    let err = |source| ContainerError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let temp = path.with_extension("json.tmp");
+    let body = serde_json::to_vec_pretty(config).expect("plain data serialises");
+    std::fs::write(&temp, body).map_err(err)?;
+    std::fs::File::open(&temp)
+        .and_then(|f| f.sync_all())
+        .map_err(err)?;
+    std::fs::rename(&temp, path).map_err(err)
 }
 
 #[cfg(test)]
@@ -307,7 +280,7 @@ mod tests {
         )
         .unwrap();
         let path = tmp.path().join("container.json");
-        c.write(&path).unwrap();
+        write(&c, &path).unwrap();
         let json: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(json["version"], 1);

@@ -399,3 +399,50 @@ pub fn raw_tar(name: &[u8], data: &[u8]) -> Vec<u8> {
     out.resize(out.len().div_ceil(512) * 512 + 1024, 0);
     out
 }
+
+/// The applets the busybox test image links to `/bin/busybox`.
+const BUSYBOX_APPLETS: &[&str] = &[
+    "sh", "cat", "echo", "env", "id", "kill", "ls", "pwd", "sleep", "touch", "grep", "wc",
+    "hostname", "ip", "true", "false", "test", "sync", "mkdir", "rm",
+];
+
+/// A busybox image made from Debian's `busybox-static` (`/bin/busybox`):
+/// the applets above, an `/etc/passwd` with root and `app` (1000:1000),
+/// an `/etc/group` with `app` and `extra` (1001, listing app), `/home/app`,
+/// and `/etc/image-release` reading `busybox-test`. Its config runs
+/// `/bin/sh` with `IMAGE_VAR=from-image` in the environment. Writes it to
+/// `layout` and returns its manifest descriptor.
+pub fn busybox_image(layout: &Layout) -> serde_json::Value {
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (Debian's busybox-static)");
+    let mut tar = TarBuilder::default()
+        .dir("bin", 0o755)
+        .file("bin/busybox", 0o755, &busybox);
+    for a in BUSYBOX_APPLETS {
+        tar = tar.symlink(&format!("bin/{a}"), "busybox");
+    }
+    let tar = tar
+        .dir("etc", 0o755)
+        .file(
+            "etc/passwd",
+            0o644,
+            b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+        )
+        .file(
+            "etc/group",
+            0o644,
+            b"root:x:0:\napp:x:1000:\nextra:x:1001:app\n",
+        )
+        .file("etc/image-release", 0o644, b"busybox-test\n")
+        .dir("home", 0o755)
+        .dir("home/app", 0o755)
+        .dir("root", 0o700)
+        .finish();
+    layout.image(
+        &[LayerBlob { tar, gzip: true }],
+        serde_json::json!({
+            "Cmd": ["/bin/sh"],
+            "Env": ["PATH=/bin", "IMAGE_VAR=from-image"],
+        }),
+        "amd64",
+    )
+}

@@ -46,13 +46,12 @@ impl Runtime {
         let recorded = dir
             .create()
             .and_then(|()| {
-                prepared
-                    .config
-                    .write(&dir.container_config())
-                    .map_err(|e| HostError::Invalid {
+                runv_image::container::write(&prepared.config, &dir.container_config()).map_err(
+                    |e| HostError::Invalid {
                         what: "container config",
                         value: runv_crds::retry::Chain(&e).to_string(),
-                    })
+                    },
+                )
             })
             .and_then(|()| dir.write_image_record(&prepared.record));
         if let Err(e) = recorded {

@@ -1,13 +1,15 @@
 //! Types shared by `runv-vmm` and the processes that drive it (the node agent).
 //!
 //! This crate owns the wire formats only: the versioned VM configuration
-//! ([`config`]), the control-socket protocol ([`control`]) and the exit record a
-//! VMM leaves behind ([`exit`]). It must stay small and free of KVM or OS code so
+//! ([`config`]), the control-socket protocol ([`control`]), the exit record a
+//! VMM leaves behind ([`exit`]), and the channel between the agent and the
+//! guest's `runv-init` ([`guest`]). It must stay small and free of KVM or OS code so
 //! that the agent can depend on it cheaply.
 
 pub mod config;
 pub mod control;
 pub mod exit;
+pub mod guest;
 
 pub use config::{
     ConfigError, CpuPolicy, DiskConfig, JailConfig, NetConfig, SerialConfig, SerialRotation,
