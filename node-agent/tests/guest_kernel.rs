@@ -231,39 +231,56 @@ struct Conversation {
     exited: Option<guest::Exited>,
 }
 
-fn converse(chan: &mut UnixStream, config: GuestConfig, spawned: Instant) -> Conversation {
+/// The next frame from the guest, or what went wrong.
+fn next(chan: &mut UnixStream) -> Result<Frame, String> {
+    match guest::read_frame(chan) {
+        Ok(Some(frame)) => Ok(frame),
+        Ok(None) => Err("the guest closed the channel".into()),
+        Err(e) => Err(format!("reading the channel: {e}")),
+    }
+}
+
+/// The host's side of one run: Hello, Config, then every frame up to Exited,
+/// answered with ExitAck.
+fn converse(
+    chan: &mut UnixStream,
+    config: GuestConfig,
+    spawned: Instant,
+) -> Result<Conversation, String> {
     let mut conv = Conversation::default();
-    let first = guest::read_frame(chan)
-        .expect("a frame")
-        .expect("the guest's Hello");
+    let first = next(chan)?;
     conv.hello_after = Some(spawned.elapsed());
     let Frame::Hello(hello) = first else {
-        panic!("the guest's first frame is {first:?}");
+        return Err(format!("the guest's first frame is {first:?}"));
     };
-    guest::check_hello(&hello).unwrap();
-    assert_eq!(hello.state, Some(GuestState::WaitingForConfig), "{hello:?}");
+    guest::check_hello(&hello).map_err(|e| e.to_string())?;
+    if hello.state != Some(GuestState::WaitingForConfig) {
+        return Err(format!(
+            "the guest is not waiting for its config: {hello:?}"
+        ));
+    }
     let ours = Hello {
         version: guest::PROTOCOL_VERSION,
         software: "guest_kernel test".into(),
         state: None,
     };
-    guest::write_frame(chan, &Frame::Hello(ours)).unwrap();
-    guest::write_frame(chan, &Frame::Config(Box::new(config))).unwrap();
+    let write = |chan: &mut UnixStream, frame| {
+        guest::write_frame(chan, &frame).map_err(|e| format!("writing {}: {e}", frame.name()))
+    };
+    write(chan, Frame::Hello(ours))?;
+    write(chan, Frame::Config(Box::new(config)))?;
     while conv.exited.is_none() {
-        match guest::read_frame(chan)
-            .expect("a frame")
-            .expect("more frames")
-        {
+        match next(chan)? {
             Frame::Started(_) => conv.started = true,
             Frame::Stdout(b) => conv.stdout.extend(b),
             Frame::Stderr(b) => conv.stderr.extend(b),
             Frame::Exited(e) => conv.exited = Some(e),
-            Frame::Error(e) => panic!("the guest reports an error: {e}"),
-            other => panic!("unexpected frame {other:?}"),
+            Frame::Error(e) => return Err(format!("the guest reports an error: {e}")),
+            other => return Err(format!("unexpected frame {other:?}")),
         }
     }
-    guest::write_frame(chan, &Frame::ExitAck).unwrap();
-    conv
+    write(chan, Frame::ExitAck)?;
+    Ok(conv)
 }
 
 /// Waits for QEMU to end by itself; kills it and fails if it does not.
@@ -324,7 +341,10 @@ fn a_container_runs_on_debians_kernel_and_the_vm_powers_off() {
     let spawned = Instant::now();
     let (mut qemu, serial) = start_qemu(tmp.path(), &kit, &initrd, &rootfs);
     let mut chan = connect(&mut qemu, &tmp.path().join("channel.sock"));
-    let conv = converse(&mut chan, config, spawned);
+    let conv = converse(&mut chan, config, spawned).unwrap_or_else(|e| {
+        let console = std::fs::read_to_string(&serial).unwrap_or_default();
+        panic!("{e}; serial console:\n{console}")
+    });
     wait_power_off(&mut qemu, &serial);
     let powered_off = spawned.elapsed();
     let console = std::fs::read_to_string(&serial).unwrap();
