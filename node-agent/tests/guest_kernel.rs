@@ -55,28 +55,6 @@ echo "to-stderr" >&2
 exit 3
 "#;
 
-/// The guest kit: `$RUNV_GUEST_KIT_DIR`, else the node's default.
-fn kit_dir() -> PathBuf {
-    std::env::var_os("RUNV_GUEST_KIT_DIR")
-        .map_or_else(|| PathBuf::from("/var/lib/runv/guests/kit"), PathBuf::from)
-}
-
-/// Whether the guest kit is installed; outside CI a missing one skips.
-fn kit_installed(test: &str, kit: &Path) -> bool {
-    if kit.join("version").is_file() && kit.join("vmlinuz").is_file() {
-        return true;
-    }
-    let why = format!(
-        "no guest kit in {} (run vmm/scripts/guest-kit.sh {0} or set RUNV_GUEST_KIT_DIR)",
-        kit.display()
-    );
-    if std::env::var("RUNV_REQUIRE_KVM").as_deref() == Ok("1") {
-        panic!("{test}: required by RUNV_REQUIRE_KVM=1 but unavailable: {why}");
-    }
-    eprintln!("{test}: skipping: {why} (set RUNV_REQUIRE_KVM=1 to fail instead)");
-    false
-}
-
 /// The static `runv-init`, built now (a no-op when it is fresh).
 fn runv_init() -> PathBuf {
     let agent = Path::new(env!("CARGO_BIN_EXE_runv-agent"));
@@ -310,7 +288,6 @@ fn wait_power_off(qemu: &mut Qemu, serial: &Path) {
 #[test]
 fn a_container_runs_on_debians_kernel_and_the_vm_powers_off() {
     let test = "a_container_runs_on_debians_kernel_and_the_vm_powers_off";
-    let kit = kit_dir();
     if !require(test, &[Need::Root])
         || !require_tools(
             test,
@@ -322,10 +299,12 @@ fn a_container_runs_on_debians_kernel_and_the_vm_powers_off() {
                 "busybox",
             ],
         )
-        || !kit_installed(test, &kit)
     {
         return;
     }
+    let Some(kit) = common::guest_kit(test) else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let init = runv_init();
     let (rootfs, container) = image(tmp.path());

@@ -5,27 +5,12 @@
 //! `modules.dep`, and none that the kernel has built in. Skips without a kit,
 //! except under `RUNV_REQUIRE_KVM=1` (CI), where that fails.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use runv_node_agent::host::{guestkit, initramfs};
-
-fn kit_dir() -> Option<PathBuf> {
-    let kit = std::env::var_os("RUNV_GUEST_KIT_DIR")
-        .map_or_else(|| PathBuf::from("/var/lib/runv/guests/kit"), PathBuf::from);
-    if kit.join("version").is_file() {
-        return Some(kit);
-    }
-    let why = format!(
-        "no guest kit in {} (run vmm/scripts/guest-kit.sh {0} or set RUNV_GUEST_KIT_DIR)",
-        kit.display()
-    );
-    if std::env::var("RUNV_REQUIRE_KVM").as_deref() == Ok("1") {
-        panic!("required by RUNV_REQUIRE_KVM=1 but unavailable: {why}");
-    }
-    eprintln!("skipping: {why} (set RUNV_REQUIRE_KVM=1 to fail instead)");
-    None
-}
 
 /// Each file of a newc archive and its content.
 fn files(mut bytes: &[u8]) -> BTreeMap<String, Vec<u8>> {
@@ -45,7 +30,10 @@ fn files(mut bytes: &[u8]) -> BTreeMap<String, Vec<u8>> {
 
 #[test]
 fn the_kits_modules_are_packed_after_their_dependencies() {
-    let Some(kit) = kit_dir() else { return };
+    let test = "the_kits_modules_are_packed_after_their_dependencies";
+    let Some(kit) = common::guest_kit(test) else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let init = tmp.path().join("init");
     std::fs::write(&init, b"\x7fELF stand-in").unwrap();
