@@ -89,6 +89,8 @@ pub fn initramfs(
 /// The modules a guest needs from the kit, in load order, with their
 /// uncompressed content.
 pub fn modules(kit_dir: &Path) -> Result<Vec<(ModuleFile, Vec<u8>)>, GuestKitError> {
+    // Written last by the installer: without it the kit is not complete.
+    read(&kit_dir.join("version"), INSTALL_HINT)?;
     let dir = kit_dir.join("modules");
     let text = |name: &str| {
         read(&dir.join(name), INSTALL_HINT)
@@ -203,6 +205,7 @@ mod tests {
         }
         std::fs::write(mods.join("modules.dep"), dep).unwrap();
         std::fs::write(mods.join("modules.builtin"), "kernel/net/vsock.ko\n").unwrap();
+        std::fs::write(kit.join("version"), "6.1.0-test\n").unwrap();
         let init = dir.join("runv-init");
         std::fs::write(&init, b"\x7fELF init").unwrap();
         (kit, init)
@@ -271,6 +274,13 @@ mod tests {
         std::fs::remove_file(kit.join("modules/modules.dep")).unwrap();
         let err = initramfs(&kit, &init, &cache).unwrap_err().to_string();
         assert!(err.contains("modules/modules.dep"), "{err}");
+
+        std::fs::remove_file(kit.join("version")).unwrap();
+        let err = initramfs(&kit, &init, &cache).unwrap_err().to_string();
+        assert!(
+            err.contains("kit/version") && err.contains("guest-kit.sh"),
+            "{err}"
+        );
         assert!(!cache.exists() || std::fs::read_dir(&cache).unwrap().next().is_none());
     }
 
