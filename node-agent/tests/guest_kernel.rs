@@ -35,8 +35,8 @@ use runv_node_agent::host::guestkit;
 use runv_node_agent::testing::{Need, require};
 use runv_vmm_api::guest::{self, Frame, GuestConfig, GuestState, Hello, RootFs};
 
-/// Bounds a hang, not speed: the kernel reaches runv-init in 5–10 s here, and
-/// a loaded machine has been seen to take several times that.
+/// Bounds a hang, not speed: runv-init says Hello 5–7 s after QEMU starts
+/// here, with the other core busy; each read of the channel waits this long.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long QEMU may take to end after the guest was told its exit was seen.
 const POWER_OFF_TIMEOUT: Duration = Duration::from_secs(60);
