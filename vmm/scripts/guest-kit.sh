@@ -3,8 +3,9 @@
 # archive (and nowhere else), into KIT (default /var/lib/runv/guests/kit):
 #   KIT/vmlinuz   the bzImage as Debian ships it
 #   KIT/vmlinux   the ELF kernel extracted from it (boots through PVH)
-#   KIT/modules/  the kernel's lib/modules/<release> tree: the .ko files,
-#                 modules.builtin and a modules.dep made with busybox's depmod
+#   KIT/modules/  the kernel's lib/modules/<release> tree: the .ko files (plain,
+#                 decompressed if the package compressed them), modules.builtin
+#                 and a modules.dep made with busybox's depmod
 #   KIT/version   the kernel release (written last: a kit without it is incomplete)
 # The node agent builds each guest's initramfs (runv-init plus the modules it
 # needs) from this directory.
@@ -55,6 +56,10 @@ dpkg -x "$kernel_deb" "$work/kroot"
 dpkg -x "$busybox_deb" "$work/bb"
 mods=$work/kroot/lib/modules/$release
 [ -d "$mods" ] || { echo "$kernel_deb has no lib/modules/$release" >&2; exit 1; }
+# Debian 12 ships plain .ko files; later kernels may compress them. The kit
+# keeps them plain, so the agent copies them into the initramfs as they are.
+find "$mods" -name '*.ko.xz' -exec xz -d {} +
+find "$mods" -name '*.ko.zst' -exec zstd -q -d --rm {} +
 # Debian makes modules.dep at install time (depmod in the package's postinst);
 # busybox's depmod writes the same format from the .ko files.
 "$work/bb/bin/busybox" depmod -b "$work/kroot" "$release"
