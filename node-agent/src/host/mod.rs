@@ -1,8 +1,9 @@
 //! Host side effects, behind traits: VMM processes ([`Processes`]), disk images
 //! ([`Disks`]), networking ([`Network`], its rules rendered by [`egress`]),
 //! per-VM cgroups ([`Cgroups`]) and the VMMs' control sockets ([`Control`],
-//! speaking [`vmm_client`]), plus the node-local IPAM ([`ipam`]) and the
-//! agent's own files ([`files`]).
+//! speaking [`vmm_client`]), plus the node-local IPAM ([`ipam`]), the
+//! agent's own files ([`files`]) and the guest kit's initramfs ([`guestkit`],
+//! laid out by [`initramfs`]).
 //!
 //! Reconcile logic talks to a [`Host`] only, so it runs against the in-memory
 //! fakes in `fake` (built for tests and with the `testing` feature) without
@@ -24,7 +25,9 @@ pub mod egress;
 pub mod fake;
 pub mod files;
 pub mod guest;
+pub mod guestkit;
 pub mod hostfile;
+pub mod initramfs;
 pub mod ipam;
 pub mod logs;
 pub mod net;
@@ -466,7 +469,9 @@ mod tests {
         ("fake.rs", include_str!("fake.rs")),
         ("files.rs", include_str!("files.rs")),
         ("guest.rs", include_str!("guest.rs")),
+        ("guestkit.rs", include_str!("guestkit.rs")),
         ("hostfile.rs", include_str!("hostfile.rs")),
+        ("initramfs.rs", include_str!("initramfs.rs")),
         ("ipam.rs", include_str!("ipam.rs")),
         ("logs.rs", include_str!("logs.rs")),
         ("mod.rs", include_str!("mod.rs")),

@@ -45,6 +45,26 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The node's guest kit (`$RUNV_GUEST_KIT_DIR`, else
+/// `/var/lib/runv/guests/kit`), when it is installed. Without one the test
+/// skips with the reason, except under `RUNV_REQUIRE_KVM=1`, where it fails.
+pub fn guest_kit(test: &str) -> Option<PathBuf> {
+    let kit = std::env::var_os("RUNV_GUEST_KIT_DIR")
+        .map_or_else(|| PathBuf::from("/var/lib/runv/guests/kit"), PathBuf::from);
+    if kit.join("version").is_file() {
+        return Some(kit);
+    }
+    let why = format!(
+        "no guest kit in {} (run vmm/scripts/guest-kit.sh {0} or set RUNV_GUEST_KIT_DIR)",
+        kit.display()
+    );
+    if std::env::var("RUNV_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!("{test}: required by RUNV_REQUIRE_KVM=1 but unavailable: {why}");
+    }
+    eprintln!("{test}: skipping: {why} (set RUNV_REQUIRE_KVM=1 to fail instead)");
+    None
+}
+
 /// The `runv-vmm` binary: next to `runv-agent` in the target directory, built
 /// there with cargo when a partial build (`cargo test -p runv-node-agent`) did
 /// not make it.
