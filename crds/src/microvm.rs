@@ -38,6 +38,10 @@ use crate::secureworkload::Container;
     doc = "A MicroVM is one KVM microVM: a guest kernel with its disks, network interfaces and vsock, placed on a node and run there by the runv node agent.",
     selectable = ".status.nodeName",
     selectable = ".status.phase",
+    validation = Rule::new("has(self.spec.container) || (has(self.spec.boot) && has(self.spec.boot.kernel))")
+        .message("Required value: a MicroVM without spec.container names the kernel it boots")
+        .field_path(".spec.boot.kernel")
+        .reason(Reason::FieldValueRequired),
     printcolumn(
         name = "Phase",
         type_ = "string",
@@ -108,6 +112,9 @@ pub struct MicroVMSpec {
     pub resources: Resources,
 
     /// What the VM boots: kernel, optional initrd and kernel command line.
+    /// A VM with `container` and no `boot.kernel` boots the node's guest kit
+    /// (its kernel, and an initramfs with `runv-init`).
+    #[serde(default)]
     pub boot: Boot,
 
     /// Block devices, attached as virtio-blk in list order (`/dev/vda`, `/dev/vdb`, ...).
@@ -412,11 +419,13 @@ impl Default for Resources {
 }
 
 /// What the guest boots.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct Boot {
     /// Absolute path on the node of the guest kernel: an ELF `vmlinux` (booted through its
-    /// PVH entry when it has one) or a `bzImage`.
+    /// PVH entry when it has one) or a `bzImage`. Required unless the VM has a
+    /// `container` (which boots the node's guest kit without it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(length(min = 1, max = 1024))]
     #[x_kube(validation = Rule::new("self.startsWith('/')")
         .message("must be an absolute path on the node")

@@ -178,7 +178,9 @@ impl Validator {
             });
         } else if let Err(cel_errors) = self.cel.validate_compiled(&kind.cel, obj, old) {
             errors.extend(cel_errors.iter().map(|e| FieldError {
-                field: e.field_path.clone(),
+                // A rule on the object itself names `.spec.x`; the API
+                // server reports `spec.x`.
+                field: e.field_path.trim_start_matches('.').to_owned(),
                 message: e.message.clone(),
             }));
         }

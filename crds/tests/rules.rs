@@ -134,13 +134,20 @@ fn kernel_must_be_absolute() {
 }
 
 #[test]
-fn kernel_is_required() {
-    let vm = microvm(json!({ "boot": {} }));
-    assert_rejected(
-        &vm,
-        None,
-        "spec.boot.kernel",
-        "\"kernel\" is a required property",
+fn kernel_is_required_unless_the_vm_runs_a_container() {
+    for spec in [json!({ "boot": {} }), json!({})] {
+        assert_rejected(
+            &microvm(spec),
+            None,
+            "spec.boot.kernel",
+            "Required value: a MicroVM without spec.container names the kernel it boots",
+        );
+    }
+    let container = microvm(json!({ "container": { "image": "app:1" } }));
+    assert!(
+        errors(&container, None).is_empty(),
+        "{:?}",
+        errors(&container, None)
     );
 }
 
@@ -418,7 +425,7 @@ fn blocking_schema_errors_skip_the_rules() {
         ),
         (
             "spec.boot.kernel",
-            json!({ "boot": { "kernel": null, "initrd": "/i" } }),
+            json!({ "boot": { "kernel": 7, "initrd": "/i" } }),
         ),
         (
             "spec.boot.cmdline",

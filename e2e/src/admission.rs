@@ -451,7 +451,9 @@ fn cel_causes(schema: &Schema, cel: &CelValidator, obj: &Value, old: Option<&Val
             };
             Cause {
                 reason,
-                field: e.field_path.clone(),
+                // A rule on the object itself names `.spec.x`; kube-apiserver
+                // reports `spec.x`.
+                field: e.field_path.trim_start_matches('.').to_owned(),
                 message,
             }
         })

@@ -26,7 +26,7 @@ use runv_node_agent::host::{Host, LinuxHost};
 use runv_node_agent::images::{DockerConfigFile, NodeImages, PullSecrets};
 use runv_node_agent::reconcile::SandboxPolicy;
 use runv_node_agent::reconcile::admit::Allocatable;
-use runv_node_agent::runtime::{Runtime, RuntimeConfig};
+use runv_node_agent::runtime::{GuestKitConfig, Runtime, RuntimeConfig};
 use runv_node_agent::state::VmDir;
 use runv_node_agent::{standalone, state};
 
@@ -99,6 +99,20 @@ struct Cli {
     /// pass it fails, naming it.
     #[arg(long, global = true, env = "RUNV_EPHEMERAL_STORAGE", value_parser = parse_size)]
     ephemeral_storage: Option<u64>,
+    /// The guest kit container VMs without spec.boot.kernel boot: Debian's
+    /// kernel and its modules, as vmm/scripts/guest-kit.sh installs them
+    /// (must lie beneath an allowed kernel directory).
+    #[arg(
+        long,
+        global = true,
+        env = "RUNV_GUEST_KIT_DIR",
+        default_value = "/var/lib/runv/guests/kit"
+    )]
+    guest_kit_dir: PathBuf,
+    /// The static runv-init put into the kit's initramfs. Default:
+    /// runv-init beside this binary, else /usr/lib/runv/runv-init.
+    #[arg(long, global = true, env = "RUNV_GUEST_INIT")]
+    guest_init: Option<PathBuf>,
     /// Where container images are kept (blobs, root filesystem images).
     /// Default: `images` under --root.
     #[arg(long, global = true, env = "RUNV_IMAGE_STORE")]
@@ -197,6 +211,10 @@ impl Cli {
             config.allowed.images = self.allowed_image_dirs.clone();
         }
         config.allowed_taps = self.allowed_tap_devices.clone();
+        config.guest_kit = Some(GuestKitConfig {
+            dir: self.guest_kit_dir.clone(),
+            init: self.guest_init.clone().unwrap_or_else(default_guest_init),
+        });
         config.max_disk_bytes = self.max_disk_size;
         config.disk_copy_timeout = self.disk_copy_timeout;
         config.ephemeral_storage = self.ephemeral_storage.unwrap_or_else(|| {
@@ -432,6 +450,16 @@ fn standalone_cmd(
         timeout.map(std::time::Duration::from_secs),
     )?;
     Ok(ok)
+}
+
+/// `runv-init` beside this binary (a release's layout), else where
+/// packages put it.
+fn default_guest_init() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("runv-init")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/runv/runv-init"))
 }
 
 fn logs_cmd(

@@ -56,6 +56,18 @@ pub enum GuestKitError {
         /// The module file.
         path: PathBuf,
     },
+    /// `runv-init` is not a static executable: as PID 1 of a guest it
+    /// would find no dynamic loader.
+    #[error(
+        "{} is not a static executable; build runv-init with \
+         CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS='-C target-feature=+crt-static' \
+         cargo build -p runv-init --release --target x86_64-unknown-linux-gnu",
+        path.display()
+    )]
+    NotStatic {
+        /// The binary.
+        path: PathBuf,
+    },
     /// Writing the initramfs into the cache failed.
     #[error("writing the initramfs {}", path.display())]
     Write {
@@ -76,6 +88,11 @@ pub fn initramfs(
 ) -> Result<PathBuf, GuestKitError> {
     let modules = modules(kit_dir)?;
     let init = read(init_binary, "build runv-init (cargo build -p runv-init)")?;
+    if !is_static_elf(&init) {
+        return Err(GuestKitError::NotStatic {
+            path: init_binary.to_owned(),
+        });
+    }
     let key = cache_key(&init, &modules);
     let path = cache_dir.join(format!("initramfs-{key}.cpio"));
     if path.is_file() {
@@ -128,6 +145,41 @@ fn module_content(path: &Path) -> Result<Vec<u8>, GuestKitError> {
     }
     Err(GuestKitError::UnsupportedCompression {
         path: path.to_owned(),
+    })
+}
+
+/// An ELF64 executable with no `PT_INTERP` program header (no dynamic
+/// loader named).
+fn is_static_elf(bytes: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    let u16_at = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |o: usize| {
+        bytes
+            .get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |o: usize| {
+        bytes
+            .get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    if bytes.get(..5) != Some(b"\x7fELF\x02") {
+        return false;
+    }
+    let (Some(phoff), Some(size), Some(count)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+        return false;
+    };
+    (0..usize::from(count)).all(|i| {
+        usize::try_from(phoff)
+            .ok()
+            .and_then(|p| p.checked_add(i * usize::from(size)))
+            .and_then(u32_at)
+            .is_some_and(|t| t != PT_INTERP)
     })
 }
 
@@ -207,8 +259,17 @@ mod tests {
         std::fs::write(mods.join("modules.builtin"), "kernel/net/vsock.ko\n").unwrap();
         std::fs::write(kit.join("version"), "6.1.0-test\n").unwrap();
         let init = dir.join("runv-init");
-        std::fs::write(&init, b"\x7fELF init").unwrap();
+        std::fs::write(&init, static_elf(b"init")).unwrap();
         (kit, init)
+    }
+
+    /// An ELF64 header with no program headers (so nothing names a loader),
+    /// then `tail`.
+    fn static_elf(tail: &[u8]) -> Vec<u8> {
+        let mut elf = vec![0u8; 64];
+        elf[..5].copy_from_slice(b"\x7fELF\x02");
+        elf.extend_from_slice(tail);
+        elf
     }
 
     #[test]
@@ -234,7 +295,7 @@ mod tests {
             mtime
         );
         // A new runv-init: a new file; nothing temporary left behind.
-        std::fs::write(&init, b"\x7fELF init 2").unwrap();
+        std::fs::write(&init, static_elf(b"init 2")).unwrap();
         let second = initramfs(&kit, &init, &cache).unwrap();
         assert_ne!(second, first);
         let names: Vec<_> = std::fs::read_dir(&cache)
@@ -294,5 +355,26 @@ mod tests {
             err.contains("erofs.ko.xz") && err.contains("decompress"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn only_a_static_runv_init_goes_into_an_initramfs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (kit, init) = kit(tmp.path());
+        std::fs::copy("/bin/sh", &init).unwrap();
+        let err = initramfs(&kit, &init, &tmp.path().join("c")).unwrap_err();
+        assert!(
+            err.to_string().contains("is not a static executable"),
+            "{err}"
+        );
+        assert!(
+            !is_static_elf(&std::fs::read("/bin/sh").unwrap()),
+            "dynamic"
+        );
+        assert!(!is_static_elf(b"#!/bin/sh\n"));
+        assert!(!is_static_elf(&[0x7f, b'E', b'L', b'F', 2, 1, 1]));
+        if let Ok(busybox) = std::fs::read("/bin/busybox") {
+            assert!(is_static_elf(&busybox), "Debian's busybox-static");
+        }
     }
 }

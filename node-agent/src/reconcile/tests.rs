@@ -823,7 +823,12 @@ fn a_container_vms_run_policy_follows_its_containers_exit_code() {
         (RunPolicy::Once, Some(0), Some(Phase::Succeeded), false),
         (RunPolicy::Once, Some(3), Some(Phase::Failed), false),
         (RunPolicy::Once, None, Some(Phase::Failed), false),
-        (RunPolicy::RerunOnFailure, Some(0), Some(Phase::Succeeded), false),
+        (
+            RunPolicy::RerunOnFailure,
+            Some(0),
+            Some(Phase::Succeeded),
+            false,
+        ),
         (RunPolicy::RerunOnFailure, Some(3), None, true),
         (RunPolicy::RerunOnFailure, None, None, true),
         (RunPolicy::Always, Some(0), None, true),

@@ -19,6 +19,7 @@ mod cleanup;
 mod container;
 mod egress;
 mod image;
+mod kit;
 mod observe;
 mod prepare;
 
@@ -34,6 +35,7 @@ use runv_crds::quantity::{self, QuantityError};
 use runv_crds::{MicroVMSpec, MicroVMStatus};
 
 pub use self::egress::tenant_of;
+pub use self::kit::{GuestKitConfig, KIT_CMDLINE};
 use crate::host::cgroup::{CPU_PERIOD_US, Limits, MIN_CPU_QUOTA_US};
 use crate::host::egress::{EgressError, EgressPolicy};
 use crate::host::hostfile::{AllowedDirs, HostFile, HostFileError};
@@ -119,6 +121,9 @@ pub struct RuntimeConfig {
     /// beyond it, nor against tenant isolation (see `admit.rs`). `None`
     /// (standalone mode): no such check.
     pub allocatable: Option<Allocatable>,
+    /// The guest kit container VMs without a kernel boot (`None`: such a
+    /// VM does not start here, and says why).
+    pub guest_kit: Option<GuestKitConfig>,
 }
 
 /// Default [`RuntimeConfig::max_disk_bytes`]: 256 GiB.
@@ -147,6 +152,7 @@ impl RuntimeConfig {
             ephemeral_storage: u64::MAX,
             egress: EgressPolicy::default(),
             allocatable: None,
+            guest_kit: None,
         }
     }
 }
@@ -210,6 +216,8 @@ pub struct Runtime {
     /// The channels to container VMs' guests (`None`: their containers'
     /// output and exits are not recorded).
     links: Option<Arc<crate::host::guest::GuestLinks>>,
+    /// The kit's kernel and initramfs, once built.
+    kit_files: std::sync::Mutex<Option<(String, String)>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -281,6 +289,7 @@ impl Runtime {
             admission: std::sync::Mutex::default(),
             images: None,
             links: None,
+            kit_files: std::sync::Mutex::default(),
         };
         if !state::list_net(&rt.config.root).is_empty() {
             rt.apply_egress()?;
@@ -499,12 +508,23 @@ impl Runtime {
         previous: &MicroVMStatus,
         now: Timestamp,
     ) -> Decision {
+        let (booted, kit_error) = match self.boot_spec(spec) {
+            Ok(s) => (s, None),
+            Err(why) => (std::borrow::Cow::Borrowed(spec), Some(why)),
+        };
+        let spec = &*booted;
         self.rotate_legacy_serial(vm);
         let tenant = tenant_of(vm, spec, previous);
         if let Err(e) = self.sync_network(vm, spec, &tenant) {
             tracing::warn!(vm = %vm, error = %runv_crds::retry::Chain(&e), "egress rules not rebuilt");
         }
         let mut facts = self.facts(vm, spec);
+        if let Some(why) = kit_error {
+            facts
+                .missing_files
+                .retain(|(field, _)| field != "spec.boot.kernel");
+            facts.host_file = Some((runv_crds::contract::Reason::KernelNotFound, why));
+        }
         let obs = self.observe(vm, spec, now);
         if let Observed::Running {
             control_mismatch: Some(why),

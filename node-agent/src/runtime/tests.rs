@@ -1205,3 +1205,78 @@ fn an_image_that_is_not_ready_starts_nothing_and_says_why() {
     let stalled = cond::find(&d.status.conditions, cond::STALLED).unwrap();
     assert_eq!(stalled.status, "True");
 }
+
+/// A guest kit in `dir` (kernel, the wanted modules, version) and a static
+/// runv-init stand-in (an ELF header naming no loader).
+fn guest_kit(dir: &Path) -> GuestKitConfig {
+    let kit = dir.join("kit");
+    let mods = kit.join("modules");
+    std::fs::create_dir_all(&mods).unwrap();
+    let mut dep = String::new();
+    for name in crate::host::initramfs::WANTED {
+        std::fs::write(mods.join(format!("{name}.ko")), name).unwrap();
+        dep.push_str(&format!("{name}.ko:\n"));
+    }
+    std::fs::write(mods.join("modules.dep"), dep).unwrap();
+    std::fs::write(mods.join("modules.builtin"), "").unwrap();
+    std::fs::write(kit.join("vmlinux"), "kernel").unwrap();
+    std::fs::write(kit.join("version"), "6.1.0-test\n").unwrap();
+    let mut init = vec![0u8; 64];
+    init[..5].copy_from_slice(b"\x7fELF\x02");
+    std::fs::write(dir.join("runv-init"), init).unwrap();
+    GuestKitConfig {
+        dir: kit,
+        init: dir.join("runv-init"),
+    }
+}
+
+#[test]
+fn a_container_vm_without_a_kernel_boots_the_guest_kit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kit = guest_kit(tmp.path());
+    let Env {
+        _root: root, host, ..
+    } = env();
+    host.add_file("/store/rootfs/b1.img", 8 << 20);
+    let mut s = container_spec("reg/app:1");
+    s.boot = Default::default();
+
+    // No kit on this node: the VM says so and starts nothing.
+    let rt = runtime(root.path(), &host).with_images(Arc::new(FakeImages::default()));
+    let d = rt.reconcile(&vm(), &s, 1, &MicroVMStatus::default(), at(0));
+    assert!(host.state().spawned.is_empty());
+    assert_eq!(ready(&d.status), ("False".into(), "KernelNotFound".into()));
+    let msg = cond::find(&d.status.conditions, cond::READY)
+        .unwrap()
+        .message
+        .clone();
+    assert!(msg.contains("no guest kit configured"), "{msg}");
+
+    // With the kit: its kernel and initramfs, runv-init's channel on the
+    // command line, and a vsock device for it.
+    let initrd = crate::host::guestkit::initramfs(&kit.dir, &kit.init, &kit.cache()).unwrap();
+    host.add_file(kit.dir.join("vmlinux"), 6);
+    host.add_file(&initrd, 1 << 20);
+    let kit_dir = kit.dir.clone();
+    let rt = runtime_with(root.path(), &host, |c| {
+        c.allowed.kernels.push(kit_dir);
+        c.guest_kit = Some(kit);
+    })
+    .with_images(Arc::new(FakeImages::default()));
+    let d = rt.reconcile(&vm(), &s, 1, &d.status, at(1));
+    assert_eq!(host.state().spawned.len(), 1, "{:?}", d.status.conditions);
+    let config = VmConfig::from_file(&rt.dir(&vm()).config()).unwrap();
+    assert!(
+        config.cmdline.starts_with(KIT_CMDLINE),
+        "{}",
+        config.cmdline
+    );
+    assert_eq!(config.kernel, Path::new("/proc/self/fd/3"));
+    assert_eq!(config.initrd.as_deref(), Some(Path::new("/proc/self/fd/4")));
+    assert_eq!(
+        config.disks[0].path,
+        Path::new("/proc/self/fd/5"),
+        "the root filesystem"
+    );
+    assert!(config.vsock.is_some());
+}
