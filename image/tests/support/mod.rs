@@ -409,7 +409,8 @@ const BUSYBOX_APPLETS: &[&str] = &[
 /// A busybox image made from Debian's `busybox-static` (`/bin/busybox`):
 /// the applets above, an `/etc/passwd` with root and `app` (1000:1000),
 /// an `/etc/group` with `app` and `extra` (1001, listing app), `/home/app`,
-/// and `/etc/image-release` reading `busybox-test`. Its config runs
+/// `/etc/image-release` reading `busybox-test`, and `/etc/resolv.conf` a
+/// symlink out of the image (to `/tmp/runv-escape-resolv.conf`). Its config runs
 /// `/bin/sh` with `IMAGE_VAR=from-image` in the environment. Writes it to
 /// `layout` and returns its manifest descriptor.
 pub fn busybox_image(layout: &Layout) -> serde_json::Value {
@@ -433,6 +434,11 @@ pub fn busybox_image(layout: &Layout) -> serde_json::Value {
             b"root:x:0:\napp:x:1000:\nextra:x:1001:app\n",
         )
         .file("etc/image-release", 0o644, b"busybox-test\n")
+        // A link out of the image, where a careless init would write.
+        .symlink(
+            "etc/resolv.conf",
+            "../../../../../../tmp/runv-escape-resolv.conf",
+        )
         .dir("home", 0o755)
         .dir("home/app", 0o755)
         .dir("root", 0o700)

@@ -342,6 +342,31 @@ fn the_image_stays_read_only_below_its_overlay() {
 }
 
 #[test]
+fn etc_files_replace_links_in_the_image_and_never_follow_them() {
+    let Some(img) = image() else { return };
+    let escape = std::path::Path::new("/tmp/runv-escape-resolv.conf");
+    let _ = std::fs::remove_file(escape);
+    let mut guest = Guest::start();
+    let mut config = sh(
+        img,
+        "",
+        "[ -L /etc/resolv.conf ] && echo link || echo file; cat /etc/resolv.conf",
+    );
+    config.network = None;
+    let run = guest.accept().run(config, true);
+    assert_eq!(
+        text(&run.stdout),
+        "file\n",
+        "an empty resolv.conf, a file of its own"
+    );
+    guest.powered_off();
+    assert!(
+        !escape.exists(),
+        "nothing was written through the image's link"
+    );
+}
+
+#[test]
 fn exit_codes_and_signals_are_reported_as_they_happened() {
     let Some(img) = image() else { return };
     for (script, code, signal) in [
