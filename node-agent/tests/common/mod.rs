@@ -7,6 +7,7 @@ pub mod cluster;
 /// layouts written by the test, pushed with `skopeo`.
 #[path = "../../../image/tests/support/mod.rs"]
 pub mod images;
+pub mod tcg;
 
 /// Pushes a two-layer image as `app:TAG` to `registry` (its entrypoint
 /// `/bin/app`, `A=1` in its environment, and `TAG` in `/etc/motd`, so each
