@@ -12,6 +12,12 @@
  *                 in `hlt` until the GED reports the host's power button
  *                 (many VMs on few cores: capacity benchmarks)
  *   bad-virtio    post garbage descriptors to the first virtio-mmio device
+ *   container     stand in for runv-init: speak the guest side of the node
+ *                 agent's channel (runv_vmm_api::guest) on virtio-vsock port
+ *                 1024 and report a container that exits with `exit=N` (or
+ *                 dies of `signal=S`), writes a stdout and a stderr line
+ *                 with `out=WORD`, or with `run=forever` runs until the
+ *                 host's Stop (then signal 15); details in container.c
  */
 #include "guest.h"
 
@@ -326,6 +332,8 @@ void guest_main(int kind, u64 info)
 	}
 	if (str_eq(t, len, "bad-virtio"))
 		virtio_garbage(cmdline);
+	if (str_eq(t, len, "container"))
+		container_main(cmdline);
 	fail("unknown test or test returned");
 }
 
