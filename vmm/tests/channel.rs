@@ -12,12 +12,12 @@ use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{KillOnDrop, Scratch, require_kvm, vmm, wait_output};
+use common::{Control, KillOnDrop, Scratch, require_kvm, vmm, wait_output};
 use runv_vmm_api::guest::{
     CONFIG_VERSION, ContainerConfig, Exited, Frame, GuestConfig, GuestState, Hello,
     PROTOCOL_VERSION, RootFs, Started, Stop, VSOCK_PORT, hybrid_connect, read_frame, write_frame,
 };
-use runv_vmm_api::{SerialConfig, VmConfig, VsockConfig};
+use runv_vmm_api::{Request, Response, SerialConfig, VmConfig, VsockConfig};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// How long one read from the guest may take.
@@ -47,6 +47,7 @@ impl Vm {
             rotate: None,
         };
         cfg.exit_file = Some(dir.path("vm.exit"));
+        cfg.control_socket = Some(dir.path("vm.sock"));
         let path = dir.path("vm.json");
         std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
         let child = vmm()
@@ -326,6 +327,24 @@ fn stop_ends_a_running_container_with_sigterm() {
     }));
     conn.send(&Frame::ExitAck);
     vm.expect_poweroff("runv-guest: container exited signal=15\n");
+}
+
+#[test]
+fn the_power_button_stops_a_running_container_like_sigterm() {
+    let Some(_) = require_kvm("the_power_button_stops_a_running_container") else {
+        return;
+    };
+    let vm = Vm::start("button", "run=forever");
+    let mut conn = vm.connect();
+    assert_eq!(conn.guest_hello(&vm), GuestState::WaitingForConfig);
+    conn.hello();
+    run_container(&mut conn, &vm, "hello");
+    // The VMM's graceful shutdown presses the ACPI power button.
+    let mut control = Control::connect(&vm.dir.path("vm.sock"));
+    assert_eq!(control.ask(Request::SHUTDOWN), Response::Ok);
+    assert_eq!(conn.read(&vm), Frame::Exited(exited_with_signal(15)));
+    conn.send(&Frame::ExitAck);
+    vm.expect_poweroff("runv-guest: container stop: power button\n");
 }
 
 #[test]
