@@ -33,10 +33,15 @@ struct Vm {
 
 impl Vm {
     fn start(name: &str, cmdline: &str) -> Vm {
+        Vm::start_with(name, cmdline, 1)
+    }
+
+    fn start_with(name: &str, cmdline: &str, vcpus: u8) -> Vm {
         let dir = Scratch::new(&format!("chan-{name}"));
         let uds = dir.path("v.sock");
         let mut cfg = VmConfig::new(runv_vmm::TEST_GUEST_PVH);
         cfg.memory_mib = 64;
+        cfg.vcpus = vcpus;
         cfg.cmdline = format!("test=container {cmdline}");
         cfg.vsock = Some(VsockConfig {
             guest_cid: 5,
@@ -271,14 +276,6 @@ fn the_test_guest_runs_a_container_over_the_channel_and_powers_off_on_exit_ack()
     ] {
         assert!(serial.contains(&line), "missing {line:?} in\n{serial}");
     }
-    // The guest slept in hlt between packets and the device's interrupt woke it.
-    let interrupts: u64 = serial
-        .split("runv-guest: channel wake-ups: device interrupts=")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no wake-up count in\n{serial}"));
-    assert!(interrupts > 0, "{serial}");
 }
 
 #[test]
@@ -286,7 +283,8 @@ fn a_signal_on_the_command_line_is_reported_as_the_containers_death() {
     let Some(_) = require_kvm("a_signal_on_the_command_line_is_reported") else {
         return;
     };
-    let vm = Vm::start("signal", "signal=9");
+    // Two vCPUs: the second is never started and does not disturb the channel.
+    let vm = Vm::start_with("signal", "signal=9", 2);
     let mut conn = vm.connect();
     assert_eq!(conn.guest_hello(&vm), GuestState::WaitingForConfig);
     conn.hello();
