@@ -7,21 +7,18 @@
 mod common;
 
 use std::io::ErrorKind;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Control, KillOnDrop, Scratch, require_kvm, vmm, wait_output};
-use runv_vmm_api::guest::{
-    CONFIG_VERSION, ContainerConfig, Exited, Frame, GuestConfig, GuestState, Hello,
-    PROTOCOL_VERSION, RootFs, Started, Stop, VSOCK_PORT, hybrid_connect, read_frame, write_frame,
+use common::channel::{
+    self, Conn, exited_with_code, exited_with_signal, guest_config, run_container,
 };
+use common::{Control, KillOnDrop, Scratch, require_kvm, vmm, wait_output};
+use runv_vmm_api::guest::{Frame, GuestState, Hello, Started, Stop, read_frame};
 use runv_vmm_api::{Request, Response, SerialConfig, VmConfig, VsockConfig};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-/// How long one read from the guest may take.
-const READ_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A running test guest in `test=container` mode.
 struct Vm {
@@ -70,33 +67,8 @@ impl Vm {
         }
     }
 
-    fn serial(&self) -> String {
-        std::fs::read_to_string(self.dir.path("serial.log")).unwrap_or_default()
-    }
-
-    /// Connects to the guest's channel port as the agent does: `CONNECT
-    /// 1024` on the VM's vsock socket, tried again (bounded) while the VMM
-    /// has not bound it or the guest has not set up its device yet.
     fn connect(&self) -> Conn {
-        let start = Instant::now();
-        loop {
-            let attempt = UnixStream::connect(&self.uds).and_then(|mut s| {
-                s.set_read_timeout(Some(READ_TIMEOUT))?;
-                s.set_write_timeout(Some(READ_TIMEOUT))?;
-                hybrid_connect(&mut s, VSOCK_PORT)?;
-                Ok(s)
-            });
-            match attempt {
-                Ok(stream) => return Conn { stream },
-                Err(e) if start.elapsed() > TIMEOUT => {
-                    panic!(
-                        "cannot connect to the guest channel: {e}\n{}",
-                        self.serial()
-                    )
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
+        channel::connect(&self.uds, &self.dir.path("serial.log"))
     }
 
     /// Waits (bounded) for the VMM to exit; returns its output and the console.
@@ -125,132 +97,6 @@ impl Vm {
     }
 }
 
-/// One host connection to the guest's channel.
-struct Conn {
-    stream: UnixStream,
-}
-
-impl Conn {
-    fn read(&mut self, vm: &Vm) -> Frame {
-        match read_frame(&mut self.stream) {
-            Ok(Some(f)) => f,
-            Ok(None) => panic!("the guest closed the channel\n{}", vm.serial()),
-            Err(e) => panic!("reading the guest channel: {e:?}\n{}", vm.serial()),
-        }
-    }
-
-    /// The stream ends (the guest closed the connection).
-    fn expect_end(&mut self, vm: &Vm) {
-        match read_frame(&mut self.stream) {
-            Ok(None) => {}
-            Ok(Some(f)) => panic!("another frame: {f:?}\n{}", vm.serial()),
-            Err(e) => panic!("the stream did not end cleanly: {e:?}\n{}", vm.serial()),
-        }
-    }
-
-    fn send(&mut self, frame: &Frame) {
-        write_frame(&mut self.stream, frame).unwrap();
-    }
-
-    /// Sends raw bytes (frames a well-behaved host would not send).
-    fn send_raw(&mut self, bytes: &[u8]) {
-        use std::io::Write;
-        self.stream.write_all(bytes).unwrap();
-    }
-
-    fn hello(&mut self) {
-        self.send(&Frame::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            software: "runv-vmm channel test".into(),
-            state: None,
-        }));
-    }
-
-    /// Reads the guest's Hello and returns the state it tells.
-    fn guest_hello(&mut self, vm: &Vm) -> GuestState {
-        match self.read(vm) {
-            Frame::Hello(Hello {
-                version,
-                software,
-                state: Some(state),
-            }) => {
-                assert_eq!(version, PROTOCOL_VERSION);
-                assert_eq!(software, "runv-test-guest");
-                state
-            }
-            f => panic!("expected the guest's Hello with its state, got {f:?}"),
-        }
-    }
-}
-
-fn guest_config(exit_report_timeout_seconds: u32) -> GuestConfig {
-    GuestConfig {
-        version: CONFIG_VERSION,
-        container: ContainerConfig {
-            version: CONFIG_VERSION,
-            image_id: "registry.test/app@sha256:0123".into(),
-            manifest_digest: "sha256:0123".into(),
-            argv: vec!["/bin/app".into(), "--serve".into()],
-            env: vec![runv_vmm_api::guest::DEFAULT_PATH.into()],
-            working_dir: "/".into(),
-            user: String::new(),
-        },
-        hostname: "vm-1".into(),
-        rootfs: RootFs {
-            source: "/dev/vda".into(),
-            fstype: "erofs".into(),
-        },
-        network: None,
-        termination_grace_period_seconds: 5,
-        exit_report_timeout_seconds,
-    }
-}
-
-/// Sends Config and reads Started, Stdout and Stderr; returns the config's
-/// payload length (the guest's stdout line names it).
-fn run_container(conn: &mut Conn, vm: &Vm, word: &str) -> usize {
-    let config = Frame::Config(Box::new(guest_config(60)));
-    let config_len = config.encode().len() - 5;
-    conn.send(&config);
-    assert_eq!(
-        conn.read(vm),
-        Frame::Started(Started {
-            pid: 1,
-            started_at_nanos: 0
-        })
-    );
-    assert_eq!(
-        conn.read(vm),
-        Frame::Stdout(
-            format!("runv-test-guest stdout: {word} (config of {config_len} bytes)\n").into_bytes()
-        )
-    );
-    assert_eq!(
-        conn.read(vm),
-        Frame::Stderr(format!("runv-test-guest stderr: {word}\n").into_bytes())
-    );
-    config_len
-}
-
-fn exited_with_code(code: i32) -> Exited {
-    Exited {
-        code: Some(code),
-        signal: None,
-        oom_killed: false,
-        start_error: None,
-        started_at_nanos: 0,
-        finished_at_nanos: 0,
-    }
-}
-
-fn exited_with_signal(signal: i32) -> Exited {
-    Exited {
-        code: None,
-        signal: Some(signal),
-        ..exited_with_code(0)
-    }
-}
-
 #[test]
 fn the_test_guest_runs_a_container_over_the_channel_and_powers_off_on_exit_ack() {
     let Some(_) = require_kvm("the_test_guest_runs_a_container_over_the_channel") else {
@@ -258,10 +104,10 @@ fn the_test_guest_runs_a_container_over_the_channel_and_powers_off_on_exit_ack()
     };
     let vm = Vm::start("exit", "exit=3 out=marker42");
     let mut conn = vm.connect();
-    assert_eq!(conn.guest_hello(&vm), GuestState::WaitingForConfig);
+    assert_eq!(conn.guest_hello(), GuestState::WaitingForConfig);
     conn.hello();
-    let config_len = run_container(&mut conn, &vm, "marker42");
-    let exited = match conn.read(&vm) {
+    let config_len = run_container(&mut conn, "marker42");
+    let exited = match conn.read() {
         Frame::Exited(e) => e,
         f => panic!("expected Exited, got {f:?}"),
     };
@@ -286,10 +132,10 @@ fn a_signal_on_the_command_line_is_reported_as_the_containers_death() {
     // Two vCPUs: the second is never started and does not disturb the channel.
     let vm = Vm::start_with("signal", "signal=9", 2);
     let mut conn = vm.connect();
-    assert_eq!(conn.guest_hello(&vm), GuestState::WaitingForConfig);
+    assert_eq!(conn.guest_hello(), GuestState::WaitingForConfig);
     conn.hello();
-    run_container(&mut conn, &vm, "hello");
-    let exited = match conn.read(&vm) {
+    run_container(&mut conn, "hello");
+    let exited = match conn.read() {
         Frame::Exited(e) => e,
         f => panic!("expected Exited, got {f:?}"),
     };
@@ -306,14 +152,14 @@ fn stop_ends_a_running_container_with_sigterm() {
     };
     let vm = Vm::start("stop", "run=forever exit=7");
     let mut conn = vm.connect();
-    assert_eq!(conn.guest_hello(&vm), GuestState::WaitingForConfig);
+    assert_eq!(conn.guest_hello(), GuestState::WaitingForConfig);
     conn.hello();
-    run_container(&mut conn, &vm, "hello");
+    run_container(&mut conn, "hello");
     // It keeps running: the next frame is the answer to Stop.
     conn.send(&Frame::Stop(Stop {
         grace_period_seconds: 5,
     }));
-    let exited = match conn.read(&vm) {
+    let exited = match conn.read() {
         Frame::Exited(e) => e,
         f => panic!("expected Exited, got {f:?}"),
     };
@@ -334,13 +180,13 @@ fn the_power_button_stops_a_running_container_like_sigterm() {
     };
     let vm = Vm::start("button", "run=forever");
     let mut conn = vm.connect();
-    assert_eq!(conn.guest_hello(&vm), GuestState::WaitingForConfig);
+    assert_eq!(conn.guest_hello(), GuestState::WaitingForConfig);
     conn.hello();
-    run_container(&mut conn, &vm, "hello");
+    run_container(&mut conn, "hello");
     // The VMM's graceful shutdown presses the ACPI power button.
     let mut control = Control::connect(&vm.dir.path("vm.sock"));
     assert_eq!(control.ask(Request::SHUTDOWN), Response::Ok);
-    assert_eq!(conn.read(&vm), Frame::Exited(exited_with_signal(15)));
+    assert_eq!(conn.read(), Frame::Exited(exited_with_signal(15)));
     conn.send(&Frame::ExitAck);
     vm.expect_poweroff("runv-guest: container stop: power button\n");
 }
@@ -352,12 +198,12 @@ fn stop_before_config_reports_a_start_error() {
     };
     let vm = Vm::start("stop-early", "");
     let mut conn = vm.connect();
-    assert_eq!(conn.guest_hello(&vm), GuestState::WaitingForConfig);
+    assert_eq!(conn.guest_hello(), GuestState::WaitingForConfig);
     conn.hello();
     conn.send(&Frame::Stop(Stop {
         grace_period_seconds: 0,
     }));
-    let exited = match conn.read(&vm) {
+    let exited = match conn.read() {
         Frame::Exited(e) => e,
         f => panic!("expected Exited, got {f:?}"),
     };
@@ -384,14 +230,14 @@ fn a_host_that_reconnects_sees_the_state_and_the_exit_until_it_acknowledges() {
     };
     let vm = Vm::start("reconnect", "run=forever out=again");
     let mut first = vm.connect();
-    assert_eq!(first.guest_hello(&vm), GuestState::WaitingForConfig);
+    assert_eq!(first.guest_hello(), GuestState::WaitingForConfig);
     first.hello();
-    run_container(&mut first, &vm, "again");
+    run_container(&mut first, "again");
     drop(first); // the agent restarts
 
     let mut second = vm.connect();
     assert_eq!(
-        second.guest_hello(&vm),
+        second.guest_hello(),
         GuestState::Running(Started {
             pid: 1,
             started_at_nanos: 0
@@ -403,15 +249,15 @@ fn a_host_that_reconnects_sees_the_state_and_the_exit_until_it_acknowledges() {
     second.send(&Frame::Stop(Stop {
         grace_period_seconds: 5,
     }));
-    assert_eq!(second.read(&vm), Frame::Exited(exited_with_signal(15)));
+    assert_eq!(second.read(), Frame::Exited(exited_with_signal(15)));
     drop(second); // lost before ExitAck
 
     let mut third = vm.connect();
     assert_eq!(
-        third.guest_hello(&vm),
+        third.guest_hello(),
         GuestState::Exited(exited_with_signal(15))
     );
-    assert_eq!(third.read(&vm), Frame::Exited(exited_with_signal(15)));
+    assert_eq!(third.read(), Frame::Exited(exited_with_signal(15)));
     third.hello();
     third.send(&Frame::ExitAck);
     let serial = vm.expect_poweroff("runv-guest: container exit acknowledged\n");
@@ -436,14 +282,14 @@ fn a_newer_connection_replaces_the_old_one() {
     };
     let vm = Vm::start("replace", "exit=0");
     let mut old = vm.connect();
-    assert_eq!(old.guest_hello(&vm), GuestState::WaitingForConfig);
+    assert_eq!(old.guest_hello(), GuestState::WaitingForConfig);
     let mut new = vm.connect();
-    assert_eq!(new.guest_hello(&vm), GuestState::WaitingForConfig);
+    assert_eq!(new.guest_hello(), GuestState::WaitingForConfig);
     // The guest reset the old connection: its stream ends.
-    old.expect_end(&vm);
+    old.expect_end();
     new.hello();
-    run_container(&mut new, &vm, "hello");
-    assert_eq!(new.read(&vm), Frame::Exited(exited_with_code(0)));
+    run_container(&mut new, "hello");
+    assert_eq!(new.read(), Frame::Exited(exited_with_code(0)));
     new.send(&Frame::ExitAck);
     vm.expect_poweroff("runv-guest: container exit acknowledged\n");
 }
@@ -456,64 +302,64 @@ fn a_host_breaking_the_protocol_gets_an_error_and_loses_only_its_connection() {
     let vm = Vm::start("hostile", "exit=1");
     // Config before Hello.
     let mut conn = vm.connect();
-    conn.guest_hello(&vm);
+    conn.guest_hello();
     conn.send(&Frame::Config(Box::new(guest_config(60))));
     assert_eq!(
-        conn.read(&vm),
+        conn.read(),
         Frame::Error("a Config frame before Hello".into())
     );
-    conn.expect_end(&vm);
+    conn.expect_end();
     // Another protocol version.
     let mut conn = vm.connect();
-    conn.guest_hello(&vm);
+    conn.guest_hello();
     conn.send(&Frame::Hello(Hello {
         version: 2,
         software: "future agent".into(),
         state: None,
     }));
     assert_eq!(
-        conn.read(&vm),
+        conn.read(),
         Frame::Error("the peer speaks guest protocol version 2; this side speaks 1".into())
     );
-    conn.expect_end(&vm);
+    conn.expect_end();
     // A frame longer than any frame may be, and one of length 0.
     for (len, what) in [(0x0100_0000u32, "16777216"), (0, "0")] {
         let mut conn = vm.connect();
-        conn.guest_hello(&vm);
+        conn.guest_hello();
         conn.hello();
         conn.send_raw(&len.to_be_bytes());
         assert_eq!(
-            conn.read(&vm),
+            conn.read(),
             Frame::Error(format!(
                 "a frame of {what} bytes; frames are 1 to 65536 bytes"
             ))
         );
-        conn.expect_end(&vm);
+        conn.expect_end();
     }
     // An unknown kind, and a frame only a guest sends.
     let mut conn = vm.connect();
-    conn.guest_hello(&vm);
+    conn.guest_hello();
     conn.hello();
     conn.send_raw(&[0, 0, 0, 1, 42]);
     assert_eq!(
-        conn.read(&vm),
+        conn.read(),
         Frame::Error("a frame of unknown kind 42".into())
     );
-    conn.expect_end(&vm);
+    conn.expect_end();
     let mut conn = vm.connect();
-    conn.guest_hello(&vm);
+    conn.guest_hello();
     conn.hello();
     conn.send(&Frame::Exited(exited_with_code(0)));
     assert_eq!(
-        conn.read(&vm),
+        conn.read(),
         Frame::Error("a Exited frame, which this side of the channel never receives".into())
     );
-    conn.expect_end(&vm);
+    conn.expect_end();
     // The container is still waiting for its config, and a well-behaved
     // host runs it; a Config of nearly the largest frame arrives whole
     // (the guest's credit updates let the host send all of it).
     let mut conn = vm.connect();
-    assert_eq!(conn.guest_hello(&vm), GuestState::WaitingForConfig);
+    assert_eq!(conn.guest_hello(), GuestState::WaitingForConfig);
     conn.hello();
     let mut big = guest_config(60);
     big.container
@@ -522,15 +368,15 @@ fn a_host_breaking_the_protocol_gets_an_error_and_loses_only_its_connection() {
     let big = Frame::Config(Box::new(big));
     let big_len = big.encode().len() - 5;
     conn.send(&big);
-    assert!(matches!(conn.read(&vm), Frame::Started(_)));
+    assert!(matches!(conn.read(), Frame::Started(_)));
     assert_eq!(
-        conn.read(&vm),
+        conn.read(),
         Frame::Stdout(
             format!("runv-test-guest stdout: hello (config of {big_len} bytes)\n").into_bytes()
         )
     );
-    assert!(matches!(conn.read(&vm), Frame::Stderr(_)));
-    assert_eq!(conn.read(&vm), Frame::Exited(exited_with_code(1)));
+    assert!(matches!(conn.read(), Frame::Stderr(_)));
+    assert_eq!(conn.read(), Frame::Exited(exited_with_code(1)));
     conn.send(&Frame::ExitAck);
     vm.expect_poweroff("runv-guest: container exit acknowledged\n");
 }
@@ -542,13 +388,13 @@ fn without_an_exit_ack_the_guest_powers_off_after_the_configs_timeout() {
     };
     let vm = Vm::start("no-ack", "exit=0");
     let mut conn = vm.connect();
-    conn.guest_hello(&vm);
+    conn.guest_hello();
     conn.hello();
     conn.send(&Frame::Config(Box::new(guest_config(1))));
     for _ in 0..3 {
-        conn.read(&vm); // Started, Stdout, Stderr
+        conn.read(); // Started, Stdout, Stderr
     }
-    assert_eq!(conn.read(&vm), Frame::Exited(exited_with_code(0)));
+    assert_eq!(conn.read(), Frame::Exited(exited_with_code(0)));
     // No ExitAck: the guest gives up after the config's 1 s and powers off.
     match read_frame(&mut conn.stream) {
         Ok(None) => {}
@@ -557,4 +403,61 @@ fn without_an_exit_ack_the_guest_powers_off_after_the_configs_timeout() {
         other => panic!("expected the end of the stream, got {other:?}"),
     }
     vm.expect_poweroff("runv-guest: no host acknowledged the exit within 1 s\n");
+}
+
+#[test]
+fn the_guest_returns_credit_so_the_host_may_send_more_than_its_buffer() {
+    let Some(_) = require_kvm("the_guest_returns_credit") else {
+        return;
+    };
+    let vm = Vm::start("credit", "exit=0");
+    let mut conn = vm.connect();
+    conn.guest_hello();
+    conn.hello();
+    // 4 x 60,000 bytes the guest answers nothing to: the device forwards
+    // them only as the guest's credit updates free its 64 KiB buffer.
+    let text = "e".repeat(60_000);
+    for _ in 0..4 {
+        conn.send(&Frame::Error(text.clone()));
+    }
+    run_container(&mut conn, "hello");
+    assert_eq!(conn.read(), Frame::Exited(exited_with_code(0)));
+    conn.send(&Frame::ExitAck);
+    let serial = vm.expect_poweroff("runv-guest: container exit acknowledged\n");
+    assert_eq!(
+        serial
+            .matches("runv-guest: channel: the host says: eeee")
+            .count(),
+        4,
+        "{serial}"
+    );
+}
+
+#[test]
+fn test_container_without_a_vsock_device_fails_with_a_reason() {
+    let Some(_) = require_kvm("test_container_without_a_vsock_device_fails") else {
+        return;
+    };
+    let dir = Scratch::new("chan-novsock");
+    let mut cfg = VmConfig::new(runv_vmm::TEST_GUEST_64);
+    cfg.memory_mib = 64;
+    cfg.cmdline = "test=container".into();
+    cfg.serial = SerialConfig::File {
+        path: dir.path("serial.log"),
+        rotate: None,
+    };
+    cfg.exit_file = Some(dir.path("vm.exit"));
+    let path = dir.path("vm.json");
+    std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let mut cmd = vmm();
+    cmd.arg("--config").arg(&path);
+    let out = common::run_with_timeout(cmd, TIMEOUT);
+    let serial = std::fs::read_to_string(dir.path("serial.log")).unwrap_or_default();
+    assert!(
+        serial.contains("runv-guest: FAIL test=container needs a virtio-vsock device\n"),
+        "{serial}"
+    );
+    let rec = common::read_exit_file(&dir.path("vm.exit"));
+    assert_eq!(rec.reason, runv_vmm_api::ExitReason::GuestPanic, "{rec:?}");
+    assert_ne!(out.status.code(), Some(0));
 }
