@@ -390,21 +390,23 @@ static void feed(const u8 *p, u32 n)
 	}
 }
 
-static void parse_args(const char *cmdline)
+/* A decimal of at most 9 digits (an optional '-' first). */
+static int parse_int(const char *v, int len)
+{
+	int neg = len > 0 && v[0] == '-', n = 0;
+	for (int i = neg; i < len && i < neg + 9 && v[i] >= '0' && v[i] <= '9'; i++)
+		n = n * 10 + (v[i] - '0');
+	return neg ? -n : n;
+}
+
+static void parse_args(void)
 {
 	int len;
 	const char *v;
-	(void)cmdline;
-	if ((v = cmdline_get("exit", &len))) {
-		int neg = len > 0 && v[0] == '-';
-		for (int i = neg; i < len && v[i] >= '0' && v[i] <= '9'; i++)
-			want_code = want_code * 10 + (v[i] - '0');
-		if (neg)
-			want_code = -want_code;
-	}
+	if ((v = cmdline_get("exit", &len)))
+		want_code = parse_int(v, len);
 	if ((v = cmdline_get("signal", &len)))
-		for (int i = 0; i < len && v[i] >= '0' && v[i] <= '9'; i++)
-			want_signal = want_signal * 10 + (v[i] - '0');
+		want_signal = parse_int(v, len);
 	if ((v = cmdline_get("out", &len)) && len > 0 && len <= 64) {
 		word = v;
 		word_len = len;
@@ -415,7 +417,7 @@ static void parse_args(const char *cmdline)
 
 void container_main(const char *cmdline)
 {
-	parse_args(cmdline);
+	parse_args();
 	irq_setup();
 	irq_tick_start(TICK_MS);
 	if (!vs_listen(cmdline, CHAN_PORT))
@@ -438,7 +440,8 @@ void container_main(const char *cmdline)
 			} else if (ev.kind == VS_CLOSED) {
 				puts("runv-guest: channel: host disconnected\n");
 				out_head = out_tail = 0;
-				closing = 0;
+				in_len = 0;
+				greeted = closing = 0;
 			} else if (ev.kind == VS_DATA && !closing) {
 				feed(ev.data, ev.len);
 			}
