@@ -213,6 +213,12 @@ fn stop_before_config_reports_a_start_error() {
     );
     assert_eq!((exited.code, exited.signal), (None, None));
     assert_eq!(exited.exit_code(), 128);
+    // A host that reconnects is told the same.
+    drop(conn);
+    let mut conn = vm.connect();
+    assert_eq!(conn.guest_hello(), GuestState::Exited(exited.clone()));
+    assert_eq!(conn.read(), Frame::Exited(exited));
+    conn.hello();
     // A Config after the exit starts nothing.
     conn.send(&Frame::Config(Box::new(guest_config(60))));
     conn.send(&Frame::ExitAck);
