@@ -361,6 +361,12 @@ fn a_host_breaking_the_protocol_gets_an_error_and_loses_only_its_connection() {
         Frame::Error("a Exited frame, which this side of the channel never receives".into())
     );
     conn.expect_end();
+    // Half a frame, then gone.
+    let mut conn = vm.connect();
+    conn.guest_hello();
+    conn.hello();
+    conn.send_raw(&[0, 0, 0, 40, 2, b'{']);
+    drop(conn);
     // The container is still waiting for its config, and a well-behaved
     // host runs it; a Config of nearly the largest frame arrives whole
     // (the guest's credit updates let the host send all of it).
