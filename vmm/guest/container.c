@@ -10,6 +10,15 @@
  *   out=WORD      a word its stdout and stderr lines carry (default "hello")
  *   run=forever   it keeps running until the host sends Stop (or the
  *                 power button): then it "dies" of SIGTERM (signal 15)
+ *   flood=BYTES   after its two lines it writes BYTES more to stdout, in
+ *                 Stdout frames of 4 KiB, before it exits: byte i of the
+ *                 flood is '\n' when i % 64 == 63, else 'a' + i % 26. It
+ *                 writes only while a host is connected and its credit
+ *                 allows (runv-init would drop the oldest instead)
+ *   bad=length|kind|json
+ *                 after its two lines it sends a broken frame (a length
+ *                 of 1 MiB, kind 99, an Exited frame that is not JSON)
+ *                 and then keeps running, for tests of the host's decoder
  *
  * Frames are `u32 big-endian length | u8 kind | payload`. On every new
  * connection the guest sends Hello with its state (waitingForConfig,
@@ -45,6 +54,9 @@ static u32 exit_report_s = FAIL_REPORT_S, exited_at;
 
 /* From the command line. */
 static int want_code, want_signal, forever;
+static u64 flood_left, flood_at;
+static const char *bad;
+static int bad_len;
 static const char *word = "hello";
 static int word_len = 5;
 
@@ -294,8 +306,62 @@ static void start(u32 config_len)
 	f_bytes(word, (u32)word_len);
 	f_str("\n");
 	f_end();
-	if (!forever)
+	if (bad) {
+		static const u8 too_long[] = { 0, 0x10, 0, 0, K_STDOUT };
+		static const u8 unknown_kind[] = { 0, 0, 0, 1, 99 };
+		puts("runv-guest: container sends a broken frame: ");
+		for (int i = 0; i < bad_len; i++)
+			putc(bad[i]);
+		puts("\n");
+		if (str_eq(bad, bad_len, "length")) {
+			f_begin(K_STDOUT);
+			out_tail = frame_at; /* raw bytes, no frame around them */
+			f_bytes(too_long, sizeof(too_long));
+		} else if (str_eq(bad, bad_len, "kind")) {
+			f_begin(K_STDOUT);
+			out_tail = frame_at;
+			f_bytes(unknown_kind, sizeof(unknown_kind));
+		} else {
+			f_begin(K_EXITED);
+			f_str("{\"code\":");
+			f_end();
+		}
+		return; /* and keeps running */
+	}
+	if (!forever && !flood_left)
 		finish(want_code, want_signal, 0);
+}
+
+/* The flood's pattern repeats every 832 bytes (lcm of 64 and 26); the table
+ * holds a chunk's worth more, so any chunk is one copy from it. */
+#define FLOOD_PERIOD 832u
+#define FLOOD_CHUNK 4096u
+static u8 flood_pat[FLOOD_PERIOD + FLOOD_CHUNK];
+
+/* Queues flood output while the outbox has room; exits when it is all out. */
+static void flood(void)
+{
+	if (bad)
+		return;
+	if (flood_left && flood_pat[0] != 'a')
+		for (u32 i = 0; i < sizeof(flood_pat); i++)
+			flood_pat[i] = i % 64 == 63 ? '\n' : (u8)('a' + i % 26);
+	while (phase == RUNNING && flood_left && vs_connected() && !closing &&
+	       out_tail - out_head + 5 + FLOOD_CHUNK <= sizeof(out)) {
+		u32 n = flood_left < FLOOD_CHUNK ? (u32)flood_left : FLOOD_CHUNK;
+		f_begin(K_STDOUT);
+		f_bytes(flood_pat + flood_at % FLOOD_PERIOD, n);
+		f_end();
+		flood_at += n;
+		flood_left -= n;
+		flush();
+	}
+	if (phase == RUNNING && flood_at && !flood_left && !forever) {
+		puts("runv-guest: container flooded ");
+		putdec(flood_at);
+		puts(" bytes\n");
+		finish(want_code, want_signal, 0);
+	}
 }
 
 static void stop(const char *why)
@@ -413,6 +479,13 @@ static void parse_args(void)
 	}
 	if ((v = cmdline_get("run", &len)) && str_eq(v, len, "forever"))
 		forever = 1;
+	if ((v = cmdline_get("flood", &len)))
+		for (int i = 0; i < len && i < 12 && v[i] >= '0' && v[i] <= '9'; i++)
+			flood_left = flood_left * 10 + (u64)(v[i] - '0');
+	if ((v = cmdline_get("bad", &len)) && len > 0) {
+		bad = v;
+		bad_len = len;
+	}
 }
 
 void container_main(const char *cmdline)
@@ -448,6 +521,7 @@ void container_main(const char *cmdline)
 			flush();
 		}
 		flush();
+		flood();
 		if (!button && power_button()) {
 			button = 1;
 			stop("power button");

@@ -473,3 +473,79 @@ fn test_container_without_a_vsock_device_fails_with_a_reason() {
     assert_eq!(rec.reason, runv_vmm_api::ExitReason::GuestPanic, "{rec:?}");
     assert_ne!(out.status.code(), Some(0));
 }
+
+#[test]
+fn flood_writes_the_given_bytes_to_stdout_before_the_exit() {
+    let Some(_) = require_kvm("flood_writes_the_given_bytes_to_stdout") else {
+        return;
+    };
+    const BYTES: usize = 300_000;
+    let vm = Vm::start("flood", &format!("flood={BYTES} exit=2"));
+    let mut conn = vm.connect();
+    conn.guest_hello();
+    conn.hello();
+    run_container(&mut conn, "hello");
+    let mut flood = Vec::new();
+    let exited = loop {
+        match conn.read() {
+            Frame::Stdout(b) => {
+                assert!(b.len() <= runv_vmm_api::guest::MAX_OUTPUT_CHUNK);
+                flood.extend_from_slice(&b);
+            }
+            Frame::Exited(e) => break e,
+            f => panic!("expected Stdout or Exited, got {f:?}"),
+        }
+    };
+    assert_eq!(exited, exited_with_code(2));
+    assert_eq!(flood.len(), BYTES);
+    let want: Vec<u8> = (0..BYTES)
+        .map(|i| {
+            if i % 64 == 63 {
+                b'\n'
+            } else {
+                b'a' + (i % 26) as u8
+            }
+        })
+        .collect();
+    assert!(flood == want, "the flood's bytes differ from the pattern");
+    conn.send(&Frame::ExitAck);
+    vm.expect_poweroff(&format!("runv-guest: container flooded {BYTES} bytes\n"));
+}
+
+/// `bad=...` makes the guest break the protocol, so the host's decoder can be
+/// tested against a real guest: each one is refused by the API crate.
+#[test]
+fn bad_frames_from_the_guest_are_refused_by_the_hosts_decoder() {
+    use runv_vmm_api::guest::ProtoError;
+    let Some(_) = require_kvm("bad_frames_from_the_guest_are_refused") else {
+        return;
+    };
+    for bad in ["length", "kind", "json"] {
+        let vm = Vm::start(&format!("bad-{bad}"), &format!("bad={bad}"));
+        let mut conn = vm.connect();
+        conn.guest_hello();
+        conn.hello();
+        run_container(&mut conn, "hello");
+        match (bad, read_frame(&mut conn.stream)) {
+            ("length", Err(ProtoError::Length(1_048_576))) => {}
+            ("kind", Err(ProtoError::Kind(99))) => {}
+            ("json", Err(ProtoError::Payload { kind: "Exited", .. })) => {}
+            (_, other) => panic!("bad={bad}: {other:?}"),
+        }
+        // It keeps running until stopped.
+        drop(conn);
+        let mut conn = vm.connect();
+        assert!(
+            matches!(conn.guest_hello(), GuestState::Running(_)),
+            "bad={bad}"
+        );
+        conn.hello();
+        conn.send(&Frame::Stop(Stop {
+            grace_period_seconds: 0,
+        }));
+        // The broken frame is not sent again: the next frame is Exited.
+        assert_eq!(conn.read(), Frame::Exited(exited_with_signal(15)));
+        conn.send(&Frame::ExitAck);
+        vm.expect_poweroff("runv-guest: container exit acknowledged\n");
+    }
+}
