@@ -13,8 +13,9 @@
  * every byte as it arrives, so its fwd_cnt is everything received; it tells
  * the host with a CREDIT_UPDATE once the host has used a quarter of its
  * credit since the guest's last packet, and answers CREDIT_REQUEST. It sends
- * only within the host's buf_alloc - (tx_cnt - fwd_cnt) and asks with one
- * CREDIT_REQUEST when that is used up.
+ * only within the host's buf_alloc - (tx_cnt - fwd_cnt); when that is used
+ * up it asks with a CREDIT_REQUEST, and again about every second while it
+ * stays used up (the host also sends CREDIT_UPDATE by itself as it drains).
  *
  * Transmit is synchronous (runv-vmm completes TX on the notifying vCPU);
  * received packets are taken from the used ring by vs_next(), and the
@@ -48,6 +49,7 @@ static struct {
 	u32 fwd_cnt;                       /* bytes received and consumed */
 	u32 fwd_told;                      /* fwd_cnt in the last packet sent */
 	int credit_asked;
+	u32 asked_at;                      /* irq_ticks() of the last request */
 } c;
 
 static void send_pkt(u32 src, u32 dst, u16 op, u32 flags, const u8 *data, u32 len)
@@ -187,9 +189,7 @@ int vs_next(struct vs_event *ev)
 			ev->len = h->len;
 			return 1;
 		case VSOCK_OP_CREDIT_UPDATE:
-			if (current)
-				c.credit_asked = 0;
-			break;
+			break; /* the credit was taken from the header above */
 		case VSOCK_OP_CREDIT_REQUEST:
 			reply(h, current ? VSOCK_OP_CREDIT_UPDATE : VSOCK_OP_RST);
 			break;
@@ -223,12 +223,14 @@ u32 vs_write(const u8 *data, u32 len)
 	u32 in_flight = c.tx_cnt - c.peer_fwd_cnt;
 	u32 credit = c.peer_buf_alloc > in_flight ? c.peer_buf_alloc - in_flight : 0;
 	if (!credit) {
-		if (!c.credit_asked) {
+		if (!c.credit_asked || irq_ticks() - c.asked_at >= 10) {
 			send_pkt(listen_port, c.peer, VSOCK_OP_CREDIT_REQUEST, 0, 0, 0);
 			c.credit_asked = 1;
+			c.asked_at = irq_ticks();
 		}
 		return 0;
 	}
+	c.credit_asked = 0;
 	u32 n = len < credit ? len : credit;
 	if (n > VS_PAYLOAD)
 		n = VS_PAYLOAD;

@@ -549,3 +549,43 @@ fn bad_frames_from_the_guest_are_refused_by_the_hosts_decoder() {
         vm.expect_poweroff("runv-guest: container exit acknowledged\n");
     }
 }
+
+/// A host that stops reading for a while (a busy agent) loses nothing: the
+/// guest's output waits in the VMM within its credit and then in the guest,
+/// and the connection stays up.
+#[test]
+fn a_host_that_pauses_reading_loses_no_output() {
+    let Some(_) = require_kvm("a_host_that_pauses_reading_loses_no_output") else {
+        return;
+    };
+    const BYTES: usize = 1_000_000;
+    let vm = Vm::start("pause", &format!("flood={BYTES}"));
+    let mut conn = vm.connect();
+    conn.guest_hello();
+    conn.hello();
+    run_container(&mut conn, "hello");
+    // Long enough for the guest to fill the socket, the VMM's credit and its
+    // own outbox; not a measurement.
+    std::thread::sleep(Duration::from_secs(3));
+    let mut flood = 0usize;
+    loop {
+        match conn.read() {
+            Frame::Stdout(b) => flood += b.len(),
+            Frame::Exited(e) => {
+                assert_eq!(e, exited_with_code(0));
+                break;
+            }
+            f => panic!("expected Stdout or Exited, got {f:?}"),
+        }
+    }
+    assert_eq!(flood, BYTES);
+    conn.send(&Frame::ExitAck);
+    let serial = vm.expect_poweroff("runv-guest: container exit acknowledged\n");
+    assert_eq!(
+        serial
+            .matches("runv-guest: channel: host connected")
+            .count(),
+        1,
+        "{serial}"
+    );
+}
