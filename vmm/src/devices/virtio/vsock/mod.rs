@@ -92,6 +92,9 @@ struct Conn {
     unwritten: Vec<u8>,
     /// `fwd_cnt` as the guest last heard it.
     fwd_told: u32,
+    /// The guest shut the connection down while data waited: it closes once
+    /// that is written, and nothing more moves.
+    shut: bool,
 }
 
 /// A host client that has not sent its whole `CONNECT` line yet.
@@ -113,6 +116,7 @@ impl Conn {
             connecting,
             unwritten: Vec::new(),
             fwd_told: 0,
+            shut: false,
         }
     }
 
@@ -391,7 +395,12 @@ impl Vsock {
             let Some(c) = self.conns.get_mut(&key) else {
                 continue;
             };
+            let shut = c.shut;
             match c.flush() {
+                Ok(true) if shut => {
+                    self.close(key);
+                    continue;
+                }
                 Ok(true) => self.watch_writable(key, false),
                 Ok(false) => {}
                 Err(_) => {
@@ -399,7 +408,7 @@ impl Vsock {
                     // with the control queue full, answer its next packet).
                     self.close(key);
                     self.counters.resets.fetch_add(1, Ordering::Relaxed);
-                    if self.control.len() < MAX_CONTROL {
+                    if !shut && self.control.len() < MAX_CONTROL {
                         let r = self.reply(
                             &Header {
                                 src_port: key.0,
@@ -484,7 +493,7 @@ impl Vsock {
             }
             OP_RW => {
                 let result = match self.conns.get_mut(&key) {
-                    Some(c) if !c.connecting => {
+                    Some(c) if !c.connecting && !c.shut => {
                         let was_waiting = !c.unwritten.is_empty();
                         c.forward(payload)
                             .map(|()| !was_waiting && !c.unwritten.is_empty())
@@ -515,7 +524,12 @@ impl Vsock {
             }
             OP_SHUTDOWN | OP_RST => {
                 let had = self.conns.contains_key(&key);
-                self.close(key);
+                // A guest that shuts down after data the host socket has not
+                // taken yet: the data still goes, then the stream closes.
+                match self.conns.get_mut(&key) {
+                    Some(c) if h.op == OP_SHUTDOWN && !c.unwritten.is_empty() => c.shut = true,
+                    _ => self.close(key),
+                }
                 if had && h.op == OP_SHUTDOWN {
                     let r = self.reply(h, OP_RST);
                     self.control.push_back(r);
@@ -621,7 +635,11 @@ impl Vsock {
         let mut used = self.flush_control(index, queue, mem)?;
         let keys: Vec<Key> = self.conns.keys().copied().collect();
         for key in keys {
-            while let Some(conn) = self.conns.get_mut(&key).filter(|c| !c.connecting) {
+            while let Some(conn) = self
+                .conns
+                .get_mut(&key)
+                .filter(|c| !c.connecting && !c.shut)
+            {
                 let credit = conn.credit() as usize;
                 if credit == 0 {
                     break;
@@ -813,101 +831,169 @@ mod tests {
         std::fs::remove_file(&path).ok();
     }
 
+    /// A guest-initiated connection from guest port 1000 to a host service
+    /// on port 5000 that reads nothing until the test does; the socket paths
+    /// are removed on drop.
+    struct Service {
+        v: Vsock,
+        host: UnixStream,
+        req: Header,
+        paths: [PathBuf; 2],
+    }
+
+    const KEY: Key = (1000, 5000);
+
+    impl Service {
+        fn new(tag: &str) -> Service {
+            let path =
+                std::env::temp_dir().join(format!("runv-vsock-{tag}-{}.sock", std::process::id()));
+            let service = PathBuf::from(format!("{}_5000", path.display()));
+            let _ = std::fs::remove_file(&service);
+            let listener = UnixListener::bind(&service).unwrap();
+            let mut v = Vsock::new(3, path.clone(), VsockCounters::default()).unwrap();
+            let req = Header {
+                src_cid: 3,
+                dst_cid: HOST_CID,
+                src_port: KEY.0,
+                dst_port: KEY.1,
+                kind: TYPE_STREAM,
+                op: OP_REQUEST,
+                buf_alloc: 4096,
+                ..Default::default()
+            };
+            v.handle_guest_packet(&req, &[]);
+            assert_eq!(v.control.pop_front().map(|h| h.op), Some(OP_RESPONSE));
+            let (host, _) = listener.accept().unwrap();
+            host.set_nonblocking(true).unwrap();
+            Service {
+                v,
+                host,
+                req,
+                paths: [path, service],
+            }
+        }
+
+        /// The guest sends 4 KiB packets while its credit, as it last heard
+        /// it, allows; returns `(sent, heard)`.
+        fn guest_sends(&mut self, chunk: &[u8], mut sent: u32, mut heard: u32) -> (u32, u32) {
+            while BUF_ALLOC - (sent - heard) >= chunk.len() as u32 {
+                let rw = Header {
+                    op: OP_RW,
+                    len: chunk.len() as u32,
+                    ..self.req
+                };
+                self.v.handle_guest_packet(&rw, chunk);
+                sent += chunk.len() as u32;
+                heard = self.credit_heard(heard);
+                assert!(sent < 64 << 20, "the host socket never filled");
+            }
+            (sent, heard)
+        }
+
+        /// The fwd_cnt of the credit updates queued for the guest.
+        fn credit_heard(&mut self, mut heard: u32) -> u32 {
+            while let Some(h) = self.v.control.pop_front() {
+                assert_eq!(h.op, OP_CREDIT_UPDATE, "{h:?}");
+                heard = h.fwd_cnt;
+            }
+            heard
+        }
+
+        /// The host reads until `want` bytes came (the device writing what
+        /// waited in between); returns them.
+        fn host_reads(&mut self, want: usize, heard: &mut u32) -> Vec<u8> {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            for _ in 0..10_000 {
+                match self.host.read(&mut buf) {
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+                self.v.flush_unwritten();
+                *heard = self.credit_heard(*heard);
+                if got.len() >= want {
+                    break;
+                }
+            }
+            got
+        }
+    }
+
+    impl Drop for Service {
+        fn drop(&mut self) {
+            for p in &self.paths {
+                std::fs::remove_file(p).ok();
+            }
+        }
+    }
+
+    fn chunk() -> Vec<u8> {
+        (0..4096u32).map(|i| (i % 251) as u8).collect()
+    }
+
     /// A host that does not read: the guest's data waits in the device up to
     /// the credit it advertised (no reset), the device tells the guest its
     /// credit as the host drains it, and data past the credit is a reset.
     #[test]
     fn guest_data_waits_for_a_full_host_socket_within_credit() {
-        let path =
-            std::env::temp_dir().join(format!("runv-vsock-wait-{}.sock", std::process::id()));
-        let service = PathBuf::from(format!("{}_5000", path.display()));
-        let _ = std::fs::remove_file(&service);
-        let listener = UnixListener::bind(&service).unwrap();
-        let mut v = Vsock::new(3, path.clone(), VsockCounters::default()).unwrap();
-        let key = (1000, 5000);
-        let req = Header {
-            src_cid: 3,
-            dst_cid: HOST_CID,
-            src_port: key.0,
-            dst_port: key.1,
-            kind: TYPE_STREAM,
-            op: OP_REQUEST,
-            buf_alloc: 4096,
-            ..Default::default()
-        };
-        v.handle_guest_packet(&req, &[]);
-        assert_eq!(v.control.pop_front().map(|h| h.op), Some(OP_RESPONSE));
-        let (mut host, _) = listener.accept().unwrap();
-        host.set_nonblocking(true).unwrap();
-
-        // The guest sends 4 KiB packets while its credit (as it last heard
-        // it) allows; the host reads nothing.
-        let chunk: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
-        let (mut sent, mut heard) = (0u32, 0u32);
-        let guest_sends = |v: &mut Vsock, sent: &mut u32, heard: &mut u32| {
-            while BUF_ALLOC - (*sent - *heard) >= 4096 {
-                let rw = Header {
-                    op: OP_RW,
-                    len: 4096,
-                    fwd_cnt: 0,
-                    ..req
-                };
-                v.handle_guest_packet(&rw, &chunk);
-                *sent += 4096;
-                while let Some(h) = v.control.pop_front() {
-                    assert_eq!(h.op, OP_CREDIT_UPDATE, "{h:?}");
-                    *heard = h.fwd_cnt;
-                }
-                assert!(*sent < 64 << 20, "the host socket never filled");
-            }
-        };
-        guest_sends(&mut v, &mut sent, &mut heard);
-        let c = &v.conns[&key];
+        let mut s = Service::new("wait");
+        let chunk = chunk();
+        let (sent, mut heard) = s.guest_sends(&chunk, 0, 0);
+        let c = &s.v.conns[&KEY];
         assert!(!c.unwritten.is_empty(), "nothing waits");
         assert!(c.unwritten.len() <= BUF_ALLOC as usize);
         assert_eq!(c.fwd_cnt as usize + c.unwritten.len(), sent as usize);
 
         // The host reads everything: the waiting data follows, in order, and
-        // the guest hears that its credit is free again.
-        let mut got = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        for _ in 0..10_000 {
-            match host.read(&mut buf) {
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("{e}"),
-            }
-            v.flush_unwritten();
-            while let Some(h) = v.control.pop_front() {
-                assert_eq!(h.op, OP_CREDIT_UPDATE, "{h:?}");
-                heard = h.fwd_cnt;
-            }
-            if got.len() == sent as usize {
-                break;
-            }
-        }
+        // the guest hears that its credit is free again (at most a quarter
+        // of it goes untold).
+        let got = s.host_reads(sent as usize, &mut heard);
         assert_eq!(got.len(), sent as usize);
         assert!(got.chunks(4096).all(|c| c == chunk.as_slice()));
-        // At most a quarter of the credit goes untold.
         assert!(
             BUF_ALLOC - (sent - heard) > BUF_ALLOC / 4 * 3,
             "the guest was not told its credit is free: sent {sent}, heard {heard}"
         );
 
         // Filled again, a packet past the credit resets the connection.
-        guest_sends(&mut v, &mut sent, &mut heard);
-        let room = BUF_ALLOC as usize - v.conns[&key].unwritten.len();
+        s.guest_sends(&chunk, sent, heard);
+        let room = BUF_ALLOC as usize - s.v.conns[&KEY].unwritten.len();
         let too_much = vec![0u8; room + 1];
         let rw = Header {
             op: OP_RW,
             len: too_much.len() as u32,
-            ..req
+            ..s.req
         };
-        v.handle_guest_packet(&rw, &too_much);
-        assert_eq!(v.control.pop_back().map(|h| h.op), Some(OP_RST));
-        assert!(!v.conns.contains_key(&key));
-        std::fs::remove_file(&path).ok();
-        std::fs::remove_file(&service).ok();
+        s.v.handle_guest_packet(&rw, &too_much);
+        assert_eq!(s.v.control.pop_back().map(|h| h.op), Some(OP_RST));
+        assert!(!s.v.conns.contains_key(&KEY));
+    }
+
+    /// A guest that shuts down while its data waits: the data still reaches
+    /// the host, then the stream ends.
+    #[test]
+    fn waiting_guest_data_outlives_the_guests_shutdown() {
+        let mut s = Service::new("linger");
+        let chunk = chunk();
+        let (sent, mut heard) = s.guest_sends(&chunk, 0, 0);
+        assert!(!s.v.conns[&KEY].unwritten.is_empty());
+        let shutdown = Header {
+            op: OP_SHUTDOWN,
+            flags: 3,
+            ..s.req
+        };
+        s.v.handle_guest_packet(&shutdown, &[]);
+        assert_eq!(s.v.control.pop_back().map(|h| h.op), Some(OP_RST));
+        let got = s.host_reads(sent as usize, &mut heard);
+        assert_eq!(got.len(), sent as usize);
+        assert!(!s.v.conns.contains_key(&KEY), "closed once written");
+        let mut b = [0u8; 1];
+        s.host.set_nonblocking(false).unwrap();
+        s.host
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(s.host.read(&mut b).unwrap(), 0, "the stream ends");
     }
 
     #[test]
