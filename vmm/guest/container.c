@@ -7,7 +7,9 @@
  *
  *   exit=N        the container exits with status N (default 0)
  *   signal=S      ...or dies of signal S instead
- *   out=WORD      a word its stdout and stderr lines carry (default "hello")
+ *   out=WORD      a word its stdout and stderr lines carry (default "hello");
+ *                 the stdout line also names the Config's length, its
+ *                 hostname and the container's argv[0]
  *   run=forever   it keeps running until the host sends Stop (or the
  *                 power button): then it "dies" of SIGTERM (signal 15)
  *   flood=BYTES   after its two lines it writes BYTES more to stdout, in
@@ -219,8 +221,10 @@ static void frame_error(u8 kind, const char *why)
 	puts("\n");
 }
 
-/* The unsigned number after `"key":` in a JSON object, or -1. */
-static long json_uint(const u8 *p, u32 n, const char *key)
+static int json_space(u8 c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+
+/* Where the value of the first `"key":` in a JSON text starts, or n. */
+static u32 json_value(const u8 *p, u32 n, const char *key)
 {
 	u32 k = slen(key);
 	for (u32 i = 0; i + k + 2 <= n; i++) {
@@ -232,19 +236,53 @@ static long json_uint(const u8 *p, u32 n, const char *key)
 		if (!same)
 			continue;
 		u32 j = i + k + 2;
-		while (j < n && (p[j] == ' ' || p[j] == '\t' || p[j] == '\n' || p[j] == '\r'))
+		while (j < n && json_space(p[j]))
 			j++;
 		if (j >= n || p[j] != ':')
 			continue;
-		j++;
-		while (j < n && (p[j] == ' ' || p[j] == '\t' || p[j] == '\n' || p[j] == '\r'))
-			j++;
-		long v = -1;
-		for (; j < n && p[j] >= '0' && p[j] <= '9' && v < 100000000000L; j++)
-			v = (v < 0 ? 0 : v * 10) + (p[j] - '0');
-		return v;
+		for (j++; j < n && json_space(p[j]); j++)
+			;
+		return j;
 	}
-	return -1;
+	return n;
+}
+
+/* The unsigned number of `"key":`, or -1. */
+static long json_uint(const u8 *p, u32 n, const char *key)
+{
+	long v = -1;
+	for (u32 j = json_value(p, n, key); j < n && p[j] >= '0' && p[j] <= '9' && v < 100000000000L; j++)
+		v = (v < 0 ? 0 : v * 10) + (p[j] - '0');
+	return v;
+}
+
+/*
+ * The string of `"key":` (or the first string of its array) into out, at
+ * most max bytes; returns its length, or -1. The escapes \" \\ \/ are
+ * resolved; any other escape becomes '?'.
+ */
+static int json_str(const u8 *p, u32 n, const char *key, char *out, int max)
+{
+	u32 j = json_value(p, n, key);
+	if (j < n && p[j] == '[')
+		for (j++; j < n && json_space(p[j]); j++)
+			;
+	if (j >= n || p[j] != '"')
+		return -1;
+	int len = 0;
+	for (j++; j < n && p[j] != '"'; j++) {
+		u8 c = p[j];
+		if (c == '\\' && j + 1 < n) {
+			c = p[++j];
+			if (c == 'u')
+				j += 4;
+			if (c != '"' && c != '\\' && c != '/')
+				c = '?';
+		}
+		if (len < max)
+			out[len++] = (char)c;
+	}
+	return j < n ? len : -1;
 }
 
 /* Powers off, saying how the guest was woken while it waited. */
@@ -285,8 +323,11 @@ static void finish(int code, int signal, const char *start_error)
 	puts("\n");
 }
 
-static void start(u32 config_len)
+static void start(const u8 *config, u32 config_len)
 {
+	static char hostname[64], argv0[64];
+	int hlen = json_str(config, config_len, "hostname", hostname, sizeof(hostname));
+	int alen = json_str(config, config_len, "argv", argv0, sizeof(argv0));
 	phase = RUNNING;
 	puts("runv-guest: container started (config of ");
 	putdec(config_len);
@@ -299,7 +340,11 @@ static void start(u32 config_len)
 	f_bytes(word, (u32)word_len);
 	f_str(" (config of ");
 	f_int(config_len);
-	f_str(" bytes)\n");
+	f_str(" bytes, hostname ");
+	f_bytes(hostname, hlen > 0 ? (u32)hlen : 0);
+	f_str(", argv[0] ");
+	f_bytes(argv0, alen > 0 ? (u32)alen : 0);
+	f_str(")\n");
 	f_end();
 	f_begin(K_STDERR);
 	f_str("runv-test-guest stderr: ");
@@ -407,7 +452,7 @@ static void on_frame(u8 kind, const u8 *p, u32 n)
 			if (t >= 0)
 				exit_report_s = t > 86400 ? 86400 : (u32)t;
 		}
-		start(n);
+		start(p, n);
 		return;
 	case K_STOP:
 		stop("Stop from the host");

@@ -12,7 +12,7 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use common::channel::{
-    self, Conn, exited_with_code, exited_with_signal, guest_config, run_container,
+    self, Conn, exited_with_code, exited_with_signal, guest_config, run_container, stdout_line,
 };
 use common::{Control, KillOnDrop, Scratch, require_kvm, vmm, wait_output};
 use runv_vmm_api::guest::{Frame, GuestState, Hello, Started, Stop, read_frame};
@@ -377,15 +377,15 @@ fn a_host_breaking_the_protocol_gets_an_error_and_loses_only_its_connection() {
     big.container
         .env
         .push(format!("PAD={}", "x".repeat(60_000)));
+    // JSON escapes in argv[0]: quotes come back, a tab as '?'.
+    big.container.argv[0] = "/bin/say \"hi\"\t".into();
     let big = Frame::Config(Box::new(big));
     let big_len = big.encode().len() - 5;
     conn.send(&big);
     assert!(matches!(conn.read(), Frame::Started(_)));
     assert_eq!(
         conn.read(),
-        Frame::Stdout(
-            format!("runv-test-guest stdout: hello (config of {big_len} bytes)\n").into_bytes()
-        )
+        Frame::Stdout(stdout_line("hello", big_len, "vm-1", "/bin/say \"hi\"?"))
     );
     assert!(matches!(conn.read(), Frame::Stderr(_)));
     assert_eq!(conn.read(), Frame::Exited(exited_with_code(1)));

@@ -146,15 +146,21 @@ pub fn run_container(conn: &mut Conn, word: &str) -> usize {
     );
     assert_eq!(
         conn.read(),
-        Frame::Stdout(
-            format!("runv-test-guest stdout: {word} (config of {config_len} bytes)\n").into_bytes()
-        )
+        Frame::Stdout(stdout_line(word, config_len, "vm-1", "/bin/app"))
     );
     assert_eq!(
         conn.read(),
         Frame::Stderr(format!("runv-test-guest stderr: {word}\n").into_bytes())
     );
     config_len
+}
+
+/// The test guest's stdout line for a Config of `config_len` payload bytes.
+pub fn stdout_line(word: &str, config_len: usize, hostname: &str, argv0: &str) -> Vec<u8> {
+    format!(
+        "runv-test-guest stdout: {word} (config of {config_len} bytes, hostname {hostname}, argv[0] {argv0})\n"
+    )
+    .into_bytes()
 }
 
 pub fn exited_with_code(code: i32) -> Exited {
