@@ -20,7 +20,8 @@
  * Transmit is synchronous (runv-vmm completes TX on the notifying vCPU);
  * received packets are taken from the used ring by vs_next(), and the
  * device's interrupt (level-triggered through the IOAPIC, irq.c) wakes a
- * guest sleeping in irq_sleep(). The caller has run irq_setup().
+ * guest sleeping in irq_sleep(). The caller has run irq_setup() and
+ * irq_tick_start() (the credit request is repeated on its ticks).
  */
 #include "guest.h"
 #include "virtio.h"
