@@ -5,7 +5,8 @@
  * a virtio device's completion and the host's power button can be awaited
  * with `hlt` instead of polling. Every wait has a watchdog timer: a device
  * wait fails after about 4 s of host time if the interrupt never comes; the
- * power-button sleep polls port 0x601 every 5 s.
+ * power-button sleep polls port 0x601 every 5 s; test=container sleeps
+ * between vsock packets (irq_sleep) with a periodic tick as its clock.
  */
 #include "guest.h"
 
