@@ -45,12 +45,15 @@ fn main() {
         "guest.h",
         "irq.c",
         "virtio.c",
+        "virtio.h",
+        "vsock.c",
+        "container.c",
         "linker.ld",
     ] {
         println!("cargo:rerun-if-changed=guest/{f}");
     }
     println!("cargo:rerun-if-env-changed=RUNV_GUEST_CC");
-    let c_objs: Vec<PathBuf> = ["guest.c", "irq.c", "virtio.c"]
+    let c_objs: Vec<PathBuf> = ["guest.c", "irq.c", "virtio.c", "vsock.c", "container.c"]
         .iter()
         .map(|src| {
             let obj = out.join(format!("{src}.o"));

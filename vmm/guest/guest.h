@@ -41,9 +41,15 @@ int power_button(void);
 u32 irq_count(void);
 u32 irq_late(void);
 u32 irq_rte_seen(void);
+void irq_tick_start(u32 ms);
+u32 irq_ticks(void);
+void irq_sleep(int (*ready)(void));
 
 /* virtio tests (virtio.c) */
 void virtio_tests(const char *cmdline);
 void virtio_garbage(const char *cmdline);
+
+/* test=container: the guest side of the node agent's channel (container.c) */
+void container_main(const char *cmdline);
 
 #endif

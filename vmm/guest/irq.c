@@ -5,7 +5,8 @@
  * a virtio device's completion and the host's power button can be awaited
  * with `hlt` instead of polling. Every wait has a watchdog timer: a device
  * wait fails after about 4 s of host time if the interrupt never comes; the
- * power-button sleep polls port 0x601 every 5 s.
+ * power-button sleep polls port 0x601 every 5 s; test=container sleeps
+ * between vsock packets (irq_sleep) with a periodic tick as its clock.
  */
 #include "guest.h"
 
@@ -34,7 +35,7 @@ struct gate {
 static struct gate idt[256] __attribute__((aligned(16)));
 extern char irq_stub_dev[], irq_stub_timer[], irq_stub_ged[];
 
-static volatile u32 dev_count, all_count, timer_fired, rte_in_handler, ged_events;
+static volatile u32 dev_count, all_count, timer_fired, rte_in_handler, ged_events, ticks;
 static u32 late;
 static u64 dev_base;
 static u32 dev_pin;
@@ -129,6 +130,7 @@ void irq_ged(void)
 void irq_timer(void)
 {
 	timer_fired = 1;
+	ticks++;
 	mmio_write32(LAPIC + LAPIC_EOI, 0);
 }
 
@@ -184,4 +186,30 @@ int irq_sleep_ged(u32 bits, int (*poll)(void), u32 *wakes)
 	}
 	mmio_write32(LAPIC + LAPIC_TIMER_INIT, 0);
 	return via_ged;
+}
+
+/*
+ * A periodic local APIC timer, one tick every `ms` milliseconds (KVM's APIC
+ * bus runs at 1 GHz): the clock of waits that last (irq_ticks), and a
+ * wake-up for a guest sleeping in irq_sleep() whose interrupt got lost.
+ */
+void irq_tick_start(u32 ms)
+{
+	mmio_write32(LAPIC + LAPIC_TIMER_DIV, 0xb); /* divide by 1 */
+	mmio_write32(LAPIC + LAPIC_LVT_TIMER, VEC_TIMER | (1u << 17)); /* periodic */
+	mmio_write32(LAPIC + LAPIC_TIMER_INIT, ms * 1000000u);
+}
+
+u32 irq_ticks(void) { return ticks; }
+
+/*
+ * Sleeps in hlt until the next interrupt (the routed device, the timer),
+ * unless `ready()`, asked with interrupts off, says there is work: an
+ * interrupt that comes after that check still ends the hlt.
+ */
+void irq_sleep(int (*ready)(void))
+{
+	__asm__ volatile("cli" ::: "memory");
+	if (!ready())
+		__asm__ volatile("sti; hlt; cli" ::: "memory");
 }

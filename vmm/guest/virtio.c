@@ -6,66 +6,19 @@
  * interrupt through the IOAPIC (irq.c).
  */
 #include "guest.h"
+#include "virtio.h"
 
-#define R_MAGIC 0x000
-#define R_VERSION 0x004
-#define R_DEVICE_ID 0x008
-#define R_DEV_FEAT 0x010
-#define R_DEV_FEAT_SEL 0x014
-#define R_DRV_FEAT 0x020
-#define R_DRV_FEAT_SEL 0x024
-#define R_QSEL 0x030
-#define R_QNUM_MAX 0x034
-#define R_QNUM 0x038
-#define R_QREADY 0x044
-#define R_NOTIFY 0x050
-#define R_STATUS 0x070
-#define R_QDESC_LO 0x080
-#define R_QDESC_HI 0x084
-#define R_QAVAIL_LO 0x090
-#define R_QAVAIL_HI 0x094
-#define R_QUSED_LO 0x0a0
-#define R_QUSED_HI 0x0a4
-#define R_CONFIG 0x100
-
-#define QSZ 8
-#define F_NEXT 1
-#define F_WRITE 2
-#define MAX_DEVS 32
-
-struct desc { u64 addr; u32 len; u16 flags; u16 next; };
-struct vring {
-	struct desc desc[QSZ];
-	struct { u16 flags, idx, ring[QSZ]; } avail;
-	u8 pad[4096 - QSZ * 16 - 4 - 2 * QSZ];
-	struct { u16 flags, idx; struct { u32 id, len; } ring[QSZ]; } used;
-} __attribute__((aligned(4096)));
-
-#define MAX_QUEUES 3
-struct dev {
-	u64 base;
-	u32 irq;
-	u32 type, features;
-	struct vring *vr; /* queue 0 */
-	struct vring *q[MAX_QUEUES];
-	u16 avail_idx[MAX_QUEUES], used_seen[MAX_QUEUES];
-};
-
-#define MAX_RINGS 12
 static struct vring rings[MAX_RINGS];
 static int next_ring;
-static struct dev devs[MAX_DEVS];
-static int ndevs;
+struct dev devs[MAX_DEVS];
+int ndevs;
 
-static u64 rdtsc(void)
+u64 rdtsc(void)
 {
 	u32 lo, hi;
 	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
 	return ((u64)hi << 32) | lo;
 }
-
-/* Waits are bounded by TSC cycles: about 5-10 s on current hardware. */
-#define WAIT_CYCLES 20000000000ul
 
 #define BUF_SIZE 65536
 static u8 buf_a[BUF_SIZE] __attribute__((aligned(4096)));
@@ -73,8 +26,8 @@ static u8 buf_b[BUF_SIZE] __attribute__((aligned(4096)));
 static struct { u32 type, reserved; u64 sector; } blk_hdr __attribute__((aligned(16)));
 static volatile u8 blk_status;
 
-static u32 rd(struct dev *d, u32 r) { return mmio_read32(d->base + r); }
-static void wr(struct dev *d, u32 r, u32 v) { mmio_write32(d->base + r, v); }
+u32 rd(struct dev *d, u32 r) { return mmio_read32(d->base + r); }
+void wr(struct dev *d, u32 r, u32 v) { mmio_write32(d->base + r, v); }
 
 static u64 parse_hex(const char *p, const char **end)
 {
@@ -91,11 +44,15 @@ static u64 parse_hex(const char *p, const char **end)
 	return v;
 }
 
-/* Finds every `virtio_mmio.device=4K@ADDR:IRQ` on the command line. */
-static void discover(const char *cmdline)
+/* Finds every `virtio_mmio.device=4K@ADDR:IRQ` on the command line (once). */
+void discover(const char *cmdline)
 {
 	static const char key[] = "virtio_mmio.device=";
+	static int done;
 	const char *p = cmdline;
+	if (done)
+		return;
+	done = 1;
 	while (*p && ndevs < MAX_DEVS) {
 		const char *k = key, *q = p;
 		while (*k && *q == *k) { k++; q++; }
@@ -117,7 +74,7 @@ static void discover(const char *cmdline)
 	}
 }
 
-static int dev_init(struct dev *d, u32 want_features, int nqueues)
+int dev_init(struct dev *d, u32 want_features, int nqueues)
 {
 	if (rd(d, R_MAGIC) != 0x74726976 || rd(d, R_VERSION) != 2)
 		return 0;
@@ -164,7 +121,7 @@ static int dev_init(struct dev *d, u32 want_features, int nqueues)
 }
 
 /* Makes descriptor `id` of queue `n` available and notifies. */
-static void post(struct dev *d, int n, u16 id)
+void post(struct dev *d, int n, u16 id)
 {
 	struct vring *vr = d->q[n];
 	vr->avail.ring[d->avail_idx[n] % QSZ] = id;
@@ -175,7 +132,7 @@ static void post(struct dev *d, int n, u16 id)
 }
 
 /* Polls queue `n` for one used element; returns 0 on timeout. */
-static int wait_used(struct dev *d, int n, u32 *id, u32 *len)
+int wait_used(struct dev *d, int n, u32 *id, u32 *len)
 {
 	struct vring *vr = d->q[n];
 	u64 deadline = rdtsc() + WAIT_CYCLES;
@@ -474,13 +431,6 @@ static void net_test(struct dev *d)
 }
 
 /* virtio-vsock: connect to the host's port 1234, say hello, read the answer. */
-struct vsock_hdr {
-	u64 src_cid, dst_cid;
-	u32 src_port, dst_port, len;
-	u16 type, op;
-	u32 flags, buf_alloc, fwd_cnt;
-} __attribute__((packed));
-
 #define VS_RX_BUFS 4
 static u8 vs_rx[VS_RX_BUFS][sizeof(struct vsock_hdr) + 4096];
 static u8 vs_tx[sizeof(struct vsock_hdr) + 256];

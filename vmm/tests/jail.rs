@@ -1,8 +1,8 @@
 //! A jailed `runv-vmm`: it runs the test guest as the given unprivileged
 //! user, with no capabilities, chrooted into its jail directory, in mount,
 //! network and IPC namespaces of its own, and still answers its control
-//! socket, serves a disk and guest-initiated vsock connections, and leaves
-//! its exit file. Needs root (to jail) and `/dev/kvm`.
+//! socket, serves a disk, guest-initiated vsock connections and the guest
+//! channel on a host-initiated one, and leaves its exit file. Needs root (to jail) and `/dev/kvm`.
 
 mod common;
 
@@ -256,6 +256,48 @@ fn a_jailed_vmm_serves_a_disk_and_a_guest_initiated_vsock_connection() {
     );
     // The device's own socket was bound before the jail, at its host path.
     assert!(dir.path("run/v.sock").exists());
+}
+
+/// The node agent's side of the guest channel reaches the test guest in
+/// `test=container` through a jailed VMM's vsock socket (`CONNECT 1024`
+/// inside the jail's `run/`), and the whole conversation runs to power-off.
+#[test]
+fn a_jailed_vmm_carries_the_guest_channel_to_a_host_initiated_connection() {
+    use common::channel::{self, exited_with_code, run_container};
+    use runv_vmm_api::guest::{Frame, GuestState};
+    let test = "a_jailed_vmm_carries_the_guest_channel_to_a_host_initiated_connection";
+    if !require_kvm_and_root(test) {
+        return;
+    }
+    let dir = jail_dir("jail-chan");
+    let mut cfg = jailed_config(&dir, "test=container exit=4 out=jailed");
+    cfg.vsock = Some(VsockConfig {
+        guest_cid: 9,
+        uds_path: dir.path("run/v.sock"),
+    });
+    let child = spawn(&dir, &cfg);
+    let mut conn = channel::connect(&dir.path("run/v.sock"), &dir.path("serial.log"));
+    assert_eq!(conn.guest_hello(), GuestState::WaitingForConfig);
+    conn.hello();
+    run_container(&mut conn, "jailed");
+    assert_eq!(conn.read(), Frame::Exited(exited_with_code(4)));
+    conn.send(&Frame::ExitAck);
+    let out = wait_output(child.take(), Duration::from_secs(60));
+    let serial = std::fs::read_to_string(dir.path("serial.log")).unwrap_or_default();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{serial}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        serial.contains("runv-guest: container exit acknowledged\n"),
+        "{serial}"
+    );
+    assert_eq!(
+        read_exit_file(&dir.path("run/ctl.sock.exit")).reason,
+        ExitReason::PowerOff
+    );
 }
 
 /// Paths the jailed VMM uses after the jail must lie inside it: a config

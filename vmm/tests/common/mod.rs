@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use runv_vmm_api::{ExitRecord, Request, Response};
 
+pub mod channel;
 pub mod packet;
 
 /// Returns the hypervisor name, or None when the test should skip.

@@ -7,7 +7,13 @@
 //! guest through `udsPath` itself: a client sends `CONNECT <port>\n`, the
 //! device asks the guest (REQUEST to that port from a fresh host port) and
 //! answers `OK <host port>\n` once the guest accepts, or closes the stream
-//! if it refuses; after that the stream is an ordinary connection. Pending
+//! if it refuses; after that the stream is an ordinary connection. Guest
+//! data the host side cannot take yet (its socket is full) waits in the
+//! connection, at most the credit the device advertised ([`BUF_ALLOC`]):
+//! the device's `fwd_cnt` counts only bytes written to the socket, so a
+//! guest that honours credit stops sending, the socket's EPOLLOUT resumes
+//! the writes, and a CREDIT_UPDATE tells the guest once a quarter of the
+//! credit is free again; a guest that sends past its credit gets RST. Pending
 //! handshakes are bounded in number, line length and time. Control packets
 //! for the guest (RESPONSE, RST, credit updates) are bounded too: while
 //! [`MAX_CONTROL`] of them wait for RX buffers, TX packets stay in their ring
@@ -82,6 +88,13 @@ struct Conn {
     fwd_cnt: u32,
     /// Host-initiated and not yet accepted by the guest: no data moves.
     connecting: bool,
+    /// Guest data not yet written to the host socket (at most [`BUF_ALLOC`]).
+    unwritten: Vec<u8>,
+    /// `fwd_cnt` as the guest last heard it.
+    fwd_told: u32,
+    /// The guest shut the connection down while data waited: it closes once
+    /// that is written, and nothing more moves.
+    shut: bool,
 }
 
 /// A host client that has not sent its whole `CONNECT` line yet.
@@ -93,9 +106,61 @@ struct Pending {
 }
 
 impl Conn {
+    fn new(stream: UnixStream, peer_buf_alloc: u32, peer_fwd_cnt: u32, connecting: bool) -> Self {
+        Conn {
+            stream,
+            peer_buf_alloc,
+            peer_fwd_cnt,
+            tx_cnt: 0,
+            fwd_cnt: 0,
+            connecting,
+            unwritten: Vec::new(),
+            fwd_told: 0,
+            shut: false,
+        }
+    }
+
     fn credit(&self) -> u32 {
         self.peer_buf_alloc
             .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+
+    /// Writes what the socket takes now; the rest waits in `unwritten`.
+    /// Refuses data past the credit the device advertised.
+    fn forward(&mut self, payload: &[u8]) -> std::io::Result<()> {
+        if self.unwritten.len() + payload.len() > BUF_ALLOC as usize {
+            return Err(std::io::Error::other("the guest sent past its credit"));
+        }
+        let mut done = 0;
+        if self.unwritten.is_empty() {
+            done = self.write_some(payload)?;
+        }
+        self.unwritten.extend_from_slice(&payload[done..]);
+        Ok(())
+    }
+
+    /// Writes waiting data; true once none is left.
+    fn flush(&mut self) -> std::io::Result<bool> {
+        let data = std::mem::take(&mut self.unwritten);
+        let done = self.write_some(&data)?;
+        self.unwritten = data;
+        self.unwritten.drain(..done);
+        Ok(self.unwritten.is_empty())
+    }
+
+    fn write_some(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let mut done = 0;
+        while done < data.len() {
+            match self.stream.write(&data[done..]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        self.fwd_cnt = self.fwd_cnt.wrapping_add(done as u32);
+        Ok(done)
     }
 }
 
@@ -220,17 +285,7 @@ impl Vsock {
         if self.conns.contains_key(&key) {
             return;
         }
-        self.conns.insert(
-            key,
-            Conn {
-                stream,
-                peer_buf_alloc: 0,
-                peer_fwd_cnt: 0,
-                tx_cnt: 0,
-                fwd_cnt: 0,
-                connecting: true,
-            },
-        );
+        self.conns.insert(key, Conn::new(stream, 0, 0, true));
         self.control.push_back(Header {
             src_cid: HOST_CID,
             dst_cid: self.guest_cid,
@@ -280,12 +335,95 @@ impl Vsock {
     }
 
     fn watch(&self, fd: RawFd, key: Key) {
+        self.epoll_ctl(libc::EPOLL_CTL_ADD, fd, key, false);
+    }
+
+    /// Also waits for the stream to take more data (while guest data waits).
+    fn watch_writable(&self, key: Key, writable: bool) {
+        if let Some(c) = self.conns.get(&key) {
+            self.epoll_ctl(libc::EPOLL_CTL_MOD, c.stream.as_raw_fd(), key, writable);
+        }
+    }
+
+    fn epoll_ctl(&self, op: libc::c_int, fd: RawFd, key: Key, writable: bool) {
+        let out = if writable { libc::EPOLLOUT as u32 } else { 0 };
         let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
+            events: libc::EPOLLIN as u32 | out,
             u64: (u64::from(key.0) << 32) | u64::from(key.1),
         };
         // SAFETY: valid epoll fd, valid stream fd and event struct.
-        unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+        unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut ev) };
+    }
+
+    /// Tells the guest its credit once a quarter of it was freed since it
+    /// last heard (while the control queue has room).
+    fn credit_update_if_due(&mut self, key: Key) {
+        let due = self
+            .conns
+            .get(&key)
+            .is_some_and(|c| !c.connecting && c.fwd_cnt.wrapping_sub(c.fwd_told) >= BUF_ALLOC / 4);
+        if due && self.control.len() < MAX_CONTROL {
+            let r = self.reply(
+                &Header {
+                    src_port: key.0,
+                    dst_port: key.1,
+                    ..Default::default()
+                },
+                OP_CREDIT_UPDATE,
+            );
+            self.told(key);
+            self.control.push_back(r);
+        }
+    }
+
+    /// The guest is about to hear this connection's `fwd_cnt`.
+    fn told(&mut self, key: Key) {
+        if let Some(c) = self.conns.get_mut(&key) {
+            c.fwd_told = c.fwd_cnt;
+        }
+    }
+
+    /// Writes guest data that waited for the host sockets.
+    fn flush_unwritten(&mut self) {
+        let keys: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.unwritten.is_empty())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            let Some(c) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            let shut = c.shut;
+            match c.flush() {
+                Ok(true) if shut => {
+                    self.close(key);
+                    continue;
+                }
+                Ok(true) => self.watch_writable(key, false),
+                Ok(false) => {}
+                Err(_) => {
+                    // The host closed its end: reset the guest's side (or,
+                    // with the control queue full, answer its next packet).
+                    self.close(key);
+                    self.counters.resets.fetch_add(1, Ordering::Relaxed);
+                    if !shut && self.control.len() < MAX_CONTROL {
+                        let r = self.reply(
+                            &Header {
+                                src_port: key.0,
+                                dst_port: key.1,
+                                ..Default::default()
+                            },
+                            OP_RST,
+                        );
+                        self.control.push_back(r);
+                    }
+                    continue;
+                }
+            }
+            self.credit_update_if_due(key);
+        }
     }
 
     fn close(&mut self, key: Key) {
@@ -306,17 +444,8 @@ impl Vsock {
         match stream.and_then(|s| s.set_nonblocking(true).ok().map(|_| s)) {
             Some(stream) => {
                 self.watch(stream.as_raw_fd(), key);
-                self.conns.insert(
-                    key,
-                    Conn {
-                        stream,
-                        peer_buf_alloc: h.buf_alloc,
-                        peer_fwd_cnt: h.fwd_cnt,
-                        tx_cnt: 0,
-                        fwd_cnt: 0,
-                        connecting: false,
-                    },
-                );
+                self.conns
+                    .insert(key, Conn::new(stream, h.buf_alloc, h.fwd_cnt, false));
                 self.counters.connections.fetch_add(1, Ordering::Relaxed);
                 let r = self.reply(h, OP_RESPONSE);
                 self.control.push_back(r);
@@ -363,32 +492,44 @@ impl Vsock {
                 }
             }
             OP_RW => {
-                let ok = match self.conns.get_mut(&key) {
-                    Some(c) => match c.stream.write_all(payload) {
-                        Ok(()) => {
-                            c.fwd_cnt = c.fwd_cnt.wrapping_add(payload.len() as u32);
-                            self.counters
-                                .tx_bytes
-                                .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                            true
-                        }
-                        Err(_) => false,
-                    },
-                    None => false,
+                let result = match self.conns.get_mut(&key) {
+                    Some(c) if !c.connecting && !c.shut => {
+                        let was_waiting = !c.unwritten.is_empty();
+                        c.forward(payload)
+                            .map(|()| !was_waiting && !c.unwritten.is_empty())
+                    }
+                    _ => Err(std::io::ErrorKind::NotConnected.into()),
                 };
-                if !ok {
-                    self.close(key);
-                    let r = self.reply(h, OP_RST);
-                    self.control.push_back(r);
+                match result {
+                    Ok(now_waiting) => {
+                        self.counters
+                            .tx_bytes
+                            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                        if now_waiting {
+                            self.watch_writable(key, true);
+                        }
+                        self.credit_update_if_due(key);
+                    }
+                    Err(_) => {
+                        self.close(key);
+                        let r = self.reply(h, OP_RST);
+                        self.control.push_back(r);
+                    }
                 }
             }
             OP_CREDIT_REQUEST => {
                 let r = self.reply(h, OP_CREDIT_UPDATE);
+                self.told(key);
                 self.control.push_back(r);
             }
             OP_SHUTDOWN | OP_RST => {
                 let had = self.conns.contains_key(&key);
-                self.close(key);
+                // A guest that shuts down after data the host socket has not
+                // taken yet: the data still goes, then the stream closes.
+                match self.conns.get_mut(&key) {
+                    Some(c) if h.op == OP_SHUTDOWN && !c.unwritten.is_empty() => c.shut = true,
+                    _ => self.close(key),
+                }
                 if had && h.op == OP_SHUTDOWN {
                     let r = self.reply(h, OP_RST);
                     self.control.push_back(r);
@@ -490,10 +631,15 @@ impl Vsock {
         mem: &GuestMemoryMmap,
     ) -> Result<bool, QueueError> {
         self.host_connects();
+        self.flush_unwritten();
         let mut used = self.flush_control(index, queue, mem)?;
         let keys: Vec<Key> = self.conns.keys().copied().collect();
         for key in keys {
-            while let Some(conn) = self.conns.get_mut(&key).filter(|c| !c.connecting) {
+            while let Some(conn) = self
+                .conns
+                .get_mut(&key)
+                .filter(|c| !c.connecting && !c.shut)
+            {
                 let credit = conn.credit() as usize;
                 if credit == 0 {
                     break;
@@ -535,6 +681,7 @@ impl Vsock {
                     break;
                 }
                 conn.tx_cnt = conn.tx_cnt.wrapping_add(n as u32);
+                conn.fwd_told = conn.fwd_cnt;
                 let h = Header {
                     src_cid: HOST_CID,
                     dst_cid: self.guest_cid,
@@ -682,6 +829,171 @@ mod tests {
         v.handle_guest_packet(&stray, &[]);
         assert_eq!(v.control[0].op, OP_RST);
         std::fs::remove_file(&path).ok();
+    }
+
+    /// A guest-initiated connection from guest port 1000 to a host service
+    /// on port 5000 that reads nothing until the test does; the socket paths
+    /// are removed on drop.
+    struct Service {
+        v: Vsock,
+        host: UnixStream,
+        req: Header,
+        paths: [PathBuf; 2],
+    }
+
+    const KEY: Key = (1000, 5000);
+
+    impl Service {
+        fn new(tag: &str) -> Service {
+            let path =
+                std::env::temp_dir().join(format!("runv-vsock-{tag}-{}.sock", std::process::id()));
+            let service = PathBuf::from(format!("{}_5000", path.display()));
+            let _ = std::fs::remove_file(&service);
+            let listener = UnixListener::bind(&service).unwrap();
+            let mut v = Vsock::new(3, path.clone(), VsockCounters::default()).unwrap();
+            let req = Header {
+                src_cid: 3,
+                dst_cid: HOST_CID,
+                src_port: KEY.0,
+                dst_port: KEY.1,
+                kind: TYPE_STREAM,
+                op: OP_REQUEST,
+                buf_alloc: 4096,
+                ..Default::default()
+            };
+            v.handle_guest_packet(&req, &[]);
+            assert_eq!(v.control.pop_front().map(|h| h.op), Some(OP_RESPONSE));
+            let (host, _) = listener.accept().unwrap();
+            host.set_nonblocking(true).unwrap();
+            Service {
+                v,
+                host,
+                req,
+                paths: [path, service],
+            }
+        }
+
+        /// The guest sends 4 KiB packets while its credit, as it last heard
+        /// it, allows; returns `(sent, heard)`.
+        fn guest_sends(&mut self, chunk: &[u8], mut sent: u32, mut heard: u32) -> (u32, u32) {
+            while BUF_ALLOC - (sent - heard) >= chunk.len() as u32 {
+                let rw = Header {
+                    op: OP_RW,
+                    len: chunk.len() as u32,
+                    ..self.req
+                };
+                self.v.handle_guest_packet(&rw, chunk);
+                sent += chunk.len() as u32;
+                heard = self.credit_heard(heard);
+                assert!(sent < 64 << 20, "the host socket never filled");
+            }
+            (sent, heard)
+        }
+
+        /// The fwd_cnt of the credit updates queued for the guest.
+        fn credit_heard(&mut self, mut heard: u32) -> u32 {
+            while let Some(h) = self.v.control.pop_front() {
+                assert_eq!(h.op, OP_CREDIT_UPDATE, "{h:?}");
+                heard = h.fwd_cnt;
+            }
+            heard
+        }
+
+        /// The host reads until `want` bytes came (the device writing what
+        /// waited in between); returns them.
+        fn host_reads(&mut self, want: usize, heard: &mut u32) -> Vec<u8> {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            for _ in 0..10_000 {
+                match self.host.read(&mut buf) {
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+                self.v.flush_unwritten();
+                *heard = self.credit_heard(*heard);
+                if got.len() >= want {
+                    break;
+                }
+            }
+            got
+        }
+    }
+
+    impl Drop for Service {
+        fn drop(&mut self) {
+            for p in &self.paths {
+                std::fs::remove_file(p).ok();
+            }
+        }
+    }
+
+    fn chunk() -> Vec<u8> {
+        (0..4096u32).map(|i| (i % 251) as u8).collect()
+    }
+
+    /// A host that does not read: the guest's data waits in the device up to
+    /// the credit it advertised (no reset), the device tells the guest its
+    /// credit as the host drains it, and data past the credit is a reset.
+    #[test]
+    fn guest_data_waits_for_a_full_host_socket_within_credit() {
+        let mut s = Service::new("wait");
+        let chunk = chunk();
+        let (sent, mut heard) = s.guest_sends(&chunk, 0, 0);
+        let c = &s.v.conns[&KEY];
+        assert!(!c.unwritten.is_empty(), "nothing waits");
+        assert!(c.unwritten.len() <= BUF_ALLOC as usize);
+        assert_eq!(c.fwd_cnt as usize + c.unwritten.len(), sent as usize);
+
+        // The host reads everything: the waiting data follows, in order, and
+        // the guest hears that its credit is free again (at most a quarter
+        // of it goes untold).
+        let got = s.host_reads(sent as usize, &mut heard);
+        assert_eq!(got.len(), sent as usize);
+        assert!(got.chunks(4096).all(|c| c == chunk.as_slice()));
+        assert!(
+            BUF_ALLOC - (sent - heard) > BUF_ALLOC / 4 * 3,
+            "the guest was not told its credit is free: sent {sent}, heard {heard}"
+        );
+
+        // Filled again, a packet past the credit resets the connection.
+        s.guest_sends(&chunk, sent, heard);
+        let room = BUF_ALLOC as usize - s.v.conns[&KEY].unwritten.len();
+        let too_much = vec![0u8; room + 1];
+        let rw = Header {
+            op: OP_RW,
+            len: too_much.len() as u32,
+            ..s.req
+        };
+        s.v.handle_guest_packet(&rw, &too_much);
+        assert_eq!(s.v.control.pop_back().map(|h| h.op), Some(OP_RST));
+        assert!(!s.v.conns.contains_key(&KEY));
+    }
+
+    /// A guest that shuts down while its data waits: the data still reaches
+    /// the host, then the stream ends.
+    #[test]
+    fn waiting_guest_data_outlives_the_guests_shutdown() {
+        let mut s = Service::new("linger");
+        let chunk = chunk();
+        let (sent, mut heard) = s.guest_sends(&chunk, 0, 0);
+        assert!(!s.v.conns[&KEY].unwritten.is_empty());
+        let shutdown = Header {
+            op: OP_SHUTDOWN,
+            flags: 3,
+            ..s.req
+        };
+        s.v.handle_guest_packet(&shutdown, &[]);
+        assert_eq!(s.v.control.pop_back().map(|h| h.op), Some(OP_RST));
+        let got = s.host_reads(sent as usize, &mut heard);
+        assert_eq!(got.len(), sent as usize);
+        assert!(!s.v.conns.contains_key(&KEY), "closed once written");
+        let mut b = [0u8; 1];
+        s.host.set_nonblocking(false).unwrap();
+        s.host
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(s.host.read(&mut b).unwrap(), 0, "the stream ends");
     }
 
     #[test]
