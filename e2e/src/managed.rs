@@ -576,6 +576,20 @@ pub fn apply(
             && !applied.iter().any(|a| a.starts_with(p))
         {
             remove_at(&mut obj, p);
+            // A map left empty goes too, as structured-merge-diff removes a
+            // map the manager owned (`waiting: {reason}` applied, then only
+            // `running`: no `waiting: {}` stays behind).
+            for end in (1..p.len()).rev() {
+                let prefix = &p[..end];
+                let empty = value_at(&obj, prefix)
+                    .and_then(Value::as_object)
+                    .is_some_and(Map::is_empty);
+                let kept = others.contains(prefix) || applied.contains(prefix);
+                if !empty || kept || !prefix[end - 1].starts_with("f:") {
+                    break;
+                }
+                remove_at(&mut obj, prefix);
+            }
         }
     }
     let meta = obj["metadata"].clone();
@@ -681,5 +695,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(dropped["data"], json!({"a": "9"}));
+    }
+
+    #[test]
+    fn a_map_the_manager_stops_applying_goes_whole() {
+        let rt = cm();
+        let apply_as = |live: Option<&Value>, cfg: Value| {
+            apply(&rt, live, &cfg, "one", "", false, "t").unwrap()
+        };
+        let waiting = apply_as(
+            None,
+            json!({"metadata": {"name": "x"}, "data": {"state": {"waiting": {"reason": "r"}}}}),
+        );
+        let running = apply_as(
+            Some(&waiting),
+            json!({"metadata": {"name": "x"}, "data": {"state": {"running": {"at": "1"}}}}),
+        );
+        assert_eq!(running["data"], json!({"state": {"running": {"at": "1"}}}));
     }
 }

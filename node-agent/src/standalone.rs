@@ -194,8 +194,35 @@ struct SerialTail {
     partial: Vec<u8>,
 }
 
+/// A line of the serial console, as it is.
+fn console_line(line: &[u8]) -> Option<Vec<u8>> {
+    Some(line.to_vec())
+}
+
+/// A line of a container's CRI log: its text, without time and stream.
+fn container_line(line: &[u8]) -> Option<Vec<u8>> {
+    let entry = crate::host::logs::read_entries(line).pop()?;
+    Some(
+        entry
+            .text
+            .strip_suffix(b"\n")
+            .unwrap_or(&entry.text)
+            .to_vec(),
+    )
+}
+
 impl SerialTail {
     fn poll(&mut self, path: &Path, prefix: &str, out: &mut dyn Write) -> std::io::Result<()> {
+        self.poll_with(path, prefix, console_line, out)
+    }
+
+    fn poll_with(
+        &mut self,
+        path: &Path,
+        prefix: &str,
+        text: fn(&[u8]) -> Option<Vec<u8>>,
+        out: &mut dyn Write,
+    ) -> std::io::Result<()> {
         let Ok(mut f) = std::fs::File::open(path) else {
             return Ok(());
         };
@@ -212,7 +239,9 @@ impl SerialTail {
             let line: Vec<u8> = self.partial.drain(..=pos).collect();
             let line = line.strip_suffix(b"\n").unwrap_or(&line);
             let line = line.strip_suffix(b"\r").unwrap_or(line);
-            writeln!(out, "{prefix} | {}", crate::console::sanitize(line))?;
+            if let Some(line) = text(line) {
+                writeln!(out, "{prefix} | {}", crate::console::sanitize(&line))?;
+            }
         }
         if self.partial.len() > 4096 {
             writeln!(
@@ -236,6 +265,8 @@ pub fn run(
 ) -> Result<bool, StandaloneError> {
     let mut statuses: BTreeMap<VmRef, MicroVMStatus> = BTreeMap::new();
     let mut tails: BTreeMap<VmRef, SerialTail> = BTreeMap::new();
+    // A container VM's container output, printed as its console is.
+    let mut container_tails: BTreeMap<VmRef, SerialTail> = BTreeMap::new();
     let started = std::time::Instant::now();
     // A new standalone run runs its VMs again; a VMM still running from an
     // earlier agent (killed, say) is adopted instead.
@@ -259,6 +290,14 @@ pub fn run(
                 .entry(r.clone())
                 .or_default()
                 .poll(&rt.dir(&r).serial_log(), &r.name, out)?;
+            if vm.spec.container.is_some() {
+                container_tails.entry(r.clone()).or_default().poll_with(
+                    &rt.dir(&r).container_log(),
+                    &r.name,
+                    container_line,
+                    out,
+                )?;
+            }
             let events = d.events.iter().cloned();
             for t in events.chain(crate::reconcile::transitions(&previous, &d.status)) {
                 writeln!(

@@ -32,11 +32,18 @@ const WAIT: Duration = Duration::from_secs(120);
 /// erofs's superblock magic, at byte 1024 of the filesystem image.
 const EROFS_MAGIC: &str = "magic1024=0xe0f5e1e2";
 
-fn manifest(name: &str, image: &str, policy: &str) -> String {
+/// The test guest in its container mode: it checks its disks, then speaks
+/// the guest side of the channel as runv-init would, and its "container"
+/// exits with the code `guest` names (`exit=N`, `run=forever`, ...).
+fn manifest_with(name: &str, image: &str, policy: &str, run: &str, guest: &str) -> String {
     format!(
-        "apiVersion: runv.dev/v1alpha1\nkind: MicroVM\nmetadata:\n  name: {name}\nspec:\n  resources: {{ vcpus: 1, memory: 64Mi }}\n  boot:\n    kernel: {}\n    cmdline: \"console=ttyS0\"\n  runPolicy: Once\n  container:\n    image: \"{image}\"\n    args: [\"--greeting\", \"$(WHO)\"]\n    env: [{{ name: WHO, value: world }}]\n{policy}",
+        "apiVersion: runv.dev/v1alpha1\nkind: MicroVM\nmetadata:\n  name: {name}\nspec:\n  resources: {{ vcpus: 1, memory: 64Mi }}\n  boot:\n    kernel: {}\n    cmdline: \"console=ttyS0 test=container disks=check out={name} {guest}\"\n  runPolicy: {run}\n  container:\n    image: \"{image}\"\n    args: [\"--greeting\", \"$(WHO)\"]\n    env: [{{ name: WHO, value: world }}]\n{policy}",
         common::test_guest()
     )
+}
+
+fn manifest(name: &str, image: &str, policy: &str) -> String {
+    manifest_with(name, image, policy, "Once", "exit=0")
 }
 
 /// Runs `runv-agent standalone` on `body` with its state in `root`; its exit
@@ -95,7 +102,35 @@ fn a_container_vm_boots_with_its_image_as_a_read_only_first_disk() {
     );
     assert!(out.contains("virtio-blk ro write refused"), "{out}");
     assert!(out.contains(EROFS_MAGIC), "{out}");
+    // The guest took its config over the channel, and its output came back
+    // through the agent's link, printed as the console is.
+    assert!(
+        out.contains("app | runv-test-guest stdout: app (config of "),
+        "{out}"
+    );
+    assert!(out.contains("hostname app, argv[0] /bin/app)"), "{out}");
+    assert!(out.contains("app | runv-test-guest stderr: app\n"), "{out}");
+    assert!(out.contains("phase=Succeeded"), "{out}");
+    assert!(
+        out.contains("app Normal Started: Started container\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("app Normal Exited: Container exited with code 0 (Completed)\n"),
+        "{out}"
+    );
     let dir = root.join("vms/default_app");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("container/run.json")).unwrap()).unwrap();
+    assert_eq!(record["exited"]["code"], 0, "{record}");
+    assert!(record["bootedAtMs"].is_i64(), "{record}");
+    let logs = Agent::run_to_end(&["--root", &root.display().to_string(), "logs", "app"]);
+    assert_eq!(
+        logs.lines().count(),
+        2,
+        "stdout and stderr lines, and nothing else: {logs}"
+    );
+    assert!(logs.contains("runv-test-guest stderr: app\n"), "{logs}");
     let record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("image.json")).unwrap()).unwrap();
     let image_id = record["imageID"].as_str().unwrap().to_owned();
@@ -240,7 +275,7 @@ fn workload_pulls(cluster: &Cluster) -> anyhow::Result<()> {
     ])?;
     let mut agent = cluster.start_agent();
     let body = format!(
-        "apiVersion: runv.dev/v1alpha1\nkind: SecureWorkload\nmetadata:\n  name: img\n  namespace: default\nspec:\n  replicas: 2\n  selector: {{ matchLabels: {{ app: img }} }}\n  template:\n    metadata: {{ labels: {{ app: img }} }}\n    spec:\n      resources: {{ vcpus: 1, memory: 64Mi }}\n      boot: {{ kernel: {}, cmdline: console=ttyS0 }}\n      runPolicy: Once\n      imagePullSecrets: [{{ name: regcred }}]\n  container:\n    image: \"{image}\"\n",
+        "apiVersion: runv.dev/v1alpha1\nkind: SecureWorkload\nmetadata:\n  name: img\n  namespace: default\nspec:\n  replicas: 2\n  selector: {{ matchLabels: {{ app: img }} }}\n  template:\n    metadata: {{ labels: {{ app: img }} }}\n    spec:\n      resources: {{ vcpus: 1, memory: 64Mi }}\n      boot: {{ kernel: {}, cmdline: \"console=ttyS0 test=container disks=check exit=0\" }}\n      runPolicy: Once\n      imagePullSecrets: [{{ name: regcred }}]\n  container:\n    image: \"{image}\"\n",
         common::test_guest()
     );
     let file = cluster.tmp.path().join("swl.yaml");
@@ -253,7 +288,7 @@ fn workload_pulls(cluster: &Cluster) -> anyhow::Result<()> {
             "-l",
             "app=img",
             "-o",
-            "jsonpath={range .items[*]}{.status.phase} {.status.container.imageID}{\"\\n\"}{end}",
+            "jsonpath={range .items[*]}{.status.phase} {.status.container.imageID} {.status.container.state.terminated.reason} {.status.container.state.terminated.exitCode}{\"\\n\"}{end}",
         ])?;
         Ok(out.lines().map(str::to_owned).collect())
     };
@@ -269,15 +304,137 @@ fn workload_pulls(cluster: &Cluster) -> anyhow::Result<()> {
             panic!("{line}\n{all}\n{}", agent.output());
         }
     }
-    // Each replica booted with the image's filesystem as its first disk.
+    for line in ids()? {
+        assert!(
+            line.ends_with(" Completed 0"),
+            "the container's exit: {line}"
+        );
+    }
+    // Each replica booted with the image's filesystem as its first disk,
+    // and its container's output was kept on the node.
     let names = cluster.kubectl(&["get", "mvm", "-l", "app=img", "-o", "name"])?;
     for name in names.lines() {
         let name = name.trim_start_matches("microvm.runv.dev/");
         let log = std::fs::read_to_string(cluster.vm_dir(name).join("serial.log"))?;
         assert!(log.contains(EROFS_MAGIC), "{name}: {log}");
+        let out = std::fs::read_to_string(cluster.vm_dir(name).join("container/current.log"))?;
+        assert!(
+            out.contains(&format!("hostname {name}, argv[0] ")),
+            "{name}: {out}"
+        );
     }
+    eprintln!(
+        "status.container of the replicas:\n{}",
+        cluster.kubectl(&[
+            "get",
+            "mvm",
+            "-l",
+            "app=img",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}: {.status.container}{\"\\n\"}{end}"
+        ])?
+    );
     let events = cluster.kubectl(&["get", "events", "-o", "jsonpath={.items[*].reason}"])?;
     assert!(events.contains("Pulled"), "{events}");
+    agent.signal(libc::SIGTERM);
+    agent.wait(Duration::from_secs(10));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_container_is_rerun_and_a_running_one_counts_as_available() -> anyhow::Result<()>
+{
+    let test = "a_failing_container_is_rerun_and_a_running_one_counts_as_available";
+    if !require_tools(test, &["docker-registry", "skopeo", "mkfs.erofs"]) {
+        return Ok(());
+    }
+    run_scenario_needing(test, &[Need::Root], reruns_and_availability).await
+}
+
+fn workload(name: &str, image: &str, run: &str, guest: &str) -> String {
+    format!(
+        "apiVersion: runv.dev/v1alpha1\nkind: SecureWorkload\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  replicas: 1\n  selector: {{ matchLabels: {{ app: {name} }} }}\n  template:\n    metadata: {{ labels: {{ app: {name} }} }}\n    spec:\n      resources: {{ vcpus: 1, memory: 64Mi }}\n      boot: {{ kernel: {}, cmdline: \"console=ttyS0 test=container out={name} {guest}\" }}\n      runPolicy: {run}\n  container:\n    image: \"{image}\"\n",
+        common::test_guest()
+    )
+}
+
+fn reruns_and_availability(cluster: &Cluster) -> anyhow::Result<()> {
+    let registry = Registry::start(None);
+    push_test_image(&registry, cluster.tmp.path(), "1", &[]);
+    let image = format!("{}/app:1", registry.addr);
+    let mut agent = cluster.start_agent();
+    for (name, run, guest) in [
+        ("fails", "RerunOnFailure", "exit=3"),
+        ("serves", "Always", "run=forever"),
+    ] {
+        let file = cluster.tmp.path().join(format!("{name}.yaml"));
+        std::fs::write(&file, workload(name, &image, run, guest))?;
+        cluster.kubectl(&["apply", "-f", &file.display().to_string()])?;
+    }
+    let get = |selector: &str, path: &str| {
+        cluster.kubectl(&[
+            "get",
+            "mvm",
+            "-l",
+            selector,
+            "-o",
+            &format!("jsonpath={path}"),
+        ])
+    };
+    // The failing container is run again, its last exit kept as lastState.
+    wait_until("a rerun after exit code 3", WAIT, || {
+        Ok(get(
+            "app=fails",
+            "{.items[0].status.container.lastState.terminated.exitCode}",
+        )? == "3")
+    })
+    .map_err(|e| e.context(agent.output()))?;
+    let restarts: i32 = get("app=fails", "{.items[0].status.container.restartCount}")?.parse()?;
+    assert!(restarts >= 1, "{restarts}");
+    let reason = get(
+        "app=fails",
+        "{.items[0].status.container.lastState.terminated.reason}",
+    )?;
+    assert_eq!(reason, "Error");
+    let name = get("app=fails", "{.items[0].metadata.name}")?;
+    let previous = Agent::run_to_end(&[
+        "--root",
+        &cluster.root.display().to_string(),
+        "logs",
+        &name,
+        "--previous",
+    ]);
+    assert!(
+        previous.contains("runv-test-guest stderr: fails\n"),
+        "{previous}"
+    );
+    // The running one is ready, and its workload counts it available.
+    wait_until("the serving replica is available", WAIT, || {
+        Ok(cluster.kubectl(&[
+            "get",
+            "swl",
+            "serves",
+            "-o",
+            "jsonpath={.status.availableReplicas}",
+        ])? == "1")
+    })
+    .map_err(|e| e.context(agent.output()))?;
+    assert_eq!(
+        get("app=serves", "{.items[0].status.container.ready}")?,
+        "true"
+    );
+    assert!(
+        !get(
+            "app=serves",
+            "{.items[0].status.container.state.running.startedAt}"
+        )?
+        .is_empty()
+    );
+    eprintln!(
+        "status.container:\n{}\n{}\nrunv-agent logs {name} --previous:\n{previous}",
+        get("app=fails", "{.items[0].status.container}")?,
+        get("app=serves", "{.items[0].status.container}")?
+    );
     agent.signal(libc::SIGTERM);
     agent.wait(Duration::from_secs(10));
     Ok(())

@@ -17,6 +17,9 @@
  *                 flood is '\n' when i % 64 == 63, else 'a' + i % 26. It
  *                 writes only while a host is connected and its credit
  *                 allows (runv-init would drop the oldest instead)
+ *   disks=check   first run the block-device steps of the default mode on
+ *                 every virtio-blk device (superblock bytes, a refused write
+ *                 to a read-only disk), as a container VM's root filesystem
  *   bad=length|kind|json
  *                 after its two lines it sends a broken frame (a length
  *                 of 1 MiB, kind 99, an Exited frame that is not JSON)
@@ -535,7 +538,11 @@ static void parse_args(void)
 
 void container_main(const char *cmdline)
 {
+	int dlen;
 	parse_args();
+	const char *disks = cmdline_get("disks", &dlen);
+	if (disks && str_eq(disks, dlen, "check"))
+		virtio_blk_tests(cmdline);
 	irq_setup();
 	irq_tick_start(TICK_MS);
 	if (!vs_listen(cmdline, CHAN_PORT))

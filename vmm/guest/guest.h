@@ -47,6 +47,7 @@ void irq_sleep(int (*ready)(void));
 
 /* virtio tests (virtio.c) */
 void virtio_tests(const char *cmdline);
+void virtio_blk_tests(const char *cmdline);
 void virtio_garbage(const char *cmdline);
 
 /* test=container: the guest side of the node agent's channel (container.c) */

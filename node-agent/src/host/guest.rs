@@ -50,9 +50,16 @@ pub struct RunRecord {
     /// The container started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started: Option<Started>,
+    /// When the agent heard it started (milliseconds since the epoch, the
+    /// node's clock, which the status reports: a guest's clock is its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at_ms: Option<i64>,
     /// The container ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exited: Option<Exited>,
+    /// When the agent heard it ended (the node's clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exited_at_ms: Option<i64>,
     /// Output the guest dropped because the agent did not read it in time.
     #[serde(default)]
     pub dropped: Dropped,
@@ -412,6 +419,7 @@ fn take_frame(
         Frame::Started(s) => {
             if record.started.as_ref() != Some(&s) {
                 record.started = Some(s);
+                record.started_at_ms.get_or_insert(now);
                 record.write(&spec.record).map_err(LinkError::Record)?;
                 changed.call(&spec.key);
             }
@@ -420,6 +428,7 @@ fn take_frame(
             log.flush(now);
             if record.exited.as_ref() != Some(&e) {
                 record.exited = Some(e);
+                record.exited_at_ms.get_or_insert(now);
                 record.write(&spec.record).map_err(LinkError::Record)?;
                 changed.call(&spec.key);
             }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 use runv_crds::conditions::{self as cond, Row, Status::False, Status::True};
 use runv_crds::contract::{ExitReason, Reason};
-use runv_crds::microvm::{ExitStatus, Phase};
+use runv_crds::microvm::{ContainerState, ExitStatus, Phase};
 use runv_crds::{MicroVMSpec, MicroVMStatus};
 use runv_vmm_api::{ExitReason as VmmExit, ExitRecord};
 
@@ -412,6 +412,52 @@ fn cond_of<'s>(s: &'s MicroVMStatus, t: &str) -> Option<(&'s str, &'s str, &'s s
     cond::find(&s.conditions, t).map(|c| (c.status.as_str(), c.reason.as_str(), c.message.as_str()))
 }
 
+/// `Started` and `Exited` of a container VM's container, as its state
+/// changes.
+fn container_transitions(
+    before: &MicroVMStatus,
+    after: &MicroVMStatus,
+    push: &mut impl FnMut(bool, &str, String),
+) {
+    let state = |s: &MicroVMStatus| s.container.as_ref().and_then(|c| c.state.clone());
+    let (was, now) = (state(before), state(after));
+    if was == now {
+        return;
+    }
+    let now = now.unwrap_or_default();
+    // A run is known by when it started; one that started and ended between
+    // two looks was still started.
+    let started = |s: &ContainerState| {
+        s.running
+            .as_ref()
+            .map(|r| Some(r.started_at.clone()))
+            .or_else(|| s.terminated.as_ref().map(|t| t.started_at.clone()))
+            .flatten()
+    };
+    if let Some(at) = started(&now)
+        && was.as_ref().and_then(started) != Some(at)
+    {
+        push(false, "Started", "Started container".into());
+    }
+    if let Some(t) = &now.terminated
+        && was.as_ref().and_then(|w| w.terminated.as_ref()) != Some(t)
+    {
+        let detail = t
+            .message
+            .as_deref()
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default();
+        push(
+            t.exit_code != 0,
+            "Exited",
+            format!(
+                "Container exited with code {} ({}){detail}",
+                t.exit_code, t.reason
+            ),
+        );
+    }
+}
+
 /// The Events between two statuses of one VM.
 pub fn transitions(before: &MicroVMStatus, after: &MicroVMStatus) -> Vec<Transition> {
     let mut out = Vec::new();
@@ -456,6 +502,7 @@ pub fn transitions(before: &MicroVMStatus, after: &MicroVMStatus) -> Vec<Transit
             .map_or_else(String::new, |m| format!(" in {m} ms"));
         push(false, "Booted", format!("guest booted{ms}"));
     }
+    container_transitions(before, after, &mut push);
     if after.restart_count > before.restart_count {
         push(
             false,

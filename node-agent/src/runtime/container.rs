@@ -25,12 +25,14 @@ const EXIT_REPORT_TIMEOUT_SECONDS: u32 = 60;
 /// kubelet's exit code for a container whose end nobody saw.
 const UNKNOWN_EXIT_CODE: i32 = 137;
 
-fn nanos(n: u64) -> Time {
-    Time(Timestamp::from_nanosecond(i128::from(n)).unwrap_or(Timestamp::UNIX_EPOCH))
+fn ms(v: Option<i64>) -> Option<Time> {
+    Some(Time(Timestamp::from_millisecond(v?).ok()?))
 }
 
-/// `Completed`, `Error`, `OOMKilled` or `StartError`, as kubelet says.
-pub fn terminated(e: &Exited) -> ContainerStateTerminated {
+/// `Completed`, `Error`, `OOMKilled` or `StartError`, as kubelet says;
+/// times are when the agent heard of the start and the end (the node's
+/// clock, as kubelet's are), `at` when it knows no better.
+pub fn terminated(e: &Exited, run: &RunRecord, at: Timestamp) -> ContainerStateTerminated {
     let code = e.exit_code();
     let reason = if e.start_error.is_some() {
         "StartError"
@@ -46,8 +48,8 @@ pub fn terminated(e: &Exited) -> ContainerStateTerminated {
         signal: e.signal,
         reason: reason.into(),
         message: e.start_error.clone(),
-        started_at: (e.started_at_nanos > 0).then(|| nanos(e.started_at_nanos)),
-        finished_at: nanos(e.finished_at_nanos),
+        started_at: ms(run.started_at_ms),
+        finished_at: ms(run.exited_at_ms).unwrap_or(Time(at)),
     }
 }
 
@@ -56,13 +58,13 @@ pub fn terminated(e: &Exited) -> ContainerStateTerminated {
 pub fn state_of(run: &RunRecord, running: bool, at: Timestamp) -> ContainerState {
     let mut s = ContainerState::default();
     match (&run.exited, &run.started) {
-        (Some(e), _) => s.terminated = Some(terminated(e)),
-        (None, Some(started)) if running => {
+        (Some(e), _) => s.terminated = Some(terminated(e, run, at)),
+        (None, Some(_)) if running => {
             s.running = Some(ContainerStateRunning {
-                started_at: nanos(started.started_at_nanos),
+                started_at: ms(run.started_at_ms).unwrap_or(Time(at)),
             });
         }
-        (None, started) if !running => {
+        (None, _) if !running => {
             s.terminated = Some(ContainerStateTerminated {
                 exit_code: UNKNOWN_EXIT_CODE,
                 signal: None,
@@ -70,7 +72,7 @@ pub fn state_of(run: &RunRecord, running: bool, at: Timestamp) -> ContainerState
                 message: Some(
                     "the VM ended without its guest reporting how the container ended".into(),
                 ),
-                started_at: started.as_ref().map(|s| nanos(s.started_at_nanos)),
+                started_at: ms(run.started_at_ms),
                 finished_at: Time(at),
             });
         }
@@ -246,21 +248,35 @@ mod tests {
     }
 
     #[test]
-    fn exits_read_as_kubelets_reasons() {
-        let t = terminated(&exited(Some(0), None, false, None));
-        assert_eq!((t.exit_code, t.reason.as_str()), (0, "Completed"));
-        let t = terminated(&exited(Some(3), None, false, None));
-        assert_eq!((t.exit_code, t.reason.as_str()), (3, "Error"));
-        let t = terminated(&exited(None, Some(9), true, None));
+    fn exits_read_as_kubelets_reasons_at_the_nodes_times() {
+        let at = Timestamp::from_second(9).unwrap();
+        let run = RunRecord {
+            started_at_ms: Some(1_000),
+            exited_at_ms: Some(2_000),
+            ..RunRecord::default()
+        };
+        let t = |e: Exited| terminated(&e, &run, at);
+        let c = t(exited(Some(0), None, false, None));
+        assert_eq!((c.exit_code, c.reason.as_str()), (0, "Completed"));
+        let c = t(exited(Some(3), None, false, None));
+        assert_eq!((c.exit_code, c.reason.as_str()), (3, "Error"));
+        let c = t(exited(None, Some(9), true, None));
         assert_eq!(
-            (t.exit_code, t.reason.as_str(), t.signal),
+            (c.exit_code, c.reason.as_str(), c.signal),
             (137, "OOMKilled", Some(9))
         );
-        let t = terminated(&exited(None, None, false, Some("no such file")));
-        assert_eq!((t.exit_code, t.reason.as_str()), (128, "StartError"));
-        assert_eq!(t.message.as_deref(), Some("no such file"));
-        assert_eq!(t.started_at.unwrap().0.as_second(), 1);
-        assert_eq!(t.finished_at.0.as_second(), 2);
+        let c = t(exited(None, None, false, Some("no such file")));
+        assert_eq!((c.exit_code, c.reason.as_str()), (128, "StartError"));
+        assert_eq!(c.message.as_deref(), Some("no such file"));
+        // The node's clock, not the guest's (which said 1 s and 2 s, in ns).
+        assert_eq!(c.started_at.unwrap().0.as_millisecond(), 1_000);
+        assert_eq!(c.finished_at.0.as_millisecond(), 2_000);
+        let unheard = terminated(
+            &exited(Some(0), None, false, None),
+            &RunRecord::default(),
+            at,
+        );
+        assert_eq!((unheard.started_at, unheard.finished_at), (None, Time(at)));
     }
 
     #[test]
@@ -272,8 +288,9 @@ mod tests {
         r.booted_at_ms = Some(1);
         r.started = Some(Started {
             pid: 2,
-            started_at_nanos: 3_000_000_000,
+            started_at_nanos: 0,
         });
+        r.started_at_ms = Some(3_000);
         let s = state_of(&r, true, at);
         assert_eq!(s.running.unwrap().started_at.0.as_second(), 3);
         let gone = state_of(&r, false, at).terminated.unwrap();

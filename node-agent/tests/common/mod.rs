@@ -172,6 +172,16 @@ impl Agent {
         self.out.lock().unwrap().clone()
     }
 
+    /// Runs `runv-agent ARGS` to its end (bounded); its output, and fails
+    /// unless it exited 0.
+    pub fn run_to_end(args: &[&str]) -> String {
+        let mut agent = Self::start(args);
+        let code = agent.wait(Duration::from_secs(60));
+        let out = agent.output();
+        assert_eq!(code, Some(0), "runv-agent {args:?}: {out}");
+        out
+    }
+
     /// Waits until the output contains `text`.
     pub fn wait_for(&self, text: &str, timeout: Duration) {
         let start = Instant::now();
