@@ -56,7 +56,7 @@ const HASH_LABEL: &str = "runv.dev/template-hash";
 
 fn workload(kernel: &str, image: &str) -> String {
     format!(
-        "apiVersion: runv.dev/v1alpha1\nkind: SecureWorkload\nmetadata:\n  name: {NAME}\n  namespace: default\nspec:\n  replicas: {REPLICAS}\n  selector: {{ matchLabels: {{ app: {NAME} }} }}\n  template:\n    metadata: {{ labels: {{ app: {NAME} }} }}\n    spec:\n      resources: {{ vcpus: 1, memory: 64Mi }}\n      boot:\n        kernel: {kernel}\n        cmdline: \"test=idle\"\n      runPolicy: Always\n      terminationGracePeriodSeconds: 2\n  container: {{ image: \"{image}\" }}\n  strategy:\n    type: RollingUpdate\n    rollingUpdate: {{ maxSurge: {MAX_SURGE}, maxUnavailable: {MAX_UNAVAILABLE} }}\n"
+        "apiVersion: runv.dev/v1alpha1\nkind: SecureWorkload\nmetadata:\n  name: {NAME}\n  namespace: default\nspec:\n  replicas: {REPLICAS}\n  selector: {{ matchLabels: {{ app: {NAME} }} }}\n  template:\n    metadata: {{ labels: {{ app: {NAME} }} }}\n    spec:\n      resources: {{ vcpus: 1, memory: 64Mi }}\n      boot:\n        kernel: {kernel}\n        cmdline: \"test=container run=forever\"\n      runPolicy: Always\n      terminationGracePeriodSeconds: 2\n  container: {{ image: \"{image}\" }}\n  strategy:\n    type: RollingUpdate\n    rollingUpdate: {{ maxSurge: {MAX_SURGE}, maxUnavailable: {MAX_UNAVAILABLE} }}\n"
     )
 }
 
