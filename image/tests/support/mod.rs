@@ -403,7 +403,7 @@ pub fn raw_tar(name: &[u8], data: &[u8]) -> Vec<u8> {
 /// The applets the busybox test image links to `/bin/busybox`.
 const BUSYBOX_APPLETS: &[&str] = &[
     "sh", "cat", "echo", "env", "id", "kill", "ls", "pwd", "sleep", "touch", "grep", "wc",
-    "hostname", "ip", "true", "false", "test", "sync", "mkdir", "rm",
+    "hostname", "ip", "true", "false", "test", "sync", "mkdir", "rm", "ping", "[",
 ];
 
 /// A busybox image made from Debian's `busybox-static` (`/bin/busybox`):

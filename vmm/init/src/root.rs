@@ -35,19 +35,21 @@ fn mnt(
 pub fn mount_guest() -> Result<(), Fatal> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mnt("proc", "/proc", "proc", nosuid, None)?;
-    mnt("sysfs", "/sys", "sysfs", nosuid, None)?;
-    // EBUSY: `/dev` is devtmpfs already (its one superblock cannot be
-    // mounted over itself), as on a host or with a kernel that mounts it.
-    match mount(
-        Some("devtmpfs"),
-        "/dev",
-        Some("devtmpfs"),
-        MsFlags::MS_NOSUID,
+    // EBUSY: the same filesystem is mounted there already (one superblock
+    // cannot be mounted over itself): devtmpfs on a host or with a kernel
+    // that mounts it, the network namespace's sysfs under `ip netns exec`.
+    let again = |fs: &str, target: &str, flags: MsFlags| match mount(
+        Some(fs),
+        target,
+        Some(fs),
+        flags,
         None::<&str>,
     ) {
-        Ok(()) | Err(nix::errno::Errno::EBUSY) => {}
-        Err(e) => return Err(Fatal::new("mounting devtmpfs on /dev", e)),
-    }
+        Ok(()) | Err(nix::errno::Errno::EBUSY) => Ok(()),
+        Err(e) => Err(Fatal::new(format!("mounting {fs} on {target}"), e)),
+    };
+    again("sysfs", "/sys", nosuid)?;
+    again("devtmpfs", "/dev", MsFlags::MS_NOSUID)?;
     mount(
         None::<&str>,
         "/",

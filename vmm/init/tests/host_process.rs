@@ -2,7 +2,9 @@
 //! network namespaces (`unshare`), over the erofs root filesystem that the
 //! node half (`runv-image`) made from a busybox image pulled from a real
 //! registry on loopback. A unix socket stands in for vsock; the test is
-//! the host end of the channel.
+//! the host end of the channel. One test gives it a network namespace of
+//! its own with a veth pair, whose other end (the gateway) is in a second
+//! namespace the test makes.
 
 #[path = "../../../image/tests/support/mod.rs"]
 mod support;
@@ -45,6 +47,7 @@ fn image() -> Option<&'static Image> {
 fn build_image() -> Option<Image> {
     let tools = [
         "unshare",
+        "ip",
         "docker-registry",
         "skopeo",
         "mkfs.erofs",
@@ -133,13 +136,31 @@ struct Guest {
 
 impl Guest {
     fn start() -> Guest {
+        Self::start_in(None)
+    }
+
+    /// runv-init in new namespaces; in the network namespace `netns` (made
+    /// by `ip netns add`) when one is given, else a new, empty one.
+    fn start_in(netns: Option<&str>) -> Guest {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("channel.sock");
         let stage = dir.path().join("stage");
         let listener = UnixListener::bind(&sock).unwrap();
         listener.set_nonblocking(true).unwrap();
-        let child = Command::new("unshare")
-            .args(["--fork", "--pid", "--mount", "--uts", "--ipc", "--net"])
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "unshare"]);
+                c
+            }
+            None => {
+                let mut c = Command::new("unshare");
+                c.arg("--net");
+                c
+            }
+        };
+        let child = cmd
+            .args(["--fork", "--pid", "--mount", "--uts", "--ipc"])
             .args(["--propagation", "private"])
             .arg(env!("CARGO_BIN_EXE_runv-init"))
             .arg(format!("runv.channel=unix:{}", sock.display()))
@@ -364,6 +385,81 @@ fn etc_files_replace_links_in_the_image_and_never_follow_them() {
         !escape.exists(),
         "nothing was written through the image's link"
     );
+}
+
+/// A network namespace with a veth pair: `eth0` inside, `peer` (with
+/// `10.99.X.1/24`) outside it, in the same namespace's other end; removed
+/// on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: u8) -> Netns {
+        let name = format!("runv-init-{}-{tag}", std::process::id());
+        let ip = |args: &[&str]| support::run(Command::new("ip").args(args));
+        ip(&["netns", "add", &name]);
+        let ns = Netns { name };
+        let peer = format!("rvi{tag}p{}", std::process::id() % 10_000);
+        ip(&[
+            "link", "add", &peer, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ]);
+        // The gateway end lives in a namespace of its own, beside the guest's.
+        let gw = format!("{}-gw", ns.name);
+        ip(&["netns", "add", &gw]);
+        ip(&["link", "set", &peer, "netns", &gw]);
+        let exec = |args: &[&str]| {
+            support::run(
+                Command::new("ip")
+                    .args(["netns", "exec", &gw, "ip"])
+                    .args(args),
+            )
+        };
+        exec(&["addr", "add", &format!("10.99.{tag}.1/24"), "dev", &peer]);
+        exec(&["link", "set", &peer, "up"]);
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in [self.name.clone(), format!("{}-gw", self.name)] {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+    }
+}
+
+#[test]
+fn eth0_gets_its_address_route_and_name_servers() {
+    let Some(img) = image() else { return };
+    let ns = Netns::new(7);
+    let mut guest = Guest::start_in(Some(&ns.name));
+    let mut config = sh(
+        img,
+        "",
+        "ip -4 addr show eth0 | grep -o 'inet [0-9./]*'; ip route | grep default; \
+         cat /etc/resolv.conf; grep web-0 /etc/hosts; \
+         ping -c 1 -W 5 10.99.7.1 >/dev/null && echo gateway-answers",
+    );
+    config.network = Some(guest::GuestNetwork {
+        interface: "eth0".into(),
+        address: "10.99.7.2/24".into(),
+        gateway: Some("10.99.7.1".into()),
+        nameservers: vec!["10.99.7.1".into()],
+        search: vec!["default.svc.test".into()],
+    });
+    let run = guest.accept().run(config, true);
+    assert_eq!(
+        text(&run.stdout),
+        "inet 10.99.7.2/24\n\
+         default via 10.99.7.1 dev eth0 \n\
+         search default.svc.test\nnameserver 10.99.7.1\n\
+         10.99.7.2\tweb-0\n\
+         gateway-answers\n",
+        "{}",
+        text(&run.stderr)
+    );
+    guest.powered_off();
 }
 
 #[test]
