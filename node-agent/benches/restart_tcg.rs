@@ -18,10 +18,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::tcg::{connect, converse, image, runv_init, start_qemu, wait_power_off};
+use common::tcg::{connect, converse, guest_config, image, runv_init, start_qemu, wait_power_off};
 use runv_image::container::Overrides;
 use runv_node_agent::host::guestkit;
-use runv_vmm_api::guest::{self, GuestConfig, RootFs};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -67,18 +66,7 @@ fn main() {
     };
     let (rootfs, container) = image(tmp.path(), &overrides, "");
     let initrd = guestkit::initramfs(&kit, &init, &tmp.path().join("initramfs")).unwrap();
-    let config = GuestConfig {
-        version: guest::CONFIG_VERSION,
-        container,
-        hostname: "rerun".into(),
-        rootfs: RootFs {
-            source: "/dev/vda".into(),
-            fstype: "erofs".into(),
-        },
-        network: None,
-        termination_grace_period_seconds: 5,
-        exit_report_timeout_seconds: 30,
-    };
+    let config = guest_config(container, "rerun");
     let (mut gaps, mut offs, mut boots, mut starts) = (vec![], vec![], vec![], vec![]);
     let mut last_exit: Option<Instant> = None;
     for run in 0..runs {

@@ -24,11 +24,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use common::images::require_tools;
-use common::tcg::{connect, converse, image, runv_init, start_qemu, wait_power_off};
+use common::tcg::{connect, converse, guest_config, image, runv_init, start_qemu, wait_power_off};
 use runv_image::container::Overrides;
 use runv_node_agent::host::guestkit;
 use runv_node_agent::testing::{Need, require};
-use runv_vmm_api::guest::{self, GuestConfig, RootFs};
 
 /// What the container runs: shows what its root is mounted as, reads the
 /// image, writes into a directory of the (read-only) image as its user (`/`
@@ -74,18 +73,7 @@ fn a_container_runs_on_debians_kernel_and_the_vm_powers_off() {
     };
     let (rootfs, container) = image(tmp.path(), &overrides, "app");
     let initrd = guestkit::initramfs(&kit, &init, &tmp.path().join("initramfs")).unwrap();
-    let config = GuestConfig {
-        version: guest::CONFIG_VERSION,
-        container,
-        hostname: "kernel-test".into(),
-        rootfs: RootFs {
-            source: "/dev/vda".into(),
-            fstype: "erofs".into(),
-        },
-        network: None,
-        termination_grace_period_seconds: 5,
-        exit_report_timeout_seconds: 30,
-    };
+    let config = guest_config(container, "kernel-test");
 
     let spawned = Instant::now();
     let (mut qemu, serial) = start_qemu(tmp.path(), &kit, &initrd, &rootfs);

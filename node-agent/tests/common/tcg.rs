@@ -15,7 +15,7 @@ use runv_image::RegistryAuth;
 use runv_image::container::{Overrides, merge};
 use runv_image::images::{Images, PullPolicy};
 use runv_image::rootfs::Format;
-use runv_vmm_api::guest::{self, Frame, GuestConfig, GuestState, Hello};
+use runv_vmm_api::guest::{self, Frame, GuestConfig, GuestState, Hello, RootFs};
 
 /// Bounds a hang, not speed: runv-init says Hello 5–7 s after QEMU starts
 /// here, with the other core busy; each read of the channel waits this long.
@@ -275,4 +275,21 @@ pub fn wait_power_off(qemu: &mut Qemu, serial: &Path) {
         "the VM did not power off within {POWER_OFF_TIMEOUT:?}; serial console:\n{}",
         std::fs::read_to_string(serial).unwrap_or_default()
     );
+}
+
+/// The guest's config for `container`: the disk QEMU gives it first as root
+/// filesystem, no network, a 5 s grace period.
+pub fn guest_config(container: guest::ContainerConfig, hostname: &str) -> GuestConfig {
+    GuestConfig {
+        version: guest::CONFIG_VERSION,
+        container,
+        hostname: hostname.into(),
+        rootfs: RootFs {
+            source: "/dev/vda".into(),
+            fstype: "erofs".into(),
+        },
+        network: None,
+        termination_grace_period_seconds: 5,
+        exit_report_timeout_seconds: 30,
+    }
 }
