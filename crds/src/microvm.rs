@@ -39,7 +39,7 @@ use crate::secureworkload::Container;
     selectable = ".status.nodeName",
     selectable = ".status.phase",
     validation = Rule::new("has(self.spec.container) || (has(self.spec.boot) && has(self.spec.boot.kernel))")
-        .message("Required value: a MicroVM without spec.container names the kernel it boots")
+        .message("a MicroVM without spec.container names the kernel it boots")
         .field_path(".spec.boot.kernel")
         .reason(Reason::FieldValueRequired),
     printcolumn(

@@ -140,7 +140,7 @@ fn kernel_is_required_unless_the_vm_runs_a_container() {
             &microvm(spec),
             None,
             "spec.boot.kernel",
-            "Required value: a MicroVM without spec.container names the kernel it boots",
+            "a MicroVM without spec.container names the kernel it boots",
         );
     }
     let container = microvm(json!({ "container": { "image": "app:1" } }));
