@@ -374,8 +374,23 @@ async fn session(
         record.write(&spec.record).map_err(LinkError::Record)?;
         changed.call(&spec.key);
     }
-    if hello.state == Some(GuestState::WaitingForConfig) {
-        send(&mut stream, &Frame::Config(Box::new(spec.config.clone()))).await?;
+    // What the guest's state tells counts as if its frames had come again:
+    // a start or an end this link missed (an agent restart, a lost
+    // connection) is recorded, and an end acknowledged.
+    match hello.state {
+        Some(GuestState::WaitingForConfig) => {
+            send(&mut stream, &Frame::Config(Box::new(spec.config.clone()))).await?;
+        }
+        Some(GuestState::Running(s)) => {
+            take_frame(spec, record, log, Frame::Started(s), changed)?;
+        }
+        Some(GuestState::Exited(e)) => {
+            // Recorded (take_frame says so): acknowledged, and done.
+            take_frame(spec, record, log, Frame::Exited(e), changed)?;
+            send(&mut stream, &Frame::ExitAck).await?;
+            return Ok(());
+        }
+        None => {}
     }
     if let Some(s) = pending_stop.take() {
         send(&mut stream, &Frame::Stop(s)).await?;
@@ -669,6 +684,15 @@ mod tests {
         write_frame(&mut g, &Frame::Exited(exited(0))).unwrap();
         assert_eq!(read_frame(&mut g).unwrap(), Some(Frame::ExitAck));
         assert_eq!(f.record().exited, Some(exited(0)));
+    }
+
+    #[test]
+    fn an_end_the_link_missed_is_taken_from_the_guests_hello_and_acknowledged() {
+        let f = fixture();
+        f.links.ensure(f.spec());
+        let mut g = f.guest(GuestState::Exited(exited(5)));
+        assert_eq!(read_frame(&mut g).unwrap(), Some(Frame::ExitAck));
+        assert_eq!(f.record().exited, Some(exited(5)));
     }
 
     #[test]
