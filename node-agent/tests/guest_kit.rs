@@ -36,7 +36,10 @@ fn the_kits_modules_are_packed_after_their_dependencies() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let init = tmp.path().join("init");
-    std::fs::write(&init, b"\x7fELF stand-in").unwrap();
+    // A static executable's stand-in: an ELF64 header naming no loader.
+    let mut elf = vec![0u8; 64];
+    elf[..5].copy_from_slice(b"\x7fELF\x02");
+    std::fs::write(&init, elf).unwrap();
     let path = guestkit::initramfs(&kit, &init, tmp.path()).unwrap();
     let files = files(&std::fs::read(&path).unwrap());
     let order = String::from_utf8(files["lib/modules/runv/order"].clone()).unwrap();
