@@ -291,7 +291,7 @@ async fn report_running(client: &Client, vm: &MicroVM, live: &[String]) {
         return;
     }
     let now = Timestamp::now();
-    let body = json!({
+    let mut body = json!({
         "apiVersion": "runv.dev/v1alpha1", "kind": "MicroVM",
         "status": {
             "phase": "Running",
@@ -302,6 +302,14 @@ async fn report_running(client: &Client, vm: &MicroVM, live: &[String]) {
             ]
         }
     });
+    // A replica's container runs too, as runv-init reports it to the agent.
+    if let Some(c) = &vm.spec.container {
+        body["status"]["container"] = json!({
+            "image": c.image, "imageID": format!("{}@sha256:00", c.image),
+            "ready": true, "restartCount": 0,
+            "state": { "running": { "startedAt": now } },
+        });
+    }
     let api: Api<MicroVM> = Api::namespaced(client.clone(), &vm.namespace().unwrap_or_default());
     let _ = api
         .patch_status(
