@@ -427,7 +427,7 @@ pub struct SecureWorkloadStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Available, Progressing, ReplicaFailure, Reconciling and Stalled.
+    /// Available, Progressing, ReplicaFailure, Reconciling, Stalled and Ready.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

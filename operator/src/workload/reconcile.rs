@@ -376,23 +376,55 @@ fn row(type_: &'static str, status: Status, reason: &'static str, message: Strin
 }
 
 /// The conditions for these counts and this round's outcome, by kstatus and
-/// Deployment conventions.
+/// Deployment conventions. A stalled workload is not reconciling (kstatus
+/// reads `Reconciling=True` first and would wait instead of failing), and
+/// `Ready` says the rollout is complete with every replica available, so
+/// that `kubectl wait --for=condition=Ready` returns.
 fn condition_rows(
     desired: u32,
     strat: &Result<Strategy, BoundError>,
     c: &plan::Counts,
     done: bool,
     failure: Option<&Failure>,
-) -> [Row; 5] {
-    let [progressing, reconciling] = progress_rows(desired, c, done);
+) -> [Row; 6] {
+    let [progressing, mut reconciling] = progress_rows(desired, c, done);
     let [replica_failure, stalled] = failure_rows(strat, failure);
+    if stalled.status == Status::True {
+        reconciling = row(
+            cond::RECONCILING,
+            Status::False,
+            stalled.reason,
+            stalled.message.clone(),
+        );
+    }
+    let ready = ready_row(desired, c, done, &stalled);
     [
         available_row(desired, strat, c),
         progressing,
         reconciling,
         replica_failure,
         stalled,
+        ready,
     ]
+}
+
+/// Ready: the rollout is complete and every desired replica is available.
+fn ready_row(desired: u32, c: &plan::Counts, done: bool, stalled: &Row) -> Row {
+    let message = format!("{} of {desired} replicas available", c.available);
+    if stalled.status == Status::True {
+        row(
+            cond::READY,
+            Status::False,
+            stalled.reason,
+            stalled.message.clone(),
+        )
+    } else if done && c.available >= desired {
+        row(cond::READY, Status::True, "AllReplicasAvailable", message)
+    } else if done {
+        row(cond::READY, Status::False, "ReplicasUnavailable", message)
+    } else {
+        row(cond::READY, Status::False, "Progressing", message)
+    }
 }
 
 /// Available: at least desired − maxUnavailable replicas are.

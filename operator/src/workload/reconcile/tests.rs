@@ -160,6 +160,11 @@ async fn complete_rollout_reports_it_and_writes_nothing_more() {
     );
     assert_eq!(condition(&status, "Reconciling")["status"], "False");
     assert_eq!(condition(&status, "Available")["status"], "True");
+    let ready = condition(&status, "Ready");
+    assert_eq!(
+        (ready["status"].clone(), ready["reason"].clone()),
+        (json!("True"), json!("AllReplicasAvailable"))
+    );
 
     // With that status stored, a second pass writes nothing.
     let mut stored = swl.clone();
@@ -230,6 +235,12 @@ async fn refused_template_is_a_replica_failure_and_stalls() {
     ));
     assert_eq!(condition(&status, "Stalled")["status"], "True");
     assert_eq!(condition(&status, "Stalled")["reason"], "InvalidTemplate");
+    let reconciling = condition(&status, "Reconciling");
+    assert_eq!(
+        (reconciling["status"].clone(), reconciling["reason"].clone()),
+        (json!("False"), json!("InvalidTemplate")),
+        "kstatus reads Reconciling first: a stalled workload is not in progress"
+    );
     assert_eq!(api.event_reasons(), ["FailedCreate"]);
 }
 
@@ -305,7 +316,15 @@ async fn invalid_strategy_stalls_and_touches_no_replica() {
         stalled["message"].as_str().unwrap().contains("maxSurge"),
         "{stalled}"
     );
-    assert_eq!(condition(&status, "Reconciling")["status"], "True");
+    // Not reconciling as well, which kstatus would read first (and wait on).
+    let reconciling = condition(&status, "Reconciling");
+    assert_eq!(reconciling["status"], "False");
+    assert_eq!(reconciling["reason"], "InvalidStrategy");
+    let ready = condition(&status, "Ready");
+    assert_eq!(
+        (ready["status"].clone(), ready["reason"].clone()),
+        (json!("False"), json!("InvalidStrategy"))
+    );
 }
 
 #[tokio::test]
