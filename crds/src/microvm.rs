@@ -761,8 +761,9 @@ pub struct ContainerState {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerStateWaiting {
-    /// `ContainerCreating` (the guest boots), or an image reason such as
-    /// `ErrImagePull`.
+    /// `ContainerCreating`: the guest boots, or runv-init starts the
+    /// container. (While the image is not ready no VM runs: `Ready` says
+    /// why, with kubelet's image reasons.)
     pub reason: String,
     /// Details.
     #[serde(default, skip_serializing_if = "Option::is_none")]

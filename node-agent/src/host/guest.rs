@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use runv_vmm_api::guest::{
-    Decoder, Dropped, Exited, Frame, GuestConfig, GuestState, Hello, MAX_FRAME, PROTOCOL_VERSION,
-    ProtoError, Started, Stop, VSOCK_PORT, check_hello,
+    self, Decoder, Dropped, Exited, Frame, GuestConfig, GuestState, Hello, MAX_FRAME,
+    PROTOCOL_VERSION, ProtoError, Started, Stop, VSOCK_PORT, check_hello,
 };
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -210,11 +210,6 @@ impl GuestLinks {
                 .is_ok()
         })
     }
-
-    /// Keys of the VMs with a link.
-    pub fn keys(&self) -> Vec<String> {
-        self.links().keys().cloned().collect()
-    }
 }
 
 /// Why one connection ended.
@@ -276,26 +271,23 @@ async fn connect(spec: &LinkSpec) -> Result<UnixStream, LinkError> {
     let mut stream = UnixStream::connect(&spec.socket)
         .await
         .map_err(LinkError::Connect)?;
+    // runv_vmm_api::guest::hybrid_connect's exchange, on a tokio stream.
     let handshake = async {
         stream
-            .write_all(format!("CONNECT {VSOCK_PORT}\n").as_bytes())
+            .write_all(guest::connect_line(VSOCK_PORT).as_bytes())
             .await?;
         let mut line = Vec::new();
         let mut byte = [0u8; 1];
-        while line.len() < 32 {
-            if stream.read(&mut byte).await? == 0 || byte[0] == b'\n' {
+        while line.len() < guest::MAX_CONNECT_ANSWER {
+            if stream.read(&mut byte).await? == 0 {
+                return guest::check_connect_answer(None, VSOCK_PORT);
+            }
+            if byte[0] == b'\n' {
                 break;
             }
             line.push(byte[0]);
         }
-        if line.starts_with(b"OK ") {
-            Ok(())
-        } else {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::ConnectionRefused,
-                "runv-init does not listen yet",
-            ))
-        }
+        guest::check_connect_answer(Some(&line), VSOCK_PORT)
     };
     match tokio::time::timeout(HANDSHAKE, handshake).await {
         Ok(Ok(())) => Ok(stream),

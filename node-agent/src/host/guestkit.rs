@@ -150,7 +150,7 @@ fn module_content(path: &Path) -> Result<Vec<u8>, GuestKitError> {
 
 /// An ELF64 executable with no `PT_INTERP` program header (no dynamic
 /// loader named).
-fn is_static_elf(bytes: &[u8]) -> bool {
+pub fn is_static_elf(bytes: &[u8]) -> bool {
     const PT_INTERP: u32 = 3;
     let u16_at = |o: usize| {
         bytes

@@ -55,22 +55,11 @@ pub fn runv_init() -> PathBuf {
     // A dynamic executable needs a loader, which the initramfs does not have.
     // (A RUSTFLAGS in the environment overrides the target's crt-static.)
     assert!(
-        !has_interpreter(&std::fs::read(&init).unwrap()),
+        runv_node_agent::host::guestkit::is_static_elf(&std::fs::read(&init).unwrap()),
         "{} is not static: is RUSTFLAGS set?",
         init.display()
     );
     init
-}
-
-/// Whether an ELF64 executable has a `PT_INTERP` program header (a loader).
-pub fn has_interpreter(elf: &[u8]) -> bool {
-    let u16_at = |at: usize| u16::from_le_bytes([elf[at], elf[at + 1]]) as usize;
-    let phoff = u64::from_le_bytes(elf[32..40].try_into().unwrap()) as usize;
-    let (size, count) = (u16_at(54), u16_at(56));
-    (0..count).any(|i| {
-        let at = phoff + i * size;
-        u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()) == 3
-    })
 }
 
 /// The busybox image, pushed to a registry on loopback and pulled by

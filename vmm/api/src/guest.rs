@@ -304,18 +304,6 @@ impl Frame {
         matches!(self, Frame::Config(_) | Frame::Stop(_) | Frame::ExitAck)
     }
 
-    /// True for frames only the guest sends.
-    pub fn from_guest(&self) -> bool {
-        matches!(
-            self,
-            Frame::Started(_)
-                | Frame::Stdout(_)
-                | Frame::Stderr(_)
-                | Frame::Exited(_)
-                | Frame::Dropped(_)
-        )
-    }
-
     /// The frame's bytes on the wire. An output chunk or error text longer
     /// than fits is cut to [`MAX_FRAME`] - 1 bytes; callers chunk output at
     /// [`MAX_OUTPUT_CHUNK`].
@@ -416,11 +404,6 @@ impl Decoder {
         self.buf.drain(..4 + len);
         frame.map(Some)
     }
-
-    /// True when bytes of an unfinished frame are buffered.
-    pub fn is_mid_frame(&self) -> bool {
-        !self.buf.is_empty()
-    }
 }
 
 /// Reads one frame from a blocking stream; `None` at a clean end of stream.
@@ -463,36 +446,49 @@ pub fn check_hello(hello: &Hello) -> Result<(), ProtoError> {
     }
 }
 
+/// The line a host sends runv-vmm's hybrid vsock socket to reach the
+/// guest's `port`.
+pub fn connect_line(port: u32) -> String {
+    format!("CONNECT {port}\n")
+}
+
+/// Longest answer line the VMM sends to a CONNECT.
+pub const MAX_CONNECT_ANSWER: usize = 32;
+
+/// Reads what the VMM answered a CONNECT (`line` without its newline;
+/// `None` when the stream ended first): `OK <host port>` opens the stream.
+pub fn check_connect_answer(line: Option<&[u8]>, port: u32) -> io::Result<()> {
+    match line {
+        Some(l) if l.starts_with(b"OK ") => Ok(()),
+        None => Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!("nothing in the guest listens on vsock port {port}"),
+        )),
+        Some(l) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the VMM answered {:?} to CONNECT {port}",
+                String::from_utf8_lossy(l)
+            ),
+        )),
+    }
+}
+
 /// Opens a host-initiated connection through runv-vmm's hybrid vsock
 /// socket: sends `CONNECT <port>` and reads the `OK <host port>` line.
 /// The caller sets a read timeout on the stream first.
 pub fn hybrid_connect(stream: &mut (impl Read + Write), port: u32) -> io::Result<()> {
-    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
-    let mut line = Vec::with_capacity(32);
+    stream.write_all(connect_line(port).as_bytes())?;
+    let mut line = Vec::with_capacity(MAX_CONNECT_ANSWER);
     let mut byte = [0u8; 1];
-    while line.len() < 32 {
+    while line.len() < MAX_CONNECT_ANSWER {
         match stream.read(&mut byte)? {
-            0 => {
-                return Err(io::Error::new(
-                    io::ErrorKind::ConnectionRefused,
-                    format!("nothing in the guest listens on vsock port {port}"),
-                ));
-            }
+            0 => return check_connect_answer(None, port),
             _ if byte[0] == b'\n' => break,
             _ => line.push(byte[0]),
         }
     }
-    if line.starts_with(b"OK ") {
-        Ok(())
-    } else {
-        Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "the VMM answered {:?} to CONNECT {port}",
-                String::from_utf8_lossy(&line)
-            ),
-        ))
-    }
+    check_connect_answer(Some(&line), port)
 }
 
 #[cfg(test)]
